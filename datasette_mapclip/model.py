@@ -1,0 +1,259 @@
+"""Load an open_clip model and encode images and text into unit-length float32 vectors.
+
+Factory (``load_encoder``), model, image transform and tokenizer stay separate objects on
+``ClipEncoder``; names say which is which.  Every part of the project gets its model here,
+so provenance (what made a vector) is decided in one place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_MODEL = "ViT-B-32"
+DEFAULT_PRETRAINED = "openai"  # the weights the paper used
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+PRECISIONS = ("auto", "fp32", "int8", "fp16")
+# A faster numeric path is only used if it stays this close to open_clip's fp32 output.
+MIN_COSINE_TO_FP32 = 0.999
+
+log = logging.getLogger(__name__)
+
+
+class ModelUnavailable(RuntimeError):
+    """The model cannot be loaded; the message says what to do about it."""
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model: an open_clip architecture plus either a pretrained tag or a checkpoint file."""
+
+    architecture: str = DEFAULT_MODEL
+    pretrained: str | None = DEFAULT_PRETRAINED
+    checkpoint: str | None = None
+
+    @classmethod
+    def from_options(cls, model: str | None, pretrained: str | None, checkpoint: str | None) -> "ModelSpec":
+        if checkpoint:
+            return cls(model or DEFAULT_MODEL, None, str(checkpoint))
+        return cls(model or DEFAULT_MODEL, pretrained or DEFAULT_PRETRAINED, None)
+
+    def checkpoint_sha256(self) -> str | None:
+        return file_sha256(self.checkpoint) if self.checkpoint else None
+
+    def weights_label(self, checkpoint_sha256: str | None = None) -> str:
+        if self.checkpoint:
+            return "sha256:" + (checkpoint_sha256 or self.checkpoint_sha256())[:12]
+        return self.pretrained
+
+
+def _import_open_clip():
+    import open_clip
+
+    open_clip.add_model_config(MODEL_CONFIG_DIR)
+    return open_clip
+
+
+def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _use_cache_only_when_offline():
+    """huggingface_hub retries an unreachable host for ~50 s; offline, go straight to the cache."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return
+    if not constants.HF_HUB_OFFLINE and not _hub_reachable():
+        constants.HF_HUB_OFFLINE = True
+
+
+def pick_device(device: str | None = None) -> str:
+    import torch
+
+    if device:
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class ClipEncoder:
+    """An open_clip model ready to encode, with its image transform and tokenizer."""
+
+    def __init__(self, spec, model, image_transform, tokenizer, device, precision, checkpoint_sha256=None):
+        self.spec = spec
+        self.model = model
+        self.image_transform = image_transform
+        self.tokenizer = tokenizer
+        self.device = device
+        self.checkpoint_sha256 = checkpoint_sha256
+        self.dim = int(model.text_projection.shape[1] if hasattr(model, "text_projection") and model.text_projection is not None else model.visual.output_dim)
+        image_size = model.visual.image_size
+        self.image_size = int(image_size[0] if isinstance(image_size, (tuple, list)) else image_size)
+        self.requested_precision = precision
+        self.precision = "fp32"
+        self._image_tower = model.visual
+        self._pending_check = False
+        if precision == "fp16" or (precision == "auto" and device.startswith("cuda")):
+            if not device.startswith("cuda"):
+                raise ModelUnavailable("--precision fp16 needs a CUDA GPU; on a CPU use int8 or fp32")
+            self.precision = "fp16"
+        elif precision in ("int8", "auto"):
+            if device != "cpu":
+                raise ModelUnavailable("--precision int8 runs on the CPU only; on a GPU use fp16")
+            from .quantize import int8_image_tower
+
+            self._image_tower = int8_image_tower(model.visual)
+            self.precision = "int8"
+            self._pending_check = True  # compared with fp32 on the first batch
+
+    @property
+    def name(self) -> str:
+        return f"{self.spec.architecture}/{self.spec.weights_label(self.checkpoint_sha256)}"
+
+    def provenance(self) -> dict:
+        import open_clip
+        import torch
+
+        return {
+            "name": self.name,
+            "architecture": self.spec.architecture,
+            "pretrained": self.spec.pretrained,
+            "checkpoint_path": str(Path(self.spec.checkpoint).resolve()) if self.spec.checkpoint else None,
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "dim": self.dim,
+            "image_size": self.image_size,
+            "open_clip_version": open_clip.__version__,
+            "torch_version": torch.__version__,
+        }
+
+    # -- images -------------------------------------------------------------------
+    def preprocess(self, image):
+        """PIL RGB image -> model input tensor (pixels scaled and normalised exactly once)."""
+        return self.image_transform(image)
+
+    def encode_image_tensors(self, pixels) -> np.ndarray:
+        """A batch of preprocessed tensors (N, 3, H, W) -> (N, dim) unit float32 array."""
+        import torch
+
+        with torch.inference_mode():
+            pixels = pixels.to(self.device)
+            if self.precision == "fp16":
+                with torch.autocast("cuda", dtype=torch.float16):
+                    features = self._image_tower(pixels)
+            else:
+                features = self._image_tower(pixels)
+            if self._pending_check:
+                self._check_against_fp32(pixels, features)
+            features = torch.nn.functional.normalize(features.float(), dim=-1)
+        return features.cpu().numpy().astype(np.float32)
+
+    def _check_against_fp32(self, pixels, features):
+        from .quantize import min_cosine
+
+        self._pending_check = False
+        reference = self.model.visual(pixels)
+        cosine = min_cosine(features, reference)
+        self.int8_min_cosine = cosine
+        if cosine < MIN_COSINE_TO_FP32:
+            warnings.warn(
+                f"int8 image encoding drifted from fp32 (min cosine {cosine:.5f} < {MIN_COSINE_TO_FP32}); "
+                "using fp32 for this model"
+            )
+            self._image_tower = self.model.visual
+            self.precision = "fp32"
+            features.copy_(reference)
+
+    def encode_images(self, images) -> np.ndarray:
+        """PIL images -> (N, dim) unit vectors."""
+        import torch
+
+        return self.encode_image_tensors(torch.stack([self.preprocess(image) for image in images]))
+
+    # -- text ---------------------------------------------------------------------
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            tokens = self.tokenizer(list(texts)).to(self.device)
+            features = self.model.encode_text(tokens)
+            features = torch.nn.functional.normalize(features.float(), dim=-1)
+        return features.cpu().numpy().astype(np.float32)
+
+
+def load_encoder(
+    spec: ModelSpec | None = None,
+    *,
+    device: str | None = None,
+    precision: str = "auto",
+    threads: int | None = None,
+) -> ClipEncoder:
+    """Build the model named by ``spec``; raise ModelUnavailable with advice if it cannot be had."""
+    spec = spec or ModelSpec()
+    if precision not in PRECISIONS:
+        raise ModelUnavailable(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    open_clip = _import_open_clip()
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    device = pick_device(device)
+    if spec.architecture not in open_clip.list_models():
+        raise ModelUnavailable(
+            f"unknown open_clip architecture {spec.architecture!r}. "
+            f"Examples: ViT-B-32, ViT-B-16, ViT-L-14, mapclip-tiny (see open_clip.list_models())"
+        )
+    checkpoint_sha256 = None
+    if spec.checkpoint:
+        if not Path(spec.checkpoint).is_file():
+            raise ModelUnavailable(f"checkpoint file not found: {spec.checkpoint}")
+        checkpoint_sha256 = spec.checkpoint_sha256()
+        pretrained = spec.checkpoint
+    else:
+        tags = open_clip.list_pretrained_tags_by_model(spec.architecture)
+        if spec.pretrained not in tags:
+            raise ModelUnavailable(
+                f"open_clip has no pretrained weights {spec.pretrained!r} for {spec.architecture}; "
+                f"known tags: {', '.join(tags) or 'none (use --checkpoint PATH)'}"
+            )
+        pretrained = spec.pretrained
+        _use_cache_only_when_offline()
+    try:
+        model, _, image_transform = open_clip.create_model_and_transforms(
+            spec.architecture, pretrained=pretrained, device=device
+        )
+    except Exception as error:  # network, cache, corrupt file: all end in the same advice
+        if spec.checkpoint:
+            raise ModelUnavailable(
+                f"could not load checkpoint {spec.checkpoint} into {spec.architecture}: {error}. "
+                "Is it a state_dict saved from this architecture?"
+            ) from error
+        raise ModelUnavailable(
+            f"could not get the {spec.architecture} '{spec.pretrained}' weights: {type(error).__name__}: {error}\n"
+            "open_clip downloads them from the Hugging Face Hub on first use. To fix this:\n"
+            "  - run the same command once on a machine with internet access, then copy its\n"
+            "    Hugging Face cache (~/.cache/huggingface/hub, or $HF_HOME) to this machine; or\n"
+            "  - download the weights file yourself and pass it with --checkpoint PATH\n"
+            "    (keep --model the same architecture)."
+        ) from error
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(spec.architecture)
+    return ClipEncoder(spec, model, image_transform, tokenizer, device, precision, checkpoint_sha256)

@@ -1,0 +1,44 @@
+"""Vector encoding shared by every part: little-endian float32 BLOBs.
+
+This is the encoding Datasette's ``llm`` tools use (``struct.pack("<" + "f" * n, ...)``)
+and the one sqlite-vec accepts directly in ``vec0 ... MATCH ?``, so a vector stored
+here can be read back with nothing but numpy: ``np.frombuffer(blob, dtype="<f4")``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+FLOAT32_LE = np.dtype("<f4")
+
+
+def encode(vector) -> bytes:
+    """One vector (any float sequence) -> little-endian float32 BLOB."""
+    array = np.asarray(vector, dtype=FLOAT32_LE)
+    if array.ndim != 1:
+        raise ValueError(f"expected a 1-d vector, got shape {array.shape}")
+    return array.tobytes()
+
+
+def decode(blob: bytes, dim: int | None = None) -> np.ndarray:
+    """Little-endian float32 BLOB -> 1-d float32 array (checked against ``dim`` if given)."""
+    if not isinstance(blob, (bytes, bytearray, memoryview)):
+        raise TypeError(f"expected a float32 BLOB, got {type(blob).__name__}")
+    if len(blob) % 4:
+        raise ValueError(f"a float32 BLOB has a length divisible by 4, this one has {len(blob)} bytes")
+    array = np.frombuffer(blob, dtype=FLOAT32_LE)
+    if dim is not None and array.shape[0] != dim:
+        raise ValueError(f"expected a vector of {dim} floats, got {array.shape[0]}")
+    return array.astype(np.float32)
+
+
+def normalise(matrix: np.ndarray) -> np.ndarray:
+    """L2-normalise rows (or a single vector); zero vectors stay zero instead of NaN."""
+    matrix = np.asarray(matrix, dtype=np.float32)
+    norms = np.linalg.norm(matrix, axis=-1, keepdims=True)
+    return matrix / np.where(norms == 0, 1, norms)
+
+
+def cosine_from_l2(distance: float) -> float:
+    """For unit vectors, cosine = 1 - d^2 / 2 (sqlite-vec's fast path is L2)."""
+    return 1.0 - (distance * distance) / 2.0

@@ -1,0 +1,1 @@
+"""Fine-tuning: map-caption pairs from the catalogue, training, evaluation, registration."""

@@ -1,0 +1,1 @@
+"""Loader commands and the embedding pipeline: source -> fetch -> decode -> embed -> store."""

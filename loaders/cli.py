@@ -1,0 +1,307 @@
+"""``mapclip``: every command of the project, database path first (as sqlite-utils does)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time
+
+import click
+
+from datasette_mapclip.images import DEFAULT_MAX_PIXELS
+from datasette_mapclip.model import DEFAULT_MODEL, DEFAULT_PRETRAINED, PRECISIONS, ModelSpec, ModelUnavailable
+
+from . import iiif
+
+
+def model_options(command):
+    """--model/--pretrained/--checkpoint and the encoding knobs, on every command that embeds."""
+    options = [
+        click.option("--model", "model_name", default=DEFAULT_MODEL, show_default=True,
+                     help="open_clip architecture (e.g. ViT-B-32, ViT-L-14, mapclip-tiny)."),
+        click.option("--pretrained", default=DEFAULT_PRETRAINED, show_default=True,
+                     help="open_clip pretrained tag; 'openai' is what the paper used."),
+        click.option("--checkpoint", type=click.Path(dir_okay=False),
+                     help="A local weights file (state_dict) for --model; overrides --pretrained."),
+        click.option("--device", help="torch device; default cuda if available, else cpu."),
+        click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+                     help="auto: fp16 on CUDA; int8 image tower on CPU, checked against fp32 "
+                          f"(min cosine 0.999) on the first batch, fp32 if it drifts."),
+        click.option("--threads", type=int, default=None,
+                     help="CPU threads for the model (default: all cores)."),
+        click.option("--batch-size", type=int, default=32, show_default=True, help="Images per model call and per transaction."),
+        click.option("--workers", type=int, default=4, show_default=True, help="Threads fetching and decoding images."),
+        click.option("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, show_default=True,
+                     help="Refuse images with more pixels (decompression bombs)."),
+        click.option("--quiet", is_flag=True, help="No progress bar."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def load_encoder_or_exit(model_name, pretrained, checkpoint, device, precision, threads):
+    from datasette_mapclip.model import load_encoder
+
+    try:
+        return load_encoder(ModelSpec.from_options(model_name, pretrained, checkpoint),
+                            device=device, precision=precision, threads=threads)
+    except ModelUnavailable as error:
+        raise click.ClickException(str(error))
+
+
+def open_store(db_path):
+    from datasette_mapclip.store import ExtensionsUnavailable, MapStore
+
+    try:
+        return MapStore(db_path)
+    except ExtensionsUnavailable as error:
+        raise click.ClickException(str(error))
+
+
+def run_embedding(db_path, records, options, *, command, fetcher=None, store_thumbnails=False, total=None, after=None):
+    from .pipeline import run_load
+
+    encoder = load_encoder_or_exit(options["model_name"], options["pretrained"], options["checkpoint"],
+                                   options["device"], options["precision"], options["threads"])
+    store = open_store(db_path)
+    click.echo(f"model {encoder.name} ({encoder.precision} on {encoder.device}), database {db_path}", err=True)
+    summary = run_load(
+        store, encoder, records, fetcher=fetcher, command=command, batch_size=options["batch_size"],
+        workers=options["workers"], store_thumbnails=store_thumbnails, max_pixels=options["max_pixels"],
+        total=total, progress=not options["quiet"],
+    )
+    if after:
+        after(store, summary)
+    click.echo(summary.line(), err=True)
+    store.close()
+    if summary.status == "interrupted":
+        sys.exit(130)
+    if summary.status == "stopped":
+        sys.exit(2)
+
+
+@click.group()
+@click.version_option(package_name="datasette-mapclip")
+def cli():
+    """Search map collections by what the maps look like: load images into a SQLite file
+    with CLIP embeddings (sqlite-vec), then serve it with Datasette."""
+
+
+@cli.group()
+def load():
+    """Embed a collection into a database (created if missing). Rerunning resumes."""
+
+
+@load.command("folder")
+@click.argument("db_path", type=click.Path(dir_okay=False))
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.option("--metadata", "metadata_csv", type=click.Path(exists=True, dir_okay=False),
+              help="CSV of catalogue fields with a 'file' column (path relative to FOLDER); "
+                   "FOLDER/metadata.csv is used when present. Columns: file, item_id, sheet, title, "
+                   "date, year, place, subjects, contributors (';'-separated), notes, format, item_url, image_url.")
+@click.option("--no-thumbnails", is_flag=True, help="Do not store a 256 px JPEG thumbnail per map.")
+@model_options
+def load_folder(db_path, folder, metadata_csv, no_thumbnails, **options):
+    """Embed every image under FOLDER (JPEG, PNG, TIFF, GIF, WebP) into DB_PATH.
+
+    Example: mapclip load folder maps.db ./scans
+    """
+    from .sources.folder import MetadataError, folder_records, image_files
+
+    try:
+        records = list(folder_records(folder, metadata_csv))
+    except MetadataError as error:
+        raise click.ClickException(str(error))
+    click.echo(f"{len(records)} images under {folder}", err=True)
+    run_embedding(db_path, records, options, command=f"load folder {folder}",
+                  store_thumbnails=not no_thumbnails, total=len(records))
+
+
+@load.command("csv")
+@click.argument("db_path", type=click.Path(dir_okay=False))
+@click.argument("file_list", type=click.Path(exists=True, dir_okay=False))
+@click.option("--size", type=int, default=iiif.DEFAULT_SIZE, show_default=True,
+              help="Ask the IIIF server for images that fit SIZE x SIZE (not the seed's 2000 px).")
+@click.option("--rate", type=float, default=200, show_default=True,
+              help="Image requests per minute, shared by all workers (loc.gov allows 200). 0: unlimited.")
+@click.option("--timeout", type=float, default=30, show_default=True, help="Seconds per HTTP request.")
+@click.option("--limit", type=int, help="Stop after this many images.")
+@model_options
+def load_csv(db_path, file_list, size, rate, timeout, limit, **options):
+    """Embed the IIIF images listed in the seed's FILE_LIST CSV
+    (columns file_url, resource_url, segment_num, p1_item_id, file_count).
+
+    PDF report rows are skipped and counted; rows with missing values become load errors.
+    Catalogue fields can be filled afterwards with `mapclip loc-metadata`.
+    """
+    import itertools
+
+    from .fetch import Fetcher, per_minute
+    from .sources.file_list import FileListError, FileListStats, read_file_list
+
+    stats = FileListStats()
+    try:
+        records = list(itertools.islice(read_file_list(file_list, size=size, stats=stats), limit))
+    except FileListError as error:
+        raise click.ClickException(str(error))
+    click.echo(f"{stats.rows} rows: {len(records)} images, {stats.pdf_reports} PDF reports skipped, "
+               f"{len(stats.bad_rows)} malformed rows", err=True)
+
+    def record_bad_rows(store, summary):
+        with store.transaction():
+            for record, reason in stats.bad_rows:
+                store.record_error(record, "source", reason)
+        summary.failed += len(stats.bad_rows)
+
+    fetcher = Fetcher(per_minute(rate), timeout=timeout)
+    run_embedding(db_path, records, options, command=f"load csv {file_list}", fetcher=fetcher,
+                  total=len(records), after=record_bad_rows)
+
+
+@load.command("loc")
+@click.argument("db_path", type=click.Path(dir_okay=False))
+@click.argument("url")
+@click.option("--limit", type=int, help="Stop after this many map sheets.")
+@click.option("--first-sheet-only", is_flag=True,
+              help="Do not read IIIF manifests of multi-sheet items (atlases, Sanborn volumes): one image per item.")
+@click.option("--size", type=int, default=iiif.DEFAULT_SIZE, show_default=True,
+              help="Ask the IIIF server for images that fit SIZE x SIZE.")
+@click.option("--rate", type=float, default=200, show_default=True,
+              help="Image requests per minute, shared by all workers. Search pages (20/10 s, 80/min) and "
+                   "manifests (10/10 s, 200/min) keep loc.gov's published limits. 0: unlimited images.")
+@click.option("--timeout", type=float, default=30, show_default=True, help="Seconds per HTTP request.")
+@model_options
+def load_loc(db_path, url, limit, first_sheet_only, size, rate, timeout, **options):
+    """Embed the maps of a loc.gov search or collection URL, with catalogue fields from each result.
+
+    Example: mapclip load loc maps.db "https://www.loc.gov/collections/sanborn-maps/?fa=location:arkansas" --limit 500
+    """
+    from .fetch import Fetcher
+    from .sources.loc import LocSearch, limiters
+
+    limit_for = limiters(rate)
+    search = LocSearch(url, Fetcher(limit_for["search"], timeout=timeout), limit=limit,
+                       all_sheets=not first_sheet_only, size=size,
+                       item_fetcher=Fetcher(limit_for["item"], timeout=timeout))
+
+    def record_problems(store, summary):
+        with store.transaction():
+            for record, reason in search.problems:
+                store.record_error(record, "manifest", reason)
+
+    from .fetch import FetchError, RateLimited
+
+    try:
+        run_embedding(db_path, iter(search), options, command=f"load loc {url}",
+                      fetcher=Fetcher(limit_for["image"], timeout=timeout), total=limit, after=record_problems)
+    except (FetchError, RateLimited) as error:
+        raise click.ClickException(f"search page failed: {error}")
+
+
+@cli.command("import-beto")
+@click.argument("db_path", type=click.Path(dir_okay=False))
+@click.argument("beto", type=click.Path(exists=True, dir_okay=False))
+@click.argument("beto_idx", type=click.Path(exists=True, dir_okay=False))
+@click.option("--files", "files_csv", type=click.Path(exists=True, dir_okay=False),
+              help="The seed's merged_files.csv, to attach item ids and sheet numbers.")
+@click.option("--batch-size", type=int, default=5000, show_default=True, help="Rows per transaction.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def import_beto(db_path, beto, beto_idx, files_csv, batch_size, quiet):
+    """Store the seed's published embeddings (BETO: N x 512 tensor, BETO_IDX: N image URLs)
+    without re-embedding, as model ViT-B-32/openai. Rerunning skips rows already stored.
+
+    Fill in catalogue fields afterwards with `mapclip loc-metadata DB_PATH`.
+    """
+    from tqdm import tqdm
+
+    from datasette_mapclip.vectors import normalise
+
+    from .sources.beto import BETO_PROVENANCE, BetoError, beto_records, files_lookup, read_beto
+
+    try:
+        matrix, urls = read_beto(beto, beto_idx)
+    except BetoError as error:
+        raise click.ClickException(str(error))
+    store = open_store(db_path)
+    model = store.register_model({**BETO_PROVENANCE, "dim": int(matrix.shape[1])}, precision="seed beto.pt")
+    records = beto_records(urls, files_lookup(files_csv))
+    done = store.embedded_source_ids(model)
+    todo = [i for i, record in enumerate(records) if record.source_id not in done]
+    started = time.perf_counter()
+    load_id = store.start_load(f"import-beto {beto}", model["name"])
+    with tqdm(total=len(todo), unit="vec", desc="importing", disable=quiet) as bar:
+        for start in range(0, len(todo), batch_size):
+            rows = todo[start:start + batch_size]
+            store.write_batch(model, [records[i] for i in rows], normalise(matrix[rows]))
+            bar.update(len(rows))
+    store.finish_load(load_id, "finished", len(todo), len(records) - len(todo), 0)
+    click.echo(f"imported {len(todo)} vectors, {len(records) - len(todo)} already stored, "
+               f"in {time.perf_counter() - started:.1f} s", err=True)
+
+
+@cli.command("loc-metadata")
+@click.argument("db_path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--api", default="https://www.loc.gov", show_default=True, help="loc.gov API base URL.")
+@click.option("--limit", type=int, help="At most this many items this run.")
+@click.option("--timeout", type=float, default=30, show_default=True)
+@click.option("--quiet", is_flag=True)
+def loc_metadata(db_path, api, limit, timeout, quiet):
+    """Fill catalogue fields (title, date, place, subjects...) from loc.gov's item endpoint
+    for maps that have an item id but no title (rows from `load csv` or `import-beto`).
+
+    One request per item at loc.gov's item limits (10 / 10 s, 200 / minute); rerunning continues.
+    """
+    from .fetch import Fetcher, RateLimited, RateLimiter
+    from .sources.loc import ITEM_LIMITS, fill_metadata
+
+    store = open_store(db_path)
+    try:
+        result = fill_metadata(store, Fetcher(RateLimiter(ITEM_LIMITS), timeout=timeout), api=api,
+                               limit=limit, progress=not quiet)
+    except RateLimited as error:
+        raise click.ClickException(str(error))
+    click.echo(f"{result['filled']} of {result['items']} items filled, {result['failed']} failed", err=True)
+
+
+@cli.command("info")
+@click.argument("db_path", type=click.Path(exists=True, dir_okay=False))
+def info(db_path):
+    """Counts, models (provenance) and the most common load errors of a database."""
+    store = open_store(db_path)
+    counts = store.counts()
+    click.echo(f"{counts['maps']} maps in {counts['items']} items, {counts['load_errors']} load errors")
+    for model in store.models():
+        n = store.conn.execute(f"SELECT count(*) FROM [{model['vector_table']}]").fetchone()[0]
+        default = " (default)" if model["is_default"] else ""
+        click.echo(f"model {model['name']}{default}: {n} vectors of {model['dim']} floats in {model['vector_table']}, "
+                   f"open_clip {model['open_clip_version']}, sqlite-vec {model['sqlite_vec_version']}")
+    for stage, reason, n in store.conn.execute(
+        "SELECT stage, reason, count(*) n FROM load_errors GROUP BY stage, reason ORDER BY n DESC LIMIT 10"
+    ):
+        click.echo(f"  {n} x {stage}: {reason}")
+
+
+@cli.command("export-vectors")
+@click.argument("db_path", type=click.Path(exists=True, dir_okay=False))
+@click.argument("output", type=click.Path(dir_okay=False))
+@click.option("--model", "model_name", help="Model name as in the models table (default: the default model).")
+def export_vectors(db_path, output, model_name):
+    """Write every vector to OUTPUT (.npz with arrays 'map_id' and 'embedding'), for numpy users.
+
+    Load with: data = numpy.load(OUTPUT); data["embedding"]  # (N, dim) float32, unit rows
+    """
+    import numpy as np
+
+    store = open_store(db_path)
+    try:
+        ids, matrix = store.vectors(model_name)
+    except LookupError as error:
+        raise click.ClickException(str(error))
+    np.savez(output, map_id=ids, embedding=matrix)
+    click.echo(f"{len(ids)} vectors of {matrix.shape[1] if len(ids) else 0} floats -> {output}", err=True)
+
+
+def main():
+    cli()

@@ -1,0 +1,1 @@
+"""Sources turn a collection (folder, file list, loc.gov search, beto.pt) into MapRecords."""
