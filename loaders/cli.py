@@ -305,3 +305,7 @@ def export_vectors(db_path, output, model_name):
 
 def main():
     cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Shared fixtures: a tiny open_clip model (same code path as real ones), map-like images,
+and a local loc.gov stand-in.  Nothing here touches the network or downloads weights."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image, ImageDraw
+
+from loc_server import LocServer
+
+TINY_MODEL = "mapclip-tiny"  # datasette_mapclip/model_configs/mapclip-tiny.json
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> str:
+    """A seeded random mapclip-tiny state_dict saved like any user checkpoint."""
+    import torch
+
+    from datasette_mapclip.model import _import_open_clip
+
+    open_clip = _import_open_clip()
+    torch.manual_seed(1234)
+    model, _, _ = open_clip.create_model_and_transforms(TINY_MODEL, pretrained=None)
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    torch.save(model.state_dict(), path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def model_args(tiny_checkpoint) -> list[str]:
+    return ["--model", TINY_MODEL, "--checkpoint", tiny_checkpoint, "--quiet"]
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tiny_checkpoint):
+    from datasette_mapclip.model import ModelSpec, load_encoder
+
+    return load_encoder(ModelSpec(TINY_MODEL, None, tiny_checkpoint), precision="fp32", threads=1)
+
+
+def draw_map(seed: int, size=(320, 240)) -> Image.Image:
+    rng = np.random.RandomState(seed)
+    image = Image.new("RGB", size, tuple(int(v) for v in rng.randint(180, 250, 3)))
+    draw = ImageDraw.Draw(image)
+    for _ in range(8):
+        x, y = rng.randint(0, size[0]), rng.randint(0, size[1])
+        draw.rectangle([x, y, x + rng.randint(10, 90), y + rng.randint(10, 60)],
+                       fill=tuple(int(v) for v in rng.randint(0, 255, 3)))
+        draw.line([0, rng.randint(0, size[1]), size[0], rng.randint(0, size[1])], fill=(30, 30, 90), width=2)
+    return image
+
+
+def make_folder(folder: Path, count: int, *, formats=("JPEG",), metadata=True) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    suffix = {"JPEG": "jpg", "PNG": "png", "TIFF": "tif", "GIF": "gif", "WEBP": "webp"}
+    for i in range(count):
+        fmt = formats[i % len(formats)]
+        name = f"sheet_{i:04d}.{suffix[fmt]}"
+        sub = folder / ("atlas" if i % 5 == 0 else "")
+        sub.mkdir(exist_ok=True)
+        draw_map(i).save(sub / name, fmt)
+        rows.append({
+            "file": (Path("atlas") / name).as_posix() if i % 5 == 0 else name,
+            "item_id": "atlas-1" if i % 5 == 0 else f"item-{i}",
+            "sheet": str(i // 5 + 1) if i % 5 == 0 else "1",
+            "title": f"Map number {i} of Vermont",
+            "date": f"[ca. {1800 + i}]",
+            "place": "Vermont",
+            "subjects": "Relief;Roads",
+            "format": "map",
+        })
+    if metadata:
+        with open(folder / "metadata.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return folder
+
+
+@pytest.fixture
+def runner():
+    return CliRunner()
+
+
+@pytest.fixture
+def invoke(runner):
+    """Run a mapclip command in-process; fail with its output if it exits non-zero unexpectedly."""
+    from loaders.cli import cli
+
+    def run(args, expect=0):
+        result = runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)
+        assert result.exit_code == expect, result.output
+        return result
+
+    return run
+
+
+@pytest.fixture
+def loc_server():
+    servers = []
+
+    def start(**kwargs):
+        server = LocServer(**kwargs).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def open_db(path):
+    from datasette_mapclip.store import connect
+
+    return connect(path)

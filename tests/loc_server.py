@@ -1,0 +1,190 @@
+"""A local stand-in for loc.gov and tile.loc.gov, built on the real response shapes in
+../shared/fixtures/loc/ (copied into tests/fixtures/loc/ so a clone is self-contained).
+
+Routes
+  /collections/test-maps/?fo=json&sp=N   search pages (pagination.next chains them)
+  /item/<id>/manifest.json               IIIF Presentation 2 manifest (multi-sheet items)
+  /item/<id>/?fo=json                    item endpoint ({"item": {...}})
+  /iiif/<service>/full/<size>/0/default.jpg   IIIF image API; some services misbehave on purpose
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+import threading
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+FIXTURES = Path(__file__).parent / "fixtures" / "loc"
+
+
+def fixture(name: str) -> dict:
+    data = json.loads((FIXTURES / name).read_text())
+    data.pop("_source", None)
+    return data
+
+
+def map_image(seed: str, size=(300, 220)) -> bytes:
+    """A small deterministic 'map': paper tone, coloured blocks and lines."""
+    digest = hashlib.sha256(seed.encode()).digest()
+    image = Image.new("RGB", size, (230, 220, 190))
+    draw = ImageDraw.Draw(image)
+    for i in range(0, 24, 3):
+        x, y = digest[i] % size[0], digest[i + 1] % size[1]
+        draw.rectangle([x, y, x + 40 + digest[i + 2] % 60, y + 30], fill=(digest[i], digest[i + 1], digest[i + 2]))
+        draw.line([0, y, size[0], x % size[1]], fill=(40, 40, 120), width=2)
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=85)
+    return out.getvalue()
+
+
+class LocServer:
+    """Start with ``LocServer().start()``; ``.url`` is its base; ``.requests`` logs every path."""
+
+    def __init__(self, items=6, per_page=4, sheets: dict[int, int] | None = None, bad: dict[int, str] | None = None):
+        self.items = items
+        self.per_page = per_page
+        self.sheets = sheets or {}  # item number -> sheet count
+        self.bad = bad or {}  # item number -> 'missing' | 'html' | 'truncated' (its first image)
+        self.requests: list[str] = []
+        self.hits: dict[str, int] = {}
+        self.retry_after: dict[str, str] = {}  # service -> Retry-After value for its first request
+        self.lock = threading.Lock()
+        self.search_template = fixture("search_results_sanborn_maps.json")
+        self.manifest_template = fixture("iiif_manifest_2011633553.json")["manifest"]
+        self.item_template = fixture("item_2007680728_item_attribute.json")["item"]
+
+    # -- content --------------------------------------------------------------------
+    def item_id(self, n: int) -> str:
+        return f"testmap{n:04d}"
+
+    def service(self, n: int, sheet: int = 1) -> str:
+        kind = self.bad.get(n, "ok") if sheet == 1 else "ok"
+        return f"{self.url}/iiif/service:gmd:test:{kind}:{n:04d}_{sheet:03d}"
+
+    def result(self, n: int) -> dict:
+        result = copy.deepcopy(self.search_template["results"][0])
+        item_id = self.item_id(n)
+        service = self.service(n)
+        result.update(
+            id=f"{self.url}/item/{item_id}/",
+            url=f"{self.url}/item/{item_id}/",
+            title=f"Test map {n} of Arkadelphia, Clark County, Arkansas.",
+            date=str(1850 + n),
+            image_url=[
+                f"{service}/full/pct:12.5/0/default.jpg#h=956&w=806",
+                f"{service}/full/pct:25/0/default.jpg#h=1912&w=1612",
+            ],
+        )
+        result["resources"][0]["files"] = self.sheets.get(n, 1)
+        result["resources"][0]["url"] = f"{self.url}/resource/{item_id}/"
+        return result
+
+    def search_page(self, page: int, base_query: dict) -> dict:
+        start = (page - 1) * self.per_page
+        numbers = range(start + 1, min(start + self.per_page, self.items) + 1)
+        pages = -(-self.items // self.per_page)
+        data = copy.deepcopy(self.search_template)
+        query = dict(base_query, sp=str(page + 1))
+        data["pagination"].update(
+            current=page, of=self.items, total=pages, perpage=self.per_page,
+            next=f"{self.url}/collections/test-maps/?{urllib.parse.urlencode(query)}" if page < pages else None,
+        )
+        data["results"] = [self.result(n) for n in numbers]
+        return data
+
+    def manifest(self, n: int) -> dict:
+        manifest = copy.deepcopy(self.manifest_template)
+        canvas_template = manifest["sequences"][0]["canvases"][0]
+        canvases = []
+        for sheet in range(1, self.sheets.get(n, 1) + 1):
+            canvas = copy.deepcopy(canvas_template)
+            service = self.service(n, sheet)
+            canvas["@id"] = service
+            canvas["images"][0]["resource"]["@id"] = f"{service}/full/pct:25/0/default.jpg"
+            canvas["images"][0]["resource"]["service"]["@id"] = service
+            canvas["service"]["@id"] = service
+            canvases.append(canvas)
+        manifest["sequences"][0]["canvases"] = canvases
+        return manifest
+
+    def item(self, n: int) -> dict:
+        item = copy.deepcopy(self.item_template)
+        item.update(
+            title=f"Catalogued map {n}",
+            date=f"{1900 + n}-01-01",
+            subjects=[{"fire insurance maps": "x"}, {"arkansas": "y"}],
+            contributor_names=["Sanborn Map Company"],
+            location=["arkansas", "little rock"],
+        )
+        return {"item": item}
+
+    def image(self, service: str) -> tuple[int, str, bytes, dict]:
+        name = service.rsplit("/", 1)[-1]  # service:gmd:test:<kind>:<n>_<sheet>
+        kind = name.split(":")[3] if name.count(":") >= 4 else "ok"
+        with self.lock:
+            hits = self.hits[service] = self.hits.get(service, 0) + 1
+        if service in self.retry_after and hits == 1:
+            return 429, "text/plain", b"slow down", {"Retry-After": self.retry_after[service]}
+        if kind == "missing":
+            return 404, "text/html", b"<html>not found</html>", {}
+        if kind == "html":
+            return 200, "text/html", b"<!DOCTYPE html><html><body>Service unavailable</body></html>", {}
+        if kind == "truncated":
+            return 200, "image/jpeg", map_image(service)[:600], {}
+        if kind == "flaky" and hits == 1:
+            return 503, "text/plain", b"try again", {}
+        return 200, "image/jpeg", map_image(service), {}
+
+    # -- server ---------------------------------------------------------------------
+    def start(self) -> "LocServer":
+        server_ref = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def send(self, status, content_type, body, headers=None):
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                for key, value in (headers or {}).items():
+                    self.send_header(key, value)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                server_ref.requests.append(self.path)
+                parts = urllib.parse.urlsplit(self.path)
+                query = dict(urllib.parse.parse_qsl(parts.query))
+                segments = parts.path.strip("/").split("/")
+                if parts.path.startswith("/collections/test-maps"):
+                    page = int(query.get("sp", "1"))
+                    base = {k: v for k, v in query.items() if k != "sp"}
+                    return self.send(200, "application/json", json.dumps(server_ref.search_page(page, base)).encode())
+                if segments[0] == "item" and len(segments) >= 2:
+                    n = int(segments[1].replace("testmap", "") or 0)
+                    if segments[-1] == "manifest.json":
+                        return self.send(200, "application/json", json.dumps(server_ref.manifest(n)).encode())
+                    return self.send(200, "application/json", json.dumps(server_ref.item(n)).encode())
+                if segments[0] == "iiif" and len(segments) == 6:
+                    service = f"{server_ref.url}/iiif/{segments[1]}"
+                    status, content_type, body, headers = server_ref.image(service)
+                    return self.send(status, content_type, body, headers)
+                self.send(404, "text/plain", b"no such route")
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+        return self
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -1,0 +1,134 @@
+import io
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import draw_map, make_folder, open_db
+from datasette_mapclip.images import open_image
+from datasette_mapclip.store import MapStore
+
+
+def test_folder_load_stores_metadata_vectors_thumbnails_and_errors(tmp_path, invoke, model_args):
+    folder = make_folder(tmp_path / "scans", 10, formats=("JPEG", "PNG", "TIFF", "GIF", "WEBP"))
+    draw_map(50).save(folder / "whole.jpg", "JPEG")
+    (folder / "broken.jpg").write_bytes((folder / "whole.jpg").read_bytes()[:700])
+    (folder / "whole.jpg").unlink()
+    (folder / "page.png").write_bytes(b"<!DOCTYPE html><html>Forbidden</html>")
+    (folder / "empty.tif").write_bytes(b"")
+    out = invoke(["load", "folder", tmp_path / "m.db", folder, *model_args])
+    assert "10 loaded, 0 skipped (already stored), 3 failed" in out.output
+
+    db = open_db(tmp_path / "m.db")
+    maps = {r["source_id"]: r for r in db.execute("SELECT * FROM maps")}
+    assert len(maps) == 10
+    row = maps["sheet_0002.tif"]
+    assert (row["title"], row["date"], row["year"], row["place"]) == ("Map number 2 of Vermont", "[ca. 1802]", 1802, "Vermont")
+    assert json.loads(row["subjects"]) == ["Relief", "Roads"]
+    assert (row["width"], row["height"]) == (320, 240)
+    assert Image.open(io.BytesIO(row["thumbnail"])).format == "JPEG"
+    # multi-sheet items keep their sheets together
+    atlas = db.execute("SELECT source_id, sheet FROM maps WHERE item_id = 'atlas-1' ORDER BY sheet").fetchall()
+    assert [tuple(r) for r in atlas] == [("atlas/sheet_0000.jpg", 1), ("atlas/sheet_0005.jpg", 2)]
+    assert db.execute("SELECT sheet_count FROM items WHERE item_id = 'atlas-1'").fetchone()[0] == 2
+    errors = {r["source_id"]: (r["stage"], r["reason"]) for r in db.execute("SELECT * FROM load_errors")}
+    assert errors["empty.tif"] == ("decode", "empty file (0 bytes)")
+    assert errors["page.png"] == ("decode", "not an image: the server sent an HTML page")
+    assert "truncated" in errors["broken.jpg"][1] or "cannot decode" in errors["broken.jpg"][1]
+    load = db.execute("SELECT * FROM loads").fetchone()
+    assert (load["status"], load["loaded"], load["failed"]) == ("finished", 10, 3)
+
+    # a rerun embeds nothing twice; a fixed file is picked up and its error row goes away
+    draw_map(99).save(folder / "broken.jpg", "JPEG")
+    out = invoke(["load", "folder", tmp_path / "m.db", folder, *model_args])
+    assert "1 loaded, 10 skipped (already stored), 2 failed" in out.output
+    assert db.execute("SELECT count(*) FROM maps").fetchone()[0] == 11
+    assert db.execute("SELECT attempts FROM load_errors WHERE source_id = 'empty.tif'").fetchone()[0] == 2
+    assert db.execute("SELECT count(*) FROM load_errors WHERE source_id = 'broken.jpg'").fetchone()[0] == 0
+
+
+def test_stored_vector_equals_open_clip_output_for_the_same_image(tmp_path, invoke, model_args, tiny_encoder):
+    folder = make_folder(tmp_path / "scans", 3, formats=("PNG",), metadata=False)
+    invoke(["load", "folder", tmp_path / "m.db", folder, *model_args, "--precision", "fp32"])
+    store = MapStore(tmp_path / "m.db")
+    ids, matrix = store.vectors()
+    paths = [r[0] for r in store.conn.execute("SELECT source_id FROM maps ORDER BY id")]
+    # open_clip's own path: its transform on the PIL image, encode_image, L2-normalise
+    model, transform = tiny_encoder.model, tiny_encoder.image_transform
+    with torch.no_grad():
+        pixels = torch.stack([transform(Image.open(folder / p).convert("RGB")) for p in paths])
+        expected = torch.nn.functional.normalize(model.encode_image(pixels), dim=-1).numpy()
+    np.testing.assert_allclose(matrix, expected, atol=1e-5)
+
+
+def test_jpeg_draft_decode_stays_close_to_full_decode(tiny_encoder, tmp_path):
+    path = tmp_path / "big.jpg"
+    draw_map(7, size=(1600, 1200)).save(path, quality=90)
+    fast = tiny_encoder.encode_images([open_image(path.read_bytes(), min_size=tiny_encoder.image_size)])
+    full = tiny_encoder.encode_images([Image.open(path).convert("RGB")])
+    assert float(fast[0] @ full[0]) > 0.99
+
+
+def test_metadata_csv_without_file_column_is_a_clear_error(tmp_path, invoke, model_args):
+    folder = make_folder(tmp_path / "scans", 2, metadata=False)
+    (folder / "metadata.csv").write_text("filename,title\nsheet_0001.jpg,A map\n")
+    out = invoke(["load", "folder", tmp_path / "m.db", folder, *model_args], expect=1)
+    assert "needs a 'file' column" in out.output and "Traceback" not in out.output
+
+
+def _count(db_path):
+    if not os.path.exists(db_path):
+        return 0
+    try:
+        db = open_db(db_path)
+        return db.execute("SELECT count(*) FROM maps").fetchone()[0]
+    except Exception:
+        return 0
+
+
+def test_killed_load_resumes_with_every_image_exactly_once(tmp_path, model_args):
+    """SIGKILL a folder load at random points, rerun to completion, check nothing is lost or doubled."""
+    folder = make_folder(tmp_path / "scans", 300, formats=("JPEG", "PNG"), metadata=False)
+    db_path = tmp_path / "m.db"
+    command = [sys.executable, "-m", "loaders.cli", "load", "folder", str(db_path), str(folder), *model_args,
+               "--batch-size", "8", "--workers", "2", "--threads", "1"]
+    rng = random.Random(7)
+    kills = 0
+    for attempt in range(4):
+        before = _count(db_path)
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # wait until this run has written something, then kill it after a random extra delay
+        deadline = time.time() + 120
+        while _count(db_path) <= before and process.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0, 0.3))
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            kills += 1
+        process.wait()
+        if _count(db_path) == 300:
+            break
+    assert kills >= 1, "the load finished before it could be killed"
+    assert _count(db_path) < 300
+    final = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert final.returncode == 0, final.stderr
+    db = open_db(db_path)
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    store = MapStore(db_path)
+    table = store.model()["vector_table"]
+    assert db.execute("SELECT count(*), count(DISTINCT source_id) FROM maps").fetchone()[:] == (300, 300)
+    assert db.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 300
+    # every map has its vector, and no vector is orphaned
+    assert db.execute(f"SELECT count(*) FROM maps WHERE id NOT IN (SELECT map_id FROM {table})").fetchone()[0] == 0
+    expected = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.suffix in (".jpg", ".png")}
+    assert {r[0] for r in db.execute("SELECT source_id FROM maps")} == expected
+    statuses = [r[0] for r in db.execute("SELECT status FROM loads ORDER BY id")]
+    assert statuses[-1] == "finished" and statuses.count("running") == kills  # killed runs never finished

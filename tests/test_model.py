@@ -1,0 +1,69 @@
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY_MODEL, draw_map
+from datasette_mapclip.model import ModelSpec, ModelUnavailable, load_encoder
+
+
+def test_encoder_outputs_unit_vectors_for_images_and_text(tiny_encoder):
+    images = tiny_encoder.encode_images([draw_map(1), draw_map(2)])
+    texts = tiny_encoder.encode_texts(["a nautical chart", "a city street plan"])
+    assert images.shape == (2, 64) and texts.shape == (2, 64)
+    assert images.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(images, axis=1), 1, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(texts, axis=1), 1, atol=1e-5)
+    assert not np.allclose(images[0], images[1])
+
+
+def test_provenance_names_the_checkpoint_by_hash(tiny_encoder, tiny_checkpoint):
+    provenance = tiny_encoder.provenance()
+    assert provenance["architecture"] == TINY_MODEL and provenance["dim"] == 64
+    assert len(provenance["checkpoint_sha256"]) == 64
+    assert provenance["name"] == f"{TINY_MODEL}/sha256:{provenance['checkpoint_sha256'][:12]}"
+    assert provenance["open_clip_version"]
+
+
+def test_int8_stays_within_cosine_0999_of_fp32(tiny_checkpoint, tiny_encoder):
+    int8 = load_encoder(ModelSpec(TINY_MODEL, None, tiny_checkpoint), precision="int8", threads=1)
+    pixels = torch.stack([tiny_encoder.preprocess(draw_map(i)) for i in range(8)])
+    fast = int8.encode_image_tensors(pixels)
+    assert int8.precision == "int8" and int8.int8_min_cosine >= 0.999
+    exact = tiny_encoder.encode_image_tensors(pixels)
+    assert (fast * exact).sum(axis=1).min() >= 0.999
+    assert not np.array_equal(fast, exact)  # it really is another numeric path
+
+
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        (ModelSpec("ViT-Nope-99", "openai"), "unknown open_clip architecture"),
+        (ModelSpec("ViT-B-32", "no-such-tag"), "no pretrained weights 'no-such-tag'"),
+        (ModelSpec(TINY_MODEL, None, "/nonexistent/weights.pt"), "checkpoint file not found"),
+    ],
+)
+def test_model_errors_say_what_is_wrong(spec, message):
+    with pytest.raises(ModelUnavailable, match=message):
+        load_encoder(spec)
+
+
+def test_checkpoint_for_the_wrong_architecture_is_explained(tiny_checkpoint):
+    with pytest.raises(ModelUnavailable, match="could not load checkpoint .* into RN50"):
+        load_encoder(ModelSpec("RN50", None, tiny_checkpoint), precision="fp32")
+
+
+def test_missing_weights_offline_give_advice_not_a_traceback(tmp_path):
+    # HF_HUB_OFFLINE: the hub library only looks in its (empty) cache, so no outside host is contacted.
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), XDG_CACHE_HOME=str(tmp_path))
+    result = subprocess.run(
+        [sys.executable, "-m", "loaders.cli", "load", "folder", str(tmp_path / "m.db"), str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "could not get the ViT-B-32 'openai' weights" in result.stderr
+    assert "--checkpoint PATH" in result.stderr
