@@ -51,6 +51,8 @@ def open_image(data: bytes, *, min_size: int | None = None, max_pixels: int = DE
         raise ImageDecodeError(f"too many pixels (decompression bomb guard): {error}") from None
     except UnidentifiedImageError:
         raise ImageDecodeError(_describe_non_image(data)) from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise _decode_error(error, "image") from None
     width, height = image.size
     if width * height > max_pixels:
         raise ImageDecodeError(
@@ -65,10 +67,14 @@ def open_image(data: bytes, *, min_size: int | None = None, max_pixels: int = DE
         image = ImageOps.exif_transpose(image)
         return to_rgb(image)
     except (OSError, SyntaxError, ValueError) as error:
-        message = str(error) or type(error).__name__
-        if "truncated" in message.lower() or "premature" in message.lower():
-            raise ImageDecodeError(f"truncated image: {message}") from None
-        raise ImageDecodeError(f"cannot decode {image.format or 'image'}: {message}") from None
+        raise _decode_error(error, image.format or "image") from None
+
+
+def _decode_error(error: Exception, kind: str) -> ImageDecodeError:
+    message = str(error) or type(error).__name__
+    if "truncated" in message.lower() or "premature" in message.lower():
+        return ImageDecodeError(f"truncated image: {message}")
+    return ImageDecodeError(f"cannot decode {kind}: {message}")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -245,8 +245,8 @@ def import_beto(db_path, beto, beto_idx, files_csv, batch_size, quiet):
 @click.argument("db_path", type=click.Path(exists=True, dir_okay=False))
 @click.option("--api", default="https://www.loc.gov", show_default=True, help="loc.gov API base URL.")
 @click.option("--limit", type=int, help="At most this many items this run.")
-@click.option("--timeout", type=float, default=30, show_default=True)
-@click.option("--quiet", is_flag=True)
+@click.option("--timeout", type=float, default=30, show_default=True, help="Seconds per HTTP request.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
 def loc_metadata(db_path, api, limit, timeout, quiet):
     """Fill catalogue fields (title, date, place, subjects...) from loc.gov's item endpoint
     for maps that have an item id but no title (rows from `load csv` or `import-beto`).

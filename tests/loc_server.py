@@ -120,6 +120,7 @@ class LocServer:
             title=f"Catalogued map {n}",
             date=f"{1900 + n}-01-01",
             subjects=[{"fire insurance maps": "x"}, {"arkansas": "y"}],
+            subject=["fire insurance maps", "arkansas"],
             contributor_names=["Sanborn Map Company"],
             location=["arkansas", "little rock"],
         )

@@ -40,6 +40,8 @@ def test_truncated_jpeg_is_refused():
     data = encoded(draw_map(2), "JPEG")
     with pytest.raises(ImageDecodeError, match="truncated|cannot decode"):
         open_image(data[: len(data) // 2])
+    with pytest.raises(ImageDecodeError, match="truncated image"):
+        open_image(data[:600])  # cut inside the header
 
 
 def test_decompression_bomb_is_refused_before_decoding():

@@ -68,7 +68,8 @@ def catalogue_fields(result: dict) -> dict:
         "subjects": _labels(result.get("subject")) or _labels(result.get("subjects")) or _labels(result.get("subject_headings")),
         "contributors": _labels(result.get("contributor_names")) or _labels(result.get("contributor")) or _labels(result.get("contributors")),
         "notes": " ".join(note.strip() for note in notes if note.strip()) or None,
-        "format": _first(nested.get("format"), result.get("original_format"), result.get("format")),
+        # original_format ("map") reads as a caption; item.format is MARC ("cartographic")
+        "format": _first(result.get("original_format"), nested.get("format"), result.get("format")),
     }
 
 

@@ -1,0 +1,39 @@
+import numpy as np
+import pytest
+
+from conftest import make_folder
+from loaders.cli import cli
+
+
+def test_help_lists_every_command(invoke):
+    out = invoke(["--help"]).output
+    for command in ("load", "import-beto", "loc-metadata", "info", "export-vectors"):
+        assert command in out
+    load_help = invoke(["load", "--help"]).output
+    for command in ("folder", "csv", "loc"):
+        assert command in load_help
+
+
+@pytest.mark.parametrize("args", [["load", "folder"], ["load", "csv"], ["load", "loc"], ["import-beto"],
+                                  ["loc-metadata"], ["info"], ["export-vectors"]])
+def test_every_command_documents_its_options(invoke, args):
+    out = invoke([*args, "--help"]).output
+    assert "DB_PATH" in out
+    command = cli
+    for name in args:
+        command = command.commands[name]
+    for param in command.params:
+        if getattr(param, "help", None) is None and param.param_type_name == "option" and param.name != "help":
+            pytest.fail(f"{' '.join(args)} --{param.name} has no help text")
+
+
+def test_info_and_export_vectors(tmp_path, invoke, model_args):
+    folder = make_folder(tmp_path / "scans", 4)
+    invoke(["load", "folder", tmp_path / "m.db", folder, *model_args])
+    info = invoke(["info", tmp_path / "m.db"]).output
+    assert "4 maps in" in info and "mapclip-tiny/sha256:" in info and "4 vectors of 64 floats" in info
+    invoke(["export-vectors", tmp_path / "m.db", tmp_path / "v.npz"])
+    data = np.load(tmp_path / "v.npz")
+    assert data["embedding"].shape == (4, 64) and data["embedding"].dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(data["embedding"], axis=1), 1, atol=1e-5)
+    assert sorted(data["map_id"].tolist()) == [1, 2, 3, 4]
