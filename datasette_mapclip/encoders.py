@@ -1,0 +1,124 @@
+"""One encoder per model per process, chosen by what a database's provenance records.
+
+A database says which model made its vectors (``models`` table); text and uploaded images
+must be embedded with that same model, never another one.  Where the recorded checkpoint
+path does not exist on this server, plugin configuration can point at the same weights
+elsewhere; they are accepted only if their SHA-256 matches the recorded one.
+
+    plugins:
+      datasette-mapclip:
+        checkpoints:
+          "mapclip-tiny/sha256:0dbfd98a5af1": /srv/models/demo.pt
+        threads: 1          # torch threads per encode (a web server should not oversubscribe)
+        text_cache_size: 4096
+        prompt_template: "{}"   # e.g. "a {} map", the seed's trick
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from .model import ClipEncoder, ModelSpec, ModelUnavailable, file_sha256, load_encoder
+
+_lock = threading.Lock()
+_encoders: dict[tuple, "SharedEncoder"] = {}
+_failures: dict[tuple, str] = {}
+
+
+class SharedEncoder:
+    """A loaded encoder shared by every request, plus an LRU cache of text embeddings.
+
+    torch modules are safe to call from several threads in inference mode; a lock keeps
+    one encode at a time so two requests do not fight over the same cores
+    (../shared/DESIGN.md: a 2-thread encode falls from 60 ms to ~1 s under contention).
+    """
+
+    def __init__(self, encoder: ClipEncoder, text_cache_size: int = 4096):
+        self.encoder = encoder
+        self.encode_lock = threading.Lock()
+        self.text_cache: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+        self.text_cache_size = text_cache_size
+
+    @property
+    def dim(self) -> int:
+        return self.encoder.dim
+
+    def embed_text(self, text: str) -> np.ndarray:
+        cached = self.text_cache.get(text)
+        if cached is not None:
+            self.text_cache.move_to_end(text)
+            return cached
+        with self.encode_lock:
+            vector = self.encoder.encode_texts([text])[0]
+        self.text_cache[text] = vector
+        while len(self.text_cache) > self.text_cache_size:
+            self.text_cache.popitem(last=False)
+        return vector
+
+    def embed_image(self, image) -> np.ndarray:
+        with self.encode_lock:
+            return self.encoder.encode_images([image])[0]
+
+
+def resolve_checkpoint(model_row: dict, config: dict) -> str | None:
+    """The local weights file for a recorded model, checked by hash, or None for a pretrained tag."""
+    recorded_hash = model_row.get("checkpoint_sha256")
+    if not recorded_hash:
+        return None
+    candidates = []
+    configured = (config.get("checkpoints") or {})
+    for key in (model_row["name"], recorded_hash, recorded_hash[:12]):
+        if configured.get(key):
+            candidates.append(configured[key])
+    if model_row.get("checkpoint_path"):
+        candidates.append(model_row["checkpoint_path"])
+    tried = []
+    for path in candidates:
+        if not Path(path).is_file():
+            tried.append(f"{path} (missing)")
+            continue
+        if file_sha256(path) != recorded_hash:
+            tried.append(f"{path} (different weights: SHA-256 does not match)")
+            continue
+        return str(path)
+    raise ModelUnavailable(
+        f"the weights of model {model_row['name']} were not found on this server; tried: "
+        f"{'; '.join(tried) or 'nothing'}. Point plugins.datasette-mapclip.checkpoints."
+        f"\"{model_row['name']}\" at a copy of the checkpoint in metadata.yml."
+    )
+
+
+def encoder_for(model_row: dict, config: dict | None = None) -> SharedEncoder:
+    """The process-wide encoder for a ``models`` row; loaded once, failures remembered."""
+    config = config or {}
+    key = (model_row["architecture"], model_row.get("pretrained"), model_row.get("checkpoint_sha256"))
+    encoder = _encoders.get(key)
+    if encoder is not None:
+        return encoder
+    with _lock:
+        if key in _encoders:
+            return _encoders[key]
+        if key in _failures:
+            raise ModelUnavailable(_failures[key])
+        try:
+            checkpoint = resolve_checkpoint(model_row, config)
+            spec = ModelSpec(model_row["architecture"], None if checkpoint else model_row.get("pretrained"), checkpoint)
+            loaded = load_encoder(spec, precision=config.get("precision", "fp32"), threads=config.get("threads", 1))
+        except ModelUnavailable as error:
+            _failures[key] = f"model {model_row['name']} cannot be loaded: {error}"
+            raise ModelUnavailable(_failures[key]) from None
+        if loaded.dim != model_row["dim"]:
+            raise ModelUnavailable(f"model {model_row['name']} gives {loaded.dim}-d vectors, the database holds {model_row['dim']}-d")
+        _encoders[key] = SharedEncoder(loaded, int(config.get("text_cache_size", 4096)))
+        return _encoders[key]
+
+
+def forget_all():
+    """Drop loaded encoders and remembered failures (tests, or after fixing configuration)."""
+    with _lock:
+        _encoders.clear()
+        _failures.clear()
