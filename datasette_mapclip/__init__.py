@@ -1,0 +1,49 @@
+"""datasette-mapclip: CLIP search over map collections. Only Datasette hooks live here."""
+
+from datasette import hookimpl
+
+from . import views
+from .sql_functions import DatabaseFunctions, register
+
+
+@hookimpl
+def prepare_connection(conn, database, datasette):
+    from .store import load_sqlite_vec
+
+    try:
+        load_sqlite_vec(conn)
+    except Exception:
+        pass  # already loaded, or this Python cannot load extensions: the functions still register
+
+    def models():
+        try:
+            return [dict(zip([c[0] for c in cursor.description], row))
+                    for cursor in [conn.execute("SELECT * FROM models")] for row in cursor.fetchall()]
+        except Exception:
+            return []
+
+    register(conn, DatabaseFunctions(models, lambda: views.config(datasette, database)))
+
+
+@hookimpl
+def register_routes():
+    return [
+        (r"^/-/mapclip$", views.mapclip_page),
+        (r"^/-/mapclip/search\.json$", views.search_json),
+        (r"^/-/mapclip/thumbnail/(?P<database>[^/]+)/(?P<id>\d+)\.jpg$", views.thumbnail),
+    ]
+
+
+@hookimpl
+def menu_links(datasette):
+    return [{"href": datasette.urls.path("/-/mapclip"), "label": "Map search"}]
+
+
+@hookimpl
+def database_actions(datasette, database):
+    async def inner():
+        if database in await views.mapclip_databases(datasette):
+            return [{"href": datasette.urls.path(f"/-/mapclip?_db={database}"), "label": "Search these maps by image or text"}]
+        return []
+
+    return inner
