@@ -21,10 +21,10 @@ setup(
         "click",
         "tqdm",
         "httpx",
-        "python-multipart",
+        "python-multipart>=0.0.13,<0.0.25",  # asgi-csrf 0.11 passes FileClass, removed in 0.0.25
         "pysqlite3-binary; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
-    extras_require={"test": ["pytest", "playwright"]},
+    extras_require={"test": ["pytest", "pytest-asyncio", "playwright"]},
     entry_points={
         "datasette": ["mapclip = datasette_mapclip"],
         "console_scripts": ["mapclip = loaders.cli:main"],

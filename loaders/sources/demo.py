@@ -151,7 +151,7 @@ HYPSOMETRIC = [  # low -> high: greens, yellows, browns, snow
 def draw_relief(rng: np.random.Generator, size: int, place: str) -> Image.Image:
     """Relief map: hypsometric tint bands from smooth elevation, hillshade and contour lines."""
     elevation = _noise(rng, size, int(rng.integers(2, 4)), 5, 0.5)
-    elevation = elevation ** rng.uniform(1.0, 1.6)  # lowlands are commoner than peaks
+    elevation = elevation ** rng.uniform(1.2, 1.8)  # lowlands are commoner than peaks
     levels = int(rng.integers(7, 10))
     band = np.minimum((elevation * levels).astype(int), levels - 1)
     tints = HYPSOMETRIC if rng.random() < 0.3 else HYPSOMETRIC[:-1]  # snow caps only sometimes
@@ -186,8 +186,7 @@ def draw_political(rng: np.random.Generator, size: int, place: str) -> Image.Ima
     palette = np.array([_jitter(rng, PASTELS[i % len(PASTELS)], 8) for i in rng.permutation(64)], np.float32)
     canvas = palette[labels % len(palette)]
     land = _land_mask(rng, size, rng.uniform(0.2, 0.4))
-    sea = (168, 206, 228) if rng.random() < 0.7 else (200, 222, 236)
-    _paint(canvas, ~land, _jitter(rng, sea, 6))
+    _paint(canvas, ~land, _jitter(rng, (150, 196, 228), 6))  # a bluer sea than a chart's
     border = _thicken(_edges(labels) & land, max(2, size // 110))
     _paint(canvas, border, (70, 50, 55))
     _paint(canvas, _thicken(_edges(land.astype(int)), 2), (40, 60, 90))
@@ -265,7 +264,7 @@ def draw_nautical(rng: np.random.Generator, size: int, place: str) -> Image.Imag
     coast = np.quantile(field, rng.uniform(0.55, 0.75))
     land = field > coast
     canvas = np.empty((size, size, 3), np.float32)
-    canvas[:] = _jitter(rng, (226, 238, 240), 5)
+    canvas[:] = _jitter(rng, (232, 242, 242), 4)
     _paint(canvas, (field > coast - 0.12) & ~land, _jitter(rng, (188, 216, 230), 6))  # shoal water
     _paint(canvas, (field > coast - 0.05) & ~land, _jitter(rng, (160, 198, 220), 6))
     _paint(canvas, land, _jitter(rng, (236, 214, 150), 10))
@@ -306,7 +305,7 @@ RAMPS = [  # sequential colour ramps, light -> dark
     [(255, 255, 204), (254, 217, 118), (253, 141, 60), (227, 26, 28), (128, 0, 38)],
     [(254, 240, 217), (253, 204, 138), (252, 141, 89), (215, 48, 31), (127, 0, 0)],
     [(241, 238, 246), (215, 181, 216), (223, 101, 176), (206, 18, 86), (103, 0, 31)],
-    [(255, 255, 212), (254, 217, 142), (254, 153, 41), (217, 95, 14), (153, 52, 4)],
+    [(237, 248, 251), (179, 205, 227), (140, 150, 198), (136, 86, 167), (129, 15, 124)],
 ]
 
 
@@ -319,7 +318,7 @@ def draw_choropleth(rng: np.random.Generator, size: int, place: str) -> Image.Im
     classes = np.clip(np.searchsorted(np.quantile(value, [0.2, 0.4, 0.6, 0.8]), value), 0, len(ramp) - 1)
     canvas = ramp[classes[labels]].copy()
     outside = ~_inset_shape(rng, size)
-    _paint(canvas, outside, (250, 250, 248))
+    _paint(canvas, outside, _jitter(rng, (222, 222, 218), 4))  # neighbouring states in grey
     _paint(canvas, _edges(labels) & ~outside, (110, 110, 110), 0.8)
     _paint(canvas, _thicken(_edges(outside.astype(int)), 2), (30, 30, 30))
     image = _image(canvas)

@@ -1,0 +1,319 @@
+"""The Datasette plugin through Datasette's own test client, on a real mapclip database."""
+
+import io
+import re
+import urllib.parse
+
+import numpy as np
+import pytest
+from datasette.app import Datasette
+
+from conftest import draw_map, make_folder
+from datasette_mapclip import vectors
+from datasette_mapclip.encoders import forget_all
+from datasette_mapclip.store import MapStore
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory, model_args):
+    from click.testing import CliRunner
+
+    from loaders.cli import cli
+
+    folder = make_folder(tmp_path_factory.mktemp("scans") / "maps", 30)
+    db_path = tmp_path_factory.mktemp("db") / "maps.db"
+    result = CliRunner().invoke(cli, ["load", "folder", str(db_path), str(folder), *model_args, "--precision", "fp32"])
+    assert result.exit_code == 0, result.output
+    return db_path, folder
+
+
+@pytest.fixture
+def ds(collection):
+    forget_all()
+    return Datasette([str(collection[0])])
+
+
+@pytest.fixture(scope="module")
+def stored(collection):
+    store = MapStore(collection[0])
+    ids, matrix = store.vectors()
+    years = dict(store.conn.execute("SELECT id, year FROM maps").fetchall())
+    return ids, matrix, years
+
+
+def sql_json(ds, sql, **params):
+    return ds.client.get("/maps.json?" + urllib.parse.urlencode({"sql": sql, "_shape": "array", **params}))
+
+
+def expected_order(matrix, ids, query, k):
+    scores = matrix @ query
+    order = np.argsort(-scores)[:k]
+    return [int(ids[i]) for i in order], scores[order]
+
+
+@pytest.mark.asyncio
+async def test_sql_functions_feed_vec0_directly(ds, stored, tiny_encoder):
+    ids, matrix, _ = stored
+    response = await sql_json(ds, "select hex(mapclip_embed_text(:q)) as v", q="a nautical chart")
+    assert response.status_code == 200
+    vector = vectors.decode(bytes.fromhex(response.json()[0]["v"]))
+    np.testing.assert_allclose(vector, tiny_encoder.encode_texts(["a nautical chart"])[0], atol=1e-5)
+    table = MapStore(ds.databases["maps"].path).model()["vector_table"]
+    response = await sql_json(
+        ds, f"select map_id, 1 - distance*distance/2 as s from {table} where embedding match mapclip_embed_text(:q) and k = :k",
+        q="relief", k="5")
+    got = [row["map_id"] for row in response.json()]
+    want, _ = expected_order(matrix, ids, tiny_encoder.encode_texts(["relief"])[0], 5)
+    assert got == want
+
+
+@pytest.mark.asyncio
+async def test_combine_and_similarity(ds):
+    a, b = vectors.encode([1, 0, 0, 0]), vectors.encode([0, 1, 0, 0])
+    response = await sql_json(ds, "select hex(mapclip_combine(unhex(:a), 1, unhex(:b), 1)) as v, "
+                                  "mapclip_similarity(unhex(:a), unhex(:b)) as s, "
+                                  "hex(mapclip_combine(unhex(:a), 1, unhex(:b), -0.5)) as minus",
+                              a=a.hex(), b=b.hex())
+    row = response.json()[0]
+    np.testing.assert_allclose(vectors.decode(bytes.fromhex(row["v"])), [2 ** -0.5, 2 ** -0.5, 0, 0], atol=1e-6)
+    assert row["s"] == 0
+    np.testing.assert_allclose(vectors.decode(bytes.fromhex(row["minus"])), np.array([1, -0.5, 0, 0]) / np.sqrt(1.25), atol=1e-6)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("sql,message", [
+    ("select mapclip_embed_text(NULL)", "mapclip_embed_text: text is NULL"),
+    ("select mapclip_embed_image(x'3c68746d6c3e')", "mapclip_embed_image: not an image"),
+    ("select mapclip_embed_image('a string')", "takes image bytes (a BLOB), not text"),
+    ("select mapclip_similarity(x'0000803f', x'0000803f00000000')", "has 2 floats, expected 1"),
+    ("select mapclip_combine(x'0000803f', 1, x'0000803f00000000', 1)", "vectors differ in length"),
+    ("select mapclip_combine(x'0000803f', 1, x'0000803f')", "takes pairs"),
+    ("select mapclip_combine(x'000080', 1)", "not a float32 vector"),
+])
+async def test_bad_arguments_raise_errors_that_say_what_was_wrong(ds, sql, message):
+    response = await sql_json(ds, sql)
+    assert response.status_code == 400
+    assert message in response.json()["error"]
+
+
+@pytest.mark.asyncio
+async def test_search_json_text(ds, stored, tiny_encoder):
+    ids, matrix, _ = stored
+    response = await ds.client.get("/-/mapclip/search.json?q=nautical+chart&k=5")
+    assert response.status_code == 200
+    data = response.json()
+    want, scores = expected_order(matrix, ids, tiny_encoder.encode_texts(["nautical chart"])[0], 5)
+    assert [r["id"] for r in data["results"]] == want
+    np.testing.assert_allclose([r["similarity"] for r in data["results"]], scores, atol=1e-3)
+    first = data["results"][0]
+    assert set(first) >= {"id", "title", "date", "year", "place", "similarity", "thumbnail_url", "image_url", "url"}
+    assert first["thumbnail_url"] == f"/-/mapclip/thumbnail/maps/{first['id']}.jpg"
+    assert data["model"].startswith("mapclip-tiny/sha256:")
+    assert "mapclip_embed_text(:q)" in data["sql"]
+    thumb = await ds.client.get(first["thumbnail_url"])
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+
+
+@pytest.mark.asyncio
+async def test_the_sql_link_reproduces_the_results(ds):
+    data = (await ds.client.get("/-/mapclip/search.json?q=roads&k=4&year_min=1805")).json()
+    link = urllib.parse.urlsplit(data["sql_url"])
+    rows = (await ds.client.get(link.path + ".json?" + link.query + "&_shape=array")).json()
+    assert [r["id"] for r in rows] == [r["id"] for r in data["results"]]
+
+
+@pytest.mark.asyncio
+async def test_more_like_this_uses_the_stored_vector(ds, stored):
+    ids, matrix, _ = stored
+    target = int(ids[7])
+    data = (await ds.client.get(f"/-/mapclip/search.json?like={target}&k=6")).json()
+    want, _ = expected_order(matrix, ids, matrix[7], 6)
+    assert [r["id"] for r in data["results"]] == want
+    assert data["results"][0]["id"] == target and data["results"][0]["similarity"] == pytest.approx(1.0, abs=1e-4)
+    assert "mapclip_embed" not in data["sql"]  # no model run
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("weight", [-1.0, -0.4, 0.0, 0.6, 1.0])
+async def test_combined_search_follows_the_seed_weight_convention(ds, stored, tiny_encoder, weight):
+    ids, matrix, _ = stored
+    text = tiny_encoder.encode_texts(["hand coloured county map"])[0]
+    image = matrix[3]
+    query = (1 + weight) / 4 * text + (1 - weight) / 4 * image
+    want, scores = expected_order(matrix, ids, query / np.linalg.norm(query), 8)
+    data = (await ds.client.get(
+        f"/-/mapclip/search.json?q=hand+coloured+county+map&like={int(ids[3])}&weight={weight}&k=8")).json()
+    assert [r["id"] for r in data["results"]] == want
+    np.testing.assert_allclose([r["similarity"] for r in data["results"]], scores, atol=1e-3)
+
+
+@pytest.mark.asyncio
+async def test_filters_narrow_the_knn_itself_not_just_the_top_k(ds, stored, tiny_encoder):
+    ids, matrix, years = stored
+    text = tiny_encoder.encode_texts(["survey"])[0]
+    allowed = np.array([1820 <= years[int(i)] <= 1825 for i in ids])
+    want, _ = expected_order(matrix[allowed], ids[allowed], text, 20)
+    data = (await ds.client.get("/-/mapclip/search.json?q=survey&year_min=1820&year_max=1825&k=20")).json()
+    assert [r["id"] for r in data["results"]] == want and len(want) == 6
+    data = (await ds.client.get("/-/mapclip/search.json?q=survey&filter=number+12&k=20")).json()
+    assert [r["title"] for r in data["results"]] == ["Map number 12 of Vermont"]
+    data = (await ds.client.get("/-/mapclip/search.json?q=survey&place=vermont&k=3")).json()
+    assert len(data["results"]) == 3
+    data = (await ds.client.get("/-/mapclip/search.json?q=survey&place=ohio&k=3")).json()
+    assert data["results"] == [] and data["next"] is None
+
+
+@pytest.mark.asyncio
+async def test_paging_continues_the_ranking(ds):
+    both = (await ds.client.get("/-/mapclip/search.json?q=atlas&k=10")).json()["results"]
+    first = (await ds.client.get("/-/mapclip/search.json?q=atlas&k=5")).json()
+    second = (await ds.client.get(first["next"])).json()
+    assert [r["id"] for r in first["results"] + second["results"]] == [r["id"] for r in both]
+
+
+def multipart(fields: dict, image: bytes | None, filename="map.jpg"):
+    boundary = "----mapclipboundary"
+    body = io.BytesIO()
+    for name, value in fields.items():
+        body.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+    if image is not None:
+        body.write(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{filename}"\r\n'
+                   f"Content-Type: image/jpeg\r\n\r\n".encode() + image + b"\r\n")
+    body.write(f"--{boundary}--\r\n".encode())
+    return body.getvalue(), f"multipart/form-data; boundary={boundary}"
+
+
+def jpeg(image):
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=92)
+    return out.getvalue()
+
+
+@pytest.mark.asyncio
+async def test_upload_searches_by_any_image_and_redirects_to_a_shareable_url(ds, stored, tiny_encoder, collection):
+    ids, matrix, _ = stored
+    page = await ds.client.get("/-/mapclip")
+    token = re.search(r'name="csrftoken" value="([^"]+)"', page.text).group(1)
+    picture = draw_map(1234)  # not in the collection
+    body, content_type = multipart({"csrftoken": token, "q": "", "weight": "0"}, jpeg(picture))
+    response = await ds.client.post("/-/mapclip", content=body, headers={"content-type": content_type},
+                                    cookies={"ds_csrftoken": page.cookies["ds_csrftoken"]})
+    assert response.status_code == 302
+    location = response.headers["location"]
+    assert "vector=" in location
+    data = (await ds.client.get(location.replace("/-/mapclip?", "/-/mapclip/search.json?"))).json()
+    from datasette_mapclip.images import open_image
+
+    query = tiny_encoder.encode_images([open_image(jpeg(picture), min_size=tiny_encoder.image_size)])[0]
+    want, _ = expected_order(matrix, ids, query, 20)
+    assert [r["id"] for r in data["results"]] == want
+    shared = await ds.client.get(location)
+    assert shared.status_code == 200 and "using your uploaded image" in shared.text
+
+
+@pytest.mark.asyncio
+async def test_upload_without_csrf_token_is_refused(ds):
+    page = await ds.client.get("/-/mapclip")
+    body, content_type = multipart({"q": "x"}, jpeg(draw_map(1)))
+    response = await ds.client.post("/-/mapclip", content=body, headers={"content-type": content_type},
+                                    cookies={"ds_csrftoken": page.cookies["ds_csrftoken"]})
+    assert response.status_code == 403
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("payload,status,message", [
+    (b"<!DOCTYPE html><html>hi</html>", 400, "not a usable image: not an image: the server sent an HTML page"),
+    (b"", 400, "the uploaded file is empty"),
+    (b"\xff" * (11 * 1024 * 1024), 413, "upload too large"),
+])
+async def test_bad_uploads_get_4xx_that_say_why(ds, payload, status, message):
+    body, content_type = multipart({"q": ""}, payload)
+    response = await ds.client.post("/-/mapclip/search.json", content=body, headers={"content-type": content_type})
+    assert response.status_code == status
+    assert message in response.json()["error"]
+
+
+@pytest.mark.asyncio
+async def test_decompression_bomb_upload_is_refused(ds):
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("1", (20000, 12000)).save(out, "PNG")
+    body, content_type = multipart({}, out.getvalue(), "bomb.png")
+    response = await ds.client.post("/-/mapclip/search.json", content=body, headers={"content-type": content_type})
+    assert response.status_code == 400 and "too many pixels" in response.json()["error"]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("query,message", [
+    ("", "give q (text), like (a map id), vector, or POST an image"),
+    ("q=x&weight=2", "weight must be between -1 (image only) and 1 (text only)"),
+    ("q=x&k=abc", "k must be a whole number"),
+    ("q=x&_db=nope", "no mapclip collection named 'nope'"),
+    ("vector=0000803f", "vector has 1 floats; model"),
+    ("q=x&model=other", "no model 'other'"),
+])
+async def test_bad_parameters_get_400_that_say_why(ds, query, message):
+    response = await ds.client.get(f"/-/mapclip/search.json?{query}")
+    assert response.status_code == 400
+    assert message in response.json()["error"]
+
+
+@pytest.mark.asyncio
+async def test_page_renders_a_grid_with_links(ds):
+    response = await ds.client.get("/-/mapclip?q=relief+map&k=4")
+    assert response.status_code == 200
+    html = response.text
+    assert html.count('class="mapclip-card"') == 4
+    assert "More like this" in html and "View and edit the SQL" in html
+    assert "Model: <strong>mapclip-tiny/sha256:" in html
+    assert "--pretrained openai" in html
+    assert re.search(r'<img src="/-/mapclip/thumbnail/maps/\d+\.jpg"', html)
+    index = await ds.client.get("/")
+    assert "/-/mapclip" in index.text  # in Datasette's menu
+    database_page = await ds.client.get("/maps")
+    assert "/-/mapclip?_db=maps" in database_page.text
+
+
+@pytest.mark.asyncio
+async def test_database_whose_model_cannot_be_loaded_still_opens(collection, tmp_path):
+    import shutil
+
+    forget_all()
+    copy = tmp_path / "moved.db"
+    shutil.copy(collection[0], copy)
+    store = MapStore(copy)
+    store.conn.execute("UPDATE models SET checkpoint_path = '/nowhere/tiny.pt'")
+    store.close()
+    ds = Datasette([str(copy)])
+    assert (await ds.client.get("/moved/maps.json?_shape=array&_size=1")).status_code == 200
+    response = await ds.client.get("/-/mapclip/search.json?q=relief")
+    assert response.status_code == 503
+    assert "were not found on this server" in response.json()["error"]
+    assert "/nowhere/tiny.pt (missing)" in response.json()["error"]
+    like = await ds.client.get("/-/mapclip/search.json?like=1&k=3")
+    assert like.status_code == 200 and len(like.json()["results"]) == 3  # stored vectors need no model
+
+
+@pytest.mark.asyncio
+async def test_plugin_config_points_at_the_weights_elsewhere_checked_by_hash(collection, tmp_path, tiny_checkpoint):
+    import shutil
+
+    forget_all()
+    copy = tmp_path / "moved.db"
+    shutil.copy(collection[0], copy)
+    store = MapStore(copy)
+    name = store.model()["name"]
+    store.conn.execute("UPDATE models SET checkpoint_path = '/nowhere/tiny.pt'")
+    store.close()
+    moved_weights = tmp_path / "weights.pt"
+    shutil.copy(tiny_checkpoint, moved_weights)
+    wrong_weights = tmp_path / "wrong.pt"
+    wrong_weights.write_bytes(b"not the same weights")
+    ds = Datasette([str(copy)], metadata={"plugins": {"datasette-mapclip": {"checkpoints": {name: str(wrong_weights)}}}})
+    response = await ds.client.get("/-/mapclip/search.json?q=relief")
+    assert response.status_code == 503 and "SHA-256 does not match" in response.json()["error"]
+    forget_all()
+    ds = Datasette([str(copy)], metadata={"plugins": {"datasette-mapclip": {"checkpoints": {name: str(moved_weights)}}}})
+    response = await ds.client.get("/-/mapclip/search.json?q=relief")
+    assert response.status_code == 200 and len(response.json()["results"]) == 20
