@@ -119,10 +119,6 @@ def _image(canvas: Array) -> Image.Image:
     return Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8), "RGB")
 
 
-def _array(image: Image.Image) -> Array:
-    return np.asarray(image, dtype=np.float32).copy()
-
-
 def _neatline(draw: ImageDraw.ImageDraw, size: int, colour=(40, 40, 40), inset: int | None = None) -> None:
     """The printed frame around most maps."""
     inset = max(2, size // 64) if inset is None else inset
@@ -139,7 +135,7 @@ def _labels(draw: ImageDraw.ImageDraw, rng: np.random.Generator, size: int, name
 
 
 # --------------------------------------------------------------------------------------------
-# One function per kind: (rng, size, place) -> RGB image
+# One function per kind: (rng, size) -> RGB image
 # --------------------------------------------------------------------------------------------
 
 HYPSOMETRIC = [  # low -> high: greens, yellows, browns, snow
@@ -148,7 +144,7 @@ HYPSOMETRIC = [  # low -> high: greens, yellows, browns, snow
 ]
 
 
-def draw_relief(rng: np.random.Generator, size: int, place: str) -> Image.Image:
+def draw_relief(rng: np.random.Generator, size: int) -> Image.Image:
     """Relief map: hypsometric tint bands from smooth elevation, hillshade and contour lines."""
     elevation = _noise(rng, size, int(rng.integers(2, 4)), 5, 0.5)
     elevation = elevation ** rng.uniform(1.2, 1.8)  # lowlands are commoner than peaks
@@ -180,7 +176,7 @@ PASTELS = [
 ]
 
 
-def draw_political(rng: np.random.Generator, size: int, place: str) -> Image.Image:
+def draw_political(rng: np.random.Generator, size: int) -> Image.Image:
     """Political map: flat pastel regions, thick dark borders, capitals, a pale blue sea."""
     labels, seeds = _regions(rng, size, int(rng.integers(7, 18)), warp=rng.uniform(0.05, 0.1))
     palette = np.array([_jitter(rng, PASTELS[i % len(PASTELS)], 8) for i in rng.permutation(64)], np.float32)
@@ -198,7 +194,7 @@ def draw_political(rng: np.random.Generator, size: int, place: str) -> Image.Ima
         x, y = int(sx * size), int(sy * size)
         if 0 <= x < size and 0 <= y < size and land[y, x]:
             draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=(200, 30, 30), outline=(0, 0, 0))
-            draw.text((x + radius + 1, y - radius), str(rng.choice(CITIES)).split(",")[0], fill=(20, 20, 20), font=font)
+            draw.text((x + radius + 1, y - radius), str(rng.choice(CAPITALS)), fill=(20, 20, 20), font=font)
     _neatline(draw, size)
     return image
 
@@ -212,7 +208,7 @@ def _land_mask(rng: np.random.Generator, size: int, sea_share: float) -> Array:
     return field > np.quantile(field, sea_share)
 
 
-def draw_street_plan(rng: np.random.Generator, size: int, place: str) -> Image.Image:
+def draw_street_plan(rng: np.random.Generator, size: int) -> Image.Image:
     """City street plan: cream paper, dense rotated street grids, pink/grey blocks, a river."""
     x, y = _coords(size)
     x = x * size + (_noise(rng, size, 2, 2) - 0.5) * size * 0.08
@@ -256,7 +252,7 @@ def draw_street_plan(rng: np.random.Generator, size: int, place: str) -> Image.I
     return image
 
 
-def draw_nautical(rng: np.random.Generator, size: int, place: str) -> Image.Image:
+def draw_nautical(rng: np.random.Generator, size: int) -> Image.Image:
     """Nautical chart: pale blue sea with depth soundings, buff land, compass rose, rhumb lines."""
     x, y = _coords(size)
     angle = rng.uniform(0, 2 * math.pi)
@@ -309,7 +305,7 @@ RAMPS = [  # sequential colour ramps, light -> dark
 ]
 
 
-def draw_choropleth(rng: np.random.Generator, size: int, place: str) -> Image.Image:
+def draw_choropleth(rng: np.random.Generator, size: int) -> Image.Image:
     """Thematic map: many small county-like regions filled from a sequential ramp, a legend."""
     labels, seeds = _regions(rng, size, int(rng.integers(45, 90)), warp=rng.uniform(0.01, 0.03))
     ramp = np.array(RAMPS[int(rng.integers(len(RAMPS)))], np.float32)
@@ -353,7 +349,7 @@ def _legend(draw: ImageDraw.ImageDraw, rng: np.random.Generator, size: int, ramp
         draw.text((left + 8 + step, y0), f"{low * 2 ** k}-{low * 2 ** (k + 1)}", fill=(0, 0, 0), font=font)
 
 
-def draw_manuscript(rng: np.random.Generator, size: int, place: str) -> Image.Image:
+def draw_manuscript(rng: np.random.Generator, size: int) -> Image.Image:
     """Manuscript map: sepia aged paper, wobbly ink coast with ripple lines, watercolour wash,
     stains and a darkened vignette."""
     x, y = _coords(size)
@@ -384,7 +380,7 @@ def draw_manuscript(rng: np.random.Generator, size: int, place: str) -> Image.Im
     draw = ImageDraw.Draw(image)
     _rivers(draw, rng, size, land, ink)
     _molehills(draw, rng, size, land, ink)
-    _labels(draw, rng, size, [w for w in MANUSCRIPT_WORDS], int(rng.integers(2, 5)), ink, 8)
+    _labels(draw, rng, size, MANUSCRIPT_WORDS, int(rng.integers(2, 5)), ink, 8)
     if rng.random() < 0.6:  # a plain cartouche, ruled by hand
         left, top = rng.uniform(0.05, 0.6) * size, rng.uniform(0.05, 0.75) * size
         box = [left, top, left + size * 0.32, top + size * 0.16]
@@ -426,7 +422,7 @@ GEOLOGY = [
 ]
 
 
-def draw_geological(rng: np.random.Generator, size: int, place: str) -> Image.Image:
+def draw_geological(rng: np.random.Generator, size: int) -> Image.Image:
     """Geological map: folded strata in saturated unit colours, intrusions, black faults."""
     x, y = _coords(size)
     angle = rng.uniform(0, math.pi)
@@ -457,7 +453,7 @@ def draw_geological(rng: np.random.Generator, size: int, place: str) -> Image.Im
 SANBORN = {"frame": (246, 214, 92), "brick": (232, 146, 136), "stone": (136, 170, 214), "iron": (180, 180, 180)}
 
 
-def draw_fire_insurance(rng: np.random.Generator, size: int, place: str) -> Image.Image:
+def draw_fire_insurance(rng: np.random.Generator, size: int) -> Image.Image:
     """Fire insurance plan: white sheet, wide streets, building footprints coloured by
     construction (yellow frame, pink brick, blue stone) with black outlines."""
     image = Image.new("RGB", (size, size), _jitter(rng, (248, 246, 238), 3))
@@ -492,7 +488,7 @@ def draw_fire_insurance(rng: np.random.Generator, size: int, place: str) -> Imag
     return image
 
 
-DRAWERS: dict[str, Callable[[np.random.Generator, int, str], Image.Image]] = {
+DRAWERS: dict[str, Callable[[np.random.Generator, int], Image.Image]] = {
     "relief": draw_relief,
     "political": draw_political,
     "street_plan": draw_street_plan,
@@ -515,6 +511,7 @@ CITIES = [
     "Mobile, Alabama", "Natchez, Mississippi", "Portland, Maine", "Burlington, Vermont",
     "Galveston, Texas", "Sacramento, California", "Denver, Colorado", "St. Paul, Minnesota",
 ]
+CAPITALS = ["Aldern", "Brava", "Corvin", "Dunmore", "Estra", "Ferrol", "Galen", "Hadria", "Istra", "Kovel"]
 STREETS = ["Main St.", "Broad St.", "Water St.", "Market St.", "Elm St.", "Church St.", "High St.", "Bay St."]
 HEADLANDS = ["Pt. Judith", "Cape Ann", "Sandy Hook", "Cape Fear", "Pt. Lookout", "Cape May"]
 MANUSCRIPT_WORDS = ["Fort", "Indian Path", "Mill", "Ferry", "Swamp", "Plantation", "Falls", "Meeting Ho."]
@@ -577,7 +574,7 @@ TITLE_TEMPLATES = {
     "choropleth": ["Map showing {theme}, {place}", "{place}: {theme_cap}", "Statistical map of {place} showing {theme}"],
     "manuscript": ["Manuscript map of {area}", "[Map of {area}]", "A draught of {area}"],
     "geological": ["Geological map of {area}, {place}", "Geologic map of {area}", "Map showing the geology of {area}"],
-    "fire_insurance": ["Insurance maps of {city}, {place}", "Sanborn-style fire insurance plan of {city}",
+    "fire_insurance": ["Insurance maps of {city}, {place}", "Fire insurance map of {city}, {place}",
                        "Insurance plan of the city of {city}"],
 }
 SUBJECTS = {
@@ -704,9 +701,9 @@ def kind_of(row: Mapping | object) -> str | None:
     return None
 
 
-def draw_map(kind: str, seed: int | tuple = 0, size: int = 256, place: str = "") -> Image.Image:
-    """One image of ``kind``, deterministic for ``seed``."""
-    return DRAWERS[kind](np.random.default_rng(seed), size, place)
+def draw_map(kind: str, seed: int | tuple = 0, size: int = 256) -> Image.Image:
+    """One ``size`` x ``size`` image of ``kind``, deterministic for ``seed`` (an int or a tuple of ints)."""
+    return DRAWERS[kind](np.random.default_rng(seed), size)
 
 
 def generate_demo_collection(folder: str | Path, count: int = 360, seed: int = 0, size: int = 256) -> list[dict]:
@@ -725,7 +722,7 @@ def generate_demo_collection(folder: str | Path, count: int = 360, seed: int = 0
         for sheet in range(1, sheets + 1):
             index = len(rows)
             name = f"demo_{index + 1:04d}.jpg"
-            image = draw_map(kind, (seed, 1, index), size, catalogue["place"])
+            image = draw_map(kind, (seed, 1, index), size)
             image.save(folder / name, "JPEG", quality=JPEG_QUALITY)
             rows.append({"file": name, "item_id": item_id, "sheet": str(sheet), **catalogue})
     rows = [{column: row[column] for column in COLUMNS} for row in rows]
