@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # every torch build); these two are known to work together.
 TORCH_PACKAGES ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test bench clean
+.PHONY: install chromium test bench clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,13 @@ $(VENV)/.installed: setup.py
 
 install: $(VENV)/.installed
 
-test: install
+# The browser test drives Debian's Chromium (test tools cannot download their own browsers here).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || test -x "$${MAPCLIP_CHROMIUM:-/usr/bin/chromium}" || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+	  (echo "Could not install chromium; install it (or set MAPCLIP_CHROMIUM) for the browser test" && exit 1)
+
+test: install chromium
 	$(PY) -m pytest -q tests
 
 # Loader throughput: ViT-B-32 on this machine's CPU, writes bench/results/loader.md

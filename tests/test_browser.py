@@ -1,0 +1,135 @@
+"""A real browser (Debian's Chromium, headless, via Playwright) against a real `datasette serve`."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import make_folder
+
+CHROMIUM = os.environ.get("MAPCLIP_CHROMIUM", "/usr/bin/chromium")
+SCREENSHOTS = Path(os.environ.get("MAPCLIP_SCREENSHOTS", Path(__file__).parent / "screenshots"))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, model_args):
+    from click.testing import CliRunner
+
+    from loaders.cli import cli
+
+    folder = make_folder(tmp_path_factory.mktemp("scans") / "maps", 24)
+    db_path = tmp_path_factory.mktemp("db") / "maps.db"
+    result = CliRunner().invoke(cli, ["load", "folder", str(db_path), str(folder), *model_args, "--precision", "fp32"])
+    assert result.exit_code == 0, result.output
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "datasette", "serve", str(db_path), "-p", str(port), "--setting", "sql_time_limit_ms", "20000"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            urllib.request.urlopen(url + "/-/versions.json", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.1)
+    else:
+        process.kill()
+        pytest.fail("datasette did not start: " + process.stdout.read().decode()[-2000:])
+    yield url, folder
+    process.terminate()
+    process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    assert Path(CHROMIUM).exists(), (
+        f"{CHROMIUM} not found: the test set-up (make test) installs Debian's chromium; "
+        "or point MAPCLIP_CHROMIUM at a Chromium binary"
+    )
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update",
+        ])
+        yield browser
+        browser.close()
+
+
+def navigating(page, action):
+    """Do something that submits the form (POST, redirect, GET) and wait for the new page."""
+    with page.expect_navigation(wait_until="load"):
+        action()
+
+
+def result_ids(page):
+    return [int(x) for x in page.locator(".mapclip-card").evaluate_all("cards => cards.map(c => c.dataset.id)")]
+
+
+def api_ids(url, query):
+    import json
+
+    with urllib.request.urlopen(f"{url}/-/mapclip/search.json?{query}") as response:
+        return [r["id"] for r in json.load(response)["results"]]
+
+
+def test_search_page_in_a_real_browser(server, browser):
+    url, folder = server
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.goto(f"{url}/-/mapclip")
+    assert page.locator("text=Model:").is_visible()
+
+    # 1. text search
+    page.fill("input[name=q]", "nautical chart")
+    navigating(page, lambda: page.click("button[type=submit]"))
+    text_ids = result_ids(page)
+    assert len(text_ids) == 20 and text_ids == api_ids(url, "q=nautical+chart")
+    assert "q=nautical+chart" in page.url  # shareable
+    thumbs_loaded = page.locator(".mapclip-card img").evaluate_all("imgs => imgs.filter(i => i.naturalWidth > 0).length")
+    assert thumbs_loaded == 20
+
+    # 2. upload an image of a map in the collection: it comes back first, alongside the text
+    navigating(page, lambda: page.set_input_files("input[name=image]", str(folder / "sheet_0003.jpg")))
+    assert "vector=" in page.url
+    assert page.locator("text=using your uploaded image").is_visible()
+    combined_ids = result_ids(page)
+    assert combined_ids != text_ids
+
+    # 3. the slider: image only, then text only
+    navigating(page, lambda: page.locator("input[name=weight]").fill("-1"))
+    image_only = result_ids(page)
+    navigating(page, lambda: page.locator("input[name=weight]").fill("1"))
+    text_only = result_ids(page)
+    assert text_only == text_ids
+    assert image_only != text_only
+    navigating(page, lambda: page.locator("input[name=weight]").fill("0"))
+    assert result_ids(page) == combined_ids  # back to the equal mix
+    navigating(page, lambda: page.locator("input[name=weight]").fill("-1"))
+    assert result_ids(page) == image_only == api_ids(url, page.url.split("?", 1)[1])
+
+    # 4. more like this on an image-only result: that map comes first with similarity 1
+    target = result_ids(page)[2]
+    navigating(page, lambda: page.locator(f'.mapclip-card[data-id="{target}"] .mapclip-more').click())
+    assert f"like={target}" in page.url
+    like_ids = result_ids(page)
+    assert like_ids[0] == target
+    assert page.locator(".mapclip-card .mapclip-score").first.inner_text() == "1.000"
+    assert like_ids == api_ids(url, f"like={target}")
+    SCREENSHOTS.mkdir(exist_ok=True)
+    page.goto(f"{url}/-/mapclip?q=nautical+chart&k=12")
+    page.screenshot(path=str(SCREENSHOTS / "search-page.png"), full_page=True)
+    page.close()
