@@ -2,7 +2,8 @@
 
 Tables
   items        one row per catalogue item (an atlas, a Sanborn volume, a single map)
-  maps         one row per embedded image (a map sheet) with its catalogue fields
+  maps         one row per embedded image (a map sheet) with its catalogue fields and
+               ``location`` (where its pixels were read: URL or local path, for re-embedding)
   maps_fts     FTS5 index over the text fields of ``maps`` (Datasette uses it for ``_search``)
   models       provenance: which open_clip model made which vector table
   map_vectors_<slug>  a ``vec0`` table per model: ``map_id`` -> unit float32 embedding
@@ -29,7 +30,7 @@ from .records import MapRecord
 SCHEMA_VERSION = 1
 MAP_FIELDS = (
     "source_id", "source", "item_id", "sheet", "title", "date", "year", "place", "subjects",
-    "contributors", "notes", "format", "item_url", "image_url", "thumbnail_url",
+    "contributors", "notes", "format", "item_url", "image_url", "location", "thumbnail_url",
 )
 TEXT_FIELDS = ("title", "date", "place", "subjects", "contributors", "notes", "format")
 
@@ -58,6 +59,7 @@ CREATE TABLE IF NOT EXISTS maps (
     format TEXT,
     item_url TEXT,
     image_url TEXT,
+    location TEXT,
     thumbnail_url TEXT,
     thumbnail BLOB,
     width INTEGER,
