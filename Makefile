@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # every torch build); these two are known to work together.
 TORCH_PACKAGES ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install chromium test bench clean
+.PHONY: install chromium demo test bench clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,10 @@ $(VENV)/.installed: setup.py
 	touch $@
 
 install: $(VENV)/.installed
+
+# Offline demo: draw maps, train a small CLIP on them, load, serve on http://127.0.0.1:8001/-/mapclip
+demo: install
+	$(PY) -m loaders.demo demo --port $(or $(PORT),8001)
 
 # The browser test drives Debian's Chromium (test tools cannot download their own browsers here).
 chromium:
