@@ -317,3 +317,34 @@ async def test_plugin_config_points_at_the_weights_elsewhere_checked_by_hash(col
     ds = Datasette([str(copy)], metadata={"plugins": {"datasette-mapclip": {"checkpoints": {name: str(moved_weights)}}}})
     response = await ds.client.get("/-/mapclip/search.json?q=relief")
     assert response.status_code == 200 and len(response.json()["results"]) == 20
+
+
+@pytest.mark.asyncio
+async def test_published_metadata_yml_canned_queries_and_hidden_tables(tmp_path):
+    """metadata.yml as shipped, on a ViT-B-32/openai database like the paper's (via import-beto)."""
+    import torch
+    import yaml
+    from click.testing import CliRunner
+
+    from loaders.cli import cli
+
+    forget_all()
+    urls = [f"https://tile.loc.gov/image-services/iiif/service:gmd:test:{n}/full/pct:100/0/default.jpg" for n in range(6)]
+    torch.save(torch.nn.functional.normalize(torch.randn(6, 512), dim=-1), tmp_path / "beto.pt")
+    torch.save(urls, tmp_path / "beto_idx.pt")
+    db_path = tmp_path / "maps.db"
+    result = CliRunner().invoke(cli, ["import-beto", str(db_path), str(tmp_path / "beto.pt"), str(tmp_path / "beto_idx.pt"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    metadata = yaml.safe_load(open(__import__("pathlib").Path(__file__).parent.parent / "metadata.yml"))
+    ds = Datasette([str(db_path)], metadata=metadata)
+    rows = (await ds.client.get("/maps/similar_to_map.json?map_id=3&_shape=array")).json()
+    assert rows[0]["id"] == 3 and rows[0]["similarity"] == pytest.approx(1.0, abs=1e-5) and len(rows) == 6
+    tables = (await ds.client.get("/maps.json")).json()["tables"]
+    hidden = {t["name"] for t in tables if t["hidden"]}
+    assert "map_vectors_vit_b_32_openai" in hidden and "map_vectors_vit_b_32_openai_chunks" in hidden
+    assert "maps" not in hidden
+    # without the plugin-level hiding from metadata.yml, the hook hides them too
+    forget_all()
+    plain = Datasette([str(db_path)])
+    tables = (await plain.client.get("/maps.json")).json()["tables"]
+    assert {t["name"] for t in tables if t["hidden"]} >= {"map_vectors_vit_b_32_openai", "map_vectors_vit_b_32_openai_rowids"}
