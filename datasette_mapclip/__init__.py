@@ -35,6 +35,19 @@ def get_metadata(datasette):
 
 
 @hookimpl
+def startup(datasette):
+    async def build_indexes():
+        # Index every collection's default model in the background so the first searches are fast;
+        # until an index is ready, searches go through sqlite-vec.
+        for database in await views.mapclip_databases(datasette):
+            models = await views.models_of(datasette, database)
+            if models:
+                views.index_for(datasette, database, models[0])
+
+    return build_indexes
+
+
+@hookimpl
 def register_routes():
     return [
         (r"^/-/mapclip$", views.mapclip_page),

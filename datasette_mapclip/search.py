@@ -101,6 +101,10 @@ class SearchParams:
         return bool(self.q or self.like is not None or self.vector)
 
     @property
+    def has_filters(self) -> bool:
+        return any(v not in (None, "") for v in (self.year_min, self.year_max, self.place, self.filter))
+
+    @property
     def has_image(self) -> bool:
         return self.like is not None or self.vector is not None
 
@@ -177,6 +181,12 @@ def query_vector_sql(params: SearchParams, model: dict, sql_params: dict) -> str
     return text or image
 
 
+RESULT_COLUMNS = (
+    "maps.id, maps.title, maps.date, maps.year, maps.place, maps.item_id, maps.sheet, "
+    "maps.item_url, maps.image_url, maps.thumbnail_url, maps.thumbnail IS NOT NULL AS has_thumbnail"
+)
+
+
 def plan(params: SearchParams, model: dict) -> SearchPlan:
     sql_params: dict = {}
     vector_sql = query_vector_sql(params, model, sql_params)
@@ -185,8 +195,7 @@ def plan(params: SearchParams, model: dict) -> SearchPlan:
     sql_params["limit"] = params.k
     sql_params["offset"] = params.k * (params.page - 1)
     sql = f"""SELECT
-  maps.id, maps.title, maps.date, maps.year, maps.place, maps.item_id, maps.sheet,
-  maps.item_url, maps.image_url, maps.thumbnail_url, maps.thumbnail IS NOT NULL AS has_thumbnail,
+  {RESULT_COLUMNS},
   1 - v.distance * v.distance / 2 AS similarity
 FROM [{model['vector_table']}] v
 JOIN maps ON maps.id = v.map_id

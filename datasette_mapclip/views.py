@@ -9,7 +9,7 @@ import urllib.parse
 from datasette.database import QueryInterrupted
 from datasette.utils.asgi import Response
 
-from . import search
+from . import index, search, vectors
 from .images import DEFAULT_MAX_PIXELS, ImageDecodeError, open_image
 from .search import BadSearch, SearchParams
 from .uploads import DEFAULT_MAX_UPLOAD_BYTES, UploadError, read_multipart
@@ -65,14 +65,81 @@ class SearchFailed(Exception):
         self.status = status
 
 
+def index_key(datasette, database: str, model: dict):
+    db = datasette.get_database(database)
+    if not db.path:
+        return None
+    plugin_config = config(datasette, database)
+    return (db.path, model["vector_table"], index.fingerprint(db.path, model["vector_table"]),
+            plugin_config.get("ivf_min_rows"), plugin_config.get("nprobe"))
+
+
+def index_for(datasette, database: str, model: dict):
+    """The in-memory index for this model's vectors, or None while it is being built (or off)."""
+    plugin_config = config(datasette, database)
+    if plugin_config.get("index", "auto") == "off":
+        return None
+    key = index_key(datasette, database, model)
+    if key is None:
+        return None
+    found = index.registry.get(key)
+    if found is None:
+        index.registry.ensure(key, lambda: index.build_for(key[0], model, plugin_config))
+    return found
+
+
+async def search_with_index(datasette, database, params, model, vector_index) -> list[dict] | None:
+    """Top results from the in-memory index; None where the SQL path must answer."""
+    from .encoders import encoder_for
+    from .model import ModelUnavailable
+
+    parts = []
+    text_weight, image_weight = params.weights()
+    if params.q:
+        plugin_config = config(datasette, database)
+
+        def embed():
+            template = plugin_config.get("prompt_template") or "{}"
+            return encoder_for(model, plugin_config).embed_text(template.format(params.q))
+
+        try:
+            text_vector = await asyncio.get_running_loop().run_in_executor(datasette.executor, embed)
+        except ModelUnavailable as error:
+            raise SearchFailed(f"model {model['name']} cannot be loaded: {error}", 503) from None
+        parts.append((text_vector, text_weight))
+    if params.vector is not None:
+        parts.append((vectors.decode(params.vector), image_weight))
+    elif params.like is not None:
+        stored = vector_index.vector_of(params.like)
+        if stored is None:
+            return []
+        parts.append((stored, image_weight))
+    if len(parts) == 1:
+        query = vectors.normalise(parts[0][0])
+    else:
+        query = vectors.normalise(sum(weight * vectors.normalise(v) for v, weight in parts))
+    ids, scores = vector_index.search(query, params.k * params.page)
+    ids, scores = ids[params.k * (params.page - 1):], scores[params.k * (params.page - 1):]
+    if not len(ids):
+        return []
+    rows = await datasette.get_database(database).execute(
+        f"SELECT {search.RESULT_COLUMNS} FROM maps WHERE id IN ({', '.join('?' * len(ids))})", [int(i) for i in ids])
+    by_id = {row["id"]: dict(row) for row in rows}
+    return [{**by_id[int(i)], "similarity": float(s)} for i, s in zip(ids, scores) if int(i) in by_id]
+
+
 async def run_search(datasette, database: str, params: SearchParams) -> dict:
     models = await models_of(datasette, database)
     model = choose_model(models, params.model)
     search.check_vector(params, model)
     plan = search.plan(params, model)
     db = datasette.get_database(database)
+    vector_index = None if params.has_filters else index_for(datasette, database, model)
     try:
-        rows = await db.execute(plan.sql, plan.params)
+        found = None
+        if vector_index is not None:
+            found = await search_with_index(datasette, database, params, model, vector_index)
+        rows = found if found is not None else await db.execute(plan.sql, plan.params)
     except QueryInterrupted:
         raise SearchFailed(
             f"the search took longer than this server's {datasette.setting('sql_time_limit_ms')} ms limit: "
@@ -95,6 +162,7 @@ async def run_search(datasette, database: str, params: SearchParams) -> dict:
     return {
         "database": database,
         "model": model["name"],
+        "searched_with": ("in-memory exact" if vector_index.exact else "in-memory IVF") if vector_index is not None else "sqlite-vec",
         "models": [m["name"] for m in models],
         "sql": plan.sql,
         "params": plan.params,

@@ -303,6 +303,11 @@ def export_vectors(db_path, output, model_name):
     click.echo(f"{len(ids)} vectors of {matrix.shape[1] if len(ids) else 0} floats -> {output}", err=True)
 
 
+from fine_tune.cli import fine_tune as fine_tune_group  # noqa: E402 - after the group it joins
+
+cli.add_command(fine_tune_group)
+
+
 def main():
     cli()
 

@@ -348,3 +348,57 @@ async def test_published_metadata_yml_canned_queries_and_hidden_tables(tmp_path)
     plain = Datasette([str(db_path)])
     tables = (await plain.client.get("/maps.json")).json()["tables"]
     assert {t["name"] for t in tables if t["hidden"]} >= {"map_vectors_vit_b_32_openai", "map_vectors_vit_b_32_openai_rowids"}
+
+
+async def wait_for_index(ds, database="maps"):
+    import asyncio
+
+    from datasette_mapclip import index, views
+
+    model = (await views.models_of(ds, database))[0]
+    key = views.index_key(ds, database, model)
+    for _ in range(200):
+        if index.registry.get(key) is not None:
+            return index.registry.get(key)
+        views.index_for(ds, database, model)
+        await asyncio.sleep(0.05)
+    raise AssertionError("index never became ready")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("config", [{}, {"ivf_min_rows": 10, "nprobe": 1000}])
+async def test_in_memory_index_answers_like_sqlite_vec(collection, config):
+    """The fast path (exact numpy, or IVF probing every list) returns what the SQL returns."""
+    forget_all()
+    plain = Datasette([str(collection[0])], metadata={"plugins": {"datasette-mapclip": {"index": "off"}}})
+    fast = Datasette([str(collection[0])], metadata={"plugins": {"datasette-mapclip": config}})
+    found = await wait_for_index(fast)
+    assert found.exact == (not config)
+    for query in ("q=relief+map&k=7", "like=5&k=7", "q=chart&like=9&weight=0.3&k=5&page=2"):
+        slow = (await plain.client.get(f"/-/mapclip/search.json?{query}")).json()
+        quick = (await fast.client.get(f"/-/mapclip/search.json?{query}")).json()
+        assert slow["searched_with"] == "sqlite-vec" and quick["searched_with"].startswith("in-memory")
+        assert [r["id"] for r in quick["results"]] == [r["id"] for r in slow["results"]]
+        np.testing.assert_allclose([r["similarity"] for r in quick["results"]],
+                                   [r["similarity"] for r in slow["results"]], atol=1e-3)
+        assert quick["sql"] == slow["sql"]
+    filtered = (await fast.client.get("/-/mapclip/search.json?q=relief&year_min=1810")).json()
+    assert filtered["searched_with"] == "sqlite-vec"  # filters run inside sqlite-vec's KNN
+
+
+def test_ivf_index_recall_on_clustered_vectors():
+    from datasette_mapclip.index import VectorIndex
+
+    rng = np.random.default_rng(0)
+    centers = vectors.normalise(rng.standard_normal((50, 32)))
+    matrix = vectors.normalise(centers[rng.integers(0, 50, 5000)] + 0.12 * rng.standard_normal((5000, 32)))
+    ids = np.arange(1, 5001) * 3
+    ivf = VectorIndex.build(ids, matrix.astype(np.float32), ivf_min_rows=1000, nprobe=16)
+    exact = VectorIndex.build(ids, matrix.astype(np.float32))
+    assert not ivf.exact and exact.exact and sorted(ivf.ids.tolist()) == ids.tolist()
+    hits = 0
+    queries = vectors.normalise(centers[rng.integers(0, 50, 50)] + 0.12 * rng.standard_normal((50, 32)))
+    for q in queries:
+        hits += len(set(ivf.search(q, 10)[0]) & set(exact.search(q, 10)[0]))
+    assert hits / 500 >= 0.95
+    assert ivf.vector_of(int(ids[10])) is not None and exact.vector_of(2) is None
