@@ -194,9 +194,40 @@ class ClipEncoder:
 
         with torch.inference_mode():
             tokens = self.tokenizer(list(texts)).to(self.device)
-            features = self.model.encode_text(tokens)
+            features = encode_text_trimmed(self.model, tokens)
             features = torch.nn.functional.normalize(features.float(), dim=-1)
         return features.cpu().numpy().astype(np.float32)
+
+
+def encode_text_trimmed(model, tokens):
+    """``model.encode_text`` without the padding: the same numbers, several times faster.
+
+    CLIP's text transformer is causal and reads its output at the end-of-text token, so the
+    padding after that token (a short query fills ~8 of 77 positions) cannot change the
+    result; running only the first L positions skips ~90% of the work for a typical query.
+    Models that are not causal or pool differently use ``encode_text`` unchanged.
+    """
+    needed = ("token_embedding", "positional_embedding", "transformer", "ln_final", "attn_mask")
+    if not all(getattr(model, name, None) is not None for name in needed) or \
+            getattr(model, "text_pool_type", None) not in ("argmax", "eos"):
+        return model.encode_text(tokens)
+    import open_clip.transformer as oct
+    from torch import nn
+
+    if model.text_pool_type == "argmax":
+        ends = tokens.argmax(dim=-1)
+    else:
+        ends = (tokens == model.text_eos_id).int().argmax(dim=-1)
+    length = int(ends.max()) + 1
+    trimmed = tokens[:, :length]
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(trimmed).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
+    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    x = model.ln_final(x)
+    x = oct.text_global_pool(x, trimmed, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+    if model.text_projection is not None:
+        x = model.text_projection(x) if isinstance(model.text_projection, nn.Linear) else x @ model.text_projection
+    return x
 
 
 def load_encoder(

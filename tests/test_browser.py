@@ -99,8 +99,11 @@ def test_search_page_in_a_real_browser(server, browser):
     text_ids = result_ids(page)
     assert len(text_ids) == 20 and text_ids == api_ids(url, "q=nautical+chart")
     assert "q=nautical+chart" in page.url  # shareable
-    thumbs_loaded = page.locator(".mapclip-card img").evaluate_all("imgs => imgs.filter(i => i.naturalWidth > 0).length")
-    assert thumbs_loaded == 20
+    page.mouse.wheel(0, 5000)  # thumbnails load lazily: bring them all into view
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.mapclip-card img')].every(i => i.complete && i.naturalWidth > 0)",
+        timeout=15000)
+    assert page.locator(".mapclip-card img").count() == 20
 
     # 2. upload an image of a map in the collection: it comes back first, alongside the text
     navigating(page, lambda: page.set_input_files("input[name=image]", str(folder / "sheet_0003.jpg")))

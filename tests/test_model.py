@@ -67,3 +67,15 @@ def test_missing_weights_offline_give_advice_not_a_traceback(tmp_path):
     assert "Traceback" not in result.stderr
     assert "could not get the ViT-B-32 'openai' weights" in result.stderr
     assert "--checkpoint PATH" in result.stderr
+
+
+def test_trimmed_text_encoding_equals_open_clip_encode_text(tiny_encoder):
+    from datasette_mapclip.model import encode_text_trimmed
+
+    texts = ["nautical chart", "a hand-coloured county map of Vermont from 1850 with roads and rivers", "x"]
+    tokens = tiny_encoder.tokenizer(texts)
+    with torch.no_grad():
+        full = tiny_encoder.model.encode_text(tokens)
+        trimmed = encode_text_trimmed(tiny_encoder.model, tokens)
+    torch.testing.assert_close(trimmed, full, atol=1e-5, rtol=1e-5)
+    assert int(tokens.argmax(dim=-1).max()) + 1 < tokens.shape[1]  # it really did skip padding
