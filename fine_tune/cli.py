@@ -159,7 +159,8 @@ def evaluate_command(dataset_dir, checkpoint, model_name, base_model, base_pretr
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
               help="auto: fp16 on CUDA; int8 image tower on CPU when it stays within 0.999 cosine of fp32.")
 @click.option("--threads", type=int, help="CPU threads for the model (default: all cores).")
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Images per model call and per transaction.")
+@click.option("--batch-size", type=int, default=32, show_default=True,
+              help="Images per model call and per transaction.")
 @click.option("--workers", type=int, default=4, show_default=True, help="Threads reading and decoding images.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def register_command(db_path, checkpoint, model_name, make_default, device, precision, threads, batch_size,

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from datasette_mapclip.model import ClipEncoder, ModelSpec, ModelUnavailable, _import_open_clip, load_encoder, pick_device
+from datasette_mapclip.model import (
+    ClipEncoder, ModelSpec, ModelUnavailable, _import_open_clip, load_encoder, pick_device,
+)
 
 from . import checkpoints
 from .chart import bar_chart
@@ -115,7 +117,8 @@ def evaluate(dataset_dir: str, checkpoint: str, *, model: str | None = None, bas
     training = _models_from_training(checkpoint)
     model = model or training.get("architecture")
     if not model:
-        raise EvaluationError(f"no --model given and no {checkpoints.TRAINING_JSON} beside {checkpoint} to read it from")
+        raise EvaluationError(
+            f"no --model given and no {checkpoints.TRAINING_JSON} beside {checkpoint} to read it from")
     start = training.get("start", {})
     seed = int(training.get("args", {}).get("seed", 0))
     base_model = base_model or model

@@ -63,7 +63,7 @@ def pairs_dir(collection, tmp_path_factory):
 def train_args(pairs_dir, out_dir, tiny_checkpoint, epochs, *extra):
     return ["fine-tune", "train", str(pairs_dir), str(out_dir), "--model", TINY_MODEL, "--checkpoint",
             tiny_checkpoint, "--epochs", str(epochs), "--lr", "5e-4", "--batch-size", "8", "--patience", "0",
-            "--quiet", *extra]
+            "--threads", "1", "--quiet", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +201,7 @@ def test_rerun_after_finish_does_nothing(trained, pairs_dir, tiny_checkpoint, in
 
 
 def test_resume_after_kill_continues_and_matches_an_uninterrupted_run(pairs_dir, tiny_checkpoint, tmp_path, invoke):
-    epochs = 8
+    epochs = 6
     out = tmp_path / "killed"
     args = train_args(pairs_dir, out, tiny_checkpoint, epochs, "--batch-size", "4", "--keep-checkpoints", "0")
     process = subprocess.Popen([sys.executable, "-m", "loaders.cli", *args], cwd=REPO,
