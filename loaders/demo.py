@@ -46,9 +46,9 @@ def ensure_collection(folder: Path) -> Path:
     return folder
 
 
-def ensure_model(workdir: Path) -> Path:
-    """A checkpoint for the demo model (see fine_tune for how it is trained)."""
-    checkpoint = workdir / "model" / "demo-model.pt"
+def random_start(workdir: Path) -> Path:
+    """A seeded random mapclip-tiny: the base the demo model is trained from (and compared with)."""
+    checkpoint = workdir / "model" / "random-start.pt"
     if checkpoint.exists():
         return checkpoint
     import torch
@@ -63,6 +63,14 @@ def ensure_model(workdir: Path) -> Path:
     return checkpoint
 
 
+def run(cli, *args):
+    """Run a mapclip command in this process, stopping the demo if it fails."""
+    cli.main([str(a) for a in args], standalone_mode=False)
+
+
+# The recipe that trained the demo model (fine_tune's defaults are for real CLIP weights).
+TRAINING = ["--model", DEMO_MODEL, "--pretrained", "none", "--epochs", "30", "--lr", "5e-4",
+            "--batch-size", "32", "--patience", "0", "--seed", "0"]
 @click.command()
 @click.argument("workdir", default="demo", type=click.Path(file_okay=False))
 @click.option("--port", default=8001, show_default=True, help="Port for datasette serve.")
@@ -74,15 +82,26 @@ def main(workdir, port, no_serve):
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     collection = ensure_collection(workdir / "collection")
-    checkpoint = ensure_model(workdir)
     db_path = workdir / "demo.db"
-    cli.main(["load", "folder", str(db_path), str(collection), "--model", DEMO_MODEL,
-              "--checkpoint", str(checkpoint), "--precision", "fp32"], standalone_mode=False)
+    model_dir = workdir / "model"
+    click.echo("1/4 loading the collection with an untrained model (fills the catalogue tables)", err=True)
+    run(cli, "load", "folder", db_path, collection, "--model", DEMO_MODEL, "--checkpoint", random_start(workdir),
+        "--precision", "fp32")
+    click.echo("2/4 map-caption pairs from the catalogue, split by item", err=True)
+    if not (workdir / "pairs" / "dataset.json").exists():
+        run(cli, "fine-tune", "dataset", db_path, workdir / "pairs", "--caption-template", "subjects")
+    click.echo("3/4 training the demo model (about a minute on 2 CPU cores)", err=True)
+    run(cli, "fine-tune", "train", workdir / "pairs", model_dir, *TRAINING)
+    if not (model_dir / "evaluation.md").exists():
+        run(cli, "fine-tune", "evaluate", workdir / "pairs", "--checkpoint", model_dir / "best.pt", "--out", model_dir)
+    click.echo("4/4 embedding the collection with the trained model", err=True)
+    run(cli, "fine-tune", "register", db_path, "--checkpoint", model_dir / "best.pt", "--model", DEMO_MODEL, "--default")
     from datasette_mapclip.store import MapStore
 
     model_name = MapStore(db_path).model()["name"]
-    how = "with random weights (not trained yet: results are arbitrary)"
+    how = "trained from scratch on this demo collection by `mapclip fine-tune` (see demo/model/evaluation.md)"
     (workdir / "metadata.yml").write_text(demo_metadata(model_name, how))
+    click.echo((model_dir / "evaluation.md").read_text(), err=True)
     url = f"http://127.0.0.1:{port}/-/mapclip"
     if no_serve:
         click.echo(f"demo ready: datasette serve {db_path} -m {workdir / 'metadata.yml'}", err=True)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import os
+import threading
 import time
 from typing import Iterable
 
@@ -78,6 +80,21 @@ def prepare(record: MapRecord, encoder: ClipEncoder, fetcher: Fetcher, *, store_
     return Prepared(record, pixels, thumbnail, image.size)
 
 
+def _yield_to_the_model():
+    """Decode threads run at a lower priority than the model's threads (Linux: per thread).
+
+    torch's OpenMP threads wait for each other at every layer; when a decode thread takes a
+    core from one of them, the other spins idle.  Niced decode threads still get the CPU the
+    model leaves, and the prefetch window keeps batches ready."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOADER_NICE)
+    except (AttributeError, OSError):
+        pass
+
+
+LOADER_NICE = 10
+
+
 def run_load(
     store: MapStore,
     encoder: ClipEncoder,
@@ -126,7 +143,8 @@ def run_load(
 
     window = max(workers * 4, batch_size * 2)
     in_flight: collections.deque = collections.deque()
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mapclip-fetch")
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mapclip-fetch",
+                                                 initializer=_yield_to_the_model)
     seen: set[str] = set()
     try:
         for record in records:

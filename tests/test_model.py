@@ -79,3 +79,16 @@ def test_trimmed_text_encoding_equals_open_clip_encode_text(tiny_encoder):
         trimmed = encode_text_trimmed(tiny_encoder.model, tokens)
     torch.testing.assert_close(trimmed, full, atol=1e-5, rtol=1e-5)
     assert int(tokens.argmax(dim=-1).max()) + 1 < tokens.shape[1]  # it really did skip padding
+
+
+def test_int8_that_drifts_falls_back_to_fp32(tiny_checkpoint, tiny_encoder, monkeypatch):
+    import datasette_mapclip.model as model_module
+
+    monkeypatch.setattr(model_module, "MIN_COSINE_TO_FP32", 1.000001)  # no int8 output can pass this
+    int8 = load_encoder(ModelSpec(TINY_MODEL, None, tiny_checkpoint), precision="int8", threads=1)
+    pixels = torch.stack([tiny_encoder.preprocess(draw_map(i)) for i in range(6)])
+    with pytest.warns(UserWarning, match="using fp32"):
+        first = int8.encode_image_tensors(pixels)
+    assert int8.precision == "fp32"
+    np.testing.assert_allclose(first, tiny_encoder.encode_image_tensors(pixels), atol=1e-5)
+    np.testing.assert_allclose(int8.encode_image_tensors(pixels), first, atol=1e-6)

@@ -579,13 +579,13 @@ TITLE_TEMPLATES = {
 }
 SUBJECTS = {
     "relief": "Relief maps", "political": "Political maps", "street_plan": "City plans",
-    "nautical": "Nautical charts", "choropleth": "Statistical maps", "manuscript": "Manuscript maps",
+    "nautical": "Nautical charts", "choropleth": "Thematic maps", "manuscript": "Manuscript maps",
     "geological": "Geological maps", "fire_insurance": "Fire insurance maps",
 }
 EXTRA_SUBJECTS = {
     "relief": ["Mountains", "Physical geography"], "political": ["Boundaries", "Administrative and political divisions"],
     "street_plan": ["Streets", "Cities and towns"], "nautical": ["Hydrography", "Coasts"],
-    "choropleth": ["Statistics", "Census"], "manuscript": ["Early maps", "Rivers"],
+    "choropleth": ["Choropleth maps", "Statistics", "Census"], "manuscript": ["Early maps", "Rivers"],
     "geological": ["Geology", "Stratigraphy"], "fire_insurance": ["Buildings", "Insurance, Fire"],
 }
 NOTES = {
