@@ -506,7 +506,10 @@ def report(args, runs: dict, command: str) -> str:
     default_cfg = f"batch {args.batch_size}, {args.workers} workers, torch threads {auto['torch_threads']}, thumbnails on"
     ratios = [
         ("pipeline auto / seed-style loop", auto["rate"] / seed["rate"], GOAL_VS_SEED),
-        (f"pipeline auto / model-only {auto['precision']}", auto["rate"] / same_model["rate"], GOAL_VS_MODEL),
+        # open_clip's own model rate (fp32): the reference a faster numeric path is allowed to beat
+        ("pipeline auto / model-only fp32 (open_clip as it ships)", auto["rate"] / m_fp32["rate"], GOAL_VS_MODEL),
+        # the stricter reading: the same numeric path with decoding taken away
+        (f"pipeline auto / model-only {auto['precision']} (same numeric path)", auto["rate"] / same_model["rate"], GOAL_VS_MODEL),
         ("pipeline fp32 / model-only fp32", fp32["rate"] / m_fp32["rate"], GOAL_VS_MODEL),
     ]
     steady = [(f"pipeline auto steady / model-only {auto['precision']}", auto.get("steady_rate"), same_model["rate"]),

@@ -84,6 +84,17 @@ def make_folder(folder: Path, count: int, *, formats=("JPEG",), metadata=True) -
     return folder
 
 
+def load_collection(tmp_path_factory, model_args, count: int):
+    """A folder of ``count`` map images loaded into a fresh database with the tiny model (fp32)."""
+    from loaders.cli import cli
+
+    folder = make_folder(tmp_path_factory.mktemp("scans") / "maps", count)
+    db_path = tmp_path_factory.mktemp("db") / "maps.db"
+    result = CliRunner().invoke(cli, ["load", "folder", str(db_path), str(folder), *model_args, "--precision", "fp32"])
+    assert result.exit_code == 0, result.output
+    return db_path, folder
+
+
 @pytest.fixture
 def runner():
     return CliRunner()

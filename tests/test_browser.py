@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_folder
+from conftest import load_collection
 
 CHROMIUM = os.environ.get("MAPCLIP_CHROMIUM", "/usr/bin/chromium")
 SCREENSHOTS = Path(os.environ.get("MAPCLIP_SCREENSHOTS", Path(__file__).parent / "screenshots"))
@@ -25,14 +25,7 @@ def free_port():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, model_args):
-    from click.testing import CliRunner
-
-    from loaders.cli import cli
-
-    folder = make_folder(tmp_path_factory.mktemp("scans") / "maps", 24)
-    db_path = tmp_path_factory.mktemp("db") / "maps.db"
-    result = CliRunner().invoke(cli, ["load", "folder", str(db_path), str(folder), *model_args, "--precision", "fp32"])
-    assert result.exit_code == 0, result.output
+    db_path, folder = load_collection(tmp_path_factory, model_args, 24)
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "datasette", "serve", str(db_path), "-p", str(port), "--setting", "sql_time_limit_ms", "20000"],

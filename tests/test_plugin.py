@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from datasette.app import Datasette
 
-from conftest import draw_map, make_folder
+from conftest import draw_map, load_collection
 from datasette_mapclip import vectors
 from datasette_mapclip.encoders import forget_all
 from datasette_mapclip.store import MapStore
@@ -16,15 +16,7 @@ from datasette_mapclip.store import MapStore
 
 @pytest.fixture(scope="module")
 def collection(tmp_path_factory, model_args):
-    from click.testing import CliRunner
-
-    from loaders.cli import cli
-
-    folder = make_folder(tmp_path_factory.mktemp("scans") / "maps", 30)
-    db_path = tmp_path_factory.mktemp("db") / "maps.db"
-    result = CliRunner().invoke(cli, ["load", "folder", str(db_path), str(folder), *model_args, "--precision", "fp32"])
-    assert result.exit_code == 0, result.output
-    return db_path, folder
+    return load_collection(tmp_path_factory, model_args, 30)
 
 
 @pytest.fixture
