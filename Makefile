@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # every torch build); these two are known to work together.
 TORCH_PACKAGES ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install chromium demo test bench clean
+.PHONY: install chromium demo test bench bench-loader bench-search clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -30,9 +30,15 @@ chromium:
 test: install chromium
 	$(PY) -m pytest -q tests
 
-# Loader throughput: ViT-B-32 on this machine's CPU, writes bench/results/loader.md
-bench: install
+# Benchmarks (ViT-B-32 with random weights on this machine's CPU), results in bench/results/:
+# loader throughput (~10 min) and search latency/recall at 562,842 vectors (~15 min, first run).
+bench: bench-loader bench-search
+
+bench-loader: install
 	$(PY) bench/loader_bench.py
+
+bench-search: install
+	$(PY) bench/search_bench.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

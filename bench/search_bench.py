@@ -155,7 +155,7 @@ def main():
     parser.add_argument("--rows", type=int, default=562_842, help="vectors in the collection (the paper: 562,842)")
     parser.add_argument("--clusters", type=int, default=6000, help="synthetic clusters")
     parser.add_argument("--queries", type=int, default=200, help="unseen text queries to time")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per encode in the server")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per encode in the server")
     parser.add_argument("--cache", type=Path, default=ROOT / "bench" / ".cache")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "search.md")
     args = parser.parse_args()
@@ -178,8 +178,8 @@ def main():
         build_database(db.with_suffix(".tmp.db"), encoder, args.rows, args.clusters)
         shutil.move(db.with_suffix(".tmp.db"), db)
         print(f"  built in {time.perf_counter() - t:.0f} s")
-    for stale in args.cache.glob(f"{db.name}.*.mapclip-index.npz"):
-        stale.unlink()  # measure a cold start first
+    for stale in args.cache.glob(f"{db.name}.*.mapclip-index*"):
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()  # measure a cold start first
 
     store = MapStore(db)
     ids, matrix = store.vectors()
@@ -199,7 +199,7 @@ def main():
             up, _ = server.wait(client, "/-/versions.json")
             first, _ = server.wait(client, "/-/mapclip/search.json?q=warm+up+query&k=10")
             ready, _ = server.wait(client, "/-/mapclip/search.json?q=warm+up+query&k=10",
-                                   lambda r: r.status_code == 200 and r.json().get("searched_with", "").startswith("in-memory"))
+                                   lambda r: r.status_code == 200 and r.json().get("searched_with", "").startswith("in-memory int8"))
             results[start_kind] = {"up": up, "first": first, "ready": ready}
             if start_kind == "cold":
                 server.stop()

@@ -1,16 +1,16 @@
 """An in-memory vector index beside sqlite-vec, for collections too big to scan per query.
 
-sqlite-vec's ``vec0`` scans every vector (0.1.9: ~340 ms for 562,842 x 512 on 2 cores), and an
-exact numpy scan takes ~50 ms; with the text encoder's ~60 ms that misses a 100 ms budget.  So
-the server keeps an inverted-file (IVF) index: vectors grouped by their nearest of ~sqrt(N)
-k-means centroids, stored contiguously per group; a query scores the centroids, then only the
-vectors of the ``nprobe`` nearest groups.  Exact numpy scoring is used below ``ivf_min_rows``.
+sqlite-vec's ``vec0`` scans every float32 vector (562,842 x 512 on 2 cores: ~0.8 s through
+Datasette), and even numpy's scan is memory-bound at ~80 ms per query (1.15 GB read).  So the
+server scans an int8 copy instead (one scale per vector, SQLite's float32 vectors untouched):
+fbgemm's int8 matrix-vector product reads a quarter of the bytes (~20 ms), and the best few
+hundred candidates are re-scored exactly in float32, so the final ranking and similarities are
+exact whenever the true top k is among the candidates (recall measured in bench/search_bench.py).
+Collections below ``int8_min_rows`` are scanned exactly in float32.
 
-The database stays the source of truth: the index is built from it (and cached in a sidecar
-``.npz`` keyed by the vector table's size and the file's modification time), and every search
-still reports the sqlite-vec SQL that reproduces it, so someone with only Datasette and
-sqlite-vec gets the same results (exactly, where the index is exact; recall is measured in
-bench/search_bench.py).
+The database stays the source of truth: the index is built from it (and its float32 vectors
+cached as ``.npy`` files beside it, memory-mapped, keyed by the file's size and modification
+time), and every search still reports the sqlite-vec SQL that reproduces it.
 """
 
 from __future__ import annotations
@@ -29,73 +29,69 @@ from . import vectors
 
 log = logging.getLogger(__name__)
 
-IVF_MIN_ROWS = 100_000
-DEFAULT_NPROBE = 32
+INT8_MIN_ROWS = 50_000
+DEFAULT_RERANK = 256
 
 
 def read_vectors(conn, vector_table: str, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """All (map_id, vector) pairs of a vec0 table, in map_id order, straight into numpy."""
-    ids, chunks = [], []
-    batch_ids, batch_blobs = [], []
-    for map_id, blob in conn.execute(f"SELECT map_id, embedding FROM [{vector_table}] ORDER BY map_id"):
-        batch_ids.append(map_id)
-        batch_blobs.append(blob)
-        if len(batch_blobs) == 50_000:
-            ids.append(np.asarray(batch_ids, np.int64))
-            chunks.append(np.frombuffer(b"".join(batch_blobs), vectors.FLOAT32_LE).reshape(-1, dim))
-            batch_ids, batch_blobs = [], []
-    if batch_blobs:
-        ids.append(np.asarray(batch_ids, np.int64))
-        chunks.append(np.frombuffer(b"".join(batch_blobs), vectors.FLOAT32_LE).reshape(-1, dim))
-    if not ids:
-        return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
-    return np.concatenate(ids), np.ascontiguousarray(np.concatenate(chunks), dtype=np.float32)
+    """All (map_id, vector) pairs of a vec0 table, in map_id order, straight into one array."""
+    count = conn.execute(f"SELECT count(*) FROM [{vector_table}]").fetchone()[0]
+    ids = np.empty(count, np.int64)
+    matrix = np.empty((count, dim), np.float32)
+    row = 0
+    cursor = conn.execute(f"SELECT map_id, embedding FROM [{vector_table}] ORDER BY map_id")
+    while True:
+        chunk = cursor.fetchmany(20_000)
+        if not chunk:
+            break
+        ids[row:row + len(chunk)] = [r[0] for r in chunk]
+        matrix[row:row + len(chunk)] = np.frombuffer(b"".join(r[1] for r in chunk), vectors.FLOAT32_LE).reshape(-1, dim)
+        row += len(chunk)
+    return ids[:row], matrix[:row]
 
 
-def kmeans(matrix: np.ndarray, clusters: int, iterations: int = 12, sample: int = 60_000, seed: int = 0) -> np.ndarray:
-    """Spherical k-means on a sample (unit vectors, so maximum dot product = nearest)."""
-    rng = np.random.default_rng(seed)
-    rows = matrix[rng.choice(len(matrix), min(sample, len(matrix)), replace=False)]
-    centroids = rows[rng.choice(len(rows), clusters, replace=False)].copy()
-    for _ in range(iterations):
-        assign = np.argmax(rows @ centroids.T, axis=1)
-        sums = np.zeros_like(centroids)
-        np.add.at(sums, assign, rows)
-        empty = np.bincount(assign, minlength=clusters) == 0
-        sums[empty] = rows[rng.choice(len(rows), int(empty.sum()), replace=False)]
-        centroids = vectors.normalise(sums)
-    return centroids
+class Int8Scanner:
+    """Scores a query against every vector through an int8 copy (fbgemm dynamic linear)."""
 
+    def __init__(self, matrix: np.ndarray, block: int = 100_000):
+        import torch
 
-def assign_all(matrix: np.ndarray, centroids: np.ndarray, block: int = 65_536) -> np.ndarray:
-    return np.concatenate([np.argmax(matrix[i:i + block] @ centroids.T, axis=1)
-                           for i in range(0, len(matrix), block)]) if len(matrix) else np.zeros(0, np.int64)
+        self.torch = torch
+        # torch.from_numpy needs a writable array; blocks keep the float32 copy small.
+        packed_blocks = []
+        for start in range(0, len(matrix), block):
+            weights = torch.from_numpy(np.array(matrix[start:start + block], dtype=np.float32))
+            scales = (weights.abs().amax(dim=1) / 127).clamp_min(1e-12).double()
+            quantised = torch.quantize_per_channel(weights, scales, torch.zeros(len(weights), dtype=torch.long),
+                                                   axis=0, dtype=torch.qint8)
+            packed_blocks.append(torch.ops.quantized.linear_prepack(quantised, None))
+        self.blocks = packed_blocks
+
+    def scores(self, query: np.ndarray) -> np.ndarray:
+        torch = self.torch
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(query, dtype=np.float32)).unsqueeze(0)
+            parts = [torch.ops.quantized.linear_dynamic(x, packed)[0] for packed in self.blocks]
+        return torch.cat(parts).numpy()
 
 
 @dataclasses.dataclass
 class VectorIndex:
-    ids: np.ndarray            # (N,) map ids, in list order
-    matrix: np.ndarray         # (N, dim) unit vectors, grouped by list
-    centroids: np.ndarray | None = None  # (L, dim), None for an exact index
-    offsets: np.ndarray | None = None    # (L + 1,) start of each list in ids/matrix
-    nprobe: int = DEFAULT_NPROBE
-    position: dict | None = None         # map id -> row, built on first "more like this"
+    ids: np.ndarray            # (N,) map ids
+    matrix: np.ndarray         # (N, dim) unit float32 vectors (memory-mapped when cached)
+    scanner: Int8Scanner | None = None  # None: exact float32 scan
+    rerank: int = DEFAULT_RERANK
+    position: dict | None = None        # map id -> row, built on first "more like this"
 
     @classmethod
-    def build(cls, ids: np.ndarray, matrix: np.ndarray, *, ivf_min_rows: int = IVF_MIN_ROWS,
-              nprobe: int = DEFAULT_NPROBE, lists: int | None = None) -> "VectorIndex":
-        if len(ids) < ivf_min_rows:
-            return cls(ids, matrix)
-        lists = lists or int(np.sqrt(len(ids)) * 1.5)
-        centroids = kmeans(matrix, lists)
-        assign = assign_all(matrix, centroids)
-        order = np.argsort(assign, kind="stable")
-        offsets = np.concatenate([[0], np.cumsum(np.bincount(assign, minlength=lists))])
-        return cls(ids[order], np.ascontiguousarray(matrix[order]), centroids, offsets, nprobe)
+    def build(cls, ids: np.ndarray, matrix: np.ndarray, *, int8_min_rows: int = INT8_MIN_ROWS,
+              rerank: int = DEFAULT_RERANK) -> "VectorIndex":
+        scanner = Int8Scanner(matrix) if len(ids) >= int8_min_rows else None
+        return cls(ids, matrix, scanner, rerank)
 
     @property
     def exact(self) -> bool:
-        return self.centroids is None
+        return self.scanner is None
 
     def __len__(self):
         return len(self.ids)
@@ -104,44 +100,37 @@ class VectorIndex:
         if self.position is None:
             self.position = {int(m): i for i, m in enumerate(self.ids)}
         row = self.position.get(int(map_id))
-        return None if row is None else self.matrix[row]
+        return None if row is None else np.asarray(self.matrix[row])
 
     def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """-> (map ids, cosine similarities), best first."""
         query = np.asarray(query, np.float32)
-        if self.exact:
-            candidates_ids, candidates = self.ids, self.matrix
-        else:
-            probe = np.argpartition(-(self.centroids @ query), min(self.nprobe, len(self.centroids) - 1))[: self.nprobe]
-            spans = [(self.offsets[p], self.offsets[p + 1]) for p in probe]
-            rows = np.concatenate([np.arange(a, b) for a, b in spans]) if spans else np.zeros(0, np.int64)
-            if len(rows) < k:  # tiny lists: fall back to exact
-                candidates_ids, candidates = self.ids, self.matrix
-            else:
-                candidates_ids, candidates = self.ids[rows], self.matrix[rows]
-        scores = candidates @ query
-        k = min(k, len(scores))
-        if k == 0:
+        k = min(k, len(self.ids))
+        if k <= 0:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        if self.exact:
+            rows, scores = None, np.asarray(self.matrix @ query)
+        else:
+            coarse = self.scanner.scores(query)
+            wanted = min(len(coarse), max(self.rerank, 2 * k))
+            rows = np.sort(np.argpartition(-coarse, wanted - 1)[:wanted])
+            scores = np.asarray(self.matrix[rows]) @ query  # exact float32 re-scoring
         top = np.argpartition(-scores, k - 1)[:k]
         top = top[np.argsort(-scores[top], kind="stable")]
-        return candidates_ids[top], scores[top]
+        chosen = top if rows is None else rows[top]
+        return self.ids[chosen], scores[top]
 
-    # -- sidecar cache ------------------------------------------------------------------
-    def save(self, path: Path):
-        arrays = {"ids": self.ids, "matrix": self.matrix, "nprobe": np.asarray(self.nprobe)}
-        if not self.exact:
-            arrays.update(centroids=self.centroids, offsets=self.offsets)
-        tmp = Path(str(path) + ".tmp.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
+    # -- sidecar cache of the float32 vectors ---------------------------------------------
+    def save(self, folder: Path):
+        tmp = Path(str(folder) + ".tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        np.save(tmp / "ids.npy", self.ids)
+        np.save(tmp / "matrix.npy", self.matrix)
+        os.replace(tmp, folder)
 
     @classmethod
-    def load(cls, path: Path) -> "VectorIndex":
-        data = np.load(path, mmap_mode="r")
-        centroids = data["centroids"] if "centroids" in data.files else None
-        return cls(np.asarray(data["ids"]), np.asarray(data["matrix"]), None if centroids is None else np.asarray(centroids),
-                   np.asarray(data["offsets"]) if centroids is not None else None, int(data["nprobe"]))
+    def load(cls, folder: Path, **options) -> "VectorIndex":
+        return cls.build(np.load(folder / "ids.npy"), np.load(folder / "matrix.npy", mmap_mode="r"), **options)
 
 
 def fingerprint(db_path: str, vector_table: str) -> str:
@@ -160,24 +149,26 @@ def build_for(db_path: str, model: dict, config: dict) -> VectorIndex:
     """Read a model's vectors and index them, through the sidecar cache when it can be written."""
     from .store import connect
 
+    options = {"int8_min_rows": int(config.get("int8_min_rows", INT8_MIN_ROWS)),
+               "rerank": int(config.get("rerank", DEFAULT_RERANK))}
     key = fingerprint(db_path, model["vector_table"])
     cache_dir = Path(config.get("index_dir") or Path(db_path).parent)
-    cache = cache_dir / f"{Path(db_path).name}.{model['vector_table']}.{key}.mapclip-index.npz"
-    if cache.exists():
-        return VectorIndex.load(cache)
+    cache = cache_dir / f"{Path(db_path).name}.{model['vector_table']}.{key}.mapclip-index"
+    if (cache / "matrix.npy").exists():
+        return VectorIndex.load(cache, **options)
     conn = connect(db_path)
     try:
         ids, matrix = read_vectors(conn, model["vector_table"], int(model["dim"]))
     finally:
         conn.close()
-    built = VectorIndex.build(ids, matrix, ivf_min_rows=int(config.get("ivf_min_rows", IVF_MIN_ROWS)),
-                              nprobe=int(config.get("nprobe", DEFAULT_NPROBE)))
-    if not built.exact:  # small collections rebuild in milliseconds: not worth a file
+    if len(ids) >= options["int8_min_rows"]:  # small collections reread in milliseconds: no file
         try:
-            built.save(cache)
+            VectorIndex(ids, matrix).save(cache)
+            del matrix
+            return VectorIndex.load(cache, **options)  # memory-mapped: the page cache holds it
         except OSError as error:
-            log.warning("mapclip: cannot cache the index at %s (%s); it will be rebuilt at each start", cache, error)
-    return built
+            log.warning("mapclip: cannot cache the index at %s (%s); it is rebuilt at each start", cache, error)
+    return VectorIndex.build(ids, matrix, **options)
 
 
 class IndexRegistry:

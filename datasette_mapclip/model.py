@@ -213,6 +213,7 @@ def encode_text_trimmed(model, tokens):
             getattr(model, "text_pool_type", None) not in ("argmax", "eos"):
         return model.encode_text(tokens)
     import open_clip.transformer as oct
+    import torch
     from torch import nn
 
     if model.text_pool_type == "argmax":
@@ -221,7 +222,10 @@ def encode_text_trimmed(model, tokens):
         ends = (tokens == model.text_eos_id).int().argmax(dim=-1)
     length = int(ends.max()) + 1
     trimmed = tokens[:, :length]
-    cast_dtype = model.transformer.get_cast_dtype()
+    try:
+        cast_dtype = model.transformer.get_cast_dtype()
+    except AttributeError:  # an int8-quantised tower: activations stay float32
+        cast_dtype = torch.float32
     x = model.token_embedding(trimmed).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
     x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
     x = model.ln_final(x)

@@ -71,7 +71,7 @@ def index_key(datasette, database: str, model: dict):
         return None
     plugin_config = config(datasette, database)
     return (db.path, model["vector_table"], index.fingerprint(db.path, model["vector_table"]),
-            plugin_config.get("ivf_min_rows"), plugin_config.get("nprobe"))
+            plugin_config.get("int8_min_rows"), plugin_config.get("rerank"))
 
 
 def index_for(datasette, database: str, model: dict):
@@ -162,7 +162,7 @@ async def run_search(datasette, database: str, params: SearchParams) -> dict:
     return {
         "database": database,
         "model": model["name"],
-        "searched_with": ("in-memory exact" if vector_index.exact else "in-memory IVF") if vector_index is not None else "sqlite-vec",
+        "searched_with": ("in-memory exact" if vector_index.exact else "in-memory int8 + exact re-scoring") if vector_index is not None else "sqlite-vec",
         "models": [m["name"] for m in models],
         "sql": plan.sql,
         "params": plan.params,

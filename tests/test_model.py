@@ -92,3 +92,4 @@ def test_int8_that_drifts_falls_back_to_fp32(tiny_checkpoint, tiny_encoder, monk
     assert int8.precision == "fp32"
     np.testing.assert_allclose(first, tiny_encoder.encode_image_tensors(pixels), atol=1e-5)
     np.testing.assert_allclose(int8.encode_image_tensors(pixels), first, atol=1e-6)
+
