@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import urllib.parse
 
@@ -15,6 +16,9 @@ from .search import BadSearch, SearchParams
 from .uploads import DEFAULT_MAX_UPLOAD_BYTES, UploadError, read_multipart
 
 PLUGIN = "datasette-mapclip"
+# One worker thread for model and index work: torch keeps an OpenMP pool per calling thread, and
+# pools left spinning by other threads slow the next query (../shared/DESIGN.md: thread contention).
+COMPUTE = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mapclip-compute")
 
 
 def config(datasette, database=None) -> dict:
@@ -93,32 +97,35 @@ async def search_with_index(datasette, database, params, model, vector_index) ->
     from .encoders import encoder_for
     from .model import ModelUnavailable
 
-    parts = []
+    plugin_config = config(datasette, database)
     text_weight, image_weight = params.weights()
-    if params.q:
-        plugin_config = config(datasette, database)
 
-        def embed():
+    def compute():
+        # Encoding and scanning in the same (single) compute thread: see COMPUTE.
+        parts = []
+        if params.q:
             template = plugin_config.get("prompt_template") or "{}"
-            return encoder_for(model, plugin_config).embed_text(template.format(params.q))
+            parts.append((encoder_for(model, plugin_config).embed_text(template.format(params.q)), text_weight))
+        if params.vector is not None:
+            parts.append((vectors.decode(params.vector), image_weight))
+        elif params.like is not None:
+            stored = vector_index.vector_of(params.like)
+            if stored is None:
+                return None
+            parts.append((stored, image_weight))
+        if len(parts) == 1:
+            query = vectors.normalise(parts[0][0])
+        else:
+            query = vectors.normalise(sum(weight * vectors.normalise(v) for v, weight in parts))
+        return vector_index.search(query, params.k * params.page)
 
-        try:
-            text_vector = await asyncio.get_running_loop().run_in_executor(datasette.executor, embed)
-        except ModelUnavailable as error:
-            raise SearchFailed(f"model {model['name']} cannot be loaded: {error}", 503) from None
-        parts.append((text_vector, text_weight))
-    if params.vector is not None:
-        parts.append((vectors.decode(params.vector), image_weight))
-    elif params.like is not None:
-        stored = vector_index.vector_of(params.like)
-        if stored is None:
-            return []
-        parts.append((stored, image_weight))
-    if len(parts) == 1:
-        query = vectors.normalise(parts[0][0])
-    else:
-        query = vectors.normalise(sum(weight * vectors.normalise(v) for v, weight in parts))
-    ids, scores = vector_index.search(query, params.k * params.page)
+    try:
+        found = await asyncio.get_running_loop().run_in_executor(COMPUTE, compute)
+    except ModelUnavailable as error:
+        raise SearchFailed(f"model {model['name']} cannot be loaded: {error}", 503) from None
+    if found is None:
+        return []
+    ids, scores = found
     ids, scores = ids[params.k * (params.page - 1):], scores[params.k * (params.page - 1):]
     if not len(ids):
         return []
@@ -188,7 +195,7 @@ async def embed_upload(datasette, database: str, params: SearchParams, data: byt
         return vectors.encode(encoder.embed_image(image))
 
     try:
-        return await asyncio.get_running_loop().run_in_executor(datasette.executor, work)
+        return await asyncio.get_running_loop().run_in_executor(COMPUTE, work)
     except ImageDecodeError as error:
         raise UploadError(f"the upload is not a usable image: {error}", 400) from None
     except ModelUnavailable as error:
