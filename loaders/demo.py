@@ -99,7 +99,7 @@ def main(workdir, port, no_serve):
     from datasette_mapclip.store import MapStore
 
     model_name = MapStore(db_path).model()["name"]
-    how = "trained from scratch on this demo collection by `mapclip fine-tune` (see demo/model/evaluation.md)"
+    how = "trained from scratch on this demo collection by mapclip fine-tune (see demo/model/evaluation.md)"
     (workdir / "metadata.yml").write_text(demo_metadata(model_name, how))
     click.echo((model_dir / "evaluation.md").read_text(), err=True)
     url = f"http://127.0.0.1:{port}/-/mapclip"
