@@ -178,7 +178,6 @@ class IndexRegistry:
         self.lock = threading.Lock()
         self.indexes: dict[tuple, VectorIndex] = {}
         self.building: set[tuple] = set()
-        self.stats: dict[tuple, dict] = {}
 
     def get(self, key) -> VectorIndex | None:
         return self.indexes.get(key)
@@ -191,20 +190,15 @@ class IndexRegistry:
             self.building.add(key)
         threading.Thread(target=self._build, args=(key, build_fn), daemon=True, name="mapclip-index").start()
 
-    def build_now(self, key, build_fn) -> VectorIndex:
-        with self.lock:
-            if key in self.indexes:
-                return self.indexes[key]
-        self._build(key, build_fn)
-        return self.indexes[key]
-
     def _build(self, key, build_fn):
         started = time.perf_counter()
         try:
             index = build_fn()
             with self.lock:
+                # a changed database gets a new key: drop the index of its earlier state
+                for stale in [k for k in self.indexes if k[:2] == key[:2]]:
+                    del self.indexes[stale]
                 self.indexes[key] = index
-                self.stats[key] = {"rows": len(index), "exact": index.exact, "seconds": time.perf_counter() - started}
             log.info("mapclip: index for %s ready (%d vectors, %.1f s)", key, len(index), time.perf_counter() - started)
         except Exception:  # the SQL path still answers
             log.exception("mapclip: building the vector index failed; searching with sqlite-vec only")

@@ -47,12 +47,3 @@ class MapRecord:
     def __post_init__(self):
         if self.year is None:
             self.year = parse_year(self.date)
-
-    def caption_fields(self) -> dict:
-        return {
-            "title": self.title,
-            "date": self.date,
-            "place": self.place,
-            "format": self.format,
-            "notes": self.notes,
-        }

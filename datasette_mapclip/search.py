@@ -104,10 +104,6 @@ class SearchParams:
     def has_filters(self) -> bool:
         return any(v not in (None, "") for v in (self.year_min, self.year_max, self.place, self.filter))
 
-    @property
-    def has_image(self) -> bool:
-        return self.like is not None or self.vector is not None
-
     def weights(self) -> tuple[float, float]:
         """(text weight, image weight): the seed's (1+s)/4 and (1-s)/4; renormalised later."""
         return (1 + self.weight) / 4, (1 - self.weight) / 4
