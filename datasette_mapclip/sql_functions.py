@@ -56,7 +56,7 @@ def _vector(value, name: str, dim: int | None = None) -> np.ndarray:
 def combine(*args) -> bytes:
     if not args or len(args) % 2:
         raise SQLFunctionError("mapclip_combine takes pairs: (vector1, weight1, vector2, weight2, ...)")
-    total = None
+    weighted = []
     for i in range(0, len(args), 2):
         vector = _vector(args[i], f"mapclip_combine argument {i + 1}")
         weight = args[i + 1]
@@ -65,14 +65,13 @@ def combine(*args) -> bytes:
                 weight = float(weight)
             except (TypeError, ValueError):
                 raise SQLFunctionError(f"mapclip_combine argument {i + 2} (a weight) is {weight!r}, expected a number") from None
-        if total is not None and vector.shape != total.shape:
-            raise SQLFunctionError(f"mapclip_combine: vectors differ in length ({total.shape[0]} and {vector.shape[0]} floats)")
-        term = float(weight) * vectors.normalise(vector)
-        total = term if total is None else total + term
-    norm = float(np.linalg.norm(total))
-    if norm < 1e-12:
-        raise SQLFunctionError("mapclip_combine: the weighted vectors cancel out (all weights zero?)")
-    return vectors.encode(total / norm)
+        if weighted and vector.shape != weighted[0][0].shape:
+            raise SQLFunctionError(f"mapclip_combine: vectors differ in length ({weighted[0][0].shape[0]} and {vector.shape[0]} floats)")
+        weighted.append((vector, weight))
+    try:
+        return vectors.encode(vectors.combine(weighted))
+    except ValueError as error:
+        raise SQLFunctionError(f"mapclip_combine: {error}") from None
 
 
 def similarity(a, b) -> float:

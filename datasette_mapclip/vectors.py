@@ -39,6 +39,18 @@ def normalise(matrix: np.ndarray) -> np.ndarray:
     return matrix / np.where(norms == 0, 1, norms)
 
 
+def combine(weighted) -> np.ndarray:
+    """``[(vector, weight), ...]`` -> the weighted sum of the unit vectors, renormalised.
+
+    Ranking by this one vector equals ranking by the weighted sum of cosines, so combined
+    text + image search is a single KNN.  ValueError if the terms cancel out."""
+    total = sum(float(weight) * normalise(vector) for vector, weight in weighted)
+    norm = float(np.linalg.norm(total))
+    if norm < 1e-12:
+        raise ValueError("the weighted vectors cancel out (all weights zero?)")
+    return (total / norm).astype(np.float32)
+
+
 def cosine_from_l2(distance: float) -> float:
     """For unit vectors, cosine = 1 - d^2 / 2 (sqlite-vec's fast path is L2)."""
     return 1.0 - (distance * distance) / 2.0

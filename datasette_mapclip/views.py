@@ -116,7 +116,7 @@ async def search_with_index(datasette, database, params, model, vector_index) ->
         if len(parts) == 1:
             query = vectors.normalise(parts[0][0])
         else:
-            query = vectors.normalise(sum(weight * vectors.normalise(v) for v, weight in parts))
+            query = vectors.combine(parts)  # the same vector mapclip_combine gives the SQL path
         return vector_index.search(query, params.k * params.page)
 
     try:
