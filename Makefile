@@ -19,7 +19,7 @@ install: $(VENV)/.installed
 
 # Offline demo: draw maps, train a small CLIP on them, load, serve on http://127.0.0.1:8001/-/mapclip
 demo: install
-	$(PY) -m loaders.demo demo --port $(or $(PORT),8001)
+	$(PY) -m fine_tune.demo demo --port $(or $(PORT),8001)
 
 # The browser test drives Debian's Chromium (test tools cannot download their own browsers here).
 chromium:

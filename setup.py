@@ -1,14 +1,27 @@
+import os
+
 from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def read_readme():
+    path = os.path.join(HERE, "README.md")
+    if not os.path.exists(path):
+        return ""
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
 
 setup(
     name="datasette-mapclip",
     version="0.1.0",
     description="Search map collections by what the maps look like: CLIP embeddings in SQLite (sqlite-vec) served by Datasette",
-    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description=read_readme(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["datasette_mapclip", "loaders", "loaders.sources", "fine_tune"],
+    packages=["datasette_mapclip", "loaders", "loaders.sources", "fine_tune", "fine_tune.demo"],
     package_data={"datasette_mapclip": ["model_configs/*.json", "templates/*", "static/*"]},
     install_requires=[
         "datasette>=0.65",
@@ -24,9 +37,17 @@ setup(
         "python-multipart>=0.0.13,<0.0.25",  # asgi-csrf 0.11 passes FileClass, removed in 0.0.25
         "pysqlite3-binary; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
-    extras_require={"test": ["pytest", "pytest-asyncio", "playwright"]},
+    extras_require={"test": ["pytest", "pytest-asyncio", "playwright", "ruff"]},
     entry_points={
         "datasette": ["mapclip = datasette_mapclip"],
-        "console_scripts": ["mapclip = loaders.cli:main"],
+        "console_scripts": ["mapclip = datasette_mapclip.cli:main"],
+        # Commands of the packages above the core join the `mapclip` root (datasette_mapclip/cli.py).
+        "mapclip.commands": [
+            "load = loaders.cli:load",
+            "import-beto = loaders.cli:import_beto",
+            "loc-metadata = loaders.cli:loc_metadata",
+            "fine-tune = fine_tune.cli:fine_tune",
+            "demo = fine_tune.demo.run:demo_command",
+        ],
     },
 )

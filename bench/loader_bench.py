@@ -226,9 +226,10 @@ def wait_for_quiet(max_wait: float, threshold: float = 0.1):
 def load(params: dict, precision: str):
     """The product's model path: ``load_encoder(ModelSpec(arch, None, checkpoint))``."""
     from datasette_mapclip.model import ModelSpec, load_encoder
+    from datasette_mapclip.runtime import set_torch_threads
 
-    return load_encoder(ModelSpec(ARCHITECTURE, None, params["checkpoint"]), precision=precision,
-                        threads=params.get("threads"))
+    set_torch_threads(params.get("threads"))
+    return load_encoder(ModelSpec(ARCHITECTURE, None, params["checkpoint"]), precision=precision)
 
 
 def records(params: dict) -> list:

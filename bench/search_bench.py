@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from datasette_mapclip.model import ModelSpec, load_encoder  # noqa: E402
 from datasette_mapclip.records import MapRecord  # noqa: E402
+from datasette_mapclip.runtime import set_torch_threads  # noqa: E402
 from datasette_mapclip.store import MapStore  # noqa: E402
 from datasette_mapclip.vectors import normalise  # noqa: E402
 
@@ -170,7 +171,8 @@ def main():
         torch.manual_seed(0)
         model, _, _ = open_clip.create_model_and_transforms("ViT-B-32", pretrained=None)
         torch.save(model.state_dict(), checkpoint)
-    encoder = load_encoder(ModelSpec("ViT-B-32", None, str(checkpoint)), precision="fp32", threads=2)
+    set_torch_threads(2)
+    encoder = load_encoder(ModelSpec("ViT-B-32", None, str(checkpoint)), precision="fp32")
     db = args.cache / f"search-{args.rows}.db"
     if not db.exists():
         print(f"building {db} ...")

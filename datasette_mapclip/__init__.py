@@ -2,27 +2,28 @@
 
 from datasette import hookimpl
 
-from . import views
+from . import search, store, views
+from .errors import SearchError
+from .runtime import set_torch_threads
 from .sql_functions import DatabaseFunctions, register
+from .state import plugin_config, state_for
 
 
 @hookimpl
 def prepare_connection(conn, database, datasette):
-    from .store import load_sqlite_vec
-
     try:
-        load_sqlite_vec(conn)
+        store.load_sqlite_vec(conn)
     except Exception:
         pass  # already loaded, or this Python cannot load extensions: the functions still register
 
     def models():
         try:
-            return [dict(zip([c[0] for c in cursor.description], row))
-                    for cursor in [conn.execute("SELECT * FROM models")] for row in cursor.fetchall()]
-        except Exception:
+            return store.read_models(conn)
+        except Exception:  # not a mapclip database: the functions explain that when called
             return []
 
-    register(conn, DatabaseFunctions(models, lambda: views.config(datasette, database)))
+    register(conn, DatabaseFunctions(models, lambda: plugin_config(datasette, database),
+                                     state_for(datasette).encoders.get))
 
 
 @hookimpl
@@ -36,13 +37,17 @@ def get_metadata(datasette):
 
 @hookimpl
 def startup(datasette):
+    # The server process is Datasette's; the plugin sets only what its configuration names.
+    set_torch_threads(plugin_config(datasette).get("threads", 1))
+
     async def build_indexes():
         # Index every collection's default model in the background so the first searches are fast;
         # until an index is ready, searches go through sqlite-vec.
-        for database in await views.mapclip_databases(datasette):
-            models = await views.models_of(datasette, database)
-            if models:
-                views.index_for(datasette, database, models[0])
+        for name in await search.collection_names(datasette):
+            try:
+                (await search.open_collection(datasette, name)).index()
+            except SearchError:
+                pass  # no embeddings yet
 
     return build_indexes
 
@@ -64,7 +69,7 @@ def menu_links(datasette):
 @hookimpl
 def database_actions(datasette, database):
     async def inner():
-        if database in await views.mapclip_databases(datasette):
+        if database in await search.collection_names(datasette):
             return [{"href": datasette.urls.path(f"/-/mapclip?_db={database}"), "label": "Search these maps by image or text"}]
         return []
 

@@ -1,4 +1,4 @@
-"""One encoder per model per process, chosen by what a database's provenance records.
+"""One encoder per model per server, chosen by what a database's provenance records.
 
 A database says which model made its vectors (``models`` table); text and uploaded images
 must be embedded with that same model, never another one.  Where the recorded checkpoint
@@ -9,7 +9,7 @@ elsewhere; they are accepted only if their SHA-256 matches the recorded one.
       datasette-mapclip:
         checkpoints:
           "mapclip-tiny/sha256:0dbfd98a5af1": /srv/models/demo.pt
-        threads: 1          # torch threads per encode (a web server should not oversubscribe)
+        threads: 1          # torch threads (set at start-up; a web server should not oversubscribe)
         text_cache_size: 4096
         prompt_template: "{}"   # e.g. "a {} map", the seed's trick
 """
@@ -18,28 +18,27 @@ from __future__ import annotations
 
 import collections
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
 
 from .model import ClipEncoder, ModelSpec, ModelUnavailable, file_sha256, load_encoder
-
-_lock = threading.Lock()
-_encoders: dict[tuple, "SharedEncoder"] = {}
-_failures: dict[tuple, str] = {}
+from .runtime import prefer_hub_cache_when_offline
 
 
 class SharedEncoder:
     """A loaded encoder shared by every request, plus an LRU cache of text embeddings.
 
     torch modules are safe to call from several threads in inference mode; a lock keeps
-    one encode at a time so two requests do not fight over the same cores
-    (../shared/DESIGN.md: a 2-thread encode falls from 60 ms to ~1 s under contention).
+    one encode at a time so two requests do not fight over the same cores (a 2-thread encode
+    fell from 60 ms to ~1 s under contention on a 2-core machine).
     """
 
     def __init__(self, encoder: ClipEncoder, text_cache_size: int = 4096):
         self.encoder = encoder
         self.encode_lock = threading.Lock()
+        self.cache_lock = threading.Lock()
         self.text_cache: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
         self.text_cache_size = text_cache_size
 
@@ -48,15 +47,17 @@ class SharedEncoder:
         return self.encoder.dim
 
     def embed_text(self, text: str) -> np.ndarray:
-        cached = self.text_cache.get(text)
-        if cached is not None:
-            self.text_cache.move_to_end(text)
-            return cached
+        with self.cache_lock:
+            cached = self.text_cache.get(text)
+            if cached is not None:
+                self.text_cache.move_to_end(text)
+                return cached
         with self.encode_lock:
             vector = self.encoder.encode_texts([text])[0]
-        self.text_cache[text] = vector
-        while len(self.text_cache) > self.text_cache_size:
-            self.text_cache.popitem(last=False)
+        with self.cache_lock:
+            self.text_cache[text] = vector
+            while len(self.text_cache) > self.text_cache_size:
+                self.text_cache.popitem(last=False)
         return vector
 
     def embed_image(self, image) -> np.ndarray:
@@ -92,33 +93,55 @@ def resolve_checkpoint(model_row: dict, config: dict) -> str | None:
     )
 
 
-def encoder_for(model_row: dict, config: dict | None = None) -> SharedEncoder:
-    """The process-wide encoder for a ``models`` row; loaded once, failures remembered."""
-    config = config or {}
-    key = (model_row["architecture"], model_row.get("pretrained"), model_row.get("checkpoint_sha256"))
-    encoder = _encoders.get(key)
-    if encoder is not None:
-        return encoder
-    with _lock:
-        if key in _encoders:
-            return _encoders[key]
-        if key in _failures:
-            raise ModelUnavailable(_failures[key])
-        try:
-            checkpoint = resolve_checkpoint(model_row, config)
-            spec = ModelSpec(model_row["architecture"], None if checkpoint else model_row.get("pretrained"), checkpoint)
-            loaded = load_encoder(spec, precision=config.get("precision", "fp32"), threads=config.get("threads", 1))
-        except ModelUnavailable as error:
-            _failures[key] = f"model {model_row['name']} cannot be loaded: {error}"
-            raise ModelUnavailable(_failures[key]) from None
+class EncoderCache:
+    """The encoders one server has loaded, keyed by provenance, each loaded once.
+
+    A model that could not be loaded is remembered for ``retry_after`` seconds, so a broken
+    configuration answers at once instead of re-reading weights on every request, and a fixed
+    one (weights copied in, configuration corrected) is picked up without a restart."""
+
+    def __init__(self, retry_after: float = 60.0):
+        self.retry_after = retry_after
+        self._lock = threading.Lock()
+        self._encoders: dict[tuple, SharedEncoder] = {}
+        self._failures: dict[tuple, tuple[float, str]] = {}
+
+    def get(self, model_row: dict, config: dict | None = None) -> SharedEncoder:
+        """The encoder for a ``models`` row; ModelUnavailable (with advice) if it cannot be had."""
+        config = config or {}
+        key = (model_row["architecture"], model_row.get("pretrained"), model_row.get("checkpoint_sha256"))
+        encoder = self._encoders.get(key)
+        if encoder is not None:
+            return encoder
+        with self._lock:
+            if key in self._encoders:
+                return self._encoders[key]
+            failed = self._failures.get(key)
+            if failed and time.monotonic() - failed[0] < self.retry_after:
+                raise ModelUnavailable(failed[1])
+            try:
+                loaded = self._load(model_row, config)
+            except ModelUnavailable as error:
+                message = f"model {model_row['name']} cannot be loaded: {error}"
+                self._failures[key] = (time.monotonic(), message)
+                raise ModelUnavailable(message) from None
+            self._failures.pop(key, None)
+            self._encoders[key] = SharedEncoder(loaded, int(config.get("text_cache_size", 4096)))
+            return self._encoders[key]
+
+    @staticmethod
+    def _load(model_row: dict, config: dict) -> ClipEncoder:
+        checkpoint = resolve_checkpoint(model_row, config)
+        if not checkpoint:
+            prefer_hub_cache_when_offline()
+        spec = ModelSpec(model_row["architecture"], None if checkpoint else model_row.get("pretrained"), checkpoint)
+        loaded = load_encoder(spec, precision=config.get("precision", "fp32"))
         if loaded.dim != model_row["dim"]:
-            raise ModelUnavailable(f"model {model_row['name']} gives {loaded.dim}-d vectors, the database holds {model_row['dim']}-d")
-        _encoders[key] = SharedEncoder(loaded, int(config.get("text_cache_size", 4096)))
-        return _encoders[key]
+            raise ModelUnavailable(f"it gives {loaded.dim}-d vectors, the database holds {model_row['dim']}-d")
+        return loaded
 
-
-def forget_all():
-    """Drop loaded encoders and remembered failures (tests, or after fixing configuration)."""
-    with _lock:
-        _encoders.clear()
-        _failures.clear()
+    def forget(self):
+        """Drop loaded encoders and remembered failures."""
+        with self._lock:
+            self._encoders.clear()
+            self._failures.clear()

@@ -9,14 +9,12 @@ from __future__ import annotations
 import io
 import warnings
 
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Pillow's own error threshold (2 x its warning limit); LoC master TIFFs reach ~100 Mpx.
+# open_image enforces its ``max_pixels`` itself, from the header, before any pixel is decoded;
+# Pillow's global limit stays as the process's owner set it (runtime.limit_image_pixels).
 DEFAULT_MAX_PIXELS = 178_956_970
-
-Image.MAX_IMAGE_PIXELS = DEFAULT_MAX_PIXELS
-# A truncated file must fail, not silently decode as grey.
-ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
 class ImageDecodeError(ValueError):
@@ -45,9 +43,10 @@ def open_image(data: bytes, *, min_size: int | None = None, max_pixels: int = DE
         raise ImageDecodeError("empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # The size check below (max_pixels) replaces Pillow's warning; its hard limit still applies.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+    except Image.DecompressionBombError as error:
         raise ImageDecodeError(f"too many pixels (decompression bomb guard): {error}") from None
     except UnidentifiedImageError:
         raise ImageDecodeError(_describe_non_image(data)) from None

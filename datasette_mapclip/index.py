@@ -16,38 +16,21 @@ time), and every search still reports the sqlite-vec SQL that reproduces it.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import logging
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-from . import vectors
-
 log = logging.getLogger(__name__)
 
 INT8_MIN_ROWS = 50_000
 DEFAULT_RERANK = 256
-
-
-def read_vectors(conn, vector_table: str, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """All (map_id, vector) pairs of a vec0 table, in map_id order, straight into one array."""
-    count = conn.execute(f"SELECT count(*) FROM [{vector_table}]").fetchone()[0]
-    ids = np.empty(count, np.int64)
-    matrix = np.empty((count, dim), np.float32)
-    row = 0
-    cursor = conn.execute(f"SELECT map_id, embedding FROM [{vector_table}] ORDER BY map_id")
-    while True:
-        chunk = cursor.fetchmany(20_000)
-        if not chunk:
-            break
-        ids[row:row + len(chunk)] = [r[0] for r in chunk]
-        matrix[row:row + len(chunk)] = np.frombuffer(b"".join(r[1] for r in chunk), vectors.FLOAT32_LE).reshape(-1, dim)
-        row += len(chunk)
-    return ids[:row], matrix[:row]
 
 
 class Int8Scanner:
@@ -145,16 +128,30 @@ def fingerprint(db_path: str, vector_table: str) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
+def cache_folder(db_path: str, vector_table: str, config: dict) -> Path:
+    """Where the float32 vectors of one database state are cached (``index_dir`` or beside the file)."""
+    folder = Path(config.get("index_dir") or Path(db_path).parent)
+    return folder / f"{Path(db_path).name}.{vector_table}.{fingerprint(db_path, vector_table)}.mapclip-index"
+
+
+def remove_stale_caches(current: Path):
+    """Delete the caches of earlier states of the same database and table (each is the size of
+    every vector), and half-written ones left by an interrupted build."""
+    prefix = current.name.rsplit(".", 2)[0]  # "<db file>.<vector table>"
+    for folder in current.parent.glob(f"{glob.escape(prefix)}.*.mapclip-index*"):
+        if folder != current and folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def build_for(db_path: str, model: dict, config: dict) -> VectorIndex:
     """Read a model's vectors and index them, through the sidecar cache when it can be written."""
-    from .store import connect
+    from .store import connect, read_vectors
 
     options = {"int8_min_rows": int(config.get("int8_min_rows", INT8_MIN_ROWS)),
                "rerank": int(config.get("rerank", DEFAULT_RERANK))}
-    key = fingerprint(db_path, model["vector_table"])
-    cache_dir = Path(config.get("index_dir") or Path(db_path).parent)
-    cache = cache_dir / f"{Path(db_path).name}.{model['vector_table']}.{key}.mapclip-index"
+    cache = cache_folder(db_path, model["vector_table"], config)
     if (cache / "matrix.npy").exists():
+        remove_stale_caches(cache)
         return VectorIndex.load(cache, **options)
     conn = connect(db_path)
     try:
@@ -164,6 +161,7 @@ def build_for(db_path: str, model: dict, config: dict) -> VectorIndex:
     if len(ids) >= options["int8_min_rows"]:  # small collections reread in milliseconds: no file
         try:
             VectorIndex(ids, matrix).save(cache)
+            remove_stale_caches(cache)
             del matrix
             return VectorIndex.load(cache, **options)  # memory-mapped: the page cache holds it
         except OSError as error:
@@ -172,15 +170,30 @@ def build_for(db_path: str, model: dict, config: dict) -> VectorIndex:
 
 
 class IndexRegistry:
-    """One index per (database file, vector table), built once in the background."""
+    """One index per (database file, vector table, database state), built once in the background.
+
+    A server holds one registry (the plugin's state); until an index is ready, and whenever the
+    database has changed since it was built, ``for_model`` answers None and searches use sqlite-vec."""
 
     def __init__(self):
         self.lock = threading.Lock()
         self.indexes: dict[tuple, VectorIndex] = {}
         self.building: set[tuple] = set()
 
-    def get(self, key) -> VectorIndex | None:
-        return self.indexes.get(key)
+    @staticmethod
+    def key(db_path: str, model: dict, config: dict) -> tuple:
+        return (db_path, model["vector_table"], fingerprint(db_path, model["vector_table"]),
+                config.get("int8_min_rows"), config.get("rerank"))
+
+    def for_model(self, db_path: str | None, model: dict, config: dict) -> VectorIndex | None:
+        """The ready index of this model's vectors, or None (starting a build if none is under way)."""
+        if not db_path or config.get("index", "auto") == "off":
+            return None
+        key = self.key(db_path, model, config)
+        found = self.indexes.get(key)
+        if found is None:
+            self.ensure(key, lambda: build_for(db_path, model, config))
+        return found
 
     def ensure(self, key, build_fn):
         """Start building ``key`` in a thread unless it exists or is being built."""
@@ -205,6 +218,3 @@ class IndexRegistry:
         finally:
             with self.lock:
                 self.building.discard(key)
-
-
-registry = IndexRegistry()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import socket
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,29 +61,12 @@ class ModelSpec:
         return self.pretrained
 
 
-def _import_open_clip():
+def import_open_clip():
+    """open_clip with this project's model configs (``mapclip-tiny``) registered beside its own."""
     import open_clip
 
     open_clip.add_model_config(MODEL_CONFIG_DIR)
     return open_clip
-
-
-def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def _use_cache_only_when_offline():
-    """huggingface_hub retries an unreachable host for ~50 s; offline, go straight to the cache."""
-    try:
-        from huggingface_hub import constants
-    except ImportError:
-        return
-    if not constants.HF_HUB_OFFLINE and not _hub_reachable():
-        constants.HF_HUB_OFFLINE = True
 
 
 def pick_device(device: str | None = None) -> str:
@@ -108,7 +90,6 @@ class ClipEncoder:
         self.dim = int(model.text_projection.shape[1] if hasattr(model, "text_projection") and model.text_projection is not None else model.visual.output_dim)
         image_size = model.visual.image_size
         self.image_size = int(image_size[0] if isinstance(image_size, (tuple, list)) else image_size)
-        self.requested_precision = precision
         self.precision = "fp32"
         self._image_tower = model.visual
         self._pending_check = False
@@ -240,17 +221,15 @@ def load_encoder(
     *,
     device: str | None = None,
     precision: str = "auto",
-    threads: int | None = None,
 ) -> ClipEncoder:
-    """Build the model named by ``spec``; raise ModelUnavailable with advice if it cannot be had."""
+    """Build the model named by ``spec``; raise ModelUnavailable with advice if it cannot be had.
+
+    Process-wide settings (torch threads, the Hugging Face offline switch) are the caller's:
+    see ``runtime``."""
     spec = spec or ModelSpec()
     if precision not in PRECISIONS:
         raise ModelUnavailable(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    open_clip = _import_open_clip()
-    import torch
-
-    if threads:
-        torch.set_num_threads(threads)
+    open_clip = import_open_clip()
     device = pick_device(device)
     if spec.architecture not in open_clip.list_models():
         raise ModelUnavailable(
@@ -271,7 +250,6 @@ def load_encoder(
                 f"known tags: {', '.join(tags) or 'none (use --checkpoint PATH)'}"
             )
         pretrained = spec.pretrained
-        _use_cache_only_when_offline()
     try:
         model, _, image_transform = open_clip.create_model_and_transforms(
             spec.architecture, pretrained=pretrained, device=device

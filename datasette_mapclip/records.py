@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 # Catalogue dates look like "1886-06", "[ca. 1750]", "between 1980 and 2006", "c1910";
 # the first plausible year is what a range filter needs.
@@ -47,3 +48,24 @@ class MapRecord:
     def __post_init__(self):
         if self.year is None:
             self.year = parse_year(self.date)
+
+
+# Fields of MapRecord in declaration order: the columns a ``maps`` row shares with it.
+RECORD_FIELDS = tuple(f.name for f in fields(MapRecord))
+LIST_FIELDS = tuple(f.name for f in fields(MapRecord) if f.type in ("list[str]", list))
+
+
+def encode_list(values) -> str | None:
+    """A list field (subjects, contributors) as stored: a JSON array, or NULL when empty."""
+    return json.dumps(list(values)) if values else None
+
+
+def decode_list(text) -> list[str]:
+    """The stored form back to a list; a bare string (hand-edited row) becomes one element."""
+    if not text:
+        return []
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        return [str(text)]
+    return [str(v) for v in parsed] if isinstance(parsed, list) else [str(parsed)]

@@ -1,205 +1,224 @@
-"""Search: parse the query parameters, build the query vector, run the KNN, shape the results.
+"""The search service: the one answer to "run this search", for the page and the JSON API.
 
-The same parameters drive the page (``/-/mapclip``) and the JSON API (``/-/mapclip/search.json``):
+    collection (which database, which model)
+      -> query vector (text through the model, an uploaded image's vector, a stored map's vector)
+      -> nearest maps (the in-memory index when it is ready and no filter applies, else sqlite-vec)
+      -> results with links
 
-    q          text ("nautical chart")
-    like       id of a map in the collection: its stored vector, no model run
-    vector     hex float32 query vector (what an uploaded image becomes, so searches stay shareable)
-    weight     text/image slider in [-1, 1]: -1 image only, 0 equal, +1 text only (the seed's convention)
-    k, page    results per page (default 20), page number
-    year_min, year_max, place, filter    narrow the vector search itself (inside the KNN)
-    model      which model's vectors to search, when a database holds more than one
-    _db        which database, when Datasette serves several
-
-Every search is a single sqlite-vec query whose SQL is returned with the results, so it
-can be opened, edited and exported in Datasette.
+Model and index work runs in one compute thread (``COMPUTE``), never on the event loop and never
+inside a database thread; every failure leaves here as an ``errors.SearchError`` with its status.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import dataclasses
-import math
+import logging
 import urllib.parse
 
 import numpy as np
+from datasette.database import QueryInterrupted
 
-from . import vectors
+from . import query_vector, search_sql, store, vectors
+from .errors import BadSearch, NotFound, SearchUnavailable, UploadError
+from .images import DEFAULT_MAX_PIXELS, ImageDecodeError, open_image
+from .model import ModelUnavailable
+from .query import VEC0_MAX_K, SearchParams
+from .state import plugin_config, state_for
 
-DEFAULT_K = 20
-MAX_K = 200
-VEC0_MAX_K = 4096  # sqlite-vec's limit on k
+log = logging.getLogger(__name__)
+
+# One worker thread for model and index work, shared by the whole process: torch keeps an OpenMP
+# pool per calling thread, and pools left spinning by other threads slow the next query.
+COMPUTE = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mapclip-compute")
+DEFAULT_MAX_UPLOAD_PIXELS = 50_000_000
 
 
-class BadSearch(ValueError):
-    """Bad parameters; the message is for the person who sent them (HTTP 400)."""
-
-
-def _int(args, name, low=None, high=None):
-    raw = (args.get(name) or "").strip()
-    if not raw:
-        return None
-    try:
-        value = int(raw)
-    except ValueError:
-        raise BadSearch(f"{name} must be a whole number, got {raw!r}") from None
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise BadSearch(f"{name} must be between {low} and {high}, got {value}")
-    return value
+async def _compute(fn, *args):
+    return await asyncio.get_running_loop().run_in_executor(COMPUTE, fn, *args)
 
 
 @dataclasses.dataclass
-class SearchParams:
-    q: str | None = None
-    like: int | None = None
-    vector: bytes | None = None
-    weight: float = 0.0
-    k: int = DEFAULT_K
-    page: int = 1
-    year_min: int | None = None
-    year_max: int | None = None
-    place: str | None = None
-    filter: str | None = None
-    model: str | None = None
+class Collection:
+    """One database holding maps, and the model a search of it uses."""
 
-    @classmethod
-    def from_args(cls, args) -> "SearchParams":
-        weight_raw = (args.get("weight") or "").strip()
-        try:
-            weight = float(weight_raw) if weight_raw else 0.0
-        except ValueError:
-            raise BadSearch(f"weight must be a number between -1 and 1, got {weight_raw!r}") from None
-        if not -1 <= weight <= 1 or math.isnan(weight):
-            raise BadSearch(f"weight must be between -1 (image only) and 1 (text only), got {weight}")
-        vector_hex = (args.get("vector") or "").strip()
-        vector = None
-        if vector_hex:
-            try:
-                vector = bytes.fromhex(vector_hex)
-            except ValueError:
-                raise BadSearch("vector must be hex-encoded float32 bytes") from None
-            if not vector or len(vector) % 4:
-                raise BadSearch("vector must be hex-encoded float32 bytes (a multiple of 4 bytes)")
-        params = cls(
-            q=(args.get("q") or "").strip() or None,
-            like=_int(args, "like"),
-            vector=vector,
-            weight=weight,
-            k=_int(args, "k", 1, MAX_K) or DEFAULT_K,
-            page=_int(args, "page", 1, VEC0_MAX_K) or 1,
-            year_min=_int(args, "year_min"),
-            year_max=_int(args, "year_max"),
-            place=(args.get("place") or "").strip() or None,
-            filter=(args.get("filter") or "").strip() or None,
-            model=(args.get("model") or "").strip() or None,
-        )
-        if params.k * params.page > VEC0_MAX_K:
-            raise BadSearch(f"page {params.page} of {params.k} goes past the {VEC0_MAX_K} nearest maps that one search can reach")
-        return params
-
-    @property
-    def has_query(self) -> bool:
-        return bool(self.q or self.like is not None or self.vector)
-
-    @property
-    def has_filters(self) -> bool:
-        return any(v not in (None, "") for v in (self.year_min, self.year_max, self.place, self.filter))
-
-    def weights(self) -> tuple[float, float]:
-        """(text weight, image weight): the seed's (1+s)/4 and (1-s)/4; renormalised later."""
-        return (1 + self.weight) / 4, (1 - self.weight) / 4
-
-    def query_string(self, **changes) -> str:
-        values = dataclasses.asdict(self)
-        values.update(changes)
-        if values.get("vector") is not None:
-            values["vector"] = values["vector"].hex()
-        defaults = {"weight": 0.0, "k": DEFAULT_K, "page": 1}
-        pairs = [(k, v) for k, v in values.items() if v not in (None, "") and defaults.get(k, object()) != v]
-        return urllib.parse.urlencode(pairs)
-
-
-@dataclasses.dataclass
-class SearchPlan:
-    """The SQL of one search and its parameters."""
-
-    sql: str
-    params: dict
+    datasette: object
+    name: str
+    models: list[dict]
     model: dict
+    config: dict
+
+    @property
+    def db(self):
+        return self.datasette.get_database(self.name)
+
+    def encoder(self):
+        """The shared encoder of this collection's model (ModelUnavailable if it cannot be had)."""
+        return state_for(self.datasette).encoders.get(self.model, self.config)
+
+    def index(self):
+        """The in-memory index of this model's vectors, or None while it is built (or off)."""
+        return state_for(self.datasette).indexes.for_model(self.db.path, self.model, self.config)
 
 
-def filter_clause(params: SearchParams, sql_params: dict) -> str:
-    """A ``map_id IN (...)`` constraint that sqlite-vec applies inside the KNN."""
-    conditions = []
-    if params.year_min is not None:
-        conditions.append("year >= :year_min")
-        sql_params["year_min"] = params.year_min
-    if params.year_max is not None:
-        conditions.append("year <= :year_max")
-        sql_params["year_max"] = params.year_max
-    if params.place:
-        conditions.append("place LIKE '%' || :place || '%'")
-        sql_params["place"] = params.place
-    if params.filter:
-        conditions.append("id IN (SELECT rowid FROM maps_fts WHERE maps_fts MATCH :filter)")
-        sql_params["filter"] = fts_query(params.filter)
-    if not conditions:
-        return ""
-    return "\n  AND v.map_id IN (SELECT id FROM maps WHERE " + " AND ".join(conditions) + ")"
+async def collection_names(datasette) -> list[str]:
+    """Databases that hold a mapclip collection, in Datasette's order."""
+    names = []
+    for name, db in datasette.databases.items():
+        if not name.startswith("_") and await db.execute_fn(store.is_collection):
+            names.append(name)
+    return names
 
 
-def fts_query(text: str) -> str:
-    """Free text -> an FTS5 query of quoted terms (all must match), so no syntax errors reach users."""
-    terms = [t.replace('"', "") for t in text.split() if t.replace('"', "")]
-    return " ".join(f'"{t}"' for t in terms)
+async def open_collection(datasette, wanted: str | None, model_name: str | None = None) -> Collection:
+    """The collection a request names (``_db``) or the first one, with its chosen model."""
+    names = await collection_names(datasette)
+    if wanted:
+        if wanted not in names:
+            raise BadSearch(f"no mapclip collection named {wanted!r}; collections: {', '.join(names) or 'none'}")
+        name = wanted
+    elif names:
+        name = names[0]
+    else:
+        raise BadSearch("no database here holds a mapclip collection (load one with `mapclip load ...`)")
+    models = await datasette.get_database(name).execute_fn(store.read_models)
+    try:
+        model = store.pick_model(models, model_name)
+    except store.ModelNotFound as error:
+        raise BadSearch(str(error)) from None
+    return Collection(datasette, name, models, model, plugin_config(datasette, name))
 
 
-def query_vector_sql(params: SearchParams, model: dict, sql_params: dict) -> str:
-    """The SQL expression of the query vector: readable, and runnable in Datasette as it stands."""
-    table = model["vector_table"]
-    model_arg = ", :model" if params.model else ""
-    if params.model:
-        sql_params["model"] = params.model
-    text = image = None
-    if params.q:
-        sql_params["q"] = params.q
-        text = f"mapclip_embed_text(:q{model_arg})"
+def check_vector(params: SearchParams, model: dict):
+    if params.vector is not None and len(params.vector) != 4 * model["dim"]:
+        raise BadSearch(f"vector has {len(params.vector) // 4} floats; model {model['name']} uses {model['dim']}")
+    if params.vector is not None and not np.isfinite(vectors.decode(params.vector)).all():
+        raise BadSearch("vector contains NaN or infinite values")
+
+
+async def build_query_vector(collection: Collection, params: SearchParams, index=None) -> np.ndarray:
+    """The one query vector of a search, whichever path then runs it."""
+    text_weight, image_weight = params.weights()
+    image = None
     if params.vector is not None:
-        sql_params["vector"] = params.vector.hex()
-        image = "unhex(:vector)"
+        image = vectors.decode(params.vector)
     elif params.like is not None:
-        sql_params["like"] = params.like
-        image = f"(SELECT embedding FROM [{table}] WHERE map_id = :like)"
-    if text and image:
-        text_weight, image_weight = params.weights()
-        sql_params["text_weight"] = text_weight
-        sql_params["image_weight"] = image_weight
-        return f"mapclip_combine({text}, :text_weight, {image}, :image_weight)"
-    return text or image
+        image = index.vector_of(params.like) if index is not None else await collection.db.execute_fn(
+            lambda conn: store.read_stored_vector(conn, collection.model, params.like))
+        if image is None:
+            raise NotFound(f"map {params.like} has no vector for model {collection.model['name']} in this collection")
+
+    def compute():
+        terms = []
+        if params.q:
+            terms.append((query_vector.text_vector(collection.encoder(), params.q, collection.config), text_weight))
+        if image is not None:
+            terms.append((image, image_weight))
+        return query_vector.combine_terms(terms)
+
+    try:
+        return await _compute(compute)
+    except ModelUnavailable as error:
+        raise SearchUnavailable(str(error)) from None
+    except ValueError as error:  # the weighted terms cancel out
+        raise BadSearch(str(error)) from None
 
 
-RESULT_COLUMNS = (
-    "maps.id, maps.title, maps.date, maps.year, maps.place, maps.item_id, maps.sheet, "
-    "maps.item_url, maps.image_url, maps.thumbnail_url, maps.thumbnail IS NOT NULL AS has_thumbnail"
-)
+async def _nearest_with_index(collection: Collection, index, query: np.ndarray, params: SearchParams) -> list[dict]:
+    ids, scores = await _compute(index.search, query, params.k * params.page)
+    skip = params.k * (params.page - 1)
+    ids, scores = ids[skip:], scores[skip:]
+    rows = await collection.db.execute_fn(lambda conn: store.read_result_rows(conn, ids))
+    return [{**rows[int(i)], "similarity": float(s)} for i, s in zip(ids, scores) if int(i) in rows]
 
 
-def plan(params: SearchParams, model: dict) -> SearchPlan:
-    sql_params: dict = {}
-    vector_sql = query_vector_sql(params, model, sql_params)
-    filters = filter_clause(params, sql_params)
-    sql_params["k"] = params.k * params.page
-    sql_params["limit"] = params.k
-    sql_params["offset"] = params.k * (params.page - 1)
-    sql = f"""SELECT
-  {RESULT_COLUMNS},
-  1 - v.distance * v.distance / 2 AS similarity
-FROM [{model['vector_table']}] v
-JOIN maps ON maps.id = v.map_id
-WHERE v.embedding MATCH {vector_sql}
-  AND v.k = :k{filters}
-ORDER BY v.distance
-LIMIT :limit OFFSET :offset"""
-    return SearchPlan(sql, sql_params, model)
+async def _nearest_with_sqlite_vec(collection: Collection, plan: search_sql.SearchPlan, query: np.ndarray) -> list[dict]:
+    too_slow = (f"the search took longer than this server's {collection.datasette.setting('sql_time_limit_ms')} ms "
+                "limit: narrow it with filters, or ask the publisher to raise sql_time_limit_ms")
+    try:
+        rows = await collection.db.execute(plan.run_sql, {**plan.run_params, "query_vector": vectors.encode(query)},
+                                           log_sql_errors=False)
+    except QueryInterrupted:
+        raise SearchUnavailable(too_slow) from None
+    except Exception as error:  # sqlite errors: typed by SQLite's own error code
+        if getattr(error, "sqlite_errorcode", None) == store.SQLITE_INTERRUPT:
+            raise SearchUnavailable(too_slow) from None
+        log.warning("mapclip: search SQL failed: %s", error)
+        raise BadSearch(f"the search could not run: {error}") from None
+    return [dict(row) for row in rows]
+
+
+async def run_search(collection: Collection, params: SearchParams) -> dict:
+    """Run one search; the answer is what ``search.json`` returns (the page renders the same)."""
+    datasette, database, model = collection.datasette, collection.name, collection.model
+    check_vector(params, model)
+    if params.filter and not await collection.db.execute_fn(store.has_full_text_index):
+        raise BadSearch("this collection has no full-text index (maps_fts), so filter cannot be used")
+    plan = search_sql.plan(params, model)
+    index = None if params.has_filters else collection.index()
+    query = await build_query_vector(collection, params, index)
+    if index is not None:
+        rows = await _nearest_with_index(collection, index, query, params)
+        searched_with = "in-memory exact" if index.exact else "in-memory int8 + exact re-scoring"
+    else:
+        rows = await _nearest_with_sqlite_vec(collection, plan, query)
+        searched_with = "sqlite-vec"
+    results = [shape_result(row, database, datasette.urls) for row in rows]
+    more = len(results) == params.k and params.k * (params.page + 1) <= VEC0_MAX_K
+    base = datasette.urls.path("/-/mapclip/search.json")
+    sql_url = datasette.urls.database(database) + "?" + urllib.parse.urlencode(
+        {"sql": plan.sql, **{k: str(v) for k, v in plan.params.items()}})
+    return {
+        "database": database,
+        "model": model["name"],
+        "searched_with": searched_with,
+        "models": [m["name"] for m in collection.models],
+        "sql": plan.sql,
+        "params": plan.params,
+        "sql_url": sql_url,
+        "results": results,
+        "next": f"{base}?{params.query_string(page=params.page + 1)}&_db={urllib.parse.quote(database)}" if more else None,
+    }
+
+
+async def embed_upload(collection: Collection, data: bytes) -> bytes:
+    """An uploaded image -> its query vector (hex in the URL from then on)."""
+    max_pixels = min(int(collection.config.get("max_upload_pixels", DEFAULT_MAX_UPLOAD_PIXELS)), DEFAULT_MAX_PIXELS)
+
+    def work():
+        encoder = collection.encoder()
+        image = open_image(data, min_size=encoder.encoder.image_size, max_pixels=max_pixels)
+        return vectors.encode(encoder.embed_image(image))
+
+    try:
+        return await _compute(work)
+    except ImageDecodeError as error:
+        raise UploadError(f"the upload is not a usable image: {error}") from None
+    except ModelUnavailable as error:
+        raise SearchUnavailable(str(error)) from None
+
+
+async def map_summary(collection: Collection, map_id: int) -> dict | None:
+    """The "more like this" header: a map's title and thumbnail link."""
+    row = await collection.db.execute_fn(lambda conn: store.read_map_summary(conn, map_id))
+    if row and row["has_thumbnail"]:
+        row["thumbnail_url"] = collection.datasette.urls.path(thumbnail_route(collection.name, map_id))
+    return row
+
+
+async def thumbnail(datasette, database: str, map_id: int) -> bytes:
+    if database not in await collection_names(datasette):
+        raise NotFound("no such collection")
+    data = await datasette.get_database(database).execute_fn(lambda conn: store.read_thumbnail(conn, map_id))
+    if data is None:
+        raise NotFound("no thumbnail for that map")
+    return data
+
+
+def thumbnail_route(database: str, map_id: int) -> str:
+    """This server's route for a stored thumbnail (before Datasette's base_url is applied)."""
+    return f"/-/mapclip/thumbnail/{urllib.parse.quote(database)}/{int(map_id)}.jpg"
 
 
 def shape_result(row: dict, database: str, urls) -> dict:
@@ -207,7 +226,7 @@ def shape_result(row: dict, database: str, urls) -> dict:
     map_id = row["id"]
     thumbnail_url = row["thumbnail_url"]
     if row["has_thumbnail"]:
-        thumbnail_url = urls.path(f"/-/mapclip/thumbnail/{database}/{map_id}.jpg")
+        thumbnail_url = urls.path(thumbnail_route(database, map_id))
     image_url = row["image_url"] if (row["image_url"] or "").startswith(("http://", "https://")) else None
     record_url = urls.row(database, "maps", str(map_id))
     return {
@@ -224,10 +243,3 @@ def shape_result(row: dict, database: str, urls) -> dict:
         "url": row["item_url"] or record_url,
         "record_url": record_url,
     }
-
-
-def check_vector(params: SearchParams, model: dict):
-    if params.vector is not None and len(params.vector) != 4 * model["dim"]:
-        raise BadSearch(f"vector has {len(params.vector) // 4} floats; model {model['name']} uses {model['dim']}")
-    if params.vector is not None and not np.isfinite(vectors.decode(params.vector)).all():
-        raise BadSearch("vector contains NaN or infinite values")

@@ -5,29 +5,21 @@
     mapclip_combine(vec1, w1, vec2, w2, ...)  -> weighted sum of unit vectors, renormalised
     mapclip_similarity(a, b)                  -> cosine similarity
 
-Their BLOBs go straight into ``vec0 ... WHERE embedding MATCH ? AND k = ?``.
-
-Why not only ``conn.create_function``: Python's sqlite3 bridge turns every exception
-in a user function into the fixed text "user-defined function raised exception", and these
-functions must say *what* was wrong (NULL, not an image, wrong length).  Where the
-connection comes from pysqlite3 (as in Datasette on Linux) they are registered through
-SQLite's C API with ctypes so ``sqlite3_result_error`` carries the real message; the
-handle is checked against the connection's own file name first, and anything unexpected
-falls back to ``create_function``.
+Their BLOBs go straight into ``vec0 ... WHERE embedding MATCH ? AND k = ?``.  Their errors say
+what was wrong; ``sqlite_native`` explains how that message reaches the SQL user.
 """
 
 from __future__ import annotations
 
-import ctypes
-import itertools
 import logging
-import sys
-import threading
 
 import numpy as np
 
-from . import vectors
+from . import sqlite_native, vectors
 from .images import ImageDecodeError, open_image
+from .model import ModelUnavailable
+from .query_vector import text_vector
+from .store import ModelNotFound, pick_model
 
 log = logging.getLogger(__name__)
 
@@ -84,29 +76,25 @@ def similarity(a, b) -> float:
 
 
 class DatabaseFunctions:
-    """Text and image embedding for one database, with the model its provenance names."""
+    """Text and image embedding for one database, with the model its provenance names.
 
-    def __init__(self, models_for, config_for):
-        self.models_for = models_for  # () -> list of models rows
-        self.config_for = config_for  # () -> plugin config dict
+    ``models_for()`` returns the database's ``models`` rows, ``config_for()`` the plugin
+    configuration, ``encoder_for(row, config)`` the server's shared encoder for a row."""
+
+    def __init__(self, models_for, config_for, encoder_for):
+        self.models_for = models_for
+        self.config_for = config_for
+        self.encoder_for = encoder_for
 
     def model_row(self, name=None) -> dict:
-        rows = self.models_for()
-        if not rows:
-            raise SQLFunctionError("this database has no mapclip models table: load it with `mapclip load ...` first")
-        if name is None:
-            return sorted(rows, key=lambda r: (-r["is_default"], r["id"]))[0]
-        for row in rows:
-            if row["name"] == name:
-                return row
-        raise SQLFunctionError(f"no model {name!r} in this database; models: {', '.join(r['name'] for r in rows)}")
+        try:
+            return pick_model(self.models_for(), name, where="this database")
+        except ModelNotFound as error:
+            raise SQLFunctionError(str(error)) from None
 
     def encoder(self, name=None):
-        from .encoders import encoder_for
-        from .model import ModelUnavailable
-
         try:
-            return encoder_for(self.model_row(name), self.config_for())
+            return self.encoder_for(self.model_row(name), self.config_for())
         except ModelUnavailable as error:
             raise SQLFunctionError(str(error)) from None
 
@@ -118,8 +106,7 @@ class DatabaseFunctions:
         text = str(text).strip()
         if not text:
             raise SQLFunctionError("mapclip_embed_text: text is empty")
-        template = self.config_for().get("prompt_template") or "{}"
-        return vectors.encode(self.encoder(name).embed_text(template.format(text)))
+        return vectors.encode(text_vector(self.encoder(name), text, self.config_for()))
 
     def embed_image(self, data, name=None) -> bytes:
         if data is None:
@@ -148,16 +135,19 @@ def function_table(functions: DatabaseFunctions) -> dict:
 
 # -- registration ---------------------------------------------------------------------
 
-def register(conn, functions: DatabaseFunctions):
+DETERMINISTIC = ("mapclip_combine", "mapclip_similarity")
+
+
+def register(conn, functions: DatabaseFunctions) -> str:
+    """Register the functions on one connection; returns "native" or "python" (the path taken)."""
     table = function_table(functions)
-    if _Native.available(conn):
-        try:
-            _Native.register(conn, table)
+    try:
+        if sqlite_native.register(conn, table, SQLFunctionError, deterministic=DETERMINISTIC):
             return "native"
-        except Exception as error:  # any surprise: fall back to the portable path
-            log.warning("mapclip: native SQL function registration failed (%s); using create_function", error)
+    except Exception as error:  # any surprise: the portable path below still works
+        log.warning("mapclip: native SQL function registration failed (%s); using create_function", error)
     for name, (func, nargs) in table.items():
-        conn.create_function(name, nargs, _python_wrapper(func), deterministic=name != "mapclip_embed_text")
+        conn.create_function(name, nargs, _python_wrapper(func), deterministic=name in DETERMINISTIC)
     return "python"
 
 
@@ -166,131 +156,6 @@ def _python_wrapper(func):
         try:
             return func(*args)
         except SQLFunctionError as error:
-            log.warning("mapclip: %s", error)
+            log.warning("mapclip: %s", error)  # Python's sqlite3 hides the message from the SQL user
             raise
     return call
-
-
-SQLITE_UTF8 = 1
-SQLITE_DETERMINISTIC = 0x800
-SQLITE_INTEGER, SQLITE_FLOAT, SQLITE_TEXT, SQLITE_BLOB, SQLITE_NULL = 1, 2, 3, 4, 5
-SQLITE_TRANSIENT = ctypes.c_void_p(-1)
-_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_void_p))
-
-
-class _Native:
-    """SQLite C API through ctypes, for connections made by pysqlite3 (SQLite linked in)."""
-
-    lib = None
-    functions: dict[int, object] = {}
-    counter = itertools.count(1)
-    lock = threading.Lock()
-
-    @classmethod
-    def _library(cls):
-        if cls.lib is None:
-            module = sys.modules.get("pysqlite3._sqlite3")
-            if module is None:
-                return None
-            lib = ctypes.CDLL(module.__file__)
-            lib.sqlite3_db_filename.restype = ctypes.c_char_p
-            lib.sqlite3_db_filename.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-            lib.sqlite3_create_function_v2.argtypes = [
-                ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
-                _CALLBACK, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-            ]
-            lib.sqlite3_user_data.restype = ctypes.c_void_p
-            lib.sqlite3_user_data.argtypes = [ctypes.c_void_p]
-            lib.sqlite3_value_type.argtypes = [ctypes.c_void_p]
-            lib.sqlite3_value_bytes.argtypes = [ctypes.c_void_p]
-            lib.sqlite3_value_blob.restype = ctypes.c_void_p
-            lib.sqlite3_value_blob.argtypes = [ctypes.c_void_p]
-            lib.sqlite3_value_text.restype = ctypes.c_void_p
-            lib.sqlite3_value_text.argtypes = [ctypes.c_void_p]
-            lib.sqlite3_value_double.restype = ctypes.c_double
-            lib.sqlite3_value_double.argtypes = [ctypes.c_void_p]
-            lib.sqlite3_value_int64.restype = ctypes.c_int64
-            lib.sqlite3_value_int64.argtypes = [ctypes.c_void_p]
-            lib.sqlite3_result_blob.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_void_p]
-            lib.sqlite3_result_double.argtypes = [ctypes.c_void_p, ctypes.c_double]
-            lib.sqlite3_result_null.argtypes = [ctypes.c_void_p]
-            lib.sqlite3_result_error.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
-            cls.lib = lib
-        return cls.lib
-
-    @classmethod
-    def handle(cls, conn):
-        """The ``sqlite3*`` of a pysqlite3 connection: the first field after the object header,
-        accepted only if SQLite agrees it is this connection's database file."""
-        if not type(conn).__module__.startswith("pysqlite3"):
-            return None
-        lib = cls._library()
-        if lib is None:
-            return None
-        pointer = ctypes.c_void_p.from_address(id(conn) + object.__basicsize__).value
-        if not pointer:
-            return None
-        filename = lib.sqlite3_db_filename(pointer, b"main")
-        expected = conn.execute("SELECT file FROM pragma_database_list WHERE name = 'main'").fetchone()[0]
-        if (filename or b"").decode() != (expected or ""):
-            return None
-        return pointer
-
-    @classmethod
-    def available(cls, conn) -> bool:
-        try:
-            return cls.handle(conn) is not None
-        except Exception:
-            return False
-
-    @classmethod
-    def register(cls, conn, table):
-        lib = cls._library()
-        handle = cls.handle(conn)
-        for name, (func, nargs) in table.items():
-            with cls.lock:
-                key = next(cls.counter)
-                cls.functions[key] = func
-            flags = SQLITE_UTF8 | (SQLITE_DETERMINISTIC if name in ("mapclip_combine", "mapclip_similarity") else 0)
-            code = lib.sqlite3_create_function_v2(handle, name.encode(), nargs, flags, ctypes.c_void_p(key),
-                                                  _native_callback, None, None, None)
-            if code != 0:
-                raise RuntimeError(f"sqlite3_create_function_v2({name}) returned {code}")
-
-
-def _read_value(lib, value):
-    kind = lib.sqlite3_value_type(value)
-    if kind == SQLITE_NULL:
-        return None
-    if kind == SQLITE_INTEGER:
-        return lib.sqlite3_value_int64(value)
-    if kind == SQLITE_FLOAT:
-        return lib.sqlite3_value_double(value)
-    if kind == SQLITE_BLOB:
-        size = lib.sqlite3_value_bytes(value)
-        pointer = lib.sqlite3_value_blob(value)
-        return ctypes.string_at(pointer, size) if size else b""
-    pointer = lib.sqlite3_value_text(value)
-    size = lib.sqlite3_value_bytes(value)
-    return ctypes.string_at(pointer, size).decode("utf-8", "replace")
-
-
-@_CALLBACK
-def _native_callback(context, argc, argv):
-    lib = _Native.lib
-    try:
-        func = _Native.functions[lib.sqlite3_user_data(context)]
-        args = [_read_value(lib, argv[i]) for i in range(argc)]
-        result = func(*args)
-        if result is None:
-            lib.sqlite3_result_null(context)
-        elif isinstance(result, bytes):
-            lib.sqlite3_result_blob(context, result, len(result), SQLITE_TRANSIENT)
-        else:
-            lib.sqlite3_result_double(context, float(result))
-    except SQLFunctionError as error:
-        message = str(error).encode()
-        lib.sqlite3_result_error(context, message, len(message))
-    except BaseException as error:  # never let an exception cross the C boundary
-        message = f"{type(error).__name__}: {error}".encode()
-        lib.sqlite3_result_error(context, message, len(message))

@@ -17,21 +17,19 @@ leaves only whole batches behind and a rerun skips exactly what is already store
 from __future__ import annotations
 
 import datetime
-import json
 import re
+import sqlite3 as stdlib_sqlite3
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 
 from . import vectors
-from .records import MapRecord
+from .records import LIST_FIELDS, RECORD_FIELDS, MapRecord, decode_list, encode_list
 
 SCHEMA_VERSION = 1
-MAP_FIELDS = (
-    "source_id", "source", "item_id", "sheet", "title", "date", "year", "place", "subjects",
-    "contributors", "notes", "format", "item_url", "image_url", "location", "thumbnail_url",
-)
+# SQLite's code for an interrupted statement (Datasette's time limit, sqlite-vec's "chunks iter error").
+SQLITE_INTERRUPT = 9
 TEXT_FIELDS = ("title", "date", "place", "subjects", "contributors", "notes", "format")
 
 SCHEMA = f"""
@@ -218,18 +216,20 @@ class MapStore:
         return dict(self.conn.execute("SELECT * FROM models WHERE name = ?", (provenance["name"],)).fetchone())
 
     def models(self) -> list[dict]:
-        return [dict(r) for r in self.conn.execute("SELECT * FROM models ORDER BY id")]
+        """Every ``models`` row, oldest first."""
+        return read_models(self.conn)
 
     def model(self, name: str | None = None) -> dict:
-        """A model by name, or the default one."""
-        if name:
-            row = self.conn.execute("SELECT * FROM models WHERE name = ?", (name,)).fetchone()
-        else:
-            row = self.conn.execute("SELECT * FROM models ORDER BY is_default DESC, id LIMIT 1").fetchone()
-        if row is None:
-            known = ", ".join(m["name"] for m in self.models()) or "none yet"
-            raise LookupError(f"no model {name!r} in {self.path} (models: {known})" if name else f"{self.path} has no embeddings yet")
-        return dict(row)
+        """A model by name, or the default one (ModelNotFound if there is none)."""
+        return pick_model(self.models(), name, where=self.path)
+
+    def set_default_model(self, name: str):
+        """Mark one model as the collection's default (``models.is_default``), and no other."""
+        with self.transaction():
+            self.conn.execute("UPDATE models SET is_default = (name = ?)", (name,))
+
+    def vector_count(self, model: dict) -> int:
+        return self.conn.execute(f"SELECT count(*) FROM [{model['vector_table']}]").fetchone()[0]
 
     # -- reads used for resuming --------------------------------------------------
     def embedded_source_ids(self, model: dict) -> set[str]:
@@ -258,9 +258,9 @@ class MapStore:
 
     def upsert_map(self, record: MapRecord, *, thumbnail: bytes | None = None, size=None) -> int:
         """Insert or update one ``maps`` row by ``source_id``; returns its id.  Call inside a transaction."""
-        values = {name: getattr(record, name) for name in MAP_FIELDS}
-        values["subjects"] = json.dumps(record.subjects) if record.subjects else None
-        values["contributors"] = json.dumps(record.contributors) if record.contributors else None
+        values = {name: getattr(record, name) for name in RECORD_FIELDS}
+        for name in LIST_FIELDS:
+            values[name] = encode_list(values[name])
         values["thumbnail"] = thumbnail
         values["width"], values["height"] = size if size else (None, None)
         values["loaded_at"] = now()
@@ -323,18 +323,41 @@ class MapStore:
             (now(), status, loaded, skipped, failed, load_id),
         )
 
-    # -- analysis -----------------------------------------------------------------
+    # -- catalogue fields filled after loading (loc-metadata) -----------------------
+    def items_missing_catalogue(self) -> list[str]:
+        """Item ids whose maps have no title yet (rows from ``load csv`` or ``import-beto``)."""
+        return [row[0] for row in self.conn.execute(
+            "SELECT DISTINCT item_id FROM maps WHERE title IS NULL AND item_id IS NOT NULL ORDER BY item_id")]
+
+    def fill_catalogue(self, item_id: str, fields: dict, resolved_error_id: str | None = None):
+        """Set the catalogue fields of every map of one item (and the item's title), in one transaction."""
+        names = ("title", "date", "year", "place", "subjects", "contributors", "notes", "format")
+        values = [encode_list(fields.get(n)) if n in LIST_FIELDS else fields.get(n) for n in names]
+        with self.transaction():
+            self.conn.execute(f"UPDATE maps SET {', '.join(f'{n} = ?' for n in names)} WHERE item_id = ?",
+                              (*values, item_id))
+            self.conn.execute("UPDATE items SET title = ? WHERE item_id = ?", (fields.get("title"), item_id))
+            if resolved_error_id:
+                self.conn.execute("DELETE FROM load_errors WHERE source_id = ?", (resolved_error_id,))
+
+    # -- reading back -----------------------------------------------------------------
+    def stored_records(self) -> tuple[list[MapRecord], int]:
+        """A MapRecord per ``maps`` row, for re-embedding; (records, rows without a location)."""
+        records, missing = [], 0
+        for row in self.conn.execute(f"SELECT {', '.join(RECORD_FIELDS)} FROM maps ORDER BY id"):
+            row = dict(row)
+            if not row["location"]:
+                missing += 1
+                continue
+            for name in LIST_FIELDS:
+                row[name] = decode_list(row[name])
+            records.append(MapRecord(**row))
+        return records, missing
+
     def vectors(self, model_name: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Every stored vector of a model as ``(map_ids, matrix)``: int64 (N,) and float32 (N, dim)."""
         model = self.model(model_name)
-        ids, blobs = [], []
-        for map_id, blob in self.conn.execute(
-            f"SELECT map_id, embedding FROM [{model['vector_table']}] ORDER BY map_id"
-        ):
-            ids.append(map_id)
-            blobs.append(blob)
-        matrix = np.frombuffer(b"".join(blobs), dtype=vectors.FLOAT32_LE).reshape(len(blobs), model["dim"])
-        return np.asarray(ids, dtype=np.int64), matrix.astype(np.float32)
+        return read_vectors(self.conn, model["vector_table"], int(model["dim"]))
 
     def counts(self) -> dict:
         return {
@@ -342,6 +365,133 @@ class MapStore:
             "items": self.conn.execute("SELECT count(*) FROM items").fetchone()[0],
             "load_errors": self.conn.execute("SELECT count(*) FROM load_errors").fetchone()[0],
         }
+
+    def common_errors(self, limit: int = 10) -> list[tuple[str, str, int]]:
+        """(stage, reason, count) of the most frequent load errors."""
+        return [tuple(row) for row in self.conn.execute(
+            "SELECT stage, reason, count(*) n FROM load_errors GROUP BY stage, reason ORDER BY n DESC LIMIT ?",
+            (limit,))]
+
+
+# -- reads on any connection (the plugin runs these in Datasette's threads) ----------------
+
+class ModelNotFound(LookupError):
+    """No such model in a collection (or no model at all yet)."""
+
+
+def read_models(conn) -> list[dict]:
+    """Every ``models`` row, oldest first (``pick_model`` says which is the default)."""
+    return [dict(row) for row in _rows(conn, "SELECT * FROM models ORDER BY id")]
+
+
+def pick_model(models: list[dict], name: str | None = None, *, where: str = "this collection") -> dict:
+    """The one rule for which model answers: the named one, else the default (``is_default``,
+    then the oldest).  ``models`` as ``read_models`` returns them."""
+    if not models:
+        raise ModelNotFound(f"{where} has no embeddings yet (load it with `mapclip load ...`)")
+    if name is None:
+        return sorted(models, key=lambda m: (-int(m["is_default"]), m["id"]))[0]
+    for model in models:
+        if model["name"] == name:
+            return model
+    raise ModelNotFound(f"no model {name!r} in {where}; models: {', '.join(m['name'] for m in models)}")
+
+
+def is_collection(conn) -> bool:
+    """Whether a database holds a mapclip collection (``maps`` and ``models`` tables)."""
+    names = {row[0] for row in conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name IN ('maps', 'models')")}
+    return names == {"maps", "models"}
+
+
+def has_full_text_index(conn) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'maps_fts'").fetchone() is not None
+
+
+# The columns of a search result; the SQL shown to users selects the same ones.
+RESULT_COLUMNS = (
+    "maps.id, maps.title, maps.date, maps.year, maps.place, maps.item_id, maps.sheet, "
+    "maps.item_url, maps.image_url, maps.thumbnail_url, maps.thumbnail IS NOT NULL AS has_thumbnail"
+)
+
+
+def read_result_rows(conn, map_ids) -> dict[int, dict]:
+    """map id -> its result columns, for ids found by the in-memory index."""
+    ids = [int(i) for i in map_ids]
+    if not ids:
+        return {}
+    sql = f"SELECT {RESULT_COLUMNS} FROM maps WHERE id IN ({', '.join('?' * len(ids))})"
+    return {row["id"]: row for row in _rows(conn, sql, ids)}
+
+
+def read_map_summary(conn, map_id: int) -> dict | None:
+    """id, title, thumbnail_url and whether a thumbnail is stored: the "more like this" header."""
+    rows = _rows(conn, "SELECT id, title, thumbnail_url, thumbnail IS NOT NULL AS has_thumbnail FROM maps WHERE id = ?",
+                 [int(map_id)])
+    return rows[0] if rows else None
+
+
+def read_thumbnail(conn, map_id: int) -> bytes | None:
+    row = conn.execute("SELECT thumbnail FROM maps WHERE id = ?", [int(map_id)]).fetchone()
+    return row[0] if row else None
+
+
+def read_stored_vector(conn, model: dict, map_id: int) -> np.ndarray | None:
+    """One map's stored vector for a model ("more like this"), or None."""
+    row = conn.execute(f"SELECT embedding FROM [{model['vector_table']}] WHERE map_id = ?", [int(map_id)]).fetchone()
+    return None if row is None else vectors.decode(row[0])
+
+
+def read_vectors(conn, vector_table: str, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """All (map_id, vector) pairs of a vec0 table in map_id order: int64 (N,), float32 (N, dim).
+
+    Read in chunks straight into one preallocated array (no list of N BLOBs in between)."""
+    count = conn.execute(f"SELECT count(*) FROM [{vector_table}]").fetchone()[0]
+    ids = np.empty(count, np.int64)
+    matrix = np.empty((count, dim), np.float32)
+    row = 0
+    cursor = conn.execute(f"SELECT map_id, embedding FROM [{vector_table}] ORDER BY map_id")
+    while True:
+        chunk = cursor.fetchmany(20_000)
+        if not chunk:
+            break
+        chunk = chunk[:count - row]  # rows added since the count wait for the next read
+        ids[row:row + len(chunk)] = [r[0] for r in chunk]
+        matrix[row:row + len(chunk)] = np.frombuffer(
+            b"".join(r[1] for r in chunk), vectors.FLOAT32_LE).reshape(-1, dim)
+        row += len(chunk)
+    return ids[:row], matrix[:row]
+
+
+def read_maps_readonly(db_path: str | Path, columns: tuple[str, ...]) -> list[dict]:
+    """Chosen ``maps`` columns of every row, opened read-only (no vector extension needed).
+
+    StoreError if the file is missing or holds no usable ``maps`` table."""
+    if not Path(db_path).is_file():
+        raise StoreError(f"no database at {db_path}")
+    conn = stdlib_sqlite3.connect(f"file:{Path(db_path).resolve()}?mode=ro", uri=True)
+    conn.row_factory = stdlib_sqlite3.Row
+    try:
+        rows = [dict(r) for r in conn.execute(f"SELECT {', '.join(columns)} FROM maps ORDER BY id")]
+    except stdlib_sqlite3.OperationalError as error:
+        raise StoreError(f"{db_path} is not a mapclip database (no usable maps table: {error})") from None
+    finally:
+        conn.close()
+    for row in rows:
+        for name in LIST_FIELDS:
+            if name in row:
+                row[name] = decode_list(row[name])
+    return rows
+
+
+class StoreError(ValueError):
+    """A file that is not a usable mapclip database; the message says why."""
+
+
+def _rows(conn, sql: str, params=()) -> list[dict]:
+    cursor = conn.execute(sql, params)
+    names = [c[0] for c in cursor.description]
+    return [dict(zip(names, row)) for row in cursor.fetchall()]
 
 
 def _unique_items(records: Iterable[MapRecord]) -> Iterator[MapRecord]:

@@ -9,13 +9,9 @@ from __future__ import annotations
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+from .errors import UploadError
+
 DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024
-
-
-class UploadError(ValueError):
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
 
 
 async def read_multipart(request, max_bytes: int = DEFAULT_MAX_UPLOAD_BYTES) -> tuple[dict, dict]:

@@ -49,8 +49,3 @@ def combine(weighted) -> np.ndarray:
     if norm < 1e-12:
         raise ValueError("the weighted vectors cancel out (all weights zero?)")
     return (total / norm).astype(np.float32)
-
-
-def cosine_from_l2(distance: float) -> float:
-    """For unit vectors, cosine = 1 - d^2 / 2 (sqlite-vec's fast path is L2)."""
-    return 1.0 - (distance * distance) / 2.0

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import re
 import string
-from typing import Mapping
+from collections.abc import Mapping
 
 FIELDS = ("format", "title", "date", "place", "subjects", "notes")
 

@@ -88,11 +88,6 @@ def write_log(out_dir: Path, history: list[dict]):
     atomic_write_text(Path(out_dir) / LOG, buffer.getvalue())
 
 
-def read_log(out_dir: Path) -> list[dict]:
-    with open(Path(out_dir) / LOG, newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def write_training_json(out_dir: Path, info: dict):
     atomic_write_text(Path(out_dir) / TRAINING_JSON, json.dumps(info, indent=2, default=str) + "\n")
 

@@ -171,6 +171,7 @@ def register_command(db_path, checkpoint, model_name, make_default, device, prec
     Example: mapclip fine-tune register maps.db --checkpoint run/best.pt --default
     """
     from datasette_mapclip.model import ModelSpec, ModelUnavailable, load_encoder
+    from datasette_mapclip.runtime import set_torch_threads
     from datasette_mapclip.store import ExtensionsUnavailable, MapStore
 
     from .register import architecture_for, register
@@ -178,9 +179,9 @@ def register_command(db_path, checkpoint, model_name, make_default, device, prec
     model_name = model_name or architecture_for(checkpoint)
     if not model_name:
         raise click.UsageError("--model is needed: no training.json beside the checkpoint says which architecture")
+    set_torch_threads(threads)
     try:
-        encoder = load_encoder(ModelSpec(model_name, None, checkpoint), device=device, precision=precision,
-                               threads=threads)
+        encoder = load_encoder(ModelSpec(model_name, None, checkpoint), device=device, precision=precision)
         store = MapStore(db_path)
     except (ModelUnavailable, ExtensionsUnavailable) as error:
         raise click.ClickException(str(error))

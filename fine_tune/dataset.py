@@ -14,11 +14,12 @@ from __future__ import annotations
 import csv
 import datetime
 import json
-import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from datasette_mapclip.store import StoreError, read_maps_readonly
 
 from .captions import TEMPLATES, render_caption, resolve_template
 
@@ -55,19 +56,12 @@ class DatasetSummary:
 
 
 def read_maps(db_path: str | Path) -> list[dict]:
-    """Every ``maps`` row as a dict (read-only; the vector extension is not needed)."""
-    if not Path(db_path).is_file():
-        raise DatasetError(f"no database at {db_path}")
-    conn = sqlite3.connect(f"file:{Path(db_path).resolve()}?mode=ro", uri=True)
-    conn.row_factory = sqlite3.Row
+    """Every ``maps`` row's caption fields and image location (read-only)."""
     try:
-        rows = [dict(r) for r in conn.execute(
-            "SELECT id, item_id, title, date, place, subjects, notes, format, location FROM maps ORDER BY id")]
-    except sqlite3.OperationalError as error:
-        raise DatasetError(f"{db_path} is not a mapclip database (no usable maps table: {error})") from None
-    finally:
-        conn.close()
-    return rows
+        return read_maps_readonly(db_path, ("id", "item_id", "title", "date", "place", "subjects", "notes",
+                                            "format", "location"))
+    except StoreError as error:
+        raise DatasetError(str(error)) from None
 
 
 def check_fractions(fractions) -> tuple[float, float, float]:

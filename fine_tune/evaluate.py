@@ -20,7 +20,12 @@ from pathlib import Path
 import numpy as np
 
 from datasette_mapclip.model import (
-    ClipEncoder, ModelSpec, ModelUnavailable, _import_open_clip, load_encoder, pick_device,
+    ClipEncoder,
+    ModelSpec,
+    ModelUnavailable,
+    import_open_clip,
+    load_encoder,
+    pick_device,
 )
 
 from . import checkpoints
@@ -48,7 +53,7 @@ def build_encoder(architecture: str, pretrained: str | None, checkpoint: str | N
                                 precision="fp32")
         except ModelUnavailable as error:
             raise EvaluationError(str(error)) from None
-    open_clip = _import_open_clip()
+    open_clip = import_open_clip()
     seed_everything(seed)
     model, _, transform = open_clip.create_model_and_transforms(architecture, pretrained=None, device=device)
     model.eval()
@@ -97,10 +102,8 @@ def find_kinds(image_paths: list[str]) -> list[str | None]:
 
 def kind_queries(kinds) -> dict[str, str]:
     """kind key -> the plain query a person would type for it."""
-    try:
-        from loaders.sources.demo import KINDS
-    except ImportError:
-        KINDS = {}
+    from .demo.maps import KINDS
+
     return {kind: KINDS.get(kind, kind.replace("_", " ")) for kind in sorted({k for k in kinds if k})}
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from PIL import Image
 

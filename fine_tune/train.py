@@ -15,12 +15,12 @@ import dataclasses
 import math
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from datasette_mapclip.model import ModelUnavailable, _import_open_clip, pick_device
+from datasette_mapclip.model import ModelUnavailable, import_open_clip, pick_device
 
 from . import checkpoints
 from .dataset import DatasetError, read_description, read_split
@@ -123,16 +123,16 @@ def create_model(options: TrainOptions, device: str):
 
     The model is built after seeding, so training "from scratch" starts from the same random
     weights every time (evaluate rebuilds them as the base model)."""
-    open_clip = _import_open_clip()
+    open_clip = import_open_clip()
     if options.model not in open_clip.list_models():
         raise TrainingError(f"unknown open_clip architecture {options.model!r} (e.g. ViT-B-32, mapclip-tiny)")
     weights = options.starting_weights()
     if options.checkpoint and not Path(options.checkpoint).is_file():
         raise TrainingError(f"checkpoint file not found: {options.checkpoint}")
     if weights and not options.checkpoint:
-        from datasette_mapclip.model import _use_cache_only_when_offline
+        from datasette_mapclip.runtime import prefer_hub_cache_when_offline
 
-        _use_cache_only_when_offline()
+        prefer_hub_cache_when_offline()
     seed_everything(options.seed)
     try:
         model, train_transform, eval_transform = open_clip.create_model_and_transforms(
@@ -230,15 +230,10 @@ def check_same_run(saved: dict, options: TrainOptions, out_dir: Path):
 
 def train(options: TrainOptions, echo: Callable[[str], None] = print) -> TrainResult:
     """Train as ``options`` say, resuming from OUT_DIR's last epoch checkpoint if there is one."""
-    import torch
+    from datasette_mapclip.runtime import torch_threads
 
-    threads = torch.get_num_threads()
-    if options.threads:
-        torch.set_num_threads(options.threads)
-    try:
+    with torch_threads(options.threads):  # in-process callers (notebooks, tests) keep their setting
         return _train(options, echo)
-    finally:
-        torch.set_num_threads(threads)  # in-process callers (notebooks, tests) keep their setting
 
 
 def _train(options: TrainOptions, echo: Callable[[str], None]) -> TrainResult:

@@ -1,16 +1,17 @@
-"""``mapclip``: every command of the project, database path first (as sqlite-utils does)."""
+"""The loader commands of ``mapclip`` (``load folder|csv|loc``, ``import-beto``, ``loc-metadata``),
+database path first.  They join the command root (``datasette_mapclip.cli``) as entry points."""
 
 from __future__ import annotations
 
-import functools
-import os
 import sys
 import time
 
 import click
 
+from datasette_mapclip.cli import open_store
 from datasette_mapclip.images import DEFAULT_MAX_PIXELS
 from datasette_mapclip.model import DEFAULT_MODEL, DEFAULT_PRETRAINED, PRECISIONS, ModelSpec, ModelUnavailable
+from datasette_mapclip.runtime import limit_image_pixels, prefer_hub_cache_when_offline, set_torch_threads
 
 from . import iiif
 
@@ -27,7 +28,7 @@ def model_options(command):
         click.option("--device", help="torch device; default cuda if available, else cpu."),
         click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
                      help="auto: fp16 on CUDA; int8 image tower on CPU, checked against fp32 "
-                          f"(min cosine 0.999) on the first batch, fp32 if it drifts."),
+                          "(min cosine 0.999) on the first batch, fp32 if it drifts."),
         click.option("--threads", type=int, default=None,
                      help="CPU threads for the model (default: all cores)."),
         click.option("--batch-size", type=int, default=32, show_default=True, help="Images per model call and per transaction."),
@@ -42,27 +43,23 @@ def model_options(command):
 
 
 def load_encoder_or_exit(model_name, pretrained, checkpoint, device, precision, threads):
+    """The encoder the options name, with this process's torch threads and hub access set for it."""
     from datasette_mapclip.model import load_encoder
 
+    spec = ModelSpec.from_options(model_name, pretrained, checkpoint)
+    set_torch_threads(threads)
+    if spec.pretrained:
+        prefer_hub_cache_when_offline()
     try:
-        return load_encoder(ModelSpec.from_options(model_name, pretrained, checkpoint),
-                            device=device, precision=precision, threads=threads)
+        return load_encoder(spec, device=device, precision=precision)
     except ModelUnavailable as error:
-        raise click.ClickException(str(error))
-
-
-def open_store(db_path):
-    from datasette_mapclip.store import ExtensionsUnavailable, MapStore
-
-    try:
-        return MapStore(db_path)
-    except ExtensionsUnavailable as error:
         raise click.ClickException(str(error))
 
 
 def run_embedding(db_path, records, options, *, command, fetcher=None, store_thumbnails=False, total=None, after=None):
     from .pipeline import run_load
 
+    limit_image_pixels(options["max_pixels"])
     encoder = load_encoder_or_exit(options["model_name"], options["pretrained"], options["checkpoint"],
                                    options["device"], options["precision"], options["threads"])
     store = open_store(db_path)
@@ -83,13 +80,6 @@ def run_embedding(db_path, records, options, *, command, fetcher=None, store_thu
 
 
 @click.group()
-@click.version_option(package_name="datasette-mapclip")
-def cli():
-    """Search map collections by what the maps look like: load images into a SQLite file
-    with CLIP embeddings (sqlite-vec), then serve it with Datasette."""
-
-
-@cli.group()
 def load():
     """Embed a collection into a database (created if missing). Rerunning resumes."""
 
@@ -108,7 +98,7 @@ def load_folder(db_path, folder, metadata_csv, no_thumbnails, **options):
 
     Example: mapclip load folder maps.db ./scans
     """
-    from .sources.folder import MetadataError, folder_records, image_files
+    from .sources.folder import MetadataError, folder_records
 
     try:
         records = list(folder_records(folder, metadata_csv))
@@ -200,7 +190,7 @@ def load_loc(db_path, url, limit, first_sheet_only, size, rate, timeout, **optio
         raise click.ClickException(f"search page failed: {error}")
 
 
-@cli.command("import-beto")
+@click.command("import-beto")
 @click.argument("db_path", type=click.Path(dir_okay=False))
 @click.argument("beto", type=click.Path(exists=True, dir_okay=False))
 @click.argument("beto_idx", type=click.Path(exists=True, dir_okay=False))
@@ -241,7 +231,7 @@ def import_beto(db_path, beto, beto_idx, files_csv, batch_size, quiet):
                f"in {time.perf_counter() - started:.1f} s", err=True)
 
 
-@cli.command("loc-metadata")
+@click.command("loc-metadata")
 @click.argument("db_path", type=click.Path(exists=True, dir_okay=False))
 @click.option("--api", default="https://www.loc.gov", show_default=True, help="loc.gov API base URL.")
 @click.option("--limit", type=int, help="At most this many items this run.")
@@ -263,54 +253,3 @@ def loc_metadata(db_path, api, limit, timeout, quiet):
     except RateLimited as error:
         raise click.ClickException(str(error))
     click.echo(f"{result['filled']} of {result['items']} items filled, {result['failed']} failed", err=True)
-
-
-@cli.command("info")
-@click.argument("db_path", type=click.Path(exists=True, dir_okay=False))
-def info(db_path):
-    """Counts, models (provenance) and the most common load errors of a database."""
-    store = open_store(db_path)
-    counts = store.counts()
-    click.echo(f"{counts['maps']} maps in {counts['items']} items, {counts['load_errors']} load errors")
-    for model in store.models():
-        n = store.conn.execute(f"SELECT count(*) FROM [{model['vector_table']}]").fetchone()[0]
-        default = " (default)" if model["is_default"] else ""
-        click.echo(f"model {model['name']}{default}: {n} vectors of {model['dim']} floats in {model['vector_table']}, "
-                   f"open_clip {model['open_clip_version']}, sqlite-vec {model['sqlite_vec_version']}")
-    for stage, reason, n in store.conn.execute(
-        "SELECT stage, reason, count(*) n FROM load_errors GROUP BY stage, reason ORDER BY n DESC LIMIT 10"
-    ):
-        click.echo(f"  {n} x {stage}: {reason}")
-
-
-@cli.command("export-vectors")
-@click.argument("db_path", type=click.Path(exists=True, dir_okay=False))
-@click.argument("output", type=click.Path(dir_okay=False))
-@click.option("--model", "model_name", help="Model name as in the models table (default: the default model).")
-def export_vectors(db_path, output, model_name):
-    """Write every vector to OUTPUT (.npz with arrays 'map_id' and 'embedding'), for numpy users.
-
-    Load with: data = numpy.load(OUTPUT); data["embedding"]  # (N, dim) float32, unit rows
-    """
-    import numpy as np
-
-    store = open_store(db_path)
-    try:
-        ids, matrix = store.vectors(model_name)
-    except LookupError as error:
-        raise click.ClickException(str(error))
-    np.savez(output, map_id=ids, embedding=matrix)
-    click.echo(f"{len(ids)} vectors of {matrix.shape[1] if len(ids) else 0} floats -> {output}", err=True)
-
-
-from fine_tune.cli import fine_tune as fine_tune_group  # noqa: E402 - after the group it joins
-
-cli.add_command(fine_tune_group)
-
-
-def main():
-    cli()
-
-
-if __name__ == "__main__":
-    main()

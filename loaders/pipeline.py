@@ -14,7 +14,7 @@ import dataclasses
 import os
 import threading
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 from tqdm import tqdm
 
@@ -23,7 +23,7 @@ from datasette_mapclip.model import ClipEncoder
 from datasette_mapclip.records import MapRecord
 from datasette_mapclip.store import MapStore
 
-from .fetch import FetchError, Fetcher, RateLimited
+from .fetch import Fetcher, FetchError, RateLimited
 
 
 @dataclasses.dataclass

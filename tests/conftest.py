@@ -4,7 +4,6 @@ and a local loc.gov stand-in.  Nothing here touches the network or downloads wei
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +21,9 @@ def tiny_checkpoint(tmp_path_factory) -> str:
     """A seeded random mapclip-tiny state_dict saved like any user checkpoint."""
     import torch
 
-    from datasette_mapclip.model import _import_open_clip
+    from datasette_mapclip.model import import_open_clip
 
-    open_clip = _import_open_clip()
+    open_clip = import_open_clip()
     torch.manual_seed(1234)
     model, _, _ = open_clip.create_model_and_transforms(TINY_MODEL, pretrained=None)
     path = tmp_path_factory.mktemp("model") / "tiny.pt"
@@ -41,7 +40,7 @@ def model_args(tiny_checkpoint) -> list[str]:
 def tiny_encoder(tiny_checkpoint):
     from datasette_mapclip.model import ModelSpec, load_encoder
 
-    return load_encoder(ModelSpec(TINY_MODEL, None, tiny_checkpoint), precision="fp32", threads=1)
+    return load_encoder(ModelSpec(TINY_MODEL, None, tiny_checkpoint), precision="fp32")
 
 
 def draw_map(seed: int, size=(320, 240)) -> Image.Image:
@@ -86,7 +85,7 @@ def make_folder(folder: Path, count: int, *, formats=("JPEG",), metadata=True) -
 
 def load_collection(tmp_path_factory, model_args, count: int):
     """A folder of ``count`` map images loaded into a fresh database with the tiny model (fp32)."""
-    from loaders.cli import cli
+    from datasette_mapclip.cli import cli
 
     folder = make_folder(tmp_path_factory.mktemp("scans") / "maps", count)
     db_path = tmp_path_factory.mktemp("db") / "maps.db"
@@ -103,7 +102,7 @@ def runner():
 @pytest.fixture
 def invoke(runner):
     """Run a mapclip command in-process; fail with its output if it exits non-zero unexpectedly."""
-    from loaders.cli import cli
+    from datasette_mapclip.cli import cli
 
     def run(args, expect=0):
         result = runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)

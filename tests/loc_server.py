@@ -1,5 +1,5 @@
-"""A local stand-in for loc.gov and tile.loc.gov, built on the real response shapes in
-../shared/fixtures/loc/ (copied into tests/fixtures/loc/ so a clone is self-contained).
+"""A local stand-in for loc.gov and tile.loc.gov, built on real loc.gov response shapes
+kept in tests/fixtures/loc/ (search page, item, IIIF manifest).
 
 Routes
   /collections/test-maps/?fo=json&sp=N   search pages (pagination.next chains them)

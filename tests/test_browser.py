@@ -1,7 +1,6 @@
 """A real browser (Debian's Chromium, headless, via Playwright) against a real `datasette serve`."""
 
 import os
-import shutil
 import socket
 import subprocess
 import sys

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from conftest import make_folder
-from loaders.cli import cli
+from datasette_mapclip.cli import cli
 
 
 def test_help_lists_every_command(invoke):
@@ -21,7 +21,7 @@ def test_every_command_documents_its_options(invoke, args):
     assert "DB_PATH" in out
     command = cli
     for name in args:
-        command = command.commands[name]
+        command = command.get_command(None, name)
     for param in command.params:
         if getattr(param, "help", None) is None and param.param_type_name == "option" and param.name != "help":
             pytest.fail(f"{' '.join(args)} --{param.name} has no help text")

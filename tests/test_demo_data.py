@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from loaders.sources.demo import COLUMNS, KINDS, generate_demo_collection, kind_of
+from fine_tune.demo.maps import COLUMNS, KINDS, generate_demo_collection, kind_of
 
 COUNT = 24
 

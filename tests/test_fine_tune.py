@@ -27,8 +27,8 @@ def collection(tmp_path_factory, model_args):
     """48 demo maps (64 px, 8 kinds, a few multi-sheet items) loaded with the tiny model."""
     from click.testing import CliRunner
 
-    from loaders.cli import cli
-    from loaders.sources.demo import generate_demo_collection
+    from datasette_mapclip.cli import cli
+    from fine_tune.demo.maps import generate_demo_collection
 
     folder = tmp_path_factory.mktemp("demo") / "maps"
     rows = generate_demo_collection(folder, count=48, size=64)
@@ -46,7 +46,7 @@ def read_csv(path):
 def build(collection, tmp_path_factory, seed=3, template="subjects"):
     from click.testing import CliRunner
 
-    from loaders.cli import cli
+    from datasette_mapclip.cli import cli
 
     out = tmp_path_factory.mktemp("pairs")
     result = CliRunner().invoke(cli, ["fine-tune", "dataset", str(collection[0]), str(out),
@@ -70,7 +70,7 @@ def train_args(pairs_dir, out_dir, tiny_checkpoint, epochs, *extra):
 def trained(pairs_dir, tiny_checkpoint, tmp_path_factory):
     from click.testing import CliRunner
 
-    from loaders.cli import cli
+    from datasette_mapclip.cli import cli
 
     out = tmp_path_factory.mktemp("run")
     result = CliRunner().invoke(cli, train_args(pairs_dir, out, tiny_checkpoint, 3), catch_exceptions=False)
@@ -172,7 +172,7 @@ def test_loss_applies_the_learned_scale_once():
 def test_train_writes_checkpoints_and_log_and_learns(trained):
     import torch
 
-    from datasette_mapclip.model import _import_open_clip
+    from datasette_mapclip.model import import_open_clip
 
     log = read_csv(trained / "train_log.csv")
     assert [int(r["epoch"]) for r in log] == [1, 2, 3]
@@ -183,7 +183,7 @@ def test_train_writes_checkpoints_and_log_and_learns(trained):
     assert {"model", "optimizer", "scheduler", "epoch", "best_val_loss", "rng", "architecture", "args"} <= set(state)
     assert state["epoch"] == 3 and state["architecture"] == TINY_MODEL and state["finished"]
     # best.pt is a plain state_dict open_clip loads exactly.
-    open_clip = _import_open_clip()
+    open_clip = import_open_clip()
     model, _, _ = open_clip.create_model_and_transforms(TINY_MODEL, pretrained=str(trained / "best.pt"))
     best = torch.load(trained / "best.pt", weights_only=True)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in best.items())
@@ -204,7 +204,7 @@ def test_resume_after_kill_continues_and_matches_an_uninterrupted_run(pairs_dir,
     epochs = 6
     out = tmp_path / "killed"
     args = train_args(pairs_dir, out, tiny_checkpoint, epochs, "--batch-size", "4", "--keep-checkpoints", "0")
-    process = subprocess.Popen([sys.executable, "-m", "loaders.cli", *args], cwd=REPO,
+    process = subprocess.Popen([sys.executable, "-m", "datasette_mapclip.cli", *args], cwd=REPO,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     try:
@@ -287,7 +287,6 @@ def registered(collection, trained, tmp_path, invoke):
 async def test_register_adds_a_searchable_model(registered, trained):
     from datasette.app import Datasette
 
-    from datasette_mapclip.encoders import forget_all
     from datasette_mapclip.model import file_sha256
     from datasette_mapclip.store import MapStore
 
@@ -304,8 +303,9 @@ async def test_register_adds_a_searchable_model(registered, trained):
     store.close()
     assert f"registered {tuned['name']} (default)" in result.output
 
-    forget_all()
     ds = Datasette([str(db_path)])
+    unnamed = (await ds.client.get("/-/mapclip/search.json", params={"q": "nautical chart", "k": 3})).json()
+    assert unnamed["model"] == tuned["name"] == MapStore(db_path).model()["name"]  # one rule for the default
     for model in (tuned, base):
         response = await ds.client.get("/-/mapclip/search.json", params={"q": "nautical chart", "k": 5,
                                                                           "model": model["name"]})

@@ -6,9 +6,9 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
@@ -98,7 +98,7 @@ def test_killed_load_resumes_with_every_image_exactly_once(tmp_path, model_args)
     """SIGKILL a folder load at random points, rerun to completion, check nothing is lost or doubled."""
     folder = make_folder(tmp_path / "scans", 300, formats=("JPEG", "PNG"), metadata=False)
     db_path = tmp_path / "m.db"
-    command = [sys.executable, "-m", "loaders.cli", "load", "folder", str(db_path), str(folder), *model_args,
+    command = [sys.executable, "-m", "datasette_mapclip.cli", "load", "folder", str(db_path), str(folder), *model_args,
                "--batch-size", "8", "--workers", "2", "--threads", "1"]
     rng = random.Random(7)
     kills = 0
@@ -132,3 +132,15 @@ def test_killed_load_resumes_with_every_image_exactly_once(tmp_path, model_args)
     assert {r[0] for r in db.execute("SELECT source_id FROM maps")} == expected
     statuses = [r[0] for r in db.execute("SELECT status FROM loads ORDER BY id")]
     assert statuses[-1] == "finished" and statuses.count("running") == kills  # killed runs never finished
+
+
+def test_a_relative_folder_is_stored_as_absolute_locations(tmp_path, invoke, model_args, monkeypatch):
+    """`fine-tune register` re-reads images from another directory than the load ran in."""
+    make_folder(tmp_path / "work" / "scans", 3)
+    monkeypatch.chdir(tmp_path / "work")
+    invoke(["load", "folder", "maps.db", "scans", *model_args])
+    conn = open_db(tmp_path / "work" / "maps.db")
+    locations = [row[0] for row in conn.execute("SELECT location FROM maps ORDER BY id")]
+    assert len(locations) == 3
+    for location in locations:
+        assert Path(location).is_absolute() and Path(location).is_file(), location

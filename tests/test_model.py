@@ -29,7 +29,7 @@ def test_provenance_names_the_checkpoint_by_hash(tiny_encoder, tiny_checkpoint):
 
 
 def test_int8_stays_within_cosine_0999_of_fp32(tiny_checkpoint, tiny_encoder):
-    int8 = load_encoder(ModelSpec(TINY_MODEL, None, tiny_checkpoint), precision="int8", threads=1)
+    int8 = load_encoder(ModelSpec(TINY_MODEL, None, tiny_checkpoint), precision="int8")
     pixels = torch.stack([tiny_encoder.preprocess(draw_map(i)) for i in range(8)])
     fast = int8.encode_image_tensors(pixels)
     assert int8.precision == "int8" and int8.int8_min_cosine >= 0.999
@@ -60,7 +60,7 @@ def test_missing_weights_offline_give_advice_not_a_traceback(tmp_path):
     # HF_HUB_OFFLINE: the hub library only looks in its (empty) cache, so no outside host is contacted.
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), XDG_CACHE_HOME=str(tmp_path))
     result = subprocess.run(
-        [sys.executable, "-m", "loaders.cli", "load", "folder", str(tmp_path / "m.db"), str(tmp_path)],
+        [sys.executable, "-m", "datasette_mapclip.cli", "load", "folder", str(tmp_path / "m.db"), str(tmp_path)],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert result.returncode == 1
@@ -85,7 +85,7 @@ def test_int8_that_drifts_falls_back_to_fp32(tiny_checkpoint, tiny_encoder, monk
     import datasette_mapclip.model as model_module
 
     monkeypatch.setattr(model_module, "MIN_COSINE_TO_FP32", 1.000001)  # no int8 output can pass this
-    int8 = load_encoder(ModelSpec(TINY_MODEL, None, tiny_checkpoint), precision="int8", threads=1)
+    int8 = load_encoder(ModelSpec(TINY_MODEL, None, tiny_checkpoint), precision="int8")
     pixels = torch.stack([tiny_encoder.preprocess(draw_map(i)) for i in range(6)])
     with pytest.warns(UserWarning, match="using fp32"):
         first = int8.encode_image_tensors(pixels)

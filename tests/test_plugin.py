@@ -10,7 +10,6 @@ from datasette.app import Datasette
 
 from conftest import draw_map, load_collection
 from datasette_mapclip import vectors
-from datasette_mapclip.encoders import forget_all
 from datasette_mapclip.store import MapStore
 
 
@@ -21,7 +20,6 @@ def collection(tmp_path_factory, model_args):
 
 @pytest.fixture
 def ds(collection):
-    forget_all()
     return Datasette([str(collection[0])])
 
 
@@ -272,7 +270,6 @@ async def test_page_renders_a_grid_with_links(ds):
 async def test_database_whose_model_cannot_be_loaded_still_opens(collection, tmp_path):
     import shutil
 
-    forget_all()
     copy = tmp_path / "moved.db"
     shutil.copy(collection[0], copy)
     store = MapStore(copy)
@@ -292,7 +289,6 @@ async def test_database_whose_model_cannot_be_loaded_still_opens(collection, tmp
 async def test_plugin_config_points_at_the_weights_elsewhere_checked_by_hash(collection, tmp_path, tiny_checkpoint):
     import shutil
 
-    forget_all()
     copy = tmp_path / "moved.db"
     shutil.copy(collection[0], copy)
     store = MapStore(copy)
@@ -306,7 +302,6 @@ async def test_plugin_config_points_at_the_weights_elsewhere_checked_by_hash(col
     ds = Datasette([str(copy)], metadata={"plugins": {"datasette-mapclip": {"checkpoints": {name: str(wrong_weights)}}}})
     response = await ds.client.get("/-/mapclip/search.json?q=relief")
     assert response.status_code == 503 and "SHA-256 does not match" in response.json()["error"]
-    forget_all()
     ds = Datasette([str(copy)], metadata={"plugins": {"datasette-mapclip": {"checkpoints": {name: str(moved_weights)}}}})
     response = await ds.client.get("/-/mapclip/search.json?q=relief")
     assert response.status_code == 200 and len(response.json()["results"]) == 20
@@ -319,9 +314,8 @@ async def test_published_metadata_yml_canned_queries_and_hidden_tables(tmp_path)
     import yaml
     from click.testing import CliRunner
 
-    from loaders.cli import cli
+    from datasette_mapclip.cli import cli
 
-    forget_all()
     urls = [f"https://tile.loc.gov/image-services/iiif/service:gmd:test:{n}/full/pct:100/0/default.jpg" for n in range(6)]
     torch.save(torch.nn.functional.normalize(torch.randn(6, 512), dim=-1), tmp_path / "beto.pt")
     torch.save(urls, tmp_path / "beto_idx.pt")
@@ -337,7 +331,6 @@ async def test_published_metadata_yml_canned_queries_and_hidden_tables(tmp_path)
     assert "map_vectors_vit_b_32_openai" in hidden and "map_vectors_vit_b_32_openai_chunks" in hidden
     assert "maps" not in hidden
     # without the plugin-level hiding from metadata.yml, the hook hides them too
-    forget_all()
     plain = Datasette([str(db_path)])
     tables = (await plain.client.get("/maps.json")).json()["tables"]
     assert {t["name"] for t in tables if t["hidden"]} >= {"map_vectors_vit_b_32_openai", "map_vectors_vit_b_32_openai_rowids"}
@@ -346,14 +339,13 @@ async def test_published_metadata_yml_canned_queries_and_hidden_tables(tmp_path)
 async def wait_for_index(ds, database="maps"):
     import asyncio
 
-    from datasette_mapclip import index, views
+    from datasette_mapclip import search
 
-    model = (await views.models_of(ds, database))[0]
-    key = views.index_key(ds, database, model)
+    collection = await search.open_collection(ds, database)
     for _ in range(200):
-        if index.registry.get(key) is not None:
-            return index.registry.get(key)
-        views.index_for(ds, database, model)
+        found = collection.index()
+        if found is not None:
+            return found
         await asyncio.sleep(0.05)
     raise AssertionError("index never became ready")
 
@@ -362,7 +354,6 @@ async def wait_for_index(ds, database="maps"):
 @pytest.mark.parametrize("config", [{}, {"int8_min_rows": 10}])
 async def test_in_memory_index_answers_like_sqlite_vec(collection, config):
     """The fast path (exact numpy, or the int8 scan with exact re-scoring) returns what the SQL returns."""
-    forget_all()
     plain = Datasette([str(collection[0])], metadata={"plugins": {"datasette-mapclip": {"index": "off"}}})
     fast = Datasette([str(collection[0])], metadata={"plugins": {"datasette-mapclip": config}})
     found = await wait_for_index(fast)
@@ -398,3 +389,54 @@ def test_int8_scan_with_exact_rescoring_finds_the_exact_top_k():
         np.testing.assert_allclose(got_scores[:3], want_scores[:3], atol=1e-5)  # re-scored exactly
     assert hits / 500 >= 0.99
     assert np.allclose(fast.vector_of(int(ids[10])), matrix[10]) and exact.vector_of(2) is None
+
+
+def many_vectors_copy(collection, tmp_path, rows: int):
+    """A copy of the collection with ``rows`` extra maps and random unit vectors (bulk-inserted)."""
+    import shutil
+
+    copy = tmp_path / "big.db"
+    shutil.copy(collection[0], copy)
+    store = MapStore(copy)
+    model = store.model()
+    rng = np.random.default_rng(0)
+    matrix = vectors.normalise(rng.standard_normal((rows, model["dim"])).astype(np.float32))
+    with store.transaction():
+        store.conn.executemany("INSERT INTO maps (id, source_id, source) VALUES (?, ?, 'bulk')",
+                               [(1000 + i, f"bulk-{i}") for i in range(rows)])
+        store.conn.executemany(f"INSERT INTO [{model['vector_table']}] (map_id, embedding) VALUES (?, ?)",
+                               [(1000 + i, matrix[i].tobytes()) for i in range(rows)])
+    store.close()
+    return copy
+
+
+@pytest.mark.asyncio
+async def test_a_search_cut_by_the_time_limit_answers_503_that_says_so(collection, tmp_path):
+    copy = many_vectors_copy(collection, tmp_path, 60_000)
+    ds = Datasette([str(copy)], settings={"sql_time_limit_ms": 1},
+                   metadata={"plugins": {"datasette-mapclip": {"index": "off"}}})
+    response = await ds.client.get("/-/mapclip/search.json?like=1&k=5")
+    assert response.status_code == 503, response.text
+    assert "took longer than this server's 1 ms limit" in response.json()["error"]
+    page = await ds.client.get("/-/mapclip?like=1&k=5")
+    assert page.status_code == 503 and "took longer" in page.text
+    relaxed = Datasette([str(copy)], metadata={"plugins": {"datasette-mapclip": {"index": "off"}}})
+    assert (await relaxed.client.get("/-/mapclip/search.json?like=1&k=5")).status_code == 200
+
+
+@pytest.mark.asyncio
+async def test_errors_carry_their_status(collection, tmp_path):
+    import shutil
+
+    copy = tmp_path / "nofts.db"
+    shutil.copy(collection[0], copy)
+    store = MapStore(copy)
+    store.conn.executescript("DROP TRIGGER maps_ai; DROP TRIGGER maps_ad; DROP TRIGGER maps_au; DROP TABLE maps_fts;")
+    store.conn.close()
+    ds = Datasette([str(copy)])
+    response = await ds.client.get("/-/mapclip/search.json?like=1&filter=vermont")
+    assert response.status_code == 400 and "no full-text index" in response.json()["error"]
+    missing = await ds.client.get("/-/mapclip/search.json?like=99999")
+    assert missing.status_code == 404 and "map 99999 has no vector" in missing.json()["error"]
+    no_thumbnail = await ds.client.get("/-/mapclip/thumbnail/nofts/99999.jpg")
+    assert no_thumbnail.status_code == 404

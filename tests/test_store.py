@@ -51,7 +51,7 @@ def test_write_batch_then_read_vectors_into_numpy(tmp_path):
         f"SELECT map_id, distance FROM {model['vector_table']} WHERE embedding MATCH ? AND k = 2 ORDER BY distance",
         (vectors.encode(matrix[3]),),
     ).fetchall()
-    assert hits[0][0] == ids[3] and vectors.cosine_from_l2(hits[0][1]) == pytest.approx(1.0, abs=1e-6)
+    assert hits[0][0] == ids[3] and 1 - hits[0][1] ** 2 / 2 == pytest.approx(1.0, abs=1e-6)
     row = store.conn.execute("SELECT * FROM maps WHERE source_id = 's3'").fetchone()
     assert (row["title"], row["year"], row["item_id"], row["sheet"]) == ("Map 3", 1803, "i1", 2)
     assert store.conn.execute("SELECT sheet_count FROM items WHERE item_id = 'i1'").fetchone()[0] == 2

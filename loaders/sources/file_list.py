@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import csv
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 from datasette_mapclip.records import MapRecord
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import csv
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from datasette_mapclip.records import MapRecord
 
@@ -56,7 +56,8 @@ def _list(value) -> list[str]:
 
 
 def folder_records(folder: str | Path, metadata_csv: str | Path | None = None) -> Iterator[MapRecord]:
-    folder = Path(folder)
+    """A record per image; ``location`` is absolute, so re-embedding works from any directory."""
+    folder = Path(folder).resolve()
     if metadata_csv is None and (folder / "metadata.csv").exists():
         metadata_csv = folder / "metadata.csv"
     metadata = read_metadata(Path(metadata_csv)) if metadata_csv else {}

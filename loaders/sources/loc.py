@@ -8,17 +8,16 @@ item 10 / 10 s and 200 / minute.  Exceeding them blocks the client for 5 minutes
 from __future__ import annotations
 
 import urllib.parse
-from typing import Iterator
+from collections.abc import Iterator
 
 from datasette_mapclip.records import MapRecord, parse_year
 
 from .. import iiif
-from ..fetch import FetchError, Fetcher, RateLimiter
+from ..fetch import Fetcher, FetchError, RateLimiter
 from .file_list import https, item_id_from_url
 
 SEARCH_LIMITS = [(20, 10.0), (80, 60.0)]
 ITEM_LIMITS = [(10, 10.0), (200, 60.0)]
-IMAGE_LIMITS_PER_MINUTE = 200
 PAGE_SIZE = 100
 LOC_API = "https://www.loc.gov"
 
@@ -192,13 +191,7 @@ def fill_metadata(store, fetcher: Fetcher, *, api: str = LOC_API, limit: int | N
     """
     from tqdm import tqdm
 
-    conn = store.conn
-    item_ids = [
-        row[0]
-        for row in conn.execute(
-            "SELECT DISTINCT item_id FROM maps WHERE title IS NULL AND item_id IS NOT NULL ORDER BY item_id"
-        )
-    ]
+    item_ids = store.items_missing_catalogue()
     if limit is not None:
         item_ids = item_ids[:limit]
     done = failed = 0
@@ -213,20 +206,6 @@ def fill_metadata(store, fetcher: Fetcher, *, api: str = LOC_API, limit: int | N
                 store.record_error(placeholder, "metadata", str(error))
             failed += 1
             continue
-        import json
-
-        with store.transaction():
-            conn.execute(
-                """UPDATE maps SET title = ?, date = ?, year = ?, place = ?, subjects = ?, contributors = ?,
-                   notes = ?, format = ? WHERE item_id = ?""",
-                (
-                    fields["title"], fields["date"], fields["year"], fields["place"],
-                    json.dumps(fields["subjects"]) if fields["subjects"] else None,
-                    json.dumps(fields["contributors"]) if fields["contributors"] else None,
-                    fields["notes"], fields["format"], item_id,
-                ),
-            )
-            conn.execute("UPDATE items SET title = ? WHERE item_id = ?", (fields["title"], item_id))
-            conn.execute("DELETE FROM load_errors WHERE source_id = ?", (placeholder.source_id,))
+        store.fill_catalogue(item_id, fields, resolved_error_id=placeholder.source_id)
         done += 1
     return {"items": len(item_ids), "filled": done, "failed": failed}

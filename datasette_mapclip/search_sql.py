@@ -1,0 +1,101 @@
+"""The SQL of a search: what is shown to users (runnable in Datasette as it stands) and what runs.
+
+Both are one sqlite-vec KNN over the model's ``vec0`` table with the filters inside it.  The shown
+SQL builds its query vector with the SQL functions (``mapclip_embed_text(:q)``, the stored vector of
+``:like``, ``mapclip_combine``); the SQL that runs takes the vector the search service already
+built (``:query_vector``), so the model never runs inside a database thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .query import SearchParams
+from .store import RESULT_COLUMNS
+
+
+@dataclasses.dataclass
+class SearchPlan:
+    """The SQL of one search: shown to users (``sql``, ``params``) and run (``run_sql``, ``run_params``
+    plus ``query_vector``)."""
+
+    sql: str
+    params: dict
+    run_sql: str
+    run_params: dict
+
+
+def filter_clause(params: SearchParams, sql_params: dict) -> str:
+    """A ``map_id IN (...)`` constraint that sqlite-vec applies inside the KNN."""
+    conditions = []
+    if params.year_min is not None:
+        conditions.append("year >= :year_min")
+        sql_params["year_min"] = params.year_min
+    if params.year_max is not None:
+        conditions.append("year <= :year_max")
+        sql_params["year_max"] = params.year_max
+    if params.place:
+        conditions.append("place LIKE '%' || :place || '%'")
+        sql_params["place"] = params.place
+    if params.filter:
+        conditions.append("id IN (SELECT rowid FROM maps_fts WHERE maps_fts MATCH :filter)")
+        sql_params["filter"] = fts_query(params.filter)
+    if not conditions:
+        return ""
+    return "\n  AND v.map_id IN (SELECT id FROM maps WHERE " + " AND ".join(conditions) + ")"
+
+
+def fts_query(text: str) -> str:
+    """Free text -> an FTS5 query of quoted terms (all must match), so no syntax errors reach users."""
+    terms = [t.replace('"', "") for t in text.split() if t.replace('"', "")]
+    return " ".join(f'"{t}"' for t in terms)
+
+
+def query_vector_sql(params: SearchParams, model: dict, sql_params: dict) -> str:
+    """The SQL expression of the query vector: readable, and runnable in Datasette as it stands."""
+    table = model["vector_table"]
+    model_arg = ", :model" if params.model else ""
+    if params.model:
+        sql_params["model"] = params.model
+    text = image = None
+    if params.q:
+        sql_params["q"] = params.q
+        text = f"mapclip_embed_text(:q{model_arg})"
+    if params.vector is not None:
+        sql_params["vector"] = params.vector.hex()
+        image = "unhex(:vector)"
+    elif params.like is not None:
+        sql_params["like"] = params.like
+        image = f"(SELECT embedding FROM [{table}] WHERE map_id = :like)"
+    if text and image:
+        text_weight, image_weight = params.weights()
+        sql_params["text_weight"] = text_weight
+        sql_params["image_weight"] = image_weight
+        return f"mapclip_combine({text}, :text_weight, {image}, :image_weight)"
+    return text or image
+
+
+def knn_sql(vector_table: str, vector_sql: str, filters: str) -> str:
+    return f"""SELECT
+  {RESULT_COLUMNS},
+  1 - v.distance * v.distance / 2 AS similarity
+FROM [{vector_table}] v
+JOIN maps ON maps.id = v.map_id
+WHERE v.embedding MATCH {vector_sql}
+  AND v.k = :k{filters}
+ORDER BY v.distance
+LIMIT :limit OFFSET :offset"""
+
+
+def plan(params: SearchParams, model: dict) -> SearchPlan:
+    shown_params: dict = {}
+    vector_sql = query_vector_sql(params, model, shown_params)
+    filter_params: dict = {}
+    filters = filter_clause(params, filter_params)
+    paging = {"k": params.k * params.page, "limit": params.k, "offset": params.k * (params.page - 1)}
+    return SearchPlan(
+        sql=knn_sql(model["vector_table"], vector_sql, filters),
+        params={**shown_params, **filter_params, **paging},
+        run_sql=knn_sql(model["vector_table"], ":query_vector", filters),
+        run_params={**filter_params, **paging},
+    )

@@ -1,0 +1,226 @@
+"""SQL functions registered through SQLite's C API (ctypes), so their errors say what was wrong.
+
+Why this module exists: Python's sqlite3 bridge turns every exception raised in a
+``create_function`` callback into the fixed text "user-defined function raised exception", and
+the mapclip SQL functions must tell the SQL user *what* was wrong (NULL, not an image, wrong
+length).  Where a connection comes from pysqlite3 (SQLite linked into its extension module, as
+Datasette uses on Linux), ``sqlite3_create_function_v2`` is called directly and
+``sqlite3_result_error`` carries the message.  Everywhere else ``register`` returns False and the
+caller uses ``create_function``.
+
+What keeps it from ever crashing the process (every check happens before a pointer is used):
+
+- the connection must be a pysqlite3 ``Connection`` (exact module), open, whose type's instance
+  size covers the ``sqlite3 *db`` field that follows the object header (CPython's layout since 2.5);
+- the candidate pointer must be non-null, readable (probed through ``/proc/self/mem``, which
+  answers an error instead of faulting; where it does not exist, the native path is not used), and
+  start with the default VFS pointer, as every ``sqlite3`` object opened without a custom VFS does;
+- SQLite itself must then name the same database file as the connection does.
+
+Per-connection state: each registered function keeps its Python callable in ``_callables`` under a
+key that SQLite hands back as user data; SQLite calls the destroy callback when the function is
+replaced or its connection closes, and that drops the entry, so the table never outgrows the open
+connections.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import logging
+import os
+import struct
+import sys
+import threading
+
+log = logging.getLogger(__name__)
+
+SQLITE_OK = 0
+SQLITE_UTF8 = 1
+SQLITE_DETERMINISTIC = 0x800
+SQLITE_INTEGER, SQLITE_FLOAT, SQLITE_TEXT, SQLITE_BLOB, SQLITE_NULL = 1, 2, 3, 4, 5
+SQLITE_TRANSIENT = ctypes.c_void_p(-1)
+POINTER_SIZE = ctypes.sizeof(ctypes.c_void_p)
+
+_FUNCTION = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_void_p))
+_DESTROY = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+
+_lock = threading.Lock()
+_keys = itertools.count(1)
+_callables: dict[int, tuple[object, type]] = {}  # key -> (python callable, exception type whose message is shown)
+_library = None
+
+
+def registered_count() -> int:
+    """How many native registrations are alive (they are released when their connection closes)."""
+    with _lock:
+        return len(_callables)
+
+
+def _sqlite_library():
+    """The SQLite that pysqlite3 links in, with the argument types of the calls used here."""
+    global _library
+    if _library is not None:
+        return _library
+    module = sys.modules.get("pysqlite3._sqlite3")
+    if module is None or not getattr(module, "__file__", None):
+        return None
+    lib = ctypes.CDLL(module.__file__)
+    signatures = {
+        "sqlite3_db_filename": (ctypes.c_char_p, [ctypes.c_void_p, ctypes.c_char_p]),
+        "sqlite3_vfs_find": (ctypes.c_void_p, [ctypes.c_char_p]),
+        "sqlite3_create_function_v2": (ctypes.c_int, [
+            ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+            _FUNCTION, ctypes.c_void_p, ctypes.c_void_p, _DESTROY]),
+        "sqlite3_user_data": (ctypes.c_void_p, [ctypes.c_void_p]),
+        "sqlite3_value_type": (ctypes.c_int, [ctypes.c_void_p]),
+        "sqlite3_value_bytes": (ctypes.c_int, [ctypes.c_void_p]),
+        "sqlite3_value_blob": (ctypes.c_void_p, [ctypes.c_void_p]),
+        "sqlite3_value_text": (ctypes.c_void_p, [ctypes.c_void_p]),
+        "sqlite3_value_double": (ctypes.c_double, [ctypes.c_void_p]),
+        "sqlite3_value_int64": (ctypes.c_int64, [ctypes.c_void_p]),
+        "sqlite3_result_blob": (None, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_void_p]),
+        "sqlite3_result_double": (None, [ctypes.c_void_p, ctypes.c_double]),
+        "sqlite3_result_int64": (None, [ctypes.c_void_p, ctypes.c_int64]),
+        "sqlite3_result_null": (None, [ctypes.c_void_p]),
+        "sqlite3_result_error": (None, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]),
+    }
+    for name, (restype, argtypes) in signatures.items():
+        function = getattr(lib, name)
+        function.restype = restype
+        function.argtypes = argtypes
+    _library = lib
+    return lib
+
+
+def _read_memory(address: int, size: int) -> bytes | None:
+    """``size`` bytes at ``address`` of this process, or None if unreadable (never faults)."""
+    try:
+        fd = os.open("/proc/self/mem", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        data = os.pread(fd, size, address)
+    except (OSError, OverflowError, ValueError):
+        return None
+    finally:
+        os.close(fd)
+    return data if len(data) == size else None
+
+
+def connection_handle(conn) -> int | None:
+    """The ``sqlite3*`` behind a pysqlite3 connection, or None wherever any check fails."""
+    connection_type = type(conn)
+    if not any(cls.__module__ == "pysqlite3.dbapi2" and cls.__name__ == "Connection"
+               for cls in connection_type.__mro__):
+        return None
+    lib = _sqlite_library()
+    if lib is None:
+        return None
+    if connection_type.__basicsize__ < object.__basicsize__ + POINTER_SIZE:
+        return None
+    try:
+        expected = conn.execute("SELECT file FROM pragma_database_list WHERE name = 'main'").fetchone()[0] or ""
+    except Exception:  # closed, or not usable: nothing to register on
+        return None
+    field = _read_memory(id(conn) + object.__basicsize__, POINTER_SIZE)
+    if field is None:
+        return None
+    (pointer,) = struct.unpack("P", field)
+    if not pointer:
+        return None
+    default_vfs = lib.sqlite3_vfs_find(None)
+    first_field = _read_memory(pointer, POINTER_SIZE)  # sqlite3.pVfs
+    if not default_vfs or first_field is None or struct.unpack("P", first_field)[0] != default_vfs:
+        return None
+    filename = lib.sqlite3_db_filename(pointer, b"main")
+    if (filename or b"").decode("utf-8", "replace") != expected:
+        return None
+    return pointer
+
+
+def register(conn, functions: dict, message_error: type[BaseException], deterministic=()) -> bool:
+    """Register ``{sql name: (callable, n_args)}`` natively; False (nothing registered) if this
+    connection cannot take the native path.  Exceptions of type ``message_error`` become the SQL
+    error text as they are; any other exception is reported with its type name."""
+    try:
+        handle = connection_handle(conn)
+    except Exception as error:
+        log.warning("mapclip: native SQL functions unavailable (%s); using create_function", error)
+        return False
+    if handle is None:
+        return False
+    lib = _library
+    for name, (func, nargs) in functions.items():
+        with _lock:
+            key = next(_keys)
+            _callables[key] = (func, message_error)
+        flags = SQLITE_UTF8 | (SQLITE_DETERMINISTIC if name in deterministic else 0)
+        code = lib.sqlite3_create_function_v2(handle, name.encode(), nargs, flags, ctypes.c_void_p(key),
+                                              _call, None, None, _destroy)
+        if code != SQLITE_OK:
+            # SQLite calls xDestroy itself when registration fails, which dropped the key.
+            raise RuntimeError(f"sqlite3_create_function_v2({name}) returned {code}")
+    return True
+
+
+def _read_value(lib, value):
+    kind = lib.sqlite3_value_type(value)
+    if kind == SQLITE_NULL:
+        return None
+    if kind == SQLITE_INTEGER:
+        return lib.sqlite3_value_int64(value)
+    if kind == SQLITE_FLOAT:
+        return lib.sqlite3_value_double(value)
+    if kind == SQLITE_BLOB:
+        size = lib.sqlite3_value_bytes(value)
+        pointer = lib.sqlite3_value_blob(value)
+        return ctypes.string_at(pointer, size) if size and pointer else b""
+    pointer = lib.sqlite3_value_text(value)
+    size = lib.sqlite3_value_bytes(value)
+    return ctypes.string_at(pointer, size).decode("utf-8", "replace") if pointer else ""
+
+
+def _error(lib, context, text: str):
+    message = text.encode("utf-8", "replace")
+    lib.sqlite3_result_error(context, message, len(message))
+
+
+@_FUNCTION
+def _call(context, argc, argv):
+    lib = _library
+    try:
+        with _lock:
+            entry = _callables.get(lib.sqlite3_user_data(context) or 0)
+        if entry is None:
+            _error(lib, context, "mapclip: this SQL function is no longer registered")
+            return
+        func, message_error = entry
+        if argc < 0 or (argc and not argv):
+            _error(lib, context, "mapclip: SQLite passed no arguments")
+            return
+        try:
+            result = func(*[_read_value(lib, argv[i]) for i in range(argc)])
+        except message_error as error:
+            _error(lib, context, str(error))
+            return
+        if result is None:
+            lib.sqlite3_result_null(context)
+        elif isinstance(result, (bytes, bytearray)):
+            lib.sqlite3_result_blob(context, bytes(result), len(result), SQLITE_TRANSIENT)
+        elif isinstance(result, int) and not isinstance(result, bool):
+            lib.sqlite3_result_int64(context, result)
+        else:
+            lib.sqlite3_result_double(context, float(result))
+    except BaseException as error:  # never let an exception cross the C boundary
+        _error(lib, context, f"{type(error).__name__}: {error}")
+
+
+@_DESTROY
+def _destroy(user_data, lock=_lock, callables=_callables):
+    # Bound as defaults: connections closed while the interpreter shuts down outlive module globals.
+    try:
+        with lock:
+            callables.pop(user_data or 0, None)
+    except BaseException:  # never let an exception cross the C boundary
+        pass

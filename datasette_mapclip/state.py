@@ -1,0 +1,37 @@
+"""What one Datasette server holds for this plugin, and its configuration.
+
+Each ``Datasette`` instance gets its own encoders (with their remembered load failures) and its
+own vector indexes, created on first use and released with the instance; nothing is a module-level
+global that one server (or one test) could leak into another.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+
+from .encoders import EncoderCache
+from .index import IndexRegistry
+
+PLUGIN = "datasette-mapclip"
+
+
+@dataclasses.dataclass
+class PluginState:
+    encoders: EncoderCache = dataclasses.field(default_factory=EncoderCache)
+    indexes: IndexRegistry = dataclasses.field(default_factory=IndexRegistry)
+
+
+_states: "weakref.WeakKeyDictionary[object, PluginState]" = weakref.WeakKeyDictionary()
+
+
+def state_for(datasette) -> PluginState:
+    state = _states.get(datasette)
+    if state is None:
+        state = _states.setdefault(datasette, PluginState())
+    return state
+
+
+def plugin_config(datasette, database: str | None = None) -> dict:
+    """``plugins: datasette-mapclip:`` from metadata (per database where given)."""
+    return datasette.plugin_config(PLUGIN, database=database) or {}
