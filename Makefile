@@ -8,7 +8,7 @@ TORCH_PACKAGES ?= torch==2.14.1 torchvision==0.29.1
 
 .PHONY: install chromium demo test bench bench-loader bench-search clean
 
-$(VENV)/.installed: setup.py
+$(VENV)/.installed: setup.py ruff.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PACKAGES)
@@ -28,6 +28,7 @@ chromium:
 	  (echo "Could not install chromium; install it (or set MAPCLIP_CHROMIUM) for the browser test" && exit 1)
 
 test: install chromium
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests
 
 # Benchmarks (ViT-B-32 with random weights on this machine's CPU), results in bench/results/:

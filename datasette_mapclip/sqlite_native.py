@@ -224,3 +224,10 @@ def _destroy(user_data, lock=_lock, callables=_callables):
             callables.pop(user_data or 0, None)
     except BaseException:  # never let an exception cross the C boundary
         pass
+
+
+# SQLite keeps pointers to these two callbacks for as long as any connection lives, and connections
+# can outlive this module's globals while the interpreter shuts down; one extra reference each
+# keeps the ctypes thunks from being freed under SQLite's feet.
+for _callback in (_call, _destroy):
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(_callback))
