@@ -3,7 +3,6 @@
 from datasette import hookimpl
 
 from . import search, store, views
-from .errors import SearchError
 from .runtime import set_torch_threads
 from .sql_functions import DatabaseFunctions, register
 from .state import plugin_config, state_for
@@ -30,9 +29,16 @@ def prepare_connection(conn, database, datasette):
 def get_metadata(datasette):
     # vec0 tables and their shadow tables ("map_vectors_<model>..."): their table pages answer
     # 400 on Datasette 0.65 and mean nothing to a reader; Datasette hides every table whose
-    # name starts with a hidden one.  (Datasette 1.0 drops this hook: use metadata.yml there.)
-    hidden = {"tables": {"map_vectors": {"hidden": True}, "mapclip_meta": {"hidden": True}}}
-    return {"databases": {name: hidden for name in datasette.databases if not name.startswith("_")}}
+    # name starts with a hidden one.  Only collections get this, and each gets dicts of its own:
+    # Datasette merges hook metadata into its own in place, so a shared dict would carry one
+    # database's settings (an allow block) into another.  (Datasette 1.0 drops this hook: use
+    # metadata.yml there.)
+    databases = {
+        name: {"tables": {"map_vectors": {"hidden": True}, "mapclip_meta": {"hidden": True}}}
+        for name, db in datasette.databases.items()
+        if not name.startswith("_") and store.file_is_collection(db.path)
+    }
+    return {"databases": databases} if databases else {}
 
 
 @hookimpl
@@ -43,10 +49,13 @@ def startup(datasette):
     async def build_indexes():
         # Index every collection's default model in the background so the first searches are fast;
         # until an index is ready, searches go through sqlite-vec.
-        for name in await search.collection_names(datasette):
+        for name in await search.all_collection_names(datasette):
             try:
-                (await search.open_collection(datasette, name)).index()
-            except SearchError:
+                models = await datasette.get_database(name).execute_fn(store.read_models)
+                collection = search.Collection(datasette, name, models, store.pick_model(models),
+                                               plugin_config(datasette, name))
+                collection.index()
+            except store.ModelNotFound:
                 pass  # no embeddings yet
 
     return build_indexes
@@ -62,14 +71,20 @@ def register_routes():
 
 
 @hookimpl
-def menu_links(datasette):
-    return [{"href": datasette.urls.path("/-/mapclip"), "label": "Map search"}]
+def menu_links(datasette, actor):
+    async def inner():
+        # Only where this actor has something to search.
+        if await search.collection_names(datasette, actor):
+            return [{"href": datasette.urls.path("/-/mapclip"), "label": "Map search"}]
+        return []
+
+    return inner
 
 
 @hookimpl
-def database_actions(datasette, database):
+def database_actions(datasette, actor, database):
     async def inner():
-        if database in await search.collection_names(datasette):
+        if database in await search.collection_names(datasette, actor):
             return [{"href": datasette.urls.path(f"/-/mapclip?_db={database}"), "label": "Search these maps by image or text"}]
         return []
 

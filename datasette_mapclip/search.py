@@ -19,6 +19,7 @@ import urllib.parse
 
 import numpy as np
 from datasette.database import QueryInterrupted
+from datasette.utils.asgi import Forbidden
 
 from . import query_vector, search_sql, store, vectors
 from .errors import BadSearch, NotFound, SearchUnavailable, UploadError
@@ -62,8 +63,8 @@ class Collection:
         return state_for(self.datasette).indexes.for_model(self.db.path, self.model, self.config)
 
 
-async def collection_names(datasette) -> list[str]:
-    """Databases that hold a mapclip collection, in Datasette's order."""
+async def all_collection_names(datasette) -> list[str]:
+    """Databases that hold a mapclip collection, in Datasette's order, whoever is asking."""
     names = []
     for name, db in datasette.databases.items():
         if not name.startswith("_") and await db.execute_fn(store.is_collection):
@@ -71,17 +72,43 @@ async def collection_names(datasette) -> list[str]:
     return names
 
 
-async def open_collection(datasette, wanted: str | None, model_name: str | None = None) -> Collection:
-    """The collection a request names (``_db``) or the first one, with its chosen model."""
-    names = await collection_names(datasette)
+async def ensure_can_view(datasette, actor, database: str):
+    """Datasette's own checks for the collection's ``maps`` table, as its table page makes them
+    (view-table, then view-database, then view-instance; the first decision wins).  Raises
+    Datasette's ``Forbidden``, which Datasette answers with its 403."""
+    await datasette.ensure_permissions(actor, [
+        ("view-table", (database, store.MAPS_TABLE)), ("view-database", database), "view-instance"])
+
+
+async def can_view(datasette, actor, database: str) -> bool:
+    try:
+        await ensure_can_view(datasette, actor, database)
+        return True
+    except Forbidden:
+        return False
+
+
+async def collection_names(datasette, actor) -> list[str]:
+    """The collections this actor may view, in Datasette's order."""
+    return [name for name in await all_collection_names(datasette) if await can_view(datasette, actor, name)]
+
+
+async def open_collection(datasette, actor, wanted: str | None, model_name: str | None = None) -> Collection:
+    """The collection a request names (``_db``) or the first one the actor may view, with its model.
+
+    A collection the actor may not view answers Datasette's 403, as its database page does."""
+    await datasette.ensure_permissions(actor, ["view-instance"])
     if wanted:
-        if wanted not in names:
+        if wanted not in await all_collection_names(datasette):
+            names = await collection_names(datasette, actor)
             raise BadSearch(f"no mapclip collection named {wanted!r}; collections: {', '.join(names) or 'none'}")
+        await ensure_can_view(datasette, actor, wanted)
         name = wanted
-    elif names:
-        name = names[0]
     else:
-        raise BadSearch("no database here holds a mapclip collection (load one with `mapclip load ...`)")
+        names = await collection_names(datasette, actor)
+        if not names:
+            raise BadSearch("no database here holds a mapclip collection you can view")
+        name = names[0]
     models = await datasette.get_database(name).execute_fn(store.read_models)
     try:
         model = store.pick_model(models, model_name)
@@ -207,9 +234,10 @@ async def map_summary(collection: Collection, map_id: int) -> dict | None:
     return row
 
 
-async def thumbnail(datasette, database: str, map_id: int) -> bytes:
-    if database not in await collection_names(datasette):
+async def thumbnail(datasette, actor, database: str, map_id: int) -> bytes:
+    if database not in await all_collection_names(datasette):
         raise NotFound("no such collection")
+    await ensure_can_view(datasette, actor, database)
     data = await datasette.get_database(database).execute_fn(lambda conn: store.read_thumbnail(conn, map_id))
     if data is None:
         raise NotFound("no thumbnail for that map")

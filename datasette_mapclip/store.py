@@ -17,6 +17,8 @@ leaves only whole batches behind and a rerun skips exactly what is already store
 from __future__ import annotations
 
 import datetime
+import functools
+import os
 import re
 import sqlite3 as stdlib_sqlite3
 from collections.abc import Iterable, Iterator
@@ -28,6 +30,7 @@ from . import vectors
 from .records import LIST_FIELDS, RECORD_FIELDS, MapRecord, decode_list, encode_list
 
 SCHEMA_VERSION = 1
+MAPS_TABLE = "maps"  # the table whose Datasette permissions decide who may search a collection
 # SQLite's code for an interrupted statement (Datasette's time limit, sqlite-vec's "chunks iter error").
 SQLITE_INTERRUPT = 9
 TEXT_FIELDS = ("title", "date", "place", "subjects", "contributors", "notes", "format")
@@ -402,6 +405,32 @@ def is_collection(conn) -> bool:
     names = {row[0] for row in conn.execute(
         "SELECT name FROM sqlite_master WHERE type = 'table' AND name IN ('maps', 'models')")}
     return names == {"maps", "models"}
+
+
+def file_is_collection(path) -> bool:
+    """``is_collection`` for a database file, cached while the file is unchanged (cheap enough to
+    ask on every Datasette metadata lookup)."""
+    if not path:
+        return False
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return False
+    return _file_is_collection(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=256)
+def _file_is_collection(path: str, mtime_ns: int, size: int) -> bool:
+    try:
+        conn = stdlib_sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True)
+    except stdlib_sqlite3.Error:
+        return False
+    try:
+        return is_collection(conn)
+    except stdlib_sqlite3.Error:
+        return False
+    finally:
+        conn.close()
 
 
 def has_full_text_index(conn) -> bool:

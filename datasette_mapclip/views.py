@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import urllib.parse
 
-from datasette.utils.asgi import Response
+from datasette.utils.asgi import Forbidden, Response
 
 from . import search
 from .errors import BadSearch, NotFound, SearchError, UploadError
@@ -26,7 +26,7 @@ async def read_search_request(datasette, request) -> tuple[search.Collection, Se
             raise UploadError("the uploaded file is empty (0 bytes)")
         upload = data or None
     params = SearchParams.from_args(args)
-    collection = await search.open_collection(datasette, args.get("_db") or None, params.model)
+    collection = await search.open_collection(datasette, request.actor, args.get("_db") or None, params.model)
     if upload:
         params.vector = await search.embed_upload(collection, upload)
     return collection, params
@@ -46,6 +46,8 @@ async def search_json(request, datasette):
         data = await search.run_search(collection, params)
     except SearchError as error:
         return error_response(error, as_json=True)
+    except Forbidden as error:  # Datasette's permission checks; the same 403, as JSON
+        return error_response(SearchError(f"Forbidden: {error}", 403), as_json=True)
     data["ok"] = True
     return Response.json(data, default=str)
 
@@ -76,7 +78,7 @@ async def mapclip_page(request, datasette):
             "data": data,
             "error": error,
             "database": database,
-            "databases": await search.collection_names(datasette),
+            "databases": await search.collection_names(datasette, request.actor),
             "models": collection.models if collection else [],
             "model_name": (data or {}).get("model") or (collection.model["name"] if collection else None),
             "like_row": like_row,
@@ -92,7 +94,11 @@ async def mapclip_page(request, datasette):
 
 async def thumbnail(request, datasette):
     try:
-        data = await search.thumbnail(datasette, request.url_vars["database"], int(request.url_vars["id"]))
+        data = await search.thumbnail(datasette, request.actor, request.url_vars["database"],
+                                      int(request.url_vars["id"]))
     except NotFound as error:
         return Response.text(str(error), status=error.status)
-    return Response(data, content_type="image/jpeg", headers={"Cache-Control": "public, max-age=86400"})
+    # A thumbnail of a collection behind permissions must not sit in shared caches.
+    public = await search.can_view(datasette, None, request.url_vars["database"])
+    cache = "public, max-age=86400" if public else "private, max-age=3600"
+    return Response(data, content_type="image/jpeg", headers={"Cache-Control": cache})

@@ -341,7 +341,7 @@ async def wait_for_index(ds, database="maps"):
 
     from datasette_mapclip import search
 
-    collection = await search.open_collection(ds, database)
+    collection = await search.open_collection(ds, None, database)
     for _ in range(200):
         found = collection.index()
         if found is not None:
