@@ -7,6 +7,7 @@ refused as soon as it passes the cap instead of after it has all arrived.
 
 from __future__ import annotations
 
+from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from .errors import UploadError
@@ -69,9 +70,12 @@ async def read_multipart(request, max_bytes: int = DEFAULT_MAX_UPLOAD_BYTES) -> 
         received += len(chunk)
         if received > max_bytes + 64 * 1024:
             raise UploadError(f"upload too large: over the {max_bytes / 1e6:.1f} MB limit", 413)
-        if chunk:
-            parser.write(chunk)
-        if not message.get("more_body"):
-            break
-    parser.finalize()
+        try:
+            if chunk:
+                parser.write(chunk)
+            if not message.get("more_body"):
+                parser.finalize()
+                break
+        except MultipartParseError as error:
+            raise UploadError(f"the multipart/form-data body is malformed: {error}") from None
     return fields, files

@@ -18,6 +18,10 @@ async def read_search_request(datasette, request) -> tuple[search.Collection, Se
     args = {key: request.args.get(key) for key in request.args.keys()}
     upload = None
     if request.method == "POST":
+        # No body is read for an actor who may not search here.
+        await datasette.ensure_permissions(request.actor, ["view-instance"])
+        if args.get("_db") in await search.all_collection_names(datasette):
+            await search.ensure_can_view(datasette, request.actor, args["_db"])
         max_bytes = int(plugin_config(datasette).get("max_upload_bytes", DEFAULT_MAX_UPLOAD_BYTES))
         fields, files = await read_multipart(request, max_bytes)
         args.update({k: v for k, v in fields.items() if k != "csrftoken"})

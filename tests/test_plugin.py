@@ -440,3 +440,6 @@ async def test_errors_carry_their_status(collection, tmp_path):
     assert missing.status_code == 404 and "map 99999 has no vector" in missing.json()["error"]
     no_thumbnail = await ds.client.get("/-/mapclip/thumbnail/nofts/99999.jpg")
     assert no_thumbnail.status_code == 404
+    malformed = await ds.client.post("/-/mapclip/search.json", content=b"x" * 100,
+                                     headers={"content-type": "multipart/form-data; boundary=zz"})
+    assert malformed.status_code == 400 and "malformed" in malformed.json()["error"]
