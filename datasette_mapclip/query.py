@@ -21,12 +21,19 @@ from .errors import BadSearch
 DEFAULT_K = 20
 MAX_K = 200
 VEC0_MAX_K = 4096  # sqlite-vec's limit on k: no page of one search reaches past it
+# CLIP reads 77 tokens (a few hundred characters); longer text is refused before any tokenising,
+# so no request can hold the shared encoder for long.
+MAX_QUERY_CHARS = 1000
+MAX_FILTER_CHARS = 1000
+MAX_ID = 2**63 - 1  # SQLite's largest integer
 
 
 def _int(args, name, low=None, high=None):
     raw = (args.get(name) or "").strip()
     if not raw:
         return None
+    if len(raw) > 25:
+        raise BadSearch(f"{name} must be a whole number, got {len(raw)} characters")
     try:
         value = int(raw)
     except ValueError:
@@ -70,17 +77,21 @@ class SearchParams:
                 raise BadSearch("vector must be hex-encoded float32 bytes (a multiple of 4 bytes)")
         params = cls(
             q=(args.get("q") or "").strip() or None,
-            like=_int(args, "like"),
+            like=_int(args, "like", 0, MAX_ID),
             vector=vector,
             weight=weight,
             k=_int(args, "k", 1, MAX_K) or DEFAULT_K,
             page=_int(args, "page", 1, VEC0_MAX_K) or 1,
-            year_min=_int(args, "year_min"),
-            year_max=_int(args, "year_max"),
+            year_min=_int(args, "year_min", -9999, 9999),
+            year_max=_int(args, "year_max", -9999, 9999),
             place=(args.get("place") or "").strip() or None,
             filter=(args.get("filter") or "").strip() or None,
             model=(args.get("model") or "").strip() or None,
         )
+        for name, limit in (("q", MAX_QUERY_CHARS), ("filter", MAX_FILTER_CHARS), ("place", MAX_FILTER_CHARS),
+                            ("model", MAX_FILTER_CHARS)):
+            if len(getattr(params, name) or "") > limit:
+                raise BadSearch(f"{name} is too long: {len(getattr(params, name))} characters, limit {limit}")
         if params.k * params.page > VEC0_MAX_K:
             raise BadSearch(f"page {params.page} of {params.k} goes past the {VEC0_MAX_K} nearest maps that one search can reach")
         return params

@@ -229,8 +229,9 @@ async def embed_upload(collection: Collection, data: bytes) -> bytes:
 async def map_summary(collection: Collection, map_id: int) -> dict | None:
     """The "more like this" header: a map's title and thumbnail link."""
     row = await collection.db.execute_fn(lambda conn: store.read_map_summary(conn, map_id))
-    if row and row["has_thumbnail"]:
-        row["thumbnail_url"] = collection.datasette.urls.path(thumbnail_route(collection.name, map_id))
+    if row:
+        row["thumbnail_url"] = (collection.datasette.urls.path(thumbnail_route(collection.name, map_id))
+                                if row["has_thumbnail"] else web_url(row["thumbnail_url"]))
     return row
 
 
@@ -249,13 +250,24 @@ def thumbnail_route(database: str, map_id: int) -> str:
     return f"/-/mapclip/thumbnail/{urllib.parse.quote(database)}/{int(map_id)}.jpg"
 
 
+def web_url(value) -> str | None:
+    """A catalogue field as a link only when it is an http(s) URL with a host; anything else
+    (``javascript:``, ``data:``, a local path) is never handed to a page as href or src."""
+    if not isinstance(value, str):
+        return None
+    parts = urllib.parse.urlsplit(value.strip())
+    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+        return None
+    return value.strip()
+
+
 def shape_result(row: dict, database: str, urls) -> dict:
     """A result as the API gives it: links for the catalogue record, thumbnail and full image."""
     map_id = row["id"]
-    thumbnail_url = row["thumbnail_url"]
+    thumbnail_url = web_url(row["thumbnail_url"])
     if row["has_thumbnail"]:
         thumbnail_url = urls.path(thumbnail_route(database, map_id))
-    image_url = row["image_url"] if (row["image_url"] or "").startswith(("http://", "https://")) else None
+    image_url = web_url(row["image_url"])
     record_url = urls.row(database, "maps", str(map_id))
     return {
         "id": map_id,
@@ -268,6 +280,6 @@ def shape_result(row: dict, database: str, urls) -> dict:
         "similarity": round(float(row["similarity"]), 4),
         "thumbnail_url": thumbnail_url,
         "image_url": image_url or thumbnail_url,
-        "url": row["item_url"] or record_url,
+        "url": web_url(row["item_url"]) or record_url,
         "record_url": record_url,
     }

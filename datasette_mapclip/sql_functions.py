@@ -12,12 +12,14 @@ what was wrong; ``sqlite_native`` explains how that message reaches the SQL user
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 
 from . import sqlite_native, vectors
 from .images import ImageDecodeError, open_image
 from .model import ModelUnavailable
+from .query import MAX_QUERY_CHARS
 from .query_vector import text_vector
 from .store import ModelNotFound, pick_model
 
@@ -42,6 +44,8 @@ def _vector(value, name: str, dim: int | None = None) -> np.ndarray:
     vector = np.frombuffer(bytes(value), dtype=vectors.FLOAT32_LE)
     if dim is not None and vector.shape[0] != dim:
         raise SQLFunctionError(f"{name} has {vector.shape[0]} floats, expected {dim}")
+    if not np.isfinite(vector).all():
+        raise SQLFunctionError(f"{name} contains NaN or infinite values")
     return vector.astype(np.float32)
 
 
@@ -57,6 +61,8 @@ def combine(*args) -> bytes:
                 weight = float(weight)
             except (TypeError, ValueError):
                 raise SQLFunctionError(f"mapclip_combine argument {i + 2} (a weight) is {weight!r}, expected a number") from None
+        if not math.isfinite(float(weight)):
+            raise SQLFunctionError(f"mapclip_combine argument {i + 2} (a weight) is {weight}, expected a finite number")
         if weighted and vector.shape != weighted[0][0].shape:
             raise SQLFunctionError(f"mapclip_combine: vectors differ in length ({weighted[0][0].shape[0]} and {vector.shape[0]} floats)")
         weighted.append((vector, weight))
@@ -106,6 +112,9 @@ class DatabaseFunctions:
         text = str(text).strip()
         if not text:
             raise SQLFunctionError("mapclip_embed_text: text is empty")
+        if len(text) > MAX_QUERY_CHARS:
+            raise SQLFunctionError(f"mapclip_embed_text: text is {len(text)} characters, limit {MAX_QUERY_CHARS} "
+                                   "(the model reads 77 tokens)")
         return vectors.encode(text_vector(self.encoder(name), text, self.config_for()))
 
     def embed_image(self, data, name=None) -> bytes:
@@ -123,11 +132,20 @@ class DatabaseFunctions:
         return vectors.encode(encoder.embed_image(image))
 
 
+def _arity(name: str, func, low: int, high: int, usage: str):
+    """SQLite only checks fixed argument counts; these functions take optional ones."""
+    def call(*args):
+        if not low <= len(args) <= high:
+            raise SQLFunctionError(f"{name} takes {usage}; got {len(args)} argument{'s' if len(args) != 1 else ''}")
+        return func(*args)
+    return call
+
+
 def function_table(functions: DatabaseFunctions) -> dict:
     """SQL name -> (python callable, number of args; -1 for any)."""
     return {
-        "mapclip_embed_text": (functions.embed_text, -1),
-        "mapclip_embed_image": (functions.embed_image, -1),
+        "mapclip_embed_text": (_arity("mapclip_embed_text", functions.embed_text, 1, 2, "(text [, model])"), -1),
+        "mapclip_embed_image": (_arity("mapclip_embed_image", functions.embed_image, 1, 2, "(image [, model])"), -1),
         "mapclip_combine": (combine, -1),
         "mapclip_similarity": (similarity, 2),
     }

@@ -8,7 +8,7 @@ from datasette.utils.asgi import Forbidden, Response
 
 from . import search
 from .errors import BadSearch, NotFound, SearchError, UploadError
-from .query import SearchParams
+from .query import MAX_ID, SearchParams
 from .state import plugin_config
 from .uploads import DEFAULT_MAX_UPLOAD_BYTES, read_multipart
 
@@ -98,8 +98,10 @@ async def mapclip_page(request, datasette):
 
 async def thumbnail(request, datasette):
     try:
-        data = await search.thumbnail(datasette, request.actor, request.url_vars["database"],
-                                      int(request.url_vars["id"]))
+        map_id = int(request.url_vars["id"])
+        if map_id > MAX_ID:
+            raise NotFound("no such map")
+        data = await search.thumbnail(datasette, request.actor, request.url_vars["database"], map_id)
     except NotFound as error:
         return Response.text(str(error), status=error.status)
     # A thumbnail of a collection behind permissions must not sit in shared caches.
