@@ -51,10 +51,7 @@ def startup(datasette):
         # until an index is ready, searches go through sqlite-vec.
         for name in await search.all_collection_names(datasette):
             try:
-                models = await datasette.get_database(name).execute_fn(store.read_models)
-                collection = search.Collection(datasette, name, models, store.pick_model(models),
-                                               plugin_config(datasette, name))
-                collection.index()
+                (await search.load_collection(datasette, name)).index()
             except store.ModelNotFound:
                 pass  # no embeddings yet
 
@@ -73,9 +70,10 @@ def register_routes():
 @hookimpl
 def menu_links(datasette, actor):
     async def inner():
-        # Only where this actor has something to search.
-        if await search.collection_names(datasette, actor):
-            return [{"href": datasette.urls.path("/-/mapclip"), "label": "Map search"}]
+        # Only where this actor has something to search (asked on every page: stop at the first).
+        for name in datasette.databases:
+            if await search.is_visible_collection(datasette, actor, name):
+                return [{"href": datasette.urls.path("/-/mapclip"), "label": "Map search"}]
         return []
 
     return inner
@@ -84,7 +82,7 @@ def menu_links(datasette, actor):
 @hookimpl
 def database_actions(datasette, actor, database):
     async def inner():
-        if database in await search.collection_names(datasette, actor):
+        if await search.is_visible_collection(datasette, actor, database):
             return [{"href": datasette.urls.path(f"/-/mapclip?_db={database}"), "label": "Search these maps by image or text"}]
         return []
 

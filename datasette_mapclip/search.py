@@ -63,13 +63,15 @@ class Collection:
         return state_for(self.datasette).indexes.for_model(self.db.path, self.model, self.config)
 
 
+async def holds_collection(datasette, name: str) -> bool:
+    """Whether a served database (not Datasette's internal ones) holds a mapclip collection."""
+    db = datasette.databases.get(name)
+    return db is not None and not name.startswith("_") and await db.execute_fn(store.is_collection)
+
+
 async def all_collection_names(datasette) -> list[str]:
     """Databases that hold a mapclip collection, in Datasette's order, whoever is asking."""
-    names = []
-    for name, db in datasette.databases.items():
-        if not name.startswith("_") and await db.execute_fn(store.is_collection):
-            names.append(name)
-    return names
+    return [name for name in list(datasette.databases) if await holds_collection(datasette, name)]
 
 
 async def ensure_can_view(datasette, actor, database: str):
@@ -86,6 +88,11 @@ async def can_view(datasette, actor, database: str) -> bool:
         return True
     except Forbidden:
         return False
+
+
+async def is_visible_collection(datasette, actor, name: str) -> bool:
+    """Whether one database is a collection this actor may view (without looking at the others)."""
+    return await holds_collection(datasette, name) and await can_view(datasette, actor, name)
 
 
 async def collection_names(datasette, actor) -> list[str]:
@@ -109,12 +116,17 @@ async def open_collection(datasette, actor, wanted: str | None, model_name: str 
         if not names:
             raise BadSearch("no database here holds a mapclip collection you can view")
         name = names[0]
-    models = await datasette.get_database(name).execute_fn(store.read_models)
     try:
-        model = store.pick_model(models, model_name)
+        return await load_collection(datasette, name, model_name)
     except store.ModelNotFound as error:
         raise BadSearch(str(error)) from None
-    return Collection(datasette, name, models, model, plugin_config(datasette, name))
+
+
+async def load_collection(datasette, name: str, model_name: str | None = None) -> Collection:
+    """A collection with its models read and one chosen (ModelNotFound if none fits); no permission
+    check: callers that answer a request use ``open_collection``."""
+    models = await datasette.get_database(name).execute_fn(store.read_models)
+    return Collection(datasette, name, models, store.pick_model(models, model_name), plugin_config(datasette, name))
 
 
 def check_vector(params: SearchParams, model: dict):
@@ -236,7 +248,7 @@ async def map_summary(collection: Collection, map_id: int) -> dict | None:
 
 
 async def thumbnail(datasette, actor, database: str, map_id: int) -> bytes:
-    if database not in await all_collection_names(datasette):
+    if not await holds_collection(datasette, database):
         raise NotFound("no such collection")
     await ensure_can_view(datasette, actor, database)
     data = await datasette.get_database(database).execute_fn(lambda conn: store.read_thumbnail(conn, map_id))

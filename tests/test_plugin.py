@@ -36,6 +36,17 @@ def sql_json(ds, sql, **params):
                          follow_redirects=True)  # Datasette 1.0 moved queries to /db/-/query
 
 
+def changed_copy(collection, path, sql: str):
+    """A copy of the test collection with ``sql`` run on it (a broken or moved deployment)."""
+    import shutil
+
+    shutil.copy(collection[0], path)
+    store = MapStore(path)
+    store.conn.executescript(sql)
+    store.close()
+    return path
+
+
 def expected_order(matrix, ids, query, k):
     scores = matrix @ query
     order = np.argsort(-scores)[:k]
@@ -268,13 +279,7 @@ async def test_page_renders_a_grid_with_links(ds):
 
 @pytest.mark.asyncio
 async def test_database_whose_model_cannot_be_loaded_still_opens(collection, tmp_path):
-    import shutil
-
-    copy = tmp_path / "moved.db"
-    shutil.copy(collection[0], copy)
-    store = MapStore(copy)
-    store.conn.execute("UPDATE models SET checkpoint_path = '/nowhere/tiny.pt'")
-    store.close()
+    copy = changed_copy(collection, tmp_path / "moved.db", "UPDATE models SET checkpoint_path = '/nowhere/tiny.pt'")
     ds = Datasette([str(copy)])
     assert (await ds.client.get("/moved/maps.json?_shape=array&_size=1")).status_code == 200
     response = await ds.client.get("/-/mapclip/search.json?q=relief")
@@ -426,13 +431,8 @@ async def test_a_search_cut_by_the_time_limit_answers_503_that_says_so(collectio
 
 @pytest.mark.asyncio
 async def test_errors_carry_their_status(collection, tmp_path):
-    import shutil
-
-    copy = tmp_path / "nofts.db"
-    shutil.copy(collection[0], copy)
-    store = MapStore(copy)
-    store.conn.executescript("DROP TRIGGER maps_ai; DROP TRIGGER maps_ad; DROP TRIGGER maps_au; DROP TABLE maps_fts;")
-    store.conn.close()
+    copy = changed_copy(collection, tmp_path / "nofts.db",
+                        "DROP TRIGGER maps_ai; DROP TRIGGER maps_ad; DROP TRIGGER maps_au; DROP TABLE maps_fts;")
     ds = Datasette([str(copy)])
     response = await ds.client.get("/-/mapclip/search.json?like=1&filter=vermont")
     assert response.status_code == 400 and "no full-text index" in response.json()["error"]
