@@ -126,7 +126,10 @@ def evaluate(dataset_dir: str, checkpoint: str, *, model: str | None = None, bas
     seed = int(training.get("args", {}).get("seed", 0))
     base_model = base_model or model
     if base_checkpoint is None and base_pretrained is None:
-        base_checkpoint, base_pretrained = start.get("checkpoint"), start.get("pretrained") or "openai"
+        # Where the run started: a checkpoint, a pretrained tag, or no weights at all (None or
+        # "none": the seeded random initialisation).  Without a training.json: 'openai'.
+        base_checkpoint = start.get("checkpoint")
+        base_pretrained = start.get("pretrained") or ("none" if start else "openai")
     out = Path(out_dir) if out_dir else Path(checkpoint).resolve().parent
     out.mkdir(parents=True, exist_ok=True)
     try:

@@ -6,6 +6,11 @@ Routes
   /item/<id>/manifest.json               IIIF Presentation 2 manifest (multi-sheet items)
   /item/<id>/?fo=json                    item endpoint ({"item": {...}})
   /iiif/<service>/full/<size>/0/default.jpg   IIIF image API; some services misbehave on purpose
+
+``.log`` has (time.monotonic(), path) of every request as it arrived, for timing tests.
+Oversized images (kinds 'huge', 'chunked', 'close') are a real JPEG padded to ``big_bytes``,
+sent with a Content-Length, chunked without one, or until the connection closes (HTTP/1.0);
+``.streamed[service]`` says how many bytes went out and whether the client read them all.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import hashlib
 import io
 import json
 import threading
+import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -53,8 +59,12 @@ class LocServer:
         self.sheets = sheets or {}  # item number -> sheet count
         self.bad = bad or {}  # item number -> 'missing' | 'html' | 'truncated' (its first image)
         self.requests: list[str] = []
+        self.log: list[tuple[float, str]] = []  # (time.monotonic(), path) per request, in arrival order
         self.hits: dict[str, int] = {}
         self.retry_after: dict[str, str] = {}  # service -> Retry-After value for its first request
+        self.retry_status: dict[str, int] = {}  # service -> status sent with that Retry-After (default 429)
+        self.big_bytes = 32 << 20  # size of the 'huge', 'chunked' and 'close' images
+        self.streamed: dict[str, dict] = {}  # service -> {"sent": bytes, "complete": bool, "done": bool}
         self.lock = threading.Lock()
         self.search_template = fixture("search_results_sanborn_maps.json")
         self.manifest_template = fixture("iiif_manifest_2011633553.json")["manifest"]
@@ -132,7 +142,10 @@ class LocServer:
         with self.lock:
             hits = self.hits[service] = self.hits.get(service, 0) + 1
         if service in self.retry_after and hits == 1:
-            return 429, "text/plain", b"slow down", {"Retry-After": self.retry_after[service]}
+            status = self.retry_status.get(service, 429)
+            return status, "text/plain", b"slow down", {"Retry-After": self.retry_after[service]}
+        if kind in ("huge", "chunked", "close"):
+            return 200, "image/jpeg", self.big_body(service), {"mode": kind}
         if kind == "missing":
             return 404, "text/html", b"<html>not found</html>", {}
         if kind == "html":
@@ -143,6 +156,25 @@ class LocServer:
             return 503, "text/plain", b"try again", {}
         return 200, "image/jpeg", map_image(service), {}
 
+    def big_body(self, service: str):
+        """A valid JPEG then padding (decoders ignore bytes after the end marker), in chunks."""
+        head = map_image(service)
+        padding = b"\0" * (1 << 16)
+        yield head
+        sent = len(head)
+        while sent < self.big_bytes:
+            chunk = padding[: self.big_bytes - sent]
+            yield chunk
+            sent += len(chunk)
+
+    def wait_streamed(self, service: str, timeout: float = 10.0) -> dict:
+        """The record of an oversized response once the server has stopped sending it."""
+        deadline = time.monotonic() + timeout
+        while not self.streamed.get(service, {}).get("done"):
+            assert time.monotonic() < deadline, f"{service} still streaming after {timeout} s"
+            time.sleep(0.01)
+        return self.streamed[service]
+
     # -- server ---------------------------------------------------------------------
     def start(self) -> "LocServer":
         server_ref = self
@@ -152,6 +184,8 @@ class LocServer:
                 pass
 
             def send(self, status, content_type, body, headers=None):
+                if not isinstance(body, bytes):
+                    return self.stream(status, content_type, body, headers.pop("mode"))
                 self.send_response(status)
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(body)))
@@ -160,7 +194,40 @@ class LocServer:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def stream(self, status, content_type, chunks, mode):
+                """Send an oversized body: 'huge' with Content-Length, 'chunked' (HTTP/1.1) or
+                'close' (HTTP/1.0, no length); record how much the client took."""
+                service = f"{server_ref.url}{self.path.rsplit('/full/', 1)[0]}"
+                record = server_ref.streamed[service] = {"sent": 0, "complete": False, "done": False}
+                if mode == "chunked":
+                    self.protocol_version = "HTTP/1.1"
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                if mode == "huge":
+                    self.send_header("Content-Length", str(server_ref.big_bytes))
+                elif mode == "chunked":
+                    self.send_header("Transfer-Encoding", "chunked")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                try:
+                    for chunk in chunks:
+                        if mode == "chunked":
+                            self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                        else:
+                            self.wfile.write(chunk)
+                        record["sent"] += len(chunk)
+                    if mode == "chunked":
+                        self.wfile.write(b"0\r\n\r\n")
+                    self.wfile.flush()
+                    record["complete"] = True
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client hung up: it abandoned the body
+                finally:
+                    self.close_connection = True
+                    record["done"] = True
+
             def do_GET(self):
+                server_ref.log.append((time.monotonic(), self.path))
                 server_ref.requests.append(self.path)
                 parts = urllib.parse.urlsplit(self.path)
                 query = dict(urllib.parse.parse_qsl(parts.query))
@@ -182,7 +249,7 @@ class LocServer:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()
         return self
 

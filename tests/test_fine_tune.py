@@ -323,3 +323,204 @@ def test_every_option_has_help():
         for param in command.params:
             if isinstance(param, click.Option):
                 assert param.help, f"fine-tune {name} {param.opts[0]} has no help"
+
+
+# -- the temperature at the training call site -----------------------------------------------
+
+def tiny_model(checkpoint, logit_scale=None):
+    """(model, eval transform, tokenizer) of mapclip-tiny from a checkpoint, with exp(logit_scale) set."""
+    import torch
+
+    from datasette_mapclip.model import import_open_clip
+
+    open_clip = import_open_clip()
+    model, _, transform = open_clip.create_model_and_transforms(TINY_MODEL, pretrained=str(checkpoint))
+    if logit_scale is not None:
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(logit_scale))
+    return model, transform, open_clip.get_tokenizer(TINY_MODEL)
+
+
+def loss_by_hand(model, pixels, tokens):
+    """CLIP's loss written out: logits = exp(model.logit_scale) * cosines, cross-entropy both ways."""
+    import torch
+    import torch.nn.functional as F
+
+    images = F.normalize(model.encode_image(pixels), dim=-1)
+    texts = F.normalize(model.encode_text(tokens), dim=-1)
+    logits = math.exp(model.logit_scale.item()) * images @ texts.T
+    labels = torch.arange(len(pixels))
+    return ((F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2).item()
+
+
+def test_training_step_uses_and_learns_the_models_logit_scale(tiny_checkpoint):
+    import torch
+
+    from fine_tune.loss import MAX_LOGIT_SCALE
+    from fine_tune.train import batch_loss, freeze_tower, make_optimizer
+
+    torch.manual_seed(0)
+    model, _, tokenizer = tiny_model(tiny_checkpoint, logit_scale=3.7)  # neither 1/0.07 nor 100
+    model.eval()  # no dropout: the same numbers twice
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    pixels = torch.randn(6, 3, size, size)
+    tokens = tokenizer([f"A map of place number {i}" for i in range(6)])
+    loss = batch_loss(model, pixels, tokens, "cpu")
+    with torch.no_grad():
+        expected = loss_by_hand(model, pixels, tokens)
+        model.logit_scale.fill_(math.log(MAX_LOGIT_SCALE))
+        at_100 = loss_by_hand(model, pixels, tokens)
+        model.logit_scale.fill_(math.log(3.7))
+    assert abs(expected - at_100) > 0.05  # the scale matters for this batch
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    # The temperature is learned: the loss reaches it, and one step moves it.
+    freeze_tower(model, "text")  # it stays trainable whichever tower is frozen
+    optimizer = make_optimizer(model, lr=1e-2, weight_decay=0.1)
+    optimizer.zero_grad()
+    loss.backward()
+    assert model.logit_scale.grad is not None and model.logit_scale.grad.abs().item() > 0
+    optimizer.step()
+    assert not math.isclose(model.logit_scale.exp().item(), 3.7, rel_tol=1e-4)
+
+
+def test_training_run_reports_losses_at_the_learned_logit_scale(pairs_dir, tiny_checkpoint, tmp_path):
+    """End to end: a run starting at exp(logit_scale) = 3 learns it, and its logged validation
+    loss is the loss at the saved model's own scale, computed by hand."""
+    import torch
+
+    from fine_tune.dataset import read_split
+    from fine_tune.pairs import ImageSource, collate, prepare_split
+    from fine_tune.train import TrainOptions, image_size_of, train
+
+    model, _, _ = tiny_model(tiny_checkpoint, logit_scale=3.0)
+    start = tmp_path / "start.pt"
+    torch.save(model.state_dict(), start)
+    result = train(TrainOptions(str(pairs_dir), str(tmp_path / "run"), model=TINY_MODEL, pretrained=None,
+                                checkpoint=str(start), epochs=1, batch_size=8, lr=5e-3, patience=0, threads=1,
+                                augment=False, quiet=True), echo=lambda line: None)
+    row = result.history[-1]
+    trained, transform, tokenizer = tiny_model(tmp_path / "run" / "best.pt")
+    trained.eval()
+    assert row["logit_scale"] != 3.0  # learned, not a constant
+    assert row["logit_scale"] == pytest.approx(trained.logit_scale.exp().item(), abs=1e-4)
+
+    val = prepare_split(read_split(pairs_dir, "validation"), tokenizer, transform, ImageSource(image_size_of(trained)),
+                        cache=True, workers=1, progress=False, deterministic=True, desc="")[0]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for pixels, tokens in torch.utils.data.DataLoader(val, batch_size=8, collate_fn=collate):
+            if len(pixels) >= 2:
+                total += loss_by_hand(trained, pixels, tokens) * len(pixels)
+                count += len(pixels)
+    assert count >= 2
+    assert row["val_loss"] == pytest.approx(total / count, abs=1e-5)
+
+
+# -- evaluate scores the models it names -------------------------------------------------------
+
+def recall_by_hand(model, transform, tokenizer, pairs) -> dict:
+    """Recall@1/5/10 and median rank of one model on (image, caption) pairs, from first principles:
+    a caption finds its map when any image with that caption is within the top k; an image
+    finds its caption among the distinct captions."""
+    import torch
+    import torch.nn.functional as F
+
+    from fine_tune.pairs import ImageSource
+
+    size = model.visual.image_size
+    source = ImageSource(size[0] if isinstance(size, (tuple, list)) else size)
+    model.eval()
+    with torch.no_grad():
+        pixels = torch.stack([transform(source.load(p.image)) for p in pairs])
+        images = F.normalize(model.encode_image(pixels), dim=-1).numpy()
+        distinct = sorted({p.caption for p in pairs})
+        texts = F.normalize(model.encode_text(tokenizer(distinct)), dim=-1).numpy()
+    similarity = texts @ images.T  # (captions, images)
+    t2i = []
+    for c, caption in enumerate(distinct):
+        mine = [i for i, p in enumerate(pairs) if p.caption == caption]
+        best = max(similarity[c, i] for i in mine)
+        t2i.append(1 + sum(similarity[c, i] > best for i in range(len(pairs)) if i not in mine))
+    i2t = []
+    for i, pair in enumerate(pairs):
+        own = distinct.index(pair.caption)
+        i2t.append(1 + sum(similarity[c, i] > similarity[own, i] for c in range(len(distinct)) if c != own))
+
+    def summary(rank):
+        return {**{f"R@{k}": sum(r <= k for r in rank) / len(rank) for k in (1, 5, 10)},
+                "median_rank": float(np.median(rank))}
+
+    return {"text_to_image": summary(t2i), "image_to_text": summary(i2t)}
+
+
+def assert_same_metrics(got, expected):
+    for direction in ("text_to_image", "image_to_text"):
+        for metric, value in expected[direction].items():
+            assert got[direction][metric] == pytest.approx(value, abs=1e-9), (direction, metric)
+
+
+@pytest.fixture(scope="module")
+def other_checkpoint(tmp_path_factory):
+    """Another mapclip-tiny: random weights from another seed."""
+    import torch
+
+    from datasette_mapclip.model import import_open_clip
+
+    torch.manual_seed(98765)
+    model, _, _ = import_open_clip().create_model_and_transforms(TINY_MODEL, pretrained=None)
+    path = tmp_path_factory.mktemp("other") / "other.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def test_evaluate_scores_exactly_the_models_it_names(pairs_dir, trained, tiny_checkpoint, other_checkpoint, tmp_path):
+    from fine_tune.dataset import read_split
+    from fine_tune.evaluate import evaluate
+
+    split = "train"  # the largest split: the three models score differently on it
+    pairs = read_split(pairs_dir, split)
+    by_hand = {name: recall_by_hand(*tiny_model(path), pairs) for name, path in
+               {"tuned": trained / "best.pt", "start": tiny_checkpoint, "other": other_checkpoint}.items()}
+    assert by_hand["tuned"] != by_hand["start"] != by_hand["other"] != by_hand["tuned"]  # the test can tell them apart
+
+    def run(checkpoint, out, **kwargs):
+        return evaluate(str(pairs_dir), str(checkpoint), out_dir=str(tmp_path / out), split=split, workers=1,
+                        progress=False, echo=lambda text: None, **kwargs)
+
+    # Defaults: fine-tuned = the checkpoint, base = where training.json says the run started.
+    results = run(trained / "best.pt", "default")
+    assert_same_metrics(results["retrieval"]["fine-tuned"], by_hand["tuned"])
+    assert_same_metrics(results["retrieval"]["base"], by_hand["start"])
+    # Another base, then another checkpoint: each column follows the model it names.
+    results = run(trained / "best.pt", "other-base", base_checkpoint=str(other_checkpoint))
+    assert_same_metrics(results["retrieval"]["fine-tuned"], by_hand["tuned"])
+    assert_same_metrics(results["retrieval"]["base"], by_hand["other"])
+    results = run(other_checkpoint, "other-tuned", model=TINY_MODEL, base_checkpoint=str(tiny_checkpoint))
+    assert_same_metrics(results["retrieval"]["fine-tuned"], by_hand["other"])
+    assert_same_metrics(results["retrieval"]["base"], by_hand["start"])
+
+
+def test_evaluate_base_of_a_run_from_scratch_is_its_seeded_initialisation(pairs_dir, other_checkpoint, tmp_path):
+    """A run with no starting weights (pretrained none, or None from Python) is compared with
+    the random initialisation it started from, never with downloaded 'openai' weights."""
+    from datasette_mapclip.model import import_open_clip
+    from fine_tune.dataset import read_split
+    from fine_tune.evaluate import evaluate
+    from fine_tune.train import seed_everything
+
+    open_clip = import_open_clip()
+    seed_everything(5)
+    start, _, transform = open_clip.create_model_and_transforms(TINY_MODEL, pretrained=None)
+    expected = recall_by_hand(start, transform, open_clip.get_tokenizer(TINY_MODEL), read_split(pairs_dir, "train"))
+    for pretrained in ("none", None):
+        run = tmp_path / f"run-{pretrained}"
+        run.mkdir()
+        shutil.copy(other_checkpoint, run / "best.pt")
+        (run / "training.json").write_text(json.dumps({
+            "architecture": TINY_MODEL, "start": {"pretrained": pretrained, "checkpoint": None},
+            "args": {"seed": 5}}))
+        results = evaluate(str(pairs_dir), str(run / "best.pt"), split="train", workers=1, progress=False,
+                           echo=lambda text: None)
+        assert results["models"]["base"] == f"{TINY_MODEL}/random-init-seed-5", pretrained
+        assert_same_metrics(results["retrieval"]["base"], expected)

@@ -87,6 +87,8 @@ def test_http_429_with_short_retry_after_waits_then_succeeds(loc_server):
     fetcher = Fetcher(RateLimiter([]), backoff=0)
     assert fetcher.get_bytes(f"{service}/full/!512,512/0/default.jpg")[:2] == b"\xff\xd8"
     assert server.hits[service] == 2
+    first, second = (t for t, path in server.log if path.startswith("/iiif/"))
+    assert second - first >= 0.9  # it waited the Retry-After (backoff is 0), not just retried
 
 
 def test_http_429_with_long_retry_after_stops_the_load_with_advice(tmp_path, invoke, model_args, loc_server):

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from datasette_mapclip.records import MapRecord, parse_year
 
 from .. import iiif
-from ..fetch import Fetcher, FetchError, RateLimiter
+from ..fetch import Fetcher, FetchError, RateLimiter, per_minute
 from .file_list import https, item_id_from_url
 
 SEARCH_LIMITS = [(20, 10.0), (80, 60.0)]
@@ -179,7 +179,7 @@ def limiters(image_rate: float | None) -> dict[str, RateLimiter]:
     return {
         "search": RateLimiter(SEARCH_LIMITS),
         "item": RateLimiter(ITEM_LIMITS),
-        "image": RateLimiter([(int(image_rate), 60.0)] if image_rate else []),
+        "image": per_minute(image_rate),  # fractional rates keep their meaning (0.5: one per 120 s)
     }
 
 
