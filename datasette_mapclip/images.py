@@ -7,8 +7,10 @@ same bad inputs with the same readable reasons.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Pillow's own error threshold (2 x its warning limit); LoC master TIFFs reach ~100 Mpx.
@@ -21,15 +23,44 @@ class ImageDecodeError(ValueError):
     """An input that is not a usable image; the message says why, for a person."""
 
 
+# (leading bytes, lower-cased; what a person is told).  Reasons end up in load_errors, which is
+# published with the collection: they name the kind of file, never quote its bytes.
+_KNOWN_KINDS = (
+    ((b"<!doctype html", b"<html"), "the server sent an HTML page"),
+    ((b"{", b"["), "got JSON"),
+    ((b"%pdf",), "got a PDF"),
+    ((b"pk\x03\x04", b"pk\x05\x06"), "looks like a ZIP archive (or an Office document)"),
+    ((b"\x1f\x8b",), "looks like a gzip file"),
+    ((b"<?xml", b"<svg"), "looks like XML or SVG (vector drawings are not supported)"),
+)
+
+
 def _describe_non_image(data: bytes) -> str:
     head = data[:64].lstrip().lower()
-    if head.startswith((b"<!doctype html", b"<html")):
-        return "not an image: the server sent an HTML page"
-    if head.startswith((b"{", b"[")):
-        return "not an image: got JSON"
-    if head.startswith(b"%pdf"):
-        return "not an image: got a PDF"
-    return f"not an image: unrecognised data starting {data[:12]!r}"
+    for prefixes, kind in _KNOWN_KINDS:
+        if head.startswith(prefixes):
+            return f"not an image: {kind}"
+    if _looks_like_text(data[:4096]):
+        return f"not an image: looks like a text file ({len(data):,} bytes)"
+    return f"not an image: unrecognised binary data ({len(data):,} bytes)"
+
+
+def _looks_like_text(sample: bytes) -> bool:
+    try:
+        text = sample.decode("utf-8")
+    except UnicodeDecodeError as error:
+        if error.start < len(sample) - 3:  # not just a character cut at the sample's end
+            return False
+        text = sample[:error.start].decode("utf-8")
+    return bool(text) and all(c.isprintable() or c in "\t\r\n" for c in text)
+
+
+# Pillow's messages sometimes quote header bytes (``b'II*\x00...'``): keep them out of reasons.
+_BYTES_LITERAL = re.compile(r"b'(?:[^'\\]|\\.)*'" + r'|b"(?:[^"\\]|\\.)*"')
+
+
+def _without_bytes(message: str) -> str:
+    return _BYTES_LITERAL.sub("<bytes>", message)
 
 
 def open_image(data: bytes, *, min_size: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -59,30 +90,45 @@ def open_image(data: bytes, *, min_size: int | None = None, max_pixels: int = DE
         )
     if width == 0 or height == 0:
         raise ImageDecodeError(f"image has no pixels ({width}x{height})")
+    pages = _page_count(image)  # before load(): counting seeks through the file, then back to page 1
     try:
         if min_size and image.format == "JPEG":
             image.draft("RGB", (min_size, min_size))
         image.load()
-        image = ImageOps.exif_transpose(image)
-        return to_rgb(image)
+        image = to_rgb(ImageOps.exif_transpose(image))
     except (OSError, SyntaxError, ValueError) as error:
         raise _decode_error(error, image.format or "image") from None
+    # Only the first page or frame is decoded; callers say what happened to the rest.
+    image.info["pages"] = pages
+    return image
+
+
+def _page_count(image: Image.Image) -> int:
+    """Pages (TIFF) or frames (GIF, WebP) in the file; 1 if a damaged later page hides the count."""
+    try:
+        return int(getattr(image, "n_frames", 1))
+    except (OSError, SyntaxError, ValueError, EOFError):
+        try:
+            image.seek(0)
+        except (OSError, ValueError, EOFError):
+            pass
+        return 1
 
 
 def _decode_error(error: Exception, kind: str) -> ImageDecodeError:
-    message = str(error) or type(error).__name__
+    message = _without_bytes(str(error)) or type(error).__name__
     if "truncated" in message.lower() or "premature" in message.lower():
         return ImageDecodeError(f"truncated image: {message}")
     return ImageDecodeError(f"cannot decode {kind}: {message}")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any Pillow mode -> RGB; transparency composited on white, 16-bit scaled, not clipped."""
+    """Any Pillow mode -> RGB; transparency composited on white, 16-bit and float scaled, not clipped."""
     if image.mode == "RGB":
         return image
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit greyscale scans: scale to 8 bits (convert("RGB") would clip at 255).
-        image = image.point(lambda value: value * (1 / 256)).convert("L")
+    if image.mode == "F" or image.mode.startswith("I"):
+        # convert("RGB") clips these at 255: float scans in 0..1 come out black, 16-bit white.
+        image = _scaled_to_8_bits(image)
     if image.mode == "P":
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):
@@ -90,6 +136,35 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background.paste(image, mask=image.getchannel("A"))
         return background
     return image.convert("RGB")
+
+
+# Integer scans fill 8, 10, 12, 14 or 16 bits (a 12-bit camera in a 16-bit TIFF): scale by the
+# smallest such range that holds the data, so a dark 16-bit scan stays dark and a 12-bit one
+# is not shown at 1/16 of its brightness.
+_INTEGER_FULL_SCALES = (2**8 - 1, 2**10 - 1, 2**12 - 1, 2**14 - 1, 2**16 - 1, 2**32 - 1)
+
+
+def _scaled_to_8_bits(image: Image.Image) -> Image.Image:
+    """A single-band integer ("I", "I;16"...) or float ("F") image as "L".
+
+    Floats: 0..1 maps to 0..255 when the data lies in it; other float data (elevations,
+    reflectances) is stretched over its own range.  NaN and infinities become black."""
+    values = np.array(image, dtype=np.float32)  # one working copy, scaled in place (scans are big)
+    if image.mode == "F":
+        values[~np.isfinite(values)] = np.nan
+        if np.isnan(values).all():
+            values[:] = 0
+        low, high = float(np.nanmin(values)), float(np.nanmax(values))
+        np.nan_to_num(values, copy=False, nan=low)
+        if low >= 0 and high <= 1:
+            low, high = 0.0, 1.0
+    else:
+        low, high = min(float(values.min()), 0.0), float(values.max())  # signed data below 0 is shifted up
+        high = low + next((scale for scale in _INTEGER_FULL_SCALES if high - low <= scale), high - low)
+    values -= low
+    values *= 255.0 / (high - low or 1.0)
+    np.clip(values, 0, 255, out=values)
+    return Image.fromarray(np.rint(values, out=values).astype(np.uint8), "L")
 
 
 def thumbnail_jpeg(image: Image.Image, size: int = 256, quality: int = 80) -> bytes:

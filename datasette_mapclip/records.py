@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+import urllib.parse
 from dataclasses import dataclass, field, fields
 
 # Catalogue dates look like "1886-06", "[ca. 1750]", "between 1980 and 2006", "c1910";
@@ -69,3 +71,108 @@ def decode_list(text) -> list[str]:
     except ValueError:
         return [str(text)]
     return [str(v) for v in parsed] if isinstance(parsed, list) else [str(parsed)]
+
+
+# -- values a source could not trust as given ---------------------------------------------
+
+# SQLite INTEGER is 64-bit signed; a larger Python int makes the whole batch's INSERT fail.
+SQLITE_MAX_INTEGER = 2**63 - 1
+YEAR_RANGE = (-9999, 9999)
+SHEET_RANGE = (0, 1_000_000)
+
+
+class FieldError(ValueError):
+    """A catalogue value that cannot be stored as given; the message says why, for a person."""
+
+
+def parse_whole_number(text, *, name: str, low: int, high: int) -> int | None:
+    """A catalogue cell as an int in [low, high], None when empty, FieldError otherwise.
+
+    ``int()`` (not ``str.isdigit``) decides what a number is: ``isdigit`` accepts "²", which
+    ``int`` refuses, while ``int`` reads other scripts' decimal digits ("١٨٥٠") correctly."""
+    text = (str(text) if text is not None else "").strip()
+    if not text:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise FieldError(f"{name} {_shorten(text)!r} is not a number (a whole number is expected)") from None
+    if not low <= value <= high:
+        raise FieldError(f"{name} {_shorten(text)!r} is out of range ({low} to {high})")
+    return value
+
+
+def _shorten(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def displayable(text: str) -> str:
+    """``text`` as UTF-8 that SQLite accepts: bytes that were not UTF-8 (file names decoded
+    with ``os.fsdecode``'s surrogateescape) become backslash escapes, ``map_\\xff.jpg``.
+
+    The result is the same on every run, so a key made from it stays stable."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # lone surrogates that did not come from undecodable bytes
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def storable(record: MapRecord) -> MapRecord:
+    """A copy of ``record`` whose text SQLite can store (see ``displayable``); the original
+    keeps the real path for reading the file."""
+    changes = {}
+    for name in RECORD_FIELDS:
+        value = getattr(record, name)
+        if isinstance(value, str):
+            fixed = displayable(value)
+        elif isinstance(value, list):
+            fixed = [displayable(v) if isinstance(v, str) else v for v in value]
+        else:
+            continue
+        if fixed != value:
+            changes[name] = fixed
+    return dataclasses.replace(record, **changes) if changes else record
+
+
+URL_FIELDS = ("item_url", "image_url", "thumbnail_url")
+
+
+def unsafe_url_problems(record: MapRecord) -> list[str]:
+    """Why a record's links are not http(s) URLs with a host (``javascript:``, ``data:``...).
+
+    The plugin never renders such values as links; the loader reports them so the publisher
+    knows.  Only the scheme is quoted, never the value (it may be a script)."""
+    problems = []
+    for name in URL_FIELDS:
+        value = getattr(record, name)
+        if not value:
+            continue
+        parts = urllib.parse.urlsplit(str(value).strip())
+        if parts.scheme.lower() in ("http", "https") and parts.netloc:
+            continue
+        scheme = f"scheme {_shorten(parts.scheme, 20)!r}" if parts.scheme else "no scheme"
+        problems.append(f"{name} is not an http(s) link ({scheme}): kept, but never shown as a link")
+    return problems
+
+
+@dataclass
+class LoadNote:
+    """Something a load should tell the publisher that is not a failed image: a catalogue value
+    set to NULL, an unsafe link, a skipped symbolic link.  Stored in ``load_errors``."""
+
+    key: str  # load_errors.source_id: a map's source_id plus the stage, or a file name
+    stage: str
+    reason: str
+    location: str | None = None
+    source: str | None = None
+
+
+def note_key(source_id: str, stage: str) -> str:
+    """The load_errors key of a note about a map: never equal to a map's own source_id, so
+    loading the map (which clears its own error row) keeps the note."""
+    return f"{source_id} [{stage}]"

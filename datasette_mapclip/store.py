@@ -7,8 +7,9 @@ Tables
   maps_fts     FTS5 index over the text fields of ``maps`` (Datasette uses it for ``_search``)
   models       provenance: which open_clip model made which vector table
   map_vectors_<slug>  a ``vec0`` table per model: ``map_id`` -> unit float32 embedding
-  load_errors  images that could not be fetched, decoded or embedded, with a readable reason
-  loads        one row per loader run: command, counts, start and end
+  load_errors  images that could not be fetched, decoded or embedded, with a readable reason;
+               and notes a load leaves for the publisher (stage ``metadata``, ``pages``, ``source``)
+  loads        one row per loader run: command, counts, start and end, and which process ran it
 
 Each batch of maps is written with its vectors in one transaction, so an interrupted load
 leaves only whole batches behind and a rerun skips exactly what is already stored.
@@ -18,8 +19,10 @@ from __future__ import annotations
 
 import datetime
 import functools
+import hashlib
 import os
 import re
+import socket
 import sqlite3 as stdlib_sqlite3
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -27,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from . import vectors
-from .records import LIST_FIELDS, RECORD_FIELDS, MapRecord, decode_list, encode_list
+from .records import LIST_FIELDS, RECORD_FIELDS, LoadNote, MapRecord, decode_list, displayable, encode_list
 
 SCHEMA_VERSION = 1
 MAPS_TABLE = "maps"  # the table whose Datasette permissions decide who may search a collection
@@ -119,9 +122,20 @@ CREATE TABLE IF NOT EXISTS loads (
     status TEXT,
     loaded INTEGER,
     skipped INTEGER,
-    failed INTEGER
+    failed INTEGER,
+    pid INTEGER,
+    host TEXT,
+    updated_at TEXT,
+    message TEXT
 );
 """
+
+# Columns added to ``loads`` after its first release, added to older databases on open.
+LOAD_RUN_COLUMNS = {"pid": "INTEGER", "host": "TEXT", "updated_at": "TEXT", "message": "TEXT"}
+# A run on another host (a database on shared storage) or from a version without pids counts
+# as dead once it has not written for this long: a live load writes a batch every few seconds,
+# and waits at most a couple of minutes on a server's Retry-After.
+STALE_LOAD_SECONDS = 3600
 
 
 def now() -> str:
@@ -182,6 +196,7 @@ class MapStore:
         self.conn.execute(
             "INSERT OR IGNORE INTO mapclip_meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
         )
+        self._add_missing_load_columns()
 
     def close(self):
         self.conn.close()
@@ -306,25 +321,78 @@ class MapStore:
             self.upsert_items(_unique_items(records))
 
     def record_error(self, record: MapRecord, stage: str, reason: str):
+        self._record_problem(record.source_id, record.source, record.location, stage, reason)
+
+    def record_note(self, note: LoadNote):
+        """A note a load leaves for the publisher (a value left out, a skipped link), in load_errors."""
+        self._record_problem(note.key, note.source, note.location, note.stage, note.reason)
+
+    def clear_notes(self, stages, under: str):
+        """Delete notes of these stages whose location lies under a path (a folder's previous
+        notes, before the notes of this run replace them).  Call inside a transaction."""
+        prefix = displayable(os.path.join(under, ""))
+        for stage in stages:
+            self.conn.execute(
+                "DELETE FROM load_errors WHERE stage = ? AND substr(location, 1, length(?)) = ?",
+                (stage, prefix, prefix))
+
+    def _record_problem(self, key, source, location, stage, reason):
+        # File names that are not UTF-8 reach here as surrogate escapes, which SQLite refuses.
+        key, location, reason = (displayable(v) if isinstance(v, str) else v for v in (key, location, reason))
         self.conn.execute(
             """INSERT INTO load_errors (source_id, source, location, stage, reason, first_seen, last_seen)
                VALUES (?, ?, ?, ?, ?, ?, ?)
                ON CONFLICT(source_id) DO UPDATE SET stage = excluded.stage, reason = excluded.reason,
                attempts = load_errors.attempts + 1, last_seen = excluded.last_seen""",
-            (record.source_id, record.source, record.location, stage, reason, now(), now()),
+            (key, source, location, stage, reason, now(), now()),
         )
 
+    # -- load runs ------------------------------------------------------------------
+    def _add_missing_load_columns(self):
+        present = {row[1] for row in self.conn.execute("PRAGMA table_info(loads)")}
+        for name, kind in LOAD_RUN_COLUMNS.items():
+            if name not in present:
+                self.conn.execute(f"ALTER TABLE loads ADD COLUMN {name} {kind}")
+
     def start_load(self, command: str, model_name: str | None) -> int:
+        """A ``loads`` row for this run (status 'running'), after marking runs that died."""
+        self.mark_dead_loads()
         return self.conn.execute(
-            "INSERT INTO loads (command, model, started_at, status) VALUES (?, ?, ?, 'running') RETURNING id",
-            (command, model_name, now()),
+            "INSERT INTO loads (command, model, started_at, status, pid, host, updated_at) "
+            "VALUES (?, ?, ?, 'running', ?, ?, ?) RETURNING id",
+            (displayable(command), model_name, now(), os.getpid(), host_id(), now()),
         ).fetchone()[0]
+
+    def touch_load(self, load_id: int):
+        """The heartbeat of a running load (after every batch): how other hosts tell it is alive."""
+        self.conn.execute("UPDATE loads SET updated_at = ? WHERE id = ?", (now(), load_id))
 
     def finish_load(self, load_id: int, status: str, loaded: int, skipped: int, failed: int):
         self.conn.execute(
-            "UPDATE loads SET finished_at = ?, status = ?, loaded = ?, skipped = ?, failed = ? WHERE id = ?",
-            (now(), status, loaded, skipped, failed, load_id),
+            "UPDATE loads SET finished_at = ?, updated_at = ?, status = ?, loaded = ?, skipped = ?, failed = ? "
+            "WHERE id = ?",
+            (now(), now(), status, loaded, skipped, failed, load_id),
         )
+
+    def mark_dead_loads(self, *, stale_after: float = STALE_LOAD_SECONDS) -> list[int]:
+        """Mark 'running' loads whose process is gone: status 'killed', finished now, with why.
+
+        On this host a run is dead when its pid no longer exists (a live run, here or in
+        another process, is never marked; a reused pid only keeps a dead run 'running').
+        A run from another host, or without a pid (older versions), is dead when it has not
+        written for ``stale_after`` seconds.  Returns the ids marked."""
+        marked = []
+        host = host_id()
+        for row in self.conn.execute(
+                "SELECT id, pid, host, coalesce(updated_at, started_at) AS seen FROM loads "
+                "WHERE status = 'running'").fetchall():
+            why = _why_load_is_dead(row["pid"], row["host"], row["seen"], host, stale_after)
+            if why:
+                self.conn.execute(
+                    "UPDATE loads SET status = 'killed', finished_at = ?, message = ? "
+                    "WHERE id = ? AND status = 'running'", (now(), why, row["id"]))
+                marked.append(row["id"])
+        return marked
 
     # -- catalogue fields filled after loading (loc-metadata) -----------------------
     def items_missing_catalogue(self) -> list[str]:
@@ -515,6 +583,45 @@ def read_maps_readonly(db_path: str | Path, columns: tuple[str, ...]) -> list[di
 
 class StoreError(ValueError):
     """A file that is not a usable mapclip database; the message says why."""
+
+
+def host_id() -> str:
+    """This machine, as the ``loads`` table names it: a hash, because the table is published with the
+    collection and a host name can say more about the publisher's network than they mean to."""
+    return "host-" + hashlib.sha256(socket.gethostname().encode()).hexdigest()[:12]
+
+
+def _why_load_is_dead(pid, run_host, last_seen, this_host: str, stale_after: float) -> str | None:
+    if pid and run_host == this_host:
+        exists = _process_exists(int(pid))
+        if exists is False:
+            return f"process {pid} on {run_host} ended without finishing (killed, or the machine stopped)"
+        if exists:
+            return None
+    try:
+        seen = datetime.datetime.fromisoformat(last_seen)
+    except (TypeError, ValueError):
+        return None
+    idle = (datetime.datetime.now(datetime.timezone.utc) - seen).total_seconds()
+    if idle < stale_after:
+        return None
+    where = f"process {pid} on {run_host}" if pid else "a run without a recorded process"
+    return f"{where} has written nothing for {idle / 3600:.1f} hours: taken as ended without finishing"
+
+
+def _process_exists(pid: int) -> bool | None:
+    """Whether a process exists on this host; None when this platform cannot say safely."""
+    if os.name != "posix":
+        return None  # on Windows os.kill(pid, 0) sends CTRL_C_EVENT: staleness decides there
+    try:
+        os.kill(pid, 0)  # signal 0 delivers nothing: it only asks whether the pid exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    except OSError:
+        return None
+    return True
 
 
 def _rows(conn, sql: str, params=()) -> list[dict]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import click
 
@@ -56,7 +57,8 @@ def load_encoder_or_exit(model_name, pretrained, checkpoint, device, precision, 
         raise click.ClickException(str(error))
 
 
-def run_embedding(db_path, records, options, *, command, fetcher=None, store_thumbnails=False, total=None, after=None):
+def run_embedding(db_path, records, options, *, command, fetcher=None, store_thumbnails=False, total=None, after=None,
+                  notes=None, notes_under=None):
     from .pipeline import run_load
 
     limit_image_pixels(options["max_pixels"])
@@ -67,7 +69,7 @@ def run_embedding(db_path, records, options, *, command, fetcher=None, store_thu
     summary = run_load(
         store, encoder, records, fetcher=fetcher, command=command, batch_size=options["batch_size"],
         workers=options["workers"], store_thumbnails=store_thumbnails, max_pixels=options["max_pixels"],
-        total=total, progress=not options["quiet"],
+        total=total, progress=not options["quiet"], notes=notes, notes_under=notes_under,
     )
     if after:
         after(store, summary)
@@ -90,23 +92,48 @@ def load():
 @click.option("--metadata", "metadata_csv", type=click.Path(exists=True, dir_okay=False),
               help="CSV of catalogue fields with a 'file' column (path relative to FOLDER); "
                    "FOLDER/metadata.csv is used when present. Columns: file, item_id, sheet, title, "
-                   "date, year, place, subjects, contributors (';'-separated), notes, format, item_url, image_url.")
+                   "date, year, place, subjects, contributors (';'-separated), notes, format, item_url, image_url. "
+                   "UTF-8 or UTF-16 with a byte order mark; any other file is read as Windows-1252, and "
+                   "the output says so.")
 @click.option("--no-thumbnails", is_flag=True, help="Do not store a 256 px JPEG thumbnail per map.")
+@click.option("--follow-symlinks", is_flag=True,
+              help="Also load images that symbolic links lead to outside FOLDER (by default they are "
+                   "skipped and listed, so a published collection holds only what FOLDER holds).")
 @model_options
-def load_folder(db_path, folder, metadata_csv, no_thumbnails, **options):
+def load_folder(db_path, folder, metadata_csv, no_thumbnails, follow_symlinks, **options):
     """Embed every image under FOLDER (JPEG, PNG, TIFF, GIF, WebP) into DB_PATH.
+
+    Only the first page of a multi-page TIFF is embedded (a note in load_errors says so).
+    Catalogue values that cannot be stored (a year of 10^20) are left out with a note.
 
     Example: mapclip load folder maps.db ./scans
     """
-    from .sources.folder import MetadataError, folder_records
+    from .sources.folder import FolderReport, MetadataError, folder_records
 
+    report = FolderReport()
     try:
-        records = list(folder_records(folder, metadata_csv))
+        records = list(folder_records(folder, metadata_csv, follow_symlinks=follow_symlinks, report=report))
     except MetadataError as error:
         raise click.ClickException(str(error))
     click.echo(f"{len(records)} images under {folder}", err=True)
+    if report.encoding_note:
+        click.echo(f"note: {report.encoding_note}", err=True)
+    notes = report.notes + _skipped_link_notes(report.root, report.skipped_links)
+    if report.skipped_links:
+        shown = "; ".join(f"{name} ({why})" for name, why in report.skipped_links[:10])
+        shown += " ..." if len(report.skipped_links) > 10 else ""
+        click.echo(f"skipped {len(report.skipped_links)} symbolic links: {shown}", err=True)
     run_embedding(db_path, records, options, command=f"load folder {folder}",
-                  store_thumbnails=not no_thumbnails, total=len(records))
+                  store_thumbnails=not no_thumbnails, total=len(records), notes=notes, notes_under=report.root)
+
+
+def _skipped_link_notes(root: str, skipped_links: list[tuple[str, str]]) -> list:
+    from datasette_mapclip.records import LoadNote
+
+    # Keyed by the link's name (its source_id if loaded); located at the link, never its target.
+    return [LoadNote(name, "source", f"not loaded: {why}", location=str(Path(root) / name),
+                     source="folder")
+            for name, why in skipped_links]
 
 
 @load.command("csv")
@@ -114,7 +141,7 @@ def load_folder(db_path, folder, metadata_csv, no_thumbnails, **options):
 @click.argument("file_list", type=click.Path(exists=True, dir_okay=False))
 @click.option("--size", type=int, default=iiif.DEFAULT_SIZE, show_default=True,
               help="Ask the IIIF server for images that fit SIZE x SIZE (not the seed's 2000 px).")
-@click.option("--rate", type=float, default=200, show_default=True,
+@click.option("--rate", type=click.FloatRange(min=0), default=200, show_default=True,
               help="Image requests per minute, shared by all workers (loc.gov allows 200). 0: unlimited.")
 @click.option("--timeout", type=float, default=30, show_default=True, help="Seconds per HTTP request.")
 @click.option("--limit", type=int, help="Stop after this many images.")
@@ -138,12 +165,16 @@ def load_csv(db_path, file_list, size, rate, timeout, limit, **options):
         raise click.ClickException(str(error))
     click.echo(f"{stats.rows} rows: {len(records)} images, {stats.pdf_reports} PDF reports skipped, "
                f"{len(stats.bad_rows)} malformed rows", err=True)
+    if stats.encoding_note:
+        click.echo(f"note: {stats.encoding_note}", err=True)
 
     def record_bad_rows(store, summary):
         with store.transaction():
             for record, reason in stats.bad_rows:
                 store.record_error(record, "source", reason)
         summary.failed += len(stats.bad_rows)
+        for record, reason in stats.bad_rows:
+            summary.add_problem(record.source_id, "source", reason)
 
     fetcher = Fetcher(per_minute(rate), timeout=timeout)
     run_embedding(db_path, records, options, command=f"load csv {file_list}", fetcher=fetcher,
@@ -158,7 +189,7 @@ def load_csv(db_path, file_list, size, rate, timeout, limit, **options):
               help="Do not read IIIF manifests of multi-sheet items (atlases, Sanborn volumes): one image per item.")
 @click.option("--size", type=int, default=iiif.DEFAULT_SIZE, show_default=True,
               help="Ask the IIIF server for images that fit SIZE x SIZE.")
-@click.option("--rate", type=float, default=200, show_default=True,
+@click.option("--rate", type=click.FloatRange(min=0), default=200, show_default=True,
               help="Image requests per minute, shared by all workers. Search pages (20/10 s, 80/min) and "
                    "manifests (10/10 s, 200/min) keep loc.gov's published limits. 0: unlimited images.")
 @click.option("--timeout", type=float, default=30, show_default=True, help="Seconds per HTTP request.")
@@ -212,11 +243,12 @@ def import_beto(db_path, beto, beto_idx, files_csv, batch_size, quiet):
 
     try:
         matrix, urls = read_beto(beto, beto_idx)
+        lookup = files_lookup(files_csv)
     except BetoError as error:
         raise click.ClickException(str(error))
     store = open_store(db_path)
     model = store.register_model({**BETO_PROVENANCE, "dim": int(matrix.shape[1])}, precision="seed beto.pt")
-    records = beto_records(urls, files_lookup(files_csv))
+    records = beto_records(urls, lookup)
     done = store.embedded_source_ids(model)
     todo = [i for i, record in enumerate(records) if record.source_id not in done]
     started = time.perf_counter()

@@ -20,10 +20,14 @@ from tqdm import tqdm
 
 from datasette_mapclip.images import DEFAULT_MAX_PIXELS, ImageDecodeError, open_image, thumbnail_jpeg
 from datasette_mapclip.model import ClipEncoder
-from datasette_mapclip.records import MapRecord
+from datasette_mapclip.records import LoadNote, MapRecord, note_key, storable, unsafe_url_problems
 from datasette_mapclip.store import MapStore
 
 from .fetch import Fetcher, FetchError, RateLimited
+
+# Stages of the notes a source finds again on every run (see run_load's ``notes_under``).
+SOURCE_NOTE_STAGES = {"metadata", "source"}
+SHOWN_PROBLEMS = 10  # bad records listed in the summary; the rest are in load_errors
 
 
 @dataclasses.dataclass
@@ -31,21 +35,34 @@ class LoadSummary:
     loaded: int = 0
     skipped: int = 0
     failed: int = 0
+    noted: int = 0  # notes (NULLed values, unsafe links, extra pages...) on maps or files
     seconds: float = 0.0
     status: str = "finished"
     message: str = ""
+    problems: list = dataclasses.field(default_factory=list)  # "key (stage): reason", the first few
 
     @property
     def rate(self) -> float:
         return self.loaded / self.seconds if self.seconds else 0.0
 
+    def add_problem(self, key: str, stage: str, reason: str):
+        if len(self.problems) < SHOWN_PROBLEMS:
+            label = key if key.endswith(f"[{stage}]") else f"{key} ({stage})"
+            self.problems.append(f"{label}: {reason}")
+
     def line(self) -> str:
+        notes = f", {self.noted} notes" if self.noted else ""
         text = (
             f"{self.status}: {self.loaded} loaded, {self.skipped} skipped (already stored), "
-            f"{self.failed} failed in {self.seconds:.1f} s ({self.rate:.1f} img/s)"
+            f"{self.failed} failed{notes} in {self.seconds:.1f} s ({self.rate:.1f} img/s)"
         )
-        if self.failed:
+        if self.failed or self.noted:
             text += "; see the load_errors table"
+        for problem in self.problems:
+            text += f"\n  {problem}"
+        hidden = self.failed + self.noted - len(self.problems)
+        if self.problems and hidden > 0:
+            text += f"\n  ... and {hidden} more in load_errors"
         if self.message:
             text += f"\n{self.message}"
         return text
@@ -59,6 +76,7 @@ class Prepared:
     size: tuple | None = None
     stage: str | None = None
     error: str | None = None
+    notes: list = dataclasses.field(default_factory=list)  # (stage, reason) to tell the publisher
 
 
 def prepare(record: MapRecord, encoder: ClipEncoder, fetcher: Fetcher, *, store_thumbnail: bool,
@@ -77,7 +95,13 @@ def prepare(record: MapRecord, encoder: ClipEncoder, fetcher: Fetcher, *, store_
         return Prepared(record, stage="decode", error=str(error))
     except Exception as error:  # a corrupt file can raise anything from a plugin decoder
         return Prepared(record, stage="decode", error=f"{type(error).__name__}: {error}")
-    return Prepared(record, pixels, thumbnail, image.size)
+    prepared = Prepared(record, pixels, thumbnail, image.size)
+    pages = image.info.get("pages", 1)
+    if pages > 1:
+        # Later pages of a TIFF are most often reduced copies (pyramidal TIFF) or scanner
+        # targets, not further sheets: embed the first, and say so.
+        prepared.notes.append(("pages", f"{pages} pages in the file; only the first was embedded"))
+    return prepared
 
 
 def _yield_to_the_model():
@@ -108,8 +132,15 @@ def run_load(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     total: int | None = None,
     progress: bool = True,
+    notes: list[LoadNote] | None = None,
+    notes_under: str | None = None,
 ) -> LoadSummary:
-    """Embed every record not already stored for this model; resumable and batch-atomic."""
+    """Embed every record not already stored for this model; resumable and batch-atomic.
+
+    ``notes``: what the source found wrong besides images (it may still be filling the list
+    while ``records`` is iterated); they are stored in ``load_errors`` when the run ends.
+    ``notes_under``: a source that finds all its notes again on every run (a folder) names its
+    path, and its earlier notes there are replaced, so fixed problems leave no stale note."""
     import torch
 
     fetcher = fetcher or Fetcher()
@@ -126,20 +157,12 @@ def run_load(
         if not batch and not errors:
             return
         matrix = encoder.encode_image_tensors(torch.stack([p.pixels for p in batch])) if batch else []
-        store.write_batch(
-            model,
-            [p.record for p in batch],
-            matrix,
-            thumbnails=[p.thumbnail for p in batch] if store_thumbnails else None,
-            sizes=[p.size for p in batch],
-            errors=[(p.record, p.stage, p.error) for p in errors],
-        )
-        summary.loaded += len(batch)
-        summary.failed += len(errors)
+        _write(store, model, batch, matrix, errors, store_thumbnails, summary)
         bar.update(len(batch) + len(errors))
         bar.set_postfix(failed=summary.failed, refresh=False)
         batch.clear()
         errors.clear()
+        store.touch_load(load_id)
 
     window = max(workers * 4, batch_size * 2)
     in_flight: collections.deque = collections.deque()
@@ -175,10 +198,79 @@ def run_load(
             future.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
+        _write_notes(store, notes or [], summary, notes_under)
         summary.seconds = time.perf_counter() - started
         store.finish_load(load_id, summary.status, summary.loaded, summary.skipped, summary.failed)
     return summary
 
 
 def _collect(prepared: Prepared, batch: list, errors: list):
+    unsafe = unsafe_url_problems(prepared.record)
+    if unsafe:
+        prepared.notes.append(("links", "; ".join(unsafe)))
     (errors if prepared.error else batch).append(prepared)
+
+
+def _note_rows(prepared: list[Prepared]) -> list[tuple]:
+    """load_errors rows for the notes of prepared maps, keyed apart from the maps' own errors."""
+    rows = []
+    for p in prepared:
+        record = storable(p.record)
+        rows.extend((dataclasses.replace(record, source_id=note_key(record.source_id, stage)), stage, reason)
+                    for stage, reason in p.notes)
+    return rows
+
+
+def _write(store: MapStore, model: dict, batch: list[Prepared], matrix, errors: list[Prepared],
+           store_thumbnails: bool, summary: LoadSummary):
+    """One transaction for the batch; if it fails, map by map, so one bad record (a value SQLite
+    refuses) becomes a load error instead of sinking the batch and the run."""
+    try:
+        _write_rows(store, model, batch, matrix, errors, store_thumbnails)
+    except Exception:  # the batch rolled back; find the record(s) that caused it
+        if not batch:
+            raise
+        for i, prepared in enumerate(batch):
+            try:
+                _write_rows(store, model, [prepared], matrix[i:i + 1], [], store_thumbnails)
+            except Exception as error:
+                prepared.stage, prepared.error = "store", f"cannot be stored: {type(error).__name__}: {error}"
+                _write_rows(store, model, [], [], [prepared], store_thumbnails)
+        _write_rows(store, model, [], [], errors, store_thumbnails)
+        stored = [p for p in batch if not p.error]
+        errors.extend(p for p in batch if p.error)
+        batch[:] = stored
+    summary.loaded += len(batch)
+    summary.failed += len(errors)
+    summary.noted += sum(len(p.notes) for p in batch + errors)
+    for prepared in errors:
+        summary.add_problem(storable(prepared.record).source_id, prepared.stage, prepared.error)
+    for prepared in batch + errors:
+        for stage, reason in prepared.notes:
+            summary.add_problem(note_key(storable(prepared.record).source_id, stage), stage, reason)
+
+
+def _write_rows(store: MapStore, model: dict, batch: list[Prepared], matrix, errors: list[Prepared],
+                store_thumbnails: bool):
+    store.write_batch(
+        model,
+        [storable(p.record) for p in batch],
+        matrix,
+        thumbnails=[p.thumbnail for p in batch] if store_thumbnails else None,
+        sizes=[p.size for p in batch],
+        errors=[(storable(p.record), p.stage, p.error) for p in errors] + _note_rows(batch + errors),
+    )
+
+
+def _write_notes(store: MapStore, notes: list[LoadNote], summary: LoadSummary, notes_under: str | None):
+    """The source's notes (metadata values left out, skipped links...), in one transaction."""
+    if not notes and not notes_under:
+        return
+    with store.transaction():
+        if notes_under:
+            store.clear_notes({note.stage for note in notes} | SOURCE_NOTE_STAGES, notes_under)
+        for note in notes:
+            store.record_note(note)
+    summary.noted += len(notes)
+    for note in notes:
+        summary.add_problem(note.key, note.stage, note.reason)

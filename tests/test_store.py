@@ -94,3 +94,66 @@ def test_provenance_and_models_side_by_side(tmp_path):
     assert first["sqlite_vec_version"].startswith("v0.1")
     with pytest.raises(LookupError, match="no model 'nope'"):
         store.model("nope")
+
+
+def _running_load(store, *, pid, host, seen):
+    return store.conn.execute(
+        "INSERT INTO loads (command, started_at, status, pid, host, updated_at) VALUES ('load x', ?, 'running', ?, ?, ?) "
+        "RETURNING id", (seen, pid, host, seen)).fetchone()[0]
+
+
+def _status(store, load_id):
+    return tuple(store.conn.execute("SELECT status, finished_at IS NOT NULL, message FROM loads WHERE id = ?",
+                                    (load_id,)).fetchone())
+
+
+def test_a_later_run_marks_killed_runs_and_never_a_live_one(tmp_path):
+    import datetime
+    import os
+    import subprocess
+    import sys
+
+    from datasette_mapclip import store as store_module
+
+    store = MapStore(tmp_path / "m.db")
+    here = store_module.host_id()
+    fresh = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    old = (datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(hours=2)).isoformat(timespec="seconds")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    live_elsewhere = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        dead_here = _running_load(store, pid=int(gone), host=here, seen=fresh)
+        alive_here = _running_load(store, pid=os.getpid(), host=here, seen=old)  # quiet but alive
+        alive_other_process = _running_load(store, pid=live_elsewhere.pid, host=here, seen=old)
+        fresh_other_host = _running_load(store, pid=1234, host="another-host", seen=fresh)
+        stale_other_host = _running_load(store, pid=1234, host="another-host", seen=old)
+        no_pid = _running_load(store, pid=None, host=None, seen=old)  # written by a version without pids
+
+        new = MapStore(tmp_path / "m.db").start_load("load y", None)
+    finally:
+        live_elsewhere.kill()
+        live_elsewhere.wait()
+    status, finished, message = _status(store, dead_here)
+    assert (status, finished) == ("killed", 1) and f"process {gone} on {here} ended without finishing" in message
+    for load_id in (alive_here, alive_other_process, fresh_other_host):
+        assert _status(store, load_id) == ("running", 0, None)
+    assert _status(store, stale_other_host)[:2] == ("killed", 1)
+    assert "has written nothing for 2.0 hours" in _status(store, stale_other_host)[2]
+    assert _status(store, no_pid)[:2] == ("killed", 1)
+    row = store.conn.execute("SELECT status, pid, host FROM loads WHERE id = ?", (new,)).fetchone()
+    assert tuple(row) == ("running", os.getpid(), here)
+
+
+def test_loads_of_an_older_database_gain_the_run_columns(tmp_path):
+    import sqlite3
+
+    conn = sqlite3.connect(tmp_path / "old.db")
+    conn.execute("CREATE TABLE loads (id INTEGER PRIMARY KEY, command TEXT, model TEXT, started_at TEXT, "
+                 "finished_at TEXT, status TEXT, loaded INTEGER, skipped INTEGER, failed INTEGER)")
+    conn.execute("INSERT INTO loads (command, started_at, status) VALUES ('load', '2020-01-01T00:00:00+00:00', 'running')")
+    conn.commit()
+    conn.close()
+    store = MapStore(tmp_path / "old.db")
+    store.finish_load(store.start_load("load again", None), "finished", 1, 0, 0)
+    assert [r[0] for r in store.conn.execute("SELECT status FROM loads ORDER BY id")] == ["killed", "finished"]

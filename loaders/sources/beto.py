@@ -7,14 +7,12 @@ searched with the same model's text encoder.  Both files are pickles: they are r
 
 from __future__ import annotations
 
-import csv
-
 import numpy as np
 
-from datasette_mapclip.records import MapRecord
+from datasette_mapclip.records import SHEET_RANGE, FieldError, MapRecord, parse_whole_number
 
 from .. import iiif
-from .file_list import https, item_id_from_url
+from .file_list import CsvTextError, csv_rows, https, item_id_from_url, read_csv_text
 
 BETO_PROVENANCE = {
     "name": "ViT-B-32/openai",
@@ -57,8 +55,20 @@ def files_lookup(files_csv: str | None) -> dict[str, dict]:
     """canonical image URL -> the seed file-list row (item id, 0-based segment)."""
     if not files_csv:
         return {}
-    with open(files_csv, newline="", encoding="utf-8-sig") as f:
-        return {iiif.canonical(row["file_url"]): row for row in csv.DictReader(f) if row.get("file_url")}
+    try:
+        text, _ = read_csv_text(files_csv)  # any encoding: only URLs and numbers are read from it
+        return {iiif.canonical(row["file_url"]): row for _, row in csv_rows(text, files_csv) if row.get("file_url")}
+    except (CsvTextError, OSError) as error:
+        raise BetoError(str(error)) from None
+
+
+def _sheet(segment) -> int | None:
+    """The 1-based sheet of a 0-based ``segment_num``; None for a value that is not one ("²", 10^20)."""
+    try:
+        index = parse_whole_number(segment, name="segment_num", low=SHEET_RANGE[0], high=SHEET_RANGE[1] - 1)
+    except FieldError:
+        return None
+    return None if index is None else index + 1
 
 
 def beto_records(urls: list[str], lookup: dict[str, dict], size: int = iiif.DEFAULT_SIZE) -> list[MapRecord]:
@@ -66,14 +76,13 @@ def beto_records(urls: list[str], lookup: dict[str, dict], size: int = iiif.DEFA
     for url in urls:
         key = iiif.canonical(url)
         row = lookup.get(key, {})
-        segment = (row.get("segment_num") or "").strip()
         records.append(
             MapRecord(
                 source_id=key,
                 location=iiif.sized(url, size),
                 source="beto",
                 item_id=item_id_from_url(row.get("p1_item_id")),
-                sheet=int(segment) + 1 if segment.isdigit() else None,
+                sheet=_sheet(row.get("segment_num")),
                 item_url=https(row.get("p1_item_id")) or None,
                 image_url=key,
                 thumbnail_url=iiif.sized(url, iiif.THUMBNAIL_SIZE),

@@ -7,12 +7,15 @@ IIIF URL ending ``full/pct:100/0/default.jpg``; rows without ``pct:`` are PDF re
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from datasette_mapclip.records import MapRecord
+from datasette_mapclip.records import SHEET_RANGE, FieldError, MapRecord, parse_whole_number
 
 from .. import iiif
 
@@ -22,6 +25,71 @@ _ITEM_ID = re.compile(r"/item/([^/?#]+)")
 
 class FileListError(ValueError):
     pass
+
+
+class CsvTextError(ValueError):
+    """A CSV that cannot be read as text; the message says why, for a person."""
+
+
+# Checked in this order: a UTF-32 LE BOM begins with the UTF-16 LE one.
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"),
+)
+
+
+def decode_csv_bytes(data: bytes, name: str) -> tuple[str, str | None]:
+    """(text, note): UTF-8 (with or without BOM) and BOM-marked UTF-16/32 as they are; anything
+    else read as Windows-1252 (then Latin-1), with a note saying so, because a spreadsheet
+    saved "as CSV" on Windows is the usual source of such files."""
+    for bom, encoding in _BOMS:
+        if data.startswith(bom):
+            try:
+                return data.decode(encoding), None
+            except UnicodeDecodeError as error:
+                raise CsvTextError(f"{name} starts with a {encoding.upper()} byte order mark but is not "
+                                   f"valid {encoding.upper()} (byte {error.start}); re-save it as UTF-8") from None
+    try:
+        return data.decode("utf-8"), None
+    except UnicodeDecodeError as error:
+        first_bad = error.start
+    for encoding, label in (("cp1252", "Windows-1252 (Western European)"), ("latin-1", "Latin-1")):
+        try:
+            text = data.decode(encoding)
+        except UnicodeDecodeError:
+            continue
+        return text, (f"{name} is not UTF-8 (byte {first_bad} is not): read it as {label}; "
+                      f"if names look wrong, re-save it as UTF-8")
+    raise AssertionError("latin-1 decodes any bytes")
+
+
+def read_csv_text(path) -> tuple[str, str | None]:
+    """A CSV file's text and a note on the encoding assumed (None when it was UTF-8/16)."""
+    return decode_csv_bytes(Path(path).read_bytes(), Path(path).name)
+
+
+def csv_rows(text: str, name: str) -> Iterator[tuple[int, dict]]:
+    """(line number, row) pairs of ``csv.DictReader``, with its errors (a field over Python's
+    131,072-character limit, say) turned into a CsvTextError that names the line."""
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        for row in reader:
+            yield reader.line_num, row
+    except csv.Error as error:
+        line = reader.line_num + 1  # the record that failed starts after the last line read
+        if "field larger than field limit" in str(error):
+            raise CsvTextError(
+                f"{name} line {line}: a field is longer than {csv.field_size_limit():,} characters "
+                f"(Python's csv limit). A catalogue CSV holds short fields; check the file is the right one "
+                f"and that every quote is closed. Nothing was written.") from None
+        raise CsvTextError(f"{name} line {line}: {error}. Nothing was written.") from None
+
+
+def csv_header(text: str, name: str) -> list[str]:
+    try:
+        return next(csv.reader(io.StringIO(text, newline="")), [])
+    except csv.Error as error:
+        raise CsvTextError(f"{name} line 1: {error}. Nothing was written.") from None
 
 
 def item_id_from_url(url: str | None) -> str | None:
@@ -38,51 +106,63 @@ class FileListStats:
     rows: int = 0
     pdf_reports: int = 0
     bad_rows: list = field(default_factory=list)  # (MapRecord placeholder, reason)
+    encoding_note: str | None = None  # set when the file was not UTF-8 and an encoding was assumed
 
 
 def read_file_list(path: str, *, size: int = iiif.DEFAULT_SIZE, stats: FileListStats | None = None) -> Iterator[MapRecord]:
     """Yield a record per image row.  PDF rows are counted in ``stats.pdf_reports``; rows
     missing values become ``stats.bad_rows`` (the loader stores them as load errors)."""
     stats = stats if stats is not None else FileListStats()
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in ("file_url",) if c not in (reader.fieldnames or [])]
+    try:
+        text, stats.encoding_note = read_csv_text(path)
+        fieldnames = csv_header(text, path)
+        missing = [c for c in ("file_url",) if c not in fieldnames]
         if missing:
             raise FileListError(
                 f"{path} is not a seed file list: no {', '.join(missing)} column. "
-                f"Expected columns: {', '.join(REQUIRED_COLUMNS)}; found: {', '.join(reader.fieldnames or []) or 'none'}"
+                f"Expected columns: {', '.join(REQUIRED_COLUMNS)}; found: {', '.join(fieldnames) or 'none'}"
             )
-        for line_number, row in enumerate(reader, start=2):
-            stats.rows += 1
-            file_url = (row.get("file_url") or "").strip()
-            item_url = (row.get("p1_item_id") or "").strip()
-            segment = (row.get("segment_num") or "").strip()
-            if file_url and "pct:" not in file_url:
-                stats.pdf_reports += 1
-                continue
-            problems = []
-            if not file_url:
-                problems.append("no file_url")
-            elif not iiif.is_iiif_image(file_url):
-                problems.append(f"file_url is not a IIIF image URL: {file_url[:100]}")
-            if segment and not segment.isdigit():
-                problems.append(f"segment_num {segment!r} is not a number")
-            if None in row:  # more cells than header columns
-                problems.append("more cells than the header has columns")
-            if any(row.get(c) is None for c in reader.fieldnames or []):
-                problems.append("fewer cells than the header has columns")
-            source_id = iiif.canonical(file_url) if file_url else f"{path}:line {line_number}"
-            record = MapRecord(
-                source_id=source_id,
-                location=iiif.sized(file_url, size) if file_url else "",
-                source="csv",
-                item_id=item_id_from_url(item_url),
-                sheet=int(segment) + 1 if segment.isdigit() else None,
-                item_url=https(item_url) or None,
-                image_url=iiif.strip_fragment(file_url) or None,
-                thumbnail_url=iiif.sized(file_url, iiif.THUMBNAIL_SIZE) if file_url else None,
-            )
-            if problems:
-                stats.bad_rows.append((record, f"line {line_number}: " + "; ".join(problems)))
-                continue
-            yield record
+        yield from _file_list_records(csv_rows(text, path), fieldnames, path, size, stats)
+    except (CsvTextError, OSError) as error:
+        raise FileListError(str(error)) from None
+
+
+def _file_list_records(rows, fieldnames, path, size, stats) -> Iterator[MapRecord]:
+    for line_number, row in rows:
+        stats.rows += 1
+        file_url = (row.get("file_url") or "").strip()
+        item_url = (row.get("p1_item_id") or "").strip()
+        segment = (row.get("segment_num") or "").strip()
+        if file_url and "pct:" not in file_url:
+            stats.pdf_reports += 1
+            continue
+        problems = []
+        if not file_url:
+            problems.append("no file_url")
+        elif not iiif.is_iiif_image(file_url):
+            problems.append(f"file_url is not a IIIF image URL: {file_url[:100]}")
+        sheet = None
+        try:
+            index = parse_whole_number(segment, name="segment_num", low=SHEET_RANGE[0], high=SHEET_RANGE[1] - 1)
+            sheet = index + 1 if index is not None else None
+        except FieldError as error:
+            problems.append(str(error))
+        if None in row:  # more cells than header columns
+            problems.append("more cells than the header has columns")
+        if any(row.get(c) is None for c in fieldnames):
+            problems.append("fewer cells than the header has columns")
+        source_id = iiif.canonical(file_url) if file_url else f"{path}:line {line_number}"
+        record = MapRecord(
+            source_id=source_id,
+            location=iiif.sized(file_url, size) if file_url else "",
+            source="csv",
+            item_id=item_id_from_url(item_url),
+            sheet=sheet,
+            item_url=https(item_url) or None,
+            image_url=iiif.strip_fragment(file_url) or None,
+            thumbnail_url=iiif.sized(file_url, iiif.THUMBNAIL_SIZE) if file_url else None,
+        )
+        if problems:
+            stats.bad_rows.append((record, f"line {line_number}: " + "; ".join(problems)))
+            continue
+        yield record
