@@ -240,9 +240,11 @@ async def embed_upload(collection: Collection, data: bytes) -> bytes:
     """An uploaded image -> its query vector (hex in the URL from then on)."""
     max_pixels = min(int(collection.config.get("max_upload_pixels", DEFAULT_MAX_UPLOAD_PIXELS)), DEFAULT_MAX_PIXELS)
 
+    # Decoded (and refused) before the model is asked for: a bad upload never queues behind model work.
+    min_size = collection.model.get("image_size") or 224
     try:
+        image = await _run_in(DECODE, lambda: open_image(data, min_size=min_size, max_pixels=max_pixels))
         encoder = await _run_in(MODEL, collection.encoder)
-        image = await _run_in(DECODE, lambda: open_image(data, min_size=encoder.encoder.image_size, max_pixels=max_pixels))
         return vectors.encode(await _run_in(MODEL, encoder.embed_image, image))
     except ImageDecodeError as error:
         raise UploadError(f"the upload is not a usable image: {error}") from None

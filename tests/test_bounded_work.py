@@ -124,34 +124,59 @@ async def test_an_upload_naming_its_collection_in_the_form_is_refused_before_rea
     assert response.status_code == 403
 
 
+class HeldModel:
+    """Holds the model thread inside a text encoding until released."""
+
+    def __init__(self, monkeypatch):
+        self.entered, self.release = threading.Event(), threading.Event()
+        real = query_vector.text_vector
+
+        def held_text_vector(*args):
+            self.entered.set()
+            self.release.wait(30)
+            return real(*args)
+
+        monkeypatch.setattr(query_vector, "text_vector", held_text_vector)
+
+    async def start(self, ds):
+        self.text_search = asyncio.create_task(ds.client.get("/-/mapclip/search.json?q=roads&k=3"))
+        while not self.entered.is_set():
+            await asyncio.sleep(0.01)
+
+    async def finish(self):
+        assert not self.text_search.done()  # it really was holding the model all along
+        self.release.set()
+        assert (await self.text_search).status_code == 200
+
+
 @pytest.mark.asyncio
 @pytest.mark.parametrize("index", ["in-memory", "sqlite-vec"])
 async def test_more_like_this_never_waits_behind_text_encoding(collection, monkeypatch, index):
-    """The model thread is held by a text query; "more like this" still answers."""
     config = {} if index == "in-memory" else {"index": "off"}
     ds = Datasette([str(collection[0])], metadata={"plugins": {"datasette-mapclip": config}})
     if index == "in-memory":
         await wait_for_index(ds)
-    entered, release = threading.Event(), threading.Event()
-    real = query_vector.text_vector
-
-    def held_text_vector(*args):
-        entered.set()
-        release.wait(30)
-        return real(*args)
-
-    monkeypatch.setattr(query_vector, "text_vector", held_text_vector)
-    text_search = asyncio.create_task(ds.client.get("/-/mapclip/search.json?q=roads&k=3"))
+    held = HeldModel(monkeypatch)
+    await held.start(ds)
     try:
-        while not entered.is_set():
-            await asyncio.sleep(0.01)
         like = await asyncio.wait_for(ds.client.get("/-/mapclip/search.json?like=2&k=3"), timeout=10)
         assert like.status_code == 200 and like.json()["results"][0]["id"] == 2
         assert like.json()["searched_with"].startswith(index)
-        assert not text_search.done()  # it really was still holding the model
     finally:
-        release.set()
-    assert (await text_search).status_code == 200
+        await held.finish()
+
+
+@pytest.mark.asyncio
+async def test_a_bad_upload_is_refused_without_waiting_for_the_model(collection, monkeypatch):
+    ds = Datasette([str(collection[0])])
+    held = HeldModel(monkeypatch)
+    await held.start(ds)
+    try:
+        body, content_type = multipart({}, jpeg(draw_map(2))[:400])  # a truncated JPEG
+        response = await asyncio.wait_for(post(ds, body, content_type), timeout=10)
+        assert response.status_code == 400 and "not a usable image" in response.json()["error"]
+    finally:
+        await held.finish()
 
 
 def test_the_parser_itself_holds_the_part_limit():
