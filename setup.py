@@ -37,7 +37,7 @@ setup(
         "python-multipart>=0.0.13,<0.0.25",  # asgi-csrf 0.11 passes FileClass, removed in 0.0.25
         "pysqlite3-binary; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
-    extras_require={"test": ["pytest", "pytest-asyncio", "playwright", "ruff"]},
+    extras_require={"test": ["pytest", "pytest-asyncio", "playwright", "ruff", "hypothesis"]},
     entry_points={
         "datasette": ["mapclip = datasette_mapclip"],
         "console_scripts": ["mapclip = datasette_mapclip.cli:main"],

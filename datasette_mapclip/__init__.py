@@ -6,6 +6,7 @@ from . import search, store, views
 from .runtime import set_torch_threads
 from .sql_functions import DatabaseFunctions, register
 from .state import plugin_config, state_for
+from .uploads import UploadLimits, limit_upload_bodies
 
 
 @hookimpl
@@ -65,6 +66,15 @@ def register_routes():
         (r"^/-/mapclip/search\.json$", views.search_json),
         (r"^/-/mapclip/thumbnail/(?P<database>[^/]+)/(?P<id>\d+)\.jpg$", views.thumbnail),
     ]
+
+
+@hookimpl
+def asgi_wrapper(datasette):
+    # Upload limits that hold before Datasette's own CSRF middleware parses a multipart body.
+    def wrap(app):
+        return limit_upload_bodies(app, views.UPLOAD_PATHS, lambda: UploadLimits.from_config(plugin_config(datasette)))
+
+    return wrap
 
 
 @hookimpl

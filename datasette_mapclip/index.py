@@ -64,7 +64,7 @@ class VectorIndex:
     matrix: np.ndarray         # (N, dim) unit float32 vectors (memory-mapped when cached)
     scanner: Int8Scanner | None = None  # None: exact float32 scan
     rerank: int = DEFAULT_RERANK
-    position: dict | None = None        # map id -> row, built on first "more like this"
+    position: dict | None = None        # map id -> row when ids are not ascending ({}: binary search)
 
     @classmethod
     def build(cls, ids: np.ndarray, matrix: np.ndarray, *, int8_min_rows: int = INT8_MIN_ROWS,
@@ -80,10 +80,18 @@ class VectorIndex:
         return len(self.ids)
 
     def vector_of(self, map_id: int) -> np.ndarray | None:
-        if self.position is None:
-            self.position = {int(m): i for i, m in enumerate(self.ids)}
-        row = self.position.get(int(map_id))
+        row = self.row_of(int(map_id))
         return None if row is None else np.asarray(self.matrix[row])
+
+    def row_of(self, map_id: int) -> int | None:
+        if self.position is None:
+            # Ids come in rowid order, so a binary search needs no 500k-entry dict; a dict otherwise.
+            ascending = len(self.ids) < 2 or bool(np.all(self.ids[1:] > self.ids[:-1]))
+            self.position = {} if ascending else {int(m): i for i, m in enumerate(self.ids)}
+        if not self.position:
+            row = int(np.searchsorted(self.ids, map_id))
+            return row if row < len(self.ids) and int(self.ids[row]) == map_id else None
+        return self.position.get(map_id)
 
     def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """-> (map ids, cosine similarities), best first."""

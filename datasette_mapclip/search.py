@@ -5,8 +5,10 @@
       -> nearest maps (the in-memory index when it is ready and no filter applies, else sqlite-vec)
       -> results with links
 
-Model and index work runs in one compute thread (``COMPUTE``), never on the event loop and never
-inside a database thread; every failure leaves here as an ``errors.SearchError`` with its status.
+Model work (encoding text or an uploaded image) runs in one model thread (``MODEL``) and index
+scans in another (``INDEX``), never on the event loop and never inside a database thread, so a
+"more like this" or a stored-vector search never waits behind text encoding.  Every failure
+leaves here as an ``errors.SearchError`` with its status.
 """
 
 from __future__ import annotations
@@ -30,14 +32,17 @@ from .state import plugin_config, state_for
 
 log = logging.getLogger(__name__)
 
-# One worker thread for model and index work, shared by the whole process: torch keeps an OpenMP
-# pool per calling thread, and pools left spinning by other threads slow the next query.
-COMPUTE = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mapclip-compute")
+# One thread for the model, shared by the whole process: torch keeps an OpenMP pool per calling
+# thread, and pools left spinning by other threads slow the next query.
+MODEL = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mapclip-model")
+# Index scans (numpy, GIL released) and image decoding: work that needs no model.
+INDEX = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mapclip-index-scan")
+DECODE = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mapclip-decode")
 DEFAULT_MAX_UPLOAD_PIXELS = 50_000_000
 
 
-async def _compute(fn, *args):
-    return await asyncio.get_running_loop().run_in_executor(COMPUTE, fn, *args)
+async def _run_in(executor, fn, *args):
+    return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
 
 
 @dataclasses.dataclass
@@ -100,6 +105,17 @@ async def collection_names(datasette, actor) -> list[str]:
     return [name for name in await all_collection_names(datasette) if await can_view(datasette, actor, name)]
 
 
+async def ensure_can_upload(datasette, actor, wanted: str | None):
+    """Checked before an upload's body is read: the collection named in the URL, or (when the form
+    names it) some collection, must be one this actor may view; else Datasette's 403."""
+    await datasette.ensure_permissions(actor, ["view-instance"])
+    names = await all_collection_names(datasette)
+    if wanted in names:
+        await ensure_can_view(datasette, actor, wanted)
+    elif names and not await collection_names(datasette, actor):
+        raise Forbidden("no collection here that you may view")
+
+
 async def open_collection(datasette, actor, wanted: str | None, model_name: str | None = None) -> Collection:
     """The collection a request names (``_db``) or the first one the actor may view, with its model.
 
@@ -143,21 +159,20 @@ async def build_query_vector(collection: Collection, params: SearchParams, index
     if params.vector is not None:
         image = vectors.decode(params.vector)
     elif params.like is not None:
-        image = index.vector_of(params.like) if index is not None else await collection.db.execute_fn(
+        image = await _run_in(INDEX, index.vector_of, params.like) if index is not None else await collection.db.execute_fn(
             lambda conn: store.read_stored_vector(conn, collection.model, params.like))
         if image is None:
             raise NotFound(f"map {params.like} has no vector for model {collection.model['name']} in this collection")
 
-    def compute():
-        terms = []
+    terms = []
+    try:
         if params.q:
-            terms.append((query_vector.text_vector(collection.encoder(), params.q, collection.config), text_weight))
+            encoder = collection.encoder  # loaded (once) in the model thread too
+            terms.append((await _run_in(MODEL, lambda: query_vector.text_vector(encoder(), params.q, collection.config)),
+                          text_weight))
         if image is not None:
             terms.append((image, image_weight))
-        return query_vector.combine_terms(terms)
-
-    try:
-        return await _compute(compute)
+        return query_vector.combine_terms(terms)  # one 512-float sum: no thread needed
     except ModelUnavailable as error:
         raise SearchUnavailable(str(error)) from None
     except ValueError as error:  # the weighted terms cancel out
@@ -165,7 +180,7 @@ async def build_query_vector(collection: Collection, params: SearchParams, index
 
 
 async def _nearest_with_index(collection: Collection, index, query: np.ndarray, params: SearchParams) -> list[dict]:
-    ids, scores = await _compute(index.search, query, params.k * params.page)
+    ids, scores = await _run_in(INDEX, index.search, query, params.k * params.page)
     skip = params.k * (params.page - 1)
     ids, scores = ids[skip:], scores[skip:]
     rows = await collection.db.execute_fn(lambda conn: store.read_result_rows(conn, ids))
@@ -225,13 +240,12 @@ async def embed_upload(collection: Collection, data: bytes) -> bytes:
     """An uploaded image -> its query vector (hex in the URL from then on)."""
     max_pixels = min(int(collection.config.get("max_upload_pixels", DEFAULT_MAX_UPLOAD_PIXELS)), DEFAULT_MAX_PIXELS)
 
-    def work():
-        encoder = collection.encoder()
-        image = open_image(data, min_size=encoder.encoder.image_size, max_pixels=max_pixels)
-        return vectors.encode(encoder.embed_image(image))
-
+    # Decoded (and refused) before the model is asked for: a bad upload never queues behind model work.
+    min_size = collection.model.get("image_size") or 224
     try:
-        return await _compute(work)
+        image = await _run_in(DECODE, lambda: open_image(data, min_size=min_size, max_pixels=max_pixels))
+        encoder = await _run_in(MODEL, collection.encoder)
+        return vectors.encode(await _run_in(MODEL, encoder.embed_image, image))
     except ImageDecodeError as error:
         raise UploadError(f"the upload is not a usable image: {error}") from None
     except ModelUnavailable as error:

@@ -75,10 +75,7 @@ def combine(*args) -> bytes:
 def similarity(a, b) -> float:
     a = _vector(a, "mapclip_similarity argument 1")
     b = _vector(b, "mapclip_similarity argument 2", dim=a.shape[0])
-    na, nb = np.linalg.norm(a), np.linalg.norm(b)
-    if na == 0 or nb == 0:
-        return 0.0
-    return float(a @ b / (na * nb))
+    return float(vectors.unit(a) @ vectors.unit(b))  # zero vectors stay zero: similarity 0
 
 
 class DatabaseFunctions:

@@ -1,11 +1,16 @@
-"""Read a multipart upload safely: size cap while streaming, nothing written to disk.
+"""Read a multipart upload safely: capped while it streams, parsed off the event loop, nothing on disk.
 
-Datasette 0.65 has no multipart parser of its own; python-multipart (Starlette's parser)
-does the parsing, fed chunk by chunk from the ASGI ``receive`` so an oversized body is
-refused as soon as it passes the cap instead of after it has all arrived.
+Datasette 0.65 has no multipart parser of its own; python-multipart (Starlette's parser) does the
+parsing.  The body is received on the event loop (cheap: only bytes are counted, and an oversized
+body is refused as soon as it passes the cap), then parsed in a worker thread with limits on the
+number of parts and the size of each part's headers and text fields, so a body of 150,000 tiny
+parts is refused after a few dozen instead of holding the event loop while it is picked apart.
 """
 
 from __future__ import annotations
+
+import asyncio
+import dataclasses
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -13,69 +18,184 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from .errors import UploadError
 
 DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024
+# Room for the form's own fields and the multipart framing around the image.
+FORM_OVERHEAD_BYTES = 64 * 1024
+# Where limit_upload_bodies leaves the reason it cut a body short, for the view to answer with.
+REFUSED_KEY = "mapclip.upload_refused"
 
 
-async def read_multipart(request, max_bytes: int = DEFAULT_MAX_UPLOAD_BYTES) -> tuple[dict, dict]:
-    """-> (form fields as str, files as {field: (filename, bytes)})."""
-    content_type = request.headers.get("content-type", "")
+@dataclasses.dataclass(frozen=True)
+class UploadLimits:
+    """Caps on one upload; ``max_upload_bytes`` in the plugin configuration sets ``max_bytes``."""
+
+    max_bytes: int = DEFAULT_MAX_UPLOAD_BYTES  # the image (and the whole body, plus FORM_OVERHEAD_BYTES)
+    max_parts: int = 32  # the search form has about a dozen fields
+    max_field_bytes: int = 16 * 1024  # a text field (q is capped at 1000 characters anyway)
+    max_header_bytes: int = 8 * 1024  # one part's headers together
+
+    @classmethod
+    def from_config(cls, config: dict) -> "UploadLimits":
+        return cls(max_bytes=int(config.get("max_upload_bytes", DEFAULT_MAX_UPLOAD_BYTES)))
+
+
+async def read_multipart(request, limits: UploadLimits = UploadLimits()) -> tuple[dict, dict]:
+    """-> (form fields as str, files as {field: (filename, bytes)}); UploadError says what was wrong."""
+    boundary = _boundary(request.headers.get("content-type", ""))
+    body = await _receive_body(request, limits)
+    refused = request.scope.get(REFUSED_KEY)
+    if refused:  # cut short by limit_upload_bodies
+        raise refused[0]
+    return await asyncio.to_thread(parse_multipart, body, boundary, limits)
+
+
+def _boundary(content_type: str) -> bytes:
     mime, options = parse_options_header(content_type)
     if mime != b"multipart/form-data":
         raise UploadError("send the image as multipart/form-data (an HTML file upload)", 415)
     boundary = options.get(b"boundary")
     if not boundary:
         raise UploadError("multipart/form-data without a boundary", 400)
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > max_bytes + 64 * 1024:
-        raise UploadError(f"upload too large: {int(declared) / 1e6:.1f} MB, limit {max_bytes / 1e6:.1f} MB", 413)
+    return boundary
 
+
+def _too_many_parts(limits: UploadLimits) -> UploadError:
+    return UploadError(f"too many parts in the form: more than {limits.max_parts}")
+
+
+def _too_large(limits: UploadLimits) -> UploadError:
+    return UploadError(f"upload too large: over the {limits.max_bytes / 1e6:.1f} MB limit", 413)
+
+
+async def _receive_body(request, limits: UploadLimits) -> bytes:
+    cap = limits.max_bytes + FORM_OVERHEAD_BYTES
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > cap:
+        raise UploadError(f"upload too large: {int(declared) / 1e6:.1f} MB, limit {limits.max_bytes / 1e6:.1f} MB", 413)
+    body = bytearray()
+    while True:
+        message = await request.receive()
+        body += message.get("body", b"")
+        if len(body) > cap:
+            raise _too_large(limits)
+        if not message.get("more_body"):
+            return bytes(body)
+
+
+def parse_multipart(body: bytes, boundary: bytes, limits: UploadLimits = UploadLimits()) -> tuple[dict, dict]:
+    """Parse a whole multipart body (in a worker thread) within ``limits``."""
     fields: dict[str, str] = {}
     files: dict[str, tuple[str, bytes]] = {}
-    part = {"name": None, "filename": None, "data": bytearray(), "headers": {}, "header_field": b"", "header_value": b""}
+    part = {}
+    count = 0
 
     def on_part_begin():
-        part.update(name=None, filename=None, data=bytearray(), headers={}, header_field=b"", header_value=b"")
+        nonlocal count
+        count += 1
+        if count > limits.max_parts:
+            raise _too_many_parts(limits)
+        part.update(data=bytearray(), headers={}, header_field=b"", header_value=b"", header_bytes=0)
 
     def on_header_field(data, start, end):
         part["header_field"] += data[start:end]
+        _count_header_bytes(end - start)
 
     def on_header_value(data, start, end):
         part["header_value"] += data[start:end]
+        _count_header_bytes(end - start)
+
+    def _count_header_bytes(n):
+        part["header_bytes"] += n
+        if part["header_bytes"] > limits.max_header_bytes:
+            raise UploadError(f"a form part's headers are too long: over {limits.max_header_bytes} bytes")
 
     def on_header_end():
         part["headers"][part["header_field"].lower()] = part["header_value"]
         part["header_field"], part["header_value"] = b"", b""
 
+    def on_headers_finished():
+        _, disposition = parse_options_header(part["headers"].get(b"content-disposition", b""))
+        part["name"] = (disposition.get(b"name") or b"").decode("utf-8", "replace")
+        filename = disposition.get(b"filename")
+        part["filename"] = None if filename is None else filename.decode("utf-8", "replace")
+
     def on_part_data(data, start, end):
         part["data"] += data[start:end]
-        if len(part["data"]) > max_bytes:
-            raise UploadError(f"upload too large: over the {max_bytes / 1e6:.1f} MB limit", 413)
+        if part["filename"] is None and len(part["data"]) > limits.max_field_bytes:
+            raise UploadError(f"form field {part['name'][:40]!r} is too long: over {limits.max_field_bytes} bytes")
+        if len(part["data"]) > limits.max_bytes:
+            raise _too_large(limits)
 
     def on_part_end():
-        _, disposition = parse_options_header(part["headers"].get(b"content-disposition", b""))
-        name = (disposition.get(b"name") or b"").decode("utf-8", "replace")
-        filename = disposition.get(b"filename")
-        if filename is not None:
-            files[name] = (filename.decode("utf-8", "replace"), bytes(part["data"]))
+        if part["filename"] is not None:
+            files[part["name"]] = (part["filename"], bytes(part["data"]))
         else:
-            fields[name] = part["data"].decode("utf-8", "replace")
+            fields[part["name"]] = part["data"].decode("utf-8", "replace")
 
     parser = MultipartParser(boundary, {
         "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
-        "on_header_end": on_header_end, "on_part_data": on_part_data, "on_part_end": on_part_end,
+        "on_header_end": on_header_end, "on_headers_finished": on_headers_finished,
+        "on_part_data": on_part_data, "on_part_end": on_part_end,
     })
-    received = 0
-    while True:
-        message = await request.receive()
-        chunk = message.get("body", b"")
-        received += len(chunk)
-        if received > max_bytes + 64 * 1024:
-            raise UploadError(f"upload too large: over the {max_bytes / 1e6:.1f} MB limit", 413)
-        try:
-            if chunk:
-                parser.write(chunk)
-            if not message.get("more_body"):
-                parser.finalize()
-                break
-        except MultipartParseError as error:
-            raise UploadError(f"the multipart/form-data body is malformed: {error}") from None
+    try:
+        parser.write(body)
+        parser.finalize()
+    except MultipartParseError as error:
+        raise UploadError(f"the multipart/form-data body is malformed: {error}") from None
     return fields, files
+
+
+class _BodyCounter:
+    """Counts a streaming body's bytes and multipart delimiters without parsing it (C-speed
+    ``bytes.count``), so the limits hold before anything, Datasette's CSRF check included, parses it."""
+
+    def __init__(self, boundary: bytes, limits: UploadLimits):
+        self.delimiter = b"--" + boundary
+        self.limits = limits
+        self.size = 0
+        self.parts = 0
+        self.tail = b""
+
+    def add(self, chunk: bytes) -> UploadError | None:
+        """-> why the body is refused, or None."""
+        self.size += len(chunk)
+        if self.size > self.limits.max_bytes + FORM_OVERHEAD_BYTES:
+            return _too_large(self.limits)
+        window = self.tail + chunk
+        self.parts += window.count(self.delimiter) - self.tail.count(self.delimiter)
+        self.tail = window[-(len(self.delimiter) - 1):]
+        if self.parts > self.limits.max_parts + 1:  # n parts have n + 1 delimiters
+            return _too_many_parts(self.limits)
+        return None
+
+
+def limit_upload_bodies(app, paths: tuple[str, ...], limits_for):
+    """ASGI middleware for POSTs to ``paths``: the body stops at the first byte past the limits.
+
+    Datasette's CSRF middleware parses a multipart body on the event loop, unbounded, before any
+    view runs; this wrapper sits outside it.  A refused body is cut short (so whatever parses it
+    next does bounded work) and the reason is left in the scope for the view to answer with."""
+
+    async def wrapped(scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].endswith(paths):
+            return await app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        mime, options = parse_options_header(headers.get(b"content-type", b"").decode("latin-1"))
+        if mime != b"multipart/form-data" or not options.get(b"boundary"):
+            return await app(scope, receive, send)
+        counter = _BodyCounter(options[b"boundary"], limits_for())
+        refused = []  # shared by reference: middlewares below copy the scope dict
+
+        async def counted_receive():
+            if refused:
+                return {"type": "http.request", "body": b"", "more_body": False}
+            message = await receive()
+            if message["type"] == "http.request":
+                why = counter.add(message.get("body", b""))
+                if why:
+                    refused.append(why)
+                    return {"type": "http.request", "body": b"", "more_body": False}
+            return message
+
+        return await app({**scope, REFUSED_KEY: refused}, counted_receive, send)
+
+    return wrapped

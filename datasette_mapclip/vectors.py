@@ -39,12 +39,19 @@ def normalise(matrix: np.ndarray) -> np.ndarray:
     return matrix / np.where(norms == 0, 1, norms)
 
 
+def unit(vector) -> np.ndarray:
+    """One vector -> unit length, without overflow for huge finite values (scaled first, float64)."""
+    vector = np.asarray(vector, np.float64)
+    largest = float(np.abs(vector).max()) if vector.size else 0.0
+    return normalise(vector / largest) if largest > 0 else vector
+
+
 def combine(weighted) -> np.ndarray:
     """``[(vector, weight), ...]`` -> the weighted sum of the unit vectors, renormalised.
 
     Ranking by this one vector equals ranking by the weighted sum of cosines, so combined
     text + image search is a single KNN.  ValueError if the terms cancel out."""
-    total = sum(float(weight) * normalise(vector) for vector, weight in weighted)
+    total = sum(float(weight) * unit(vector) for vector, weight in weighted)
     norm = float(np.linalg.norm(total))
     if norm < 1e-12:
         raise ValueError("the weighted vectors cancel out (all weights zero?)")

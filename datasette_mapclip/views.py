@@ -10,7 +10,10 @@ from . import search
 from .errors import BadSearch, NotFound, SearchError, UploadError
 from .query import MAX_ID, SearchParams
 from .state import plugin_config
-from .uploads import DEFAULT_MAX_UPLOAD_BYTES, read_multipart
+from .uploads import UploadLimits, read_multipart
+
+# The routes that take an upload (their POSTs pass through uploads.limit_upload_bodies).
+UPLOAD_PATHS = ("/-/mapclip", "/-/mapclip/search.json")
 
 
 async def read_search_request(datasette, request) -> tuple[search.Collection, SearchParams]:
@@ -19,11 +22,8 @@ async def read_search_request(datasette, request) -> tuple[search.Collection, Se
     upload = None
     if request.method == "POST":
         # No body is read for an actor who may not search here.
-        await datasette.ensure_permissions(request.actor, ["view-instance"])
-        if args.get("_db") in await search.all_collection_names(datasette):
-            await search.ensure_can_view(datasette, request.actor, args["_db"])
-        max_bytes = int(plugin_config(datasette).get("max_upload_bytes", DEFAULT_MAX_UPLOAD_BYTES))
-        fields, files = await read_multipart(request, max_bytes)
+        await search.ensure_can_upload(datasette, request.actor, args.get("_db"))
+        fields, files = await read_multipart(request, UploadLimits.from_config(plugin_config(datasette)))
         args.update({k: v for k, v in fields.items() if k != "csrftoken"})
         filename, data = files.get("image", (None, b""))
         if filename and not data:

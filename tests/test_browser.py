@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -25,6 +26,10 @@ def free_port():
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, model_args):
     db_path, folder = load_collection(tmp_path_factory, model_args, 24)
+    yield from serve(db_path, folder)
+
+
+def serve(db_path, folder):
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "datasette", "serve", str(db_path), "-p", str(port), "--setting", "sql_time_limit_ms", "20000"],
@@ -43,6 +48,67 @@ def server(tmp_path_factory, model_args):
     yield url, folder
     process.terminate()
     process.wait(timeout=10)
+
+
+HOSTILE = '"><script>alert("x")</script><img src=x onerror=alert(1)>\'><svg onload=alert(2)>'
+HOSTILE_URLS = ["javascript:alert(3)", " JaVaScRiPt:alert(4)", "data:text/html,<script>alert(5)</script>",
+                "vbscript:msgbox(6)", "//evil.example/x"]
+
+
+@pytest.fixture(scope="module")
+def hostile_server(tmp_path_factory, model_args):
+    """A collection whose catalogue is hostile in every field the page shows, and a hostile model name."""
+    import shutil
+
+    from datasette_mapclip.store import MapStore
+
+    db_path, folder = load_collection(tmp_path_factory, model_args, 8)
+    copy = tmp_path_factory.mktemp("hostile-browser") / "maps.db"
+    shutil.copy(db_path, copy)
+    store = MapStore(copy)
+    with store.transaction():
+        for map_id, url in enumerate(HOSTILE_URLS, start=1):
+            store.conn.execute(
+                "UPDATE maps SET title = ?, place = ?, date = ?, notes = ?, item_url = ?, image_url = ?, "
+                "thumbnail_url = ?, thumbnail = NULL WHERE id = ?",
+                ("T" + HOSTILE, "P" + HOSTILE, "D" + HOSTILE, "N" + HOSTILE, url, url, url, map_id))
+        store.conn.execute(
+            "INSERT INTO models (name, architecture, dim, vector_table) "
+            "SELECT ?, architecture, dim, vector_table || '_x' FROM models LIMIT 1", ("M" + HOSTILE,))
+    store.close()
+    yield from serve(copy, folder)
+
+
+def test_hostile_catalogue_and_queries_run_no_script_in_a_real_browser(hostile_server, browser):
+    url, _ = hostile_server
+    page = browser.new_page()
+    dialogs = []
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+    query = urllib.parse.urlencode({"q": "Q" + HOSTILE, "place": "P" + HOSTILE, "filter": "F" + HOSTILE,
+                                    "model": "M" + HOSTILE})
+    for path in ("/-/mapclip?like=1&k=8", "/-/mapclip?like=2&k=8&q=roads", "/-/mapclip?" + query,
+                 "/-/mapclip/search.json?like=1&k=8"):
+        page.goto(url + path)
+        page.wait_for_load_state("load")
+        links = page.eval_on_selector_all("a[href]", "els => els.map(e => e.href)")
+        sources = page.eval_on_selector_all("img[src]", "els => els.map(e => e.src)")
+        assert all(link.startswith((url + "/", "https://", "http://")) for link in links), links
+        assert all(src.startswith(url + "/") for src in sources), sources
+        assert not [link for link in links if "evil.example" in link]
+    page.goto(url + "/-/mapclip?like=1&k=8")
+    shown = page.locator(".mapclip-title").all_inner_texts()
+    assert sum(title == "T" + HOSTILE for title in shown) == len(HOSTILE_URLS)  # shown as text, whole
+    assert ("M" + HOSTILE) in page.locator("select[name=model] option").all_text_contents()
+    for index in range(len(HOSTILE_URLS)):  # follow every title link: each is the record page
+        title = page.locator(".mapclip-title").nth(index)
+        navigating(page, title.click)
+        assert page.url.startswith(url + "/maps/maps/"), page.url
+        page.go_back()
+        page.wait_for_load_state("load")
+    page.mouse.wheel(0, 3000)
+    page.wait_for_timeout(300)
+    assert dialogs == []
+    page.close()
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,20 @@ def collection(tmp_path_factory, model_args):
     return load_collection(tmp_path_factory, model_args, 30)
 
 
-@pytest.fixture
-def ds(collection):
-    return Datasette([str(collection[0])])
+SEARCH_PATHS = {"sqlite-vec": "sqlite-vec", "in-memory": "in-memory exact"}
+
+
+@pytest.fixture(params=list(SEARCH_PATHS))
+async def ds(collection, request):
+    """The collection served twice over: searches through sqlite-vec (index off), and through the
+    in-memory index (waited for).  Each search test runs on both paths, never on whichever wins a race."""
+    if request.param == "sqlite-vec":
+        served = Datasette([str(collection[0])], metadata={"plugins": {"datasette-mapclip": {"index": "off"}}})
+    else:
+        served = Datasette([str(collection[0])])
+        await wait_for_index(served)
+    served.search_path = SEARCH_PATHS[request.param]
+    return served
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +94,54 @@ async def test_combine_and_similarity(ds):
 
 
 @pytest.mark.asyncio
+async def test_combine_and_similarity_normalise_vectors_that_are_not_unit_length(ds):
+    # Each term counts by its weight, not its length: [3,0,0,0] and [0,0.5,0,0] weigh the same.
+    a, b = vectors.encode([3, 0, 0, 0]), vectors.encode([0, 0.5, 0, 0])
+    c, d = vectors.encode([3, 4, 0, 0]), vectors.encode([6, 0, 0, 0])
+    row = (await sql_json(ds, "select hex(mapclip_combine(unhex(:a), 1, unhex(:b), 1)) as v, "
+                              "hex(mapclip_combine(unhex(:c), 2)) as single, "
+                              "mapclip_similarity(unhex(:c), unhex(:d)) as s",
+                          a=a.hex(), b=b.hex(), c=c.hex(), d=d.hex())).json()[0]
+    np.testing.assert_allclose(vectors.decode(bytes.fromhex(row["v"])), [2 ** -0.5, 2 ** -0.5, 0, 0], atol=1e-6)
+    np.testing.assert_allclose(vectors.decode(bytes.fromhex(row["single"])), [0.6, 0.8, 0, 0], atol=1e-6)
+    assert row["s"] == pytest.approx(0.6, abs=1e-6)  # cosine, not the dot product (18)
+
+
+@pytest.mark.asyncio
+async def test_prompt_template_wraps_every_text_query(collection, stored, tiny_encoder):
+    ids, matrix, _ = stored
+    ds = Datasette([str(collection[0])],
+                   metadata={"plugins": {"datasette-mapclip": {"prompt_template": "an old {} map", "index": "off"}}})
+    templated = tiny_encoder.encode_texts(["an old relief map"])[0]
+    assert not np.allclose(templated, tiny_encoder.encode_texts(["relief"])[0], atol=1e-3)
+    row = (await sql_json(ds, "select hex(mapclip_embed_text('relief')) as v")).json()[0]
+    np.testing.assert_allclose(vectors.decode(bytes.fromhex(row["v"])), templated, atol=1e-5)
+    data = (await ds.client.get("/-/mapclip/search.json?q=relief&k=6")).json()
+    want, scores = expected_order(matrix, ids, templated, 6)
+    assert [r["id"] for r in data["results"]] == want
+    np.testing.assert_allclose([r["similarity"] for r in data["results"]], scores, atol=1e-3)
+
+
+@pytest.mark.asyncio
+async def test_thumbnail_route_serves_that_maps_own_picture(ds, collection):
+    from PIL import Image
+
+    conn = MapStore(collection[0]).conn
+    stored = dict(conn.execute("SELECT id, thumbnail FROM maps WHERE thumbnail IS NOT NULL").fetchall())
+    files = dict(conn.execute("SELECT id, location FROM maps").fetchall())
+    assert len(stored) >= 3
+    for map_id in list(stored)[:3]:
+        response = await ds.client.get(f"/-/mapclip/thumbnail/maps/{map_id}.jpg")
+        assert response.status_code == 200 and response.content == stored[map_id]
+        # ... and that blob is the picture of this map's own file, not a neighbour's
+        served = np.asarray(Image.open(io.BytesIO(response.content)).convert("L").resize((32, 24)), np.float32)
+        sources = {other: np.asarray(Image.open(collection[1] / files[other]).convert("L").resize((32, 24)), np.float32)
+                   for other in list(stored)[:6]}
+        closest = min(sources, key=lambda other: np.abs(sources[other] - served).mean())
+        assert closest == map_id
+
+
+@pytest.mark.asyncio
 @pytest.mark.parametrize("sql,message", [
     ("select mapclip_embed_text(NULL)", "mapclip_embed_text: text is NULL"),
     ("select mapclip_embed_image(x'3c68746d6c3e')", "mapclip_embed_image: not an image"),
@@ -104,6 +163,7 @@ async def test_search_json_text(ds, stored, tiny_encoder):
     response = await ds.client.get("/-/mapclip/search.json?q=nautical+chart&k=5")
     assert response.status_code == 200
     data = response.json()
+    assert data["searched_with"] == ds.search_path
     want, scores = expected_order(matrix, ids, tiny_encoder.encode_texts(["nautical chart"])[0], 5)
     assert [r["id"] for r in data["results"]] == want
     np.testing.assert_allclose([r["similarity"] for r in data["results"]], scores, atol=1e-3)
@@ -244,6 +304,20 @@ async def test_decompression_bomb_upload_is_refused(ds):
     body, content_type = multipart({}, out.getvalue(), "bomb.png")
     response = await ds.client.post("/-/mapclip/search.json", content=body, headers={"content-type": content_type})
     assert response.status_code == 400 and "too many pixels" in response.json()["error"]
+
+
+@pytest.mark.asyncio
+async def test_upload_pixel_cap_applies_below_pillows_own_guard(collection):
+    from PIL import Image
+
+    ds = Datasette([str(collection[0])], metadata={"plugins": {"datasette-mapclip": {"max_upload_pixels": 40_000}}})
+    small, large = jpeg(draw_map(5, (190, 190))), jpeg(draw_map(5, (260, 200)))  # 36,100 and 52,000 pixels
+    assert 52_000 < Image.MAX_IMAGE_PIXELS  # far below Pillow's own guard: only the plugin's cap can refuse it
+    for picture, status in ((small, 200), (large, 400)):
+        body, content_type = multipart({}, picture)
+        response = await ds.client.post("/-/mapclip/search.json", content=body, headers={"content-type": content_type})
+        assert response.status_code == status, response.text
+    assert "too many pixels: 260x200" in response.json()["error"] and "limit" in response.json()["error"]
 
 
 @pytest.mark.asyncio
@@ -443,3 +517,14 @@ async def test_errors_carry_their_status(collection, tmp_path):
     malformed = await ds.client.post("/-/mapclip/search.json", content=b"x" * 100,
                                      headers={"content-type": "multipart/form-data; boundary=zz"})
     assert malformed.status_code == 400 and "malformed" in malformed.json()["error"]
+
+
+@pytest.mark.asyncio
+async def test_similarity_and_combine_of_huge_finite_vectors_stay_finite(ds):
+    big = vectors.encode([3e38, 3e38, 0, 0])
+    other = vectors.encode([1, 0, 0, 0])
+    row = (await sql_json(ds, "select mapclip_similarity(unhex(:a), unhex(:b)) as s, "
+                              "hex(mapclip_combine(unhex(:a), 1, unhex(:b), 1)) as v", a=big.hex(), b=other.hex())).json()[0]
+    assert row["s"] == pytest.approx(2 ** -0.5, abs=1e-6)
+    np.testing.assert_allclose(vectors.decode(bytes.fromhex(row["v"])),
+                               np.array([1 + 2 ** -0.5, 2 ** -0.5, 0, 0]) / np.linalg.norm([1 + 2 ** -0.5, 2 ** -0.5]), atol=1e-6)

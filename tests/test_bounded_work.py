@@ -1,0 +1,188 @@
+"""No request can stall the server: upload bodies are capped and parsed off the event loop with
+limits on their parts, and searches that need no model never wait behind model work."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+from datasette.app import Datasette
+from test_plugin import jpeg, multipart, wait_for_index
+
+from conftest import draw_map, load_collection
+from datasette_mapclip import query_vector, uploads
+from datasette_mapclip.uploads import UploadLimits, limit_upload_bodies
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory, model_args):
+    return load_collection(tmp_path_factory, model_args, 12)
+
+
+def many_parts(count: int, boundary: str = "zzBOUNDARYzz") -> tuple[bytes, str]:
+    part = f'--{boundary}\r\nContent-Disposition: form-data; name="f"\r\n\r\nx\r\n'.encode()
+    return part * count + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+async def post(ds, body, content_type, **kwargs):
+    return await ds.client.post("/-/mapclip/search.json", content=body, headers={"content-type": content_type},
+                                **kwargs)
+
+
+def long_field():
+    return multipart({"q": "x" * 20_000}, None)
+
+
+def long_headers():
+    body = b"--zzBOUNDARYzz\r\nX-Pad: " + b"p" * 10_000 + b"\r\n\r\nx\r\n--zzBOUNDARYzz--\r\n"
+    return body, "multipart/form-data; boundary=zzBOUNDARYzz"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("make_body,message", [
+    (lambda: many_parts(150_000), "too many parts in the form: more than 32"),
+    (lambda: many_parts(33), "too many parts in the form: more than 32"),
+    (long_field, "form field 'q' is too long"),
+    (long_headers, "headers are too long"),
+], ids=["150000-parts", "33-parts", "long-field", "long-headers"])
+async def test_hostile_forms_are_refused_with_400_that_says_why(collection, make_body, message):
+    body, content_type = make_body()
+    response = await post(Datasette([str(collection[0])]), body, content_type)
+    assert response.status_code == 400
+    assert message in response.json()["error"]
+
+
+@pytest.mark.asyncio
+async def test_a_form_within_the_limits_still_searches(collection):
+    body, content_type = multipart({f"unused{i}": "v" for i in range(20)} | {"k": "3"}, jpeg(draw_map(3)))
+    response = await post(Datasette([str(collection[0])]), body, content_type)
+    assert response.status_code == 200 and len(response.json()["results"]) == 3
+
+
+@pytest.mark.asyncio
+async def test_multipart_is_parsed_off_the_event_loop(collection, monkeypatch):
+    threads = []
+    real = uploads.parse_multipart
+
+    def spy(*args):
+        threads.append(threading.current_thread())
+        return real(*args)
+
+    monkeypatch.setattr(uploads, "parse_multipart", spy)
+    body, content_type = multipart({"k": "2"}, jpeg(draw_map(4)))
+    response = await post(Datasette([str(collection[0])]), body, content_type)
+    assert response.status_code == 200
+    assert threads and threads[0] is not threading.main_thread()
+
+
+@pytest.mark.asyncio
+async def test_the_body_is_cut_short_before_anything_downstream_parses_it():
+    """Datasette's CSRF middleware parses multipart bodies on the event loop when a cookie is sent;
+    the plugin's ASGI wrapper sits outside it, so no more than the limits ever reach it."""
+    seen = {"bytes": 0}
+
+    async def downstream(scope, receive, send):
+        while True:
+            message = await receive()
+            seen["bytes"] += len(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        seen["refused"] = scope[uploads.REFUSED_KEY]
+
+    body, content_type = many_parts(150_000)
+    chunks = [body[i:i + 65536] for i in range(0, len(body), 65536)]
+
+    async def receive():
+        chunk = chunks.pop(0)
+        return {"type": "http.request", "body": chunk, "more_body": bool(chunks)}
+
+    app = limit_upload_bodies(downstream, ("/-/mapclip/search.json",), UploadLimits)
+    scope = {"type": "http", "method": "POST", "path": "/-/mapclip/search.json",
+             "headers": [(b"content-type", content_type.encode())]}
+    await app(scope, receive, None)
+    assert seen["bytes"] <= 65536 < len(body)  # stopped in the first chunk past 33 delimiters
+    assert "too many parts" in str(seen["refused"][0])
+
+
+@pytest.mark.asyncio
+async def test_with_a_csrf_cookie_a_hostile_form_is_still_answered_4xx(collection):
+    ds = Datasette([str(collection[0])])
+    page = await ds.client.get("/-/mapclip")
+    body, content_type = many_parts(150_000)
+    response = await ds.client.post("/-/mapclip", content=body, headers={"content-type": content_type},
+                                    cookies={"ds_csrftoken": page.cookies["ds_csrftoken"]})
+    assert 400 <= response.status_code < 500
+
+
+@pytest.mark.asyncio
+async def test_an_upload_naming_its_collection_in_the_form_is_refused_before_reading_when_nothing_is_visible(
+        collection):
+    ds = Datasette([str(collection[0])], metadata={"databases": {"maps": {"allow": {"id": "root"}}}})
+    # a malformed body: read, it would answer 400; refused first, it answers 403
+    response = await post(ds, b"--zz\r\nnot a form", "multipart/form-data; boundary=zz")
+    assert response.status_code == 403
+
+
+class HeldModel:
+    """Holds the model thread inside a text encoding until released."""
+
+    def __init__(self, monkeypatch):
+        self.entered, self.release = threading.Event(), threading.Event()
+        real = query_vector.text_vector
+
+        def held_text_vector(*args):
+            self.entered.set()
+            self.release.wait(30)
+            return real(*args)
+
+        monkeypatch.setattr(query_vector, "text_vector", held_text_vector)
+
+    async def start(self, ds):
+        self.text_search = asyncio.create_task(ds.client.get("/-/mapclip/search.json?q=roads&k=3"))
+        while not self.entered.is_set():
+            await asyncio.sleep(0.01)
+
+    async def finish(self):
+        assert not self.text_search.done()  # it really was holding the model all along
+        self.release.set()
+        assert (await self.text_search).status_code == 200
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("index", ["in-memory", "sqlite-vec"])
+async def test_more_like_this_never_waits_behind_text_encoding(collection, monkeypatch, index):
+    config = {} if index == "in-memory" else {"index": "off"}
+    ds = Datasette([str(collection[0])], metadata={"plugins": {"datasette-mapclip": config}})
+    if index == "in-memory":
+        await wait_for_index(ds)
+    held = HeldModel(monkeypatch)
+    await held.start(ds)
+    try:
+        like = await asyncio.wait_for(ds.client.get("/-/mapclip/search.json?like=2&k=3"), timeout=10)
+        assert like.status_code == 200 and like.json()["results"][0]["id"] == 2
+        assert like.json()["searched_with"].startswith(index)
+    finally:
+        await held.finish()
+
+
+@pytest.mark.asyncio
+async def test_a_bad_upload_is_refused_without_waiting_for_the_model(collection, monkeypatch):
+    ds = Datasette([str(collection[0])])
+    held = HeldModel(monkeypatch)
+    await held.start(ds)
+    try:
+        body, content_type = multipart({}, jpeg(draw_map(2))[:400])  # a truncated JPEG
+        response = await asyncio.wait_for(post(ds, body, content_type), timeout=10)
+        assert response.status_code == 400 and "not a usable image" in response.json()["error"]
+    finally:
+        await held.finish()
+
+
+def test_the_parser_itself_holds_the_part_limit():
+    """The limit holds in the parser too, for bodies that reach it some other way."""
+    body, _ = many_parts(40)
+    with pytest.raises(uploads.UploadError, match="too many parts in the form: more than 32"):
+        uploads.parse_multipart(body, b"zzBOUNDARYzz")
+    fields, files = uploads.parse_multipart(many_parts(32)[0], b"zzBOUNDARYzz")
+    assert fields == {"f": "x"} and files == {}

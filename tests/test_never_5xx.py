@@ -1,0 +1,117 @@
+"""Property-based: arbitrary values in every search parameter, route segment, upload body and SQL
+function argument get an answer below 500 and never a traceback (Hypothesis generates the values)."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.parse
+
+import pytest
+from datasette.app import Datasette
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import load_collection
+
+SEARCH_PARAMETERS = ["q", "like", "vector", "weight", "k", "page", "year_min", "year_max", "place", "filter",
+                     "model", "_db"]
+PROPERTY = settings(max_examples=300, deadline=None, database=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+# Values a hostile or careless client sends: any text, numbers far out of range, hex, NaN spellings.
+# The edges where types change: 32/63/64-bit integers, SQLite's limits, floats past float32.
+EDGES = [2**31, 2**53 + 1, 2**63 - 1, 2**63, 2**64, 10**20, 10**40]
+numbers = st.one_of(st.integers(), st.sampled_from(EDGES + [-e for e in EDGES]),
+                    st.integers(min_value=2**62, max_value=2**80),
+                    st.floats(allow_nan=True, allow_infinity=True)).map(str)
+hexes = st.binary(max_size=64).map(bytes.hex)
+values = st.one_of(st.text(max_size=300), numbers, hexes, st.sampled_from(["nan", "inf", "-inf", "1e309", "0x10",
+                                                                              "maps", "_internal", "", " ", "\x00"]))
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, model_args):
+    db_path, _ = load_collection(tmp_path_factory, model_args, 10)
+    loop = asyncio.new_event_loop()
+    ds = Datasette([str(db_path)])
+    yield ds, loop
+    loop.close()
+
+
+def request(served, method, path, **kwargs):
+    ds, loop = served
+    return loop.run_until_complete(getattr(ds.client, method)(path, **kwargs))
+
+
+def assert_answered(response):
+    assert response.status_code < 500, (response.status_code, response.text[:500])
+    assert "Traceback" not in response.text
+
+
+@PROPERTY
+@given(st.dictionaries(st.sampled_from(SEARCH_PARAMETERS), values, max_size=6),
+       st.sampled_from(["/-/mapclip/search.json", "/-/mapclip"]))
+def test_search_parameters_never_give_5xx(served, args, route):
+    response = request(served, "get", route + "?" + urllib.parse.urlencode(args))
+    assert_answered(response)
+    if route.endswith(".json") and response.status_code >= 400:
+        assert response.json()["ok"] is False and response.json()["error"]
+
+
+@PROPERTY
+@given(st.one_of(st.just("maps"), st.text(max_size=80), values), st.one_of(st.text(max_size=40), numbers))
+def test_thumbnail_route_segments_never_give_5xx(served, database, map_id):
+    path = f"/-/mapclip/thumbnail/{urllib.parse.quote(database, safe='')}/{urllib.parse.quote(map_id, safe='')}.jpg"
+    assert_answered(request(served, "get", path))
+
+
+SQL_CALLS = [
+    "select mapclip_embed_text(:a)",
+    "select mapclip_embed_text(:a, :b)",
+    "select mapclip_embed_image(unhex(:a))",
+    "select mapclip_embed_image(:a)",
+    "select mapclip_similarity(unhex(:a), unhex(:b))",
+    "select mapclip_similarity(:a, :b)",
+    "select mapclip_combine(unhex(:a), :w, unhex(:b), :v)",
+    "select mapclip_combine(unhex(:a), :w)",
+    "select mapclip_combine(:a, :b, :w)",
+    "select mapclip_combine()",
+]
+
+
+@PROPERTY
+@given(st.sampled_from(SQL_CALLS), values, values, values, values)
+def test_sql_functions_never_give_5xx(served, sql, a, b, w, v):
+    query = urllib.parse.urlencode({"sql": sql, "a": a, "b": b, "w": w, "v": v, "_shape": "array"})
+    assert_answered(request(served, "get", "/maps.json?" + query, follow_redirects=True))
+
+
+fields = st.dictionaries(st.sampled_from(SEARCH_PARAMETERS + ["image", "csrftoken", "x"]), values, max_size=5)
+
+
+@PROPERTY
+@given(fields, st.binary(max_size=2048), st.sampled_from(["image", "other"]), st.booleans())
+def test_upload_bodies_never_give_5xx(served, form, payload, file_field, mangle):
+    boundary = "hyp0thesis"
+    body = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="{urllib.parse.quote(k)}"\r\n\r\n'
+                    .encode() + v.encode("utf-8", "surrogatepass") + b"\r\n" for k, v in form.items())
+    body += (f'--{boundary}\r\nContent-Disposition: form-data; name="{file_field}"; filename="m.jpg"\r\n\r\n'
+             .encode() + payload + f"\r\n--{boundary}--\r\n".encode())
+    if mangle:  # a broken frame somewhere in the body
+        body = body[: len(body) // 2] + payload[:16] + body[len(body) // 2 + 7:]
+    response = request(served, "post", "/-/mapclip/search.json",
+                       content=body, headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    assert_answered(response)
+
+
+content_types = st.one_of(st.text(max_size=120), st.text(max_size=60).map(lambda b: f"multipart/form-data; boundary={b}"),
+                          st.sampled_from(["multipart/form-data", "multipart/form-data; boundary=",
+                                           "application/x-www-form-urlencoded", "image/jpeg"]))
+
+
+@PROPERTY
+@given(st.binary(max_size=512), content_types)
+def test_any_body_and_content_type_never_give_5xx(served, body, content_type):
+    headers = {"content-type": content_type.encode("utf-8", "surrogatepass")}  # raw bytes, as a client may send
+    for route in ("/-/mapclip/search.json", "/-/mapclip"):
+        assert_answered(request(served, "post", route, content=body, headers=headers))
