@@ -8,8 +8,8 @@ What it does, and why:
    `datasette serve -i` on it with the in-memory index ready (the state a published site is in).
 2. Warm-up, then phase "normal": 32 clients for 60 s, each sending one request after another:
    text search 50% (unique queries), "more like this" 30%, image upload 20% (a map-like JPEG).
-   A probe asks for "more like this" and `/-/versions.json` every 250 ms on its own connection.
-3. Phase "hostile": the same, plus clients that send the most hostile requests the plugin must
+   A probe asks for "more like this" and `/-/versions.json` every 250 ms, from a process of its own.
+3. Phase "hostile": the same, plus clients (in another process) that send the most hostile requests the plugin must
    refuse, back to back: 150,000-part multipart bodies (9 MB), bodies past the upload cap,
    decompression-bomb PNGs, 50 MB of text as `q` in a form and 1 MB in the URL, ids past
    64 bits, malformed multipart, a CSRF cookie with a hostile body, and a broken JPEG.
@@ -107,6 +107,7 @@ class Recorder:
         self.latencies: dict[str, list[float]] = {}
         self.statuses: dict[str, dict[int, int]] = {}
         self.failures: dict[str, int] = {}
+        self.elapsed = 0.0
 
     def add(self, kind: str, status: int | None, seconds: float):
         if status is None:
@@ -132,16 +133,18 @@ async def timed(client, recorder: Recorder, kind: str, method: str, url: str, **
         return None
 
 
-async def run_phase(url: str, seconds: float, clients: int, hostile_clients: int, queries, uploads, like_ids,
-                    hostile) -> tuple[Recorder, Recorder, Recorder, float]:
+def wait_until(start_at: float):
+    time.sleep(max(0.0, start_at - time.time()))
+
+
+async def visitors(url: str, seconds: float, clients: int, queries, uploads, like_ids, seed: int) -> Recorder:
+    """The normal mix: ``clients`` clients sending requests back to back."""
     import httpx
 
-    load, attacks, probe = Recorder(), Recorder(), Recorder()
+    load = Recorder()
     deadline = time.perf_counter() + seconds
-    rng = random.Random(seconds * 1000 + clients + hostile_clients)
-    limits = httpx.Limits(max_connections=clients + hostile_clients + 4)
-
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+    rng = random.Random(seed)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=httpx.Limits(max_connections=clients + 2)) as client:
         async def visitor():
             while time.perf_counter() < deadline:
                 kind = rng.choices([k for k, _ in MIX], [w for _, w in MIX])[0]
@@ -156,27 +159,70 @@ async def run_phase(url: str, seconds: float, clients: int, hostile_clients: int
                     await timed(client, load, kind, "POST", "/-/mapclip/search.json", content=body,
                                 headers={"content-type": content_type})
 
-        async def attacker(offset):
-            i = offset
-            while time.perf_counter() < deadline:
-                name, target, kwargs = hostile[i % len(hostile)]
-                method, path = target.split(" ", 1)
-                await timed(client, attacks, name, method, path, **kwargs)
-                i += 1
-
-        async def prober():
-            async with httpx.AsyncClient(base_url=url, timeout=120) as own:
-                while time.perf_counter() < deadline:
-                    await timed(own, probe, "more like this", "GET", "/-/mapclip/search.json",
-                                params={"like": rng.choice(like_ids), "k": 10})
-                    await timed(own, probe, "/-/versions.json", "GET", "/-/versions.json")
-                    await asyncio.sleep(0.25)
-
         started = time.perf_counter()
-        await asyncio.gather(*[visitor() for _ in range(clients)], *[attacker(i) for i in range(hostile_clients)],
-                             prober())
-        elapsed = time.perf_counter() - started
-    return load, attacks, probe, elapsed
+        await asyncio.gather(*[visitor() for _ in range(clients)])
+        load.elapsed = time.perf_counter() - started
+    return load
+
+
+def attack_process(url: str, start_at: float, seconds: float, clients: int) -> Recorder:
+    """Hostile clients, in a process of their own so their cost never delays the others' timing."""
+    import httpx
+
+    hostile = hostile_requests()
+    attacks = Recorder()
+
+    async def run():
+        deadline = time.perf_counter() + seconds
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+            async def attacker(i):
+                while time.perf_counter() < deadline:
+                    name, target, kwargs = hostile[i % len(hostile)]
+                    method, path = target.split(" ", 1)
+                    await timed(client, attacks, name, method, path, **kwargs)
+                    i += 1
+
+            await asyncio.gather(*[attacker(i) for i in range(clients)])
+
+    wait_until(start_at)
+    asyncio.run(run())
+    return attacks
+
+
+def probe_process(url: str, start_at: float, seconds: float, like_ids) -> Recorder:
+    """One "more like this" and one /-/versions.json every 250 ms, timed in a process of its own."""
+    import httpx
+
+    probe = Recorder()
+    rng = random.Random(5)
+    wait_until(start_at)
+    deadline = time.perf_counter() + seconds
+    with httpx.Client(base_url=url, timeout=120) as client:
+        while time.perf_counter() < deadline:
+            for kind, path, params in (("more like this", "/-/mapclip/search.json", {"like": rng.choice(like_ids), "k": 10}),
+                                       ("/-/versions.json", "/-/versions.json", {})):
+                started = time.perf_counter()
+                try:
+                    status = client.get(path, params=params).status_code
+                except Exception:
+                    status = None
+                probe.add(kind, status, time.perf_counter() - started)
+            time.sleep(0.25)
+    return probe
+
+
+def run_phase(url: str, seconds: float, clients: int, hostile_clients: int, queries, uploads, like_ids, seed=0):
+    """-> (normal mix, hostile, probe) recorders; each part runs in its own process."""
+    import concurrent.futures
+    import multiprocessing
+
+    start_at = time.time() + 8  # time for the other processes to start and build their requests
+    with concurrent.futures.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        probe = pool.submit(probe_process, url, start_at, seconds, like_ids)
+        attacks = pool.submit(attack_process, url, start_at, seconds, hostile_clients) if hostile_clients else None
+        wait_until(start_at)
+        load = asyncio.run(visitors(url, seconds, clients, queries, uploads, like_ids, seed))
+        return load, (attacks.result() if attacks else Recorder()), probe.result()
 
 
 def unique_queries(count: int, seed: int) -> list[str]:
@@ -221,7 +267,7 @@ def main():
 
     print("preparing requests ...")
     uploads = [map_jpeg(seed) for seed in range(8)]
-    hostile = hostile_requests()
+    hostile = hostile_requests()  # for the table's row names; the attack process builds its own
     queries = unique_queries(20_000, 7)
     like_ids = list(range(1, args.rows + 1, 7))
 
@@ -232,20 +278,20 @@ def main():
             server.wait(client, "/-/mapclip/search.json?q=warm+up&k=10",
                         lambda r: r.status_code == 200 and r.json().get("searched_with", "").startswith("in-memory"))
         print(f"warm-up {args.warmup:.0f} s ...")
-        asyncio.run(run_phase(server.url, args.warmup, args.clients, 0, queries, uploads, like_ids, hostile))
+        asyncio.run(visitors(server.url, args.warmup, args.clients, queries, uploads, like_ids, 99))
         rss_start = memory_of(server.process.pid)
         phases = {}
         for name, hostile_clients in (("normal", 0), ("hostile", args.hostile_clients)):
             print(f"phase {name}: {args.clients} clients + {hostile_clients} hostile, {args.seconds:.0f} s ...")
-            phases[name] = asyncio.run(run_phase(server.url, args.seconds, args.clients, hostile_clients, queries,
-                                                 uploads, like_ids, hostile))
+            phases[name] = run_phase(server.url, args.seconds, args.clients, hostile_clients, queries, uploads,
+                                     like_ids, seed=hostile_clients)
         rss_end = memory_of(server.process.pid)
     finally:
         server.stop()
 
-    for name, (load, attacks, probe, elapsed) in phases.items():
+    for name, (load, attacks, probe) in phases.items():
         total = sum(len(v) for v in load.latencies.values())
-        row = {"phase": name, "rps": total / elapsed, "errors5xx": load.server_errors() + attacks.server_errors()
+        row = {"phase": name, "rps": total / load.elapsed, "errors5xx": load.server_errors() + attacks.server_errors()
                + probe.server_errors(), "failed": sum(load.failures.values()) + sum(probe.failures.values())}
         for kind in ("text", "like", "upload"):
             values = load.latencies.get(kind, [])
@@ -274,7 +320,8 @@ def main():
         f"torch threads = {args.threads}. {args.clients} clients back to back for {args.seconds:.0f} s per phase "
         f"(text 50% with unique queries / more like this 30% / upload of a 1200x900 JPEG 20%), after "
         f"{args.warmup:.0f} s of warm-up; phase 2 adds {args.hostile_clients} clients sending hostile requests "
-        "back to back. A probe asks for one \"more like this\" and `/-/versions.json` every 250 ms.",
+        "back to back (from a process of their own). A probe, in a third process, asks for one \"more like this\" "
+        "and `/-/versions.json` every 250 ms.",
         "",
         "| phase | requests/s | text n / p50 / p95 | like n / p50 / p95 | upload n / p50 / p95 | 5xx |"
         " failed (normal mix and probe) |"

@@ -38,8 +38,17 @@ async def read_search_request(datasette, request) -> tuple[search.Collection, Se
 
 def error_response(error: SearchError, as_json: bool):
     if as_json:
-        return Response.json({"ok": False, "error": str(error), "status": error.status}, status=error.status)
-    return Response.text(str(error), status=error.status)
+        response = Response.json({"ok": False, "error": str(error), "status": error.status}, status=error.status)
+    else:
+        response = Response.text(str(error), status=error.status)
+    response.headers.update(closing_headers(error))
+    return response
+
+
+def closing_headers(error) -> dict:
+    # An upload refused part-way leaves its body unread: closing the connection spares the server
+    # from reading (and discarding) the rest of it.
+    return {"connection": "close"} if isinstance(error, UploadError) else {}
 
 
 async def search_json(request, datasette):
@@ -59,6 +68,7 @@ async def search_json(request, datasette):
 async def mapclip_page(request, datasette):
     error = None
     status = 200
+    headers = {}
     data = None
     collection = None
     params = SearchParams()
@@ -71,7 +81,7 @@ async def mapclip_page(request, datasette):
         if params.has_query:
             data = await search.run_search(collection, params)
     except SearchError as problem:
-        error, status = str(problem), problem.status
+        error, status, headers = str(problem), problem.status, closing_headers(problem)
     database = collection.name if collection else None
     like_row = await search.map_summary(collection, params.like) if collection and params.like is not None else None
     db_arg = f"&_db={urllib.parse.quote(database)}" if database else ""
@@ -93,7 +103,7 @@ async def mapclip_page(request, datasette):
         },
         request=request,
     )
-    return Response.html(page, status=status)
+    return Response.html(page, status=status, headers=headers)
 
 
 async def thumbnail(request, datasette):

@@ -186,3 +186,14 @@ def test_the_parser_itself_holds_the_part_limit():
         uploads.parse_multipart(body, b"zzBOUNDARYzz")
     fields, files = uploads.parse_multipart(many_parts(32)[0], b"zzBOUNDARYzz")
     assert fields == {"f": "x"} and files == {}
+
+
+@pytest.mark.asyncio
+async def test_a_refused_upload_closes_the_connection_instead_of_reading_the_rest(collection):
+    ds = Datasette([str(collection[0])])
+    body, content_type = many_parts(150_000)
+    for route in ("/-/mapclip/search.json", "/-/mapclip"):
+        response = await ds.client.post(route, content=body, headers={"content-type": content_type})
+        assert response.status_code == 400 and response.headers["connection"] == "close"
+    fine = await ds.client.get("/-/mapclip/search.json?like=1&k=2")
+    assert "connection" not in fine.headers
