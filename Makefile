@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # every torch build); these two are known to work together.
 TORCH_PACKAGES ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install chromium demo test bench bench-loader bench-search clean
+.PHONY: install chromium demo test bench bench-loader bench-search bench-soak check-datasette-suite clean
 
 $(VENV)/.installed: setup.py ruff.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,14 @@ bench-loader: install
 
 bench-search: install
 	$(PY) bench/search_bench.py
+
+# Load and soak (~5 min once its collection is built): bench/results/soak.md
+bench-soak: install
+	$(PY) bench/soak_bench.py
+
+# Datasette's own test suite with this plugin registered, run outside the repository (~10 min)
+check-datasette-suite: install
+	MAIN_VENV=$(abspath $(VENV)) checks/datasette-suite.sh
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

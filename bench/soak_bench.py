@@ -9,7 +9,8 @@ What it does, and why:
 2. Warm-up, then phase "normal": 32 clients for 60 s, each sending one request after another:
    text search 50% (unique queries), "more like this" 30%, image upload 20% (a map-like JPEG).
    A probe asks for "more like this" and `/-/versions.json` every 250 ms, from a process of its own.
-3. Phase "hostile": the same, plus clients (in another process) that send the most hostile requests the plugin must
+3. Phase "hostile": the same, plus clients (in another process, at nice 19, since an attacker's CPU
+   is not the server's) that send the most hostile requests the plugin must
    refuse, back to back: 150,000-part multipart bodies (9 MB), bodies past the upload cap,
    decompression-bomb PNGs, 50 MB of text as `q` in a form and 1 MB in the URL, ids past
    64 bits, malformed multipart, a CSRF cookie with a hostile body, and a broken JPEG.
@@ -169,6 +170,9 @@ def attack_process(url: str, start_at: float, seconds: float, clients: int) -> R
     """Hostile clients, in a process of their own so their cost never delays the others' timing."""
     import httpx
 
+    # The attackers' own CPU (building and sending 50 MB bodies) would be on their machines, not the
+    # server's; here they share its 2 cores, so they run at the lowest priority.
+    os.nice(19)
     hostile = hostile_requests()
     attacks = Recorder()
 
@@ -320,7 +324,8 @@ def main():
         f"torch threads = {args.threads}. {args.clients} clients back to back for {args.seconds:.0f} s per phase "
         f"(text 50% with unique queries / more like this 30% / upload of a 1200x900 JPEG 20%), after "
         f"{args.warmup:.0f} s of warm-up; phase 2 adds {args.hostile_clients} clients sending hostile requests "
-        "back to back (from a process of their own). A probe, in a third process, asks for one \"more like this\" "
+        "back to back (from a process of their own, at nice 19: their CPU would be on their own machines). "
+        "A probe, in a third process, asks for one \"more like this\" "
         "and `/-/versions.json` every 250 ms.",
         "",
         "| phase | requests/s | text n / p50 / p95 | like n / p50 / p95 | upload n / p50 / p95 | 5xx |"
