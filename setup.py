@@ -30,6 +30,7 @@ setup(
         "torchvision",
         "open_clip_torch>=2.24",
         "numpy",
+        "faiss-cpu>=1.8",  # the int8 scan of the in-memory index (and its filter masks)
         "pillow>=10",
         "click",
         "tqdm",

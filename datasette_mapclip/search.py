@@ -26,6 +26,7 @@ from datasette.utils.asgi import Forbidden
 from . import query_vector, search_sql, store, vectors
 from .errors import BadSearch, NotFound, SearchUnavailable, UploadError
 from .images import DEFAULT_MAX_PIXELS, ImageDecodeError, open_image
+from .index import EXACT_SUBSET_ROWS
 from .model import ModelUnavailable
 from .query import VEC0_MAX_K, SearchParams
 from .state import plugin_config, state_for
@@ -39,6 +40,8 @@ MODEL = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=
 INDEX = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mapclip-index-scan")
 DECODE = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mapclip-decode")
 DEFAULT_MAX_UPLOAD_PIXELS = 50_000_000
+# A filtered search first checks this many of the collection's nearest maps against the filter.
+FILTER_POOL = 2048
 
 
 async def _run_in(executor, fn, *args):
@@ -180,16 +183,58 @@ async def build_query_vector(collection: Collection, params: SearchParams, index
 
 
 async def _nearest_with_index(collection: Collection, index, query: np.ndarray, params: SearchParams) -> list[dict]:
-    ids, scores = await _run_in(INDEX, index.search, query, params.k * params.page)
+    need = params.k * params.page
+    way = None
+    if params.has_filters:
+        ids, scores, way = await _filtered_with_index(collection, index, query, params, need)
+    else:
+        ids, scores = await _run_in(INDEX, index.search, query, need)
     skip = params.k * (params.page - 1)
     ids, scores = ids[skip:], scores[skip:]
     rows = await collection.db.execute_fn(lambda conn: store.read_result_rows(conn, ids))
-    return [{**rows[int(i)], "similarity": float(s)} for i, s in zip(ids, scores) if int(i) in rows]
+    return [{**rows[int(i)], "similarity": float(s)} for i, s in zip(ids, scores) if int(i) in rows], way
+
+
+async def _filtered_with_index(collection: Collection, index, query: np.ndarray, params: SearchParams, need: int):
+    """A filtered search, chosen by selectivity: the nearest maps of the whole collection are checked
+    against the filter first (a broad filter keeps enough of them); when too few pass, every map the
+    filter selects is searched (``VectorIndex.search_among``).  The filters are the same SQL conditions
+    the reported sqlite-vec query applies, so both answer the same maps."""
+    pool = max(int(collection.config.get("filter_pool", FILTER_POOL)), 4 * need)
+    ids, scores = await _run_in(INDEX, index.search, query, pool)
+    sql_params = {"ids": "[" + ",".join(str(int(i)) for i in ids) + "]"}
+    passing = {row[0] for row in await _filter_sql(collection, search_sql.passing_ids_sql(params, sql_params), sql_params)}
+    keep = np.fromiter((int(i) in passing for i in ids), bool, len(ids))
+    if keep.sum() >= need or len(ids) == len(index):
+        return ids[keep][:need], scores[keep][:need], "nearest maps filtered"
+    sql_params = {}
+    allowed = np.fromiter((row[0] for row in await _filter_sql(
+        collection, search_sql.matching_ids_sql(params, sql_params), sql_params)), np.int64)
+    exact_up_to = int(collection.config.get("exact_subset_rows", EXACT_SUBSET_ROWS))
+    ids, scores = await _run_in(INDEX, index.search_among, query, need, allowed, exact_up_to)
+    way = "filter's maps scored exactly" if index.exact or len(allowed) <= exact_up_to else "filter's maps scanned"
+    return ids, scores, way
+
+
+async def _filter_sql(collection: Collection, sql: str, sql_params: dict):
+    """Run a filter's SQL within the server's time limit (its own 503 when cut)."""
+    try:
+        return await collection.db.execute(sql, sql_params, log_sql_errors=False)
+    except QueryInterrupted:
+        raise SearchUnavailable(_too_slow(collection)) from None
+    except Exception as error:
+        if getattr(error, "sqlite_errorcode", None) == store.SQLITE_INTERRUPT:
+            raise SearchUnavailable(_too_slow(collection)) from None
+        raise BadSearch(f"the filter could not run: {error}") from None
+
+
+def _too_slow(collection: Collection) -> str:
+    return (f"the search took longer than this server's {collection.datasette.setting('sql_time_limit_ms')} ms "
+            "limit: narrow it with filters, or ask the publisher to raise sql_time_limit_ms")
 
 
 async def _nearest_with_sqlite_vec(collection: Collection, plan: search_sql.SearchPlan, query: np.ndarray) -> list[dict]:
-    too_slow = (f"the search took longer than this server's {collection.datasette.setting('sql_time_limit_ms')} ms "
-                "limit: narrow it with filters, or ask the publisher to raise sql_time_limit_ms")
+    too_slow = _too_slow(collection)
     try:
         rows = await collection.db.execute(plan.run_sql, {**plan.run_params, "query_vector": vectors.encode(query)},
                                            log_sql_errors=False)
@@ -210,11 +255,13 @@ async def run_search(collection: Collection, params: SearchParams) -> dict:
     if params.filter and not await collection.db.execute_fn(store.has_full_text_index):
         raise BadSearch("this collection has no full-text index (maps_fts), so filter cannot be used")
     plan = search_sql.plan(params, model)
-    index = None if params.has_filters else collection.index()
+    index = collection.index()
     query = await build_query_vector(collection, params, index)
     if index is not None:
-        rows = await _nearest_with_index(collection, index, query, params)
+        rows, way = await _nearest_with_index(collection, index, query, params)
         searched_with = "in-memory exact" if index.exact else "in-memory int8 + exact re-scoring"
+        if way:
+            searched_with += f" ({way})"
     else:
         rows = await _nearest_with_sqlite_vec(collection, plan, query)
         searched_with = "sqlite-vec"

@@ -25,8 +25,10 @@ class SearchPlan:
     run_params: dict
 
 
-def filter_clause(params: SearchParams, sql_params: dict) -> str:
-    """A ``map_id IN (...)`` constraint that sqlite-vec applies inside the KNN."""
+def filter_conditions(params: SearchParams, sql_params: dict, *, fts_per_row: bool = False) -> list[str]:
+    """The filters as conditions on ``maps`` (parameters added to ``sql_params``).  ``fts_per_row``:
+    the full-text condition as a per-row lookup, for checking a few candidate ids (the ``IN`` form
+    reads every match first, which is what a whole-collection filter wants)."""
     conditions = []
     if params.year_min is not None:
         conditions.append("year >= :year_min")
@@ -38,11 +40,30 @@ def filter_clause(params: SearchParams, sql_params: dict) -> str:
         conditions.append("place LIKE '%' || :place || '%'")
         sql_params["place"] = params.place
     if params.filter:
-        conditions.append("id IN (SELECT rowid FROM maps_fts WHERE maps_fts MATCH :filter)")
+        conditions.append("EXISTS (SELECT 1 FROM maps_fts WHERE maps_fts MATCH :filter AND rowid = maps.id)"
+                          if fts_per_row else "id IN (SELECT rowid FROM maps_fts WHERE maps_fts MATCH :filter)")
         sql_params["filter"] = fts_query(params.filter)
+    return conditions
+
+
+def filter_clause(params: SearchParams, sql_params: dict) -> str:
+    """A ``map_id IN (...)`` constraint that sqlite-vec applies inside the KNN."""
+    conditions = filter_conditions(params, sql_params)
     if not conditions:
         return ""
     return "\n  AND v.map_id IN (SELECT id FROM maps WHERE " + " AND ".join(conditions) + ")"
+
+
+def passing_ids_sql(params: SearchParams, sql_params: dict) -> str:
+    """Which of the candidate ids in ``:ids`` (a JSON array) pass the search's filters."""
+    conditions = filter_conditions(params, sql_params, fts_per_row=True)
+    return ("SELECT id FROM maps WHERE id IN (SELECT value FROM json_each(:ids)) AND "
+            + " AND ".join(conditions))
+
+
+def matching_ids_sql(params: SearchParams, sql_params: dict) -> str:
+    """Every id that passes the search's filters."""
+    return "SELECT id FROM maps WHERE " + " AND ".join(filter_conditions(params, sql_params))
 
 
 def fts_query(text: str) -> str:

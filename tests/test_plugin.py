@@ -445,8 +445,44 @@ async def test_in_memory_index_answers_like_sqlite_vec(collection, config):
         np.testing.assert_allclose([r["similarity"] for r in quick["results"]],
                                    [r["similarity"] for r in slow["results"]], atol=1e-3)
         assert quick["sql"] == slow["sql"]
-    filtered = (await fast.client.get("/-/mapclip/search.json?q=relief&year_min=1810")).json()
-    assert filtered["searched_with"] == "sqlite-vec"  # filters run inside sqlite-vec's KNN
+
+
+FILTERED_QUERIES = [
+    "q=relief&year_min=1805&k=5",                    # 25 of 30 maps pass
+    "like=4&place=maine&k=4",                        # 10 of 30
+    "q=chart&filter=coast&year_max=1820&k=3&page=2",  # 7 of 30, page 2
+    "q=roads&year_min=1826&k=5",                     # 4 of 30, fewer than k
+    "like=2&filter=maine+coast&year_min=1820&k=2",   # 3 of 30
+    "q=relief&place=nowhere&k=3",                    # none
+]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("config,ways", [
+    ({}, {"nearest maps filtered"}),  # the first pool (2048) holds the whole test collection
+    ({"int8_min_rows": 10, "filter_pool": 1}, {"nearest maps filtered", "filter's maps scored exactly"}),
+    ({"int8_min_rows": 10, "filter_pool": 1, "exact_subset_rows": 1},
+     {"nearest maps filtered", "filter's maps scanned"}),
+], ids=["exact", "int8-small-pool", "int8-masked-scan"])
+async def test_filtered_search_in_the_index_equals_sqlite_vecs_filtered_knn(collection, tmp_path, config, ways):
+    """Each filter kind (years, place, catalogue text, together), answered by the index, equals
+    sqlite-vec's filtered KNN, on every way the index can take."""
+    copy = changed_copy(collection, tmp_path / "maps.db", "UPDATE maps SET place = 'Maine coast' WHERE id % 3 = 0;")
+    plain = Datasette([str(copy)], metadata={"plugins": {"datasette-mapclip": {"index": "off"}}})
+    fast = Datasette([str(copy)], metadata={"plugins": {"datasette-mapclip": config}})
+    await wait_for_index(fast)
+    seen = set()
+    for query in FILTERED_QUERIES:
+        slow = (await plain.client.get(f"/-/mapclip/search.json?{query}")).json()
+        quick = (await fast.client.get(f"/-/mapclip/search.json?{query}")).json()
+        assert slow["searched_with"] == "sqlite-vec" and quick["searched_with"].startswith("in-memory"), quick
+        assert [r["id"] for r in quick["results"]] == [r["id"] for r in slow["results"]], query
+        np.testing.assert_allclose([r["similarity"] for r in quick["results"]],
+                                   [r["similarity"] for r in slow["results"]], atol=1e-3)
+        assert quick["sql"] == slow["sql"]  # the reported SQL reproduces the index's answer
+        seen.add(quick["searched_with"].split("(")[1].rstrip(")"))
+    assert ways <= seen, seen
+    assert len((await fast.client.get("/-/mapclip/search.json?q=roads&year_min=1826&k=5")).json()["results"]) == 4
 
 
 def test_int8_scan_with_exact_rescoring_finds_the_exact_top_k():
