@@ -48,13 +48,17 @@ def startup(datasette):
     set_torch_threads(plugin_config(datasette).get("threads", 1))
 
     async def build_indexes():
-        # Index every collection's default model in the background so the first searches are fast;
-        # until an index is ready, searches go through sqlite-vec.
+        # Index every collection's default model in the background, and load its model in the model
+        # thread meanwhile, so the first searches are fast; until an index is ready, searches go
+        # through sqlite-vec.
         for name in await search.all_collection_names(datasette):
             try:
-                (await search.load_collection(datasette, name)).index()
+                collection = await search.load_collection(datasette, name)
             except store.ModelNotFound:
-                pass  # no embeddings yet
+                continue  # no embeddings yet
+            collection.index()
+            if collection.config.get("preload_model", True):
+                search.preload_model(collection)
 
     return build_indexes
 

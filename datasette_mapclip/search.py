@@ -71,6 +71,18 @@ class Collection:
         return state_for(self.datasette).indexes.for_model(self.db.path, self.model, self.config)
 
 
+def preload_model(collection: Collection):
+    """Load the collection's model in the model thread now (server start-up), not at the first text
+    search; a model that cannot be loaded is reported when a search needs it."""
+    def load():
+        try:
+            collection.encoder()
+        except ModelUnavailable as error:
+            log.warning("mapclip: the model of %s could not be loaded at start-up: %s", collection.name, error)
+
+    MODEL.submit(load)
+
+
 async def holds_collection(datasette, name: str) -> bool:
     """Whether a served database (not Datasette's internal ones) holds a mapclip collection."""
     db = datasette.databases.get(name)
