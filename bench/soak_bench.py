@@ -50,6 +50,16 @@ from datasette_mapclip.runtime import set_torch_threads  # noqa: E402
 MIX = [("text", 0.5), ("like", 0.3), ("upload", 0.2)]
 
 
+def parse_mix(text: str) -> list[tuple[str, float]]:
+    """``text=0.5,like=0.5`` -> [("text", 0.5), ("like", 0.5)]"""
+    pairs = [part.split("=") for part in text.split(",") if part]
+    mix = [(name.strip(), float(weight)) for name, weight in pairs]
+    unknown = {name for name, _ in mix} - {"text", "like", "upload"}
+    if unknown:
+        raise SystemExit(f"--mix: unknown kinds {sorted(unknown)} (text, like, upload)")
+    return mix
+
+
 def map_jpeg(seed: int, size=(1200, 900)) -> bytes:
     from PIL import Image, ImageDraw
 
@@ -138,7 +148,8 @@ def wait_until(start_at: float):
     time.sleep(max(0.0, start_at - time.time()))
 
 
-async def visitors(url: str, seconds: float, clients: int, queries, uploads, like_ids, seed: int) -> Recorder:
+async def visitors(url: str, seconds: float, clients: int, queries, uploads, like_ids, seed: int,
+                   mix=MIX) -> Recorder:
     """The normal mix: ``clients`` clients sending requests back to back."""
     import httpx
 
@@ -148,7 +159,7 @@ async def visitors(url: str, seconds: float, clients: int, queries, uploads, lik
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=httpx.Limits(max_connections=clients + 2)) as client:
         async def visitor():
             while time.perf_counter() < deadline:
-                kind = rng.choices([k for k, _ in MIX], [w for _, w in MIX])[0]
+                kind = rng.choices([k for k, _ in mix], [w for _, w in mix])[0]
                 if kind == "text":
                     await timed(client, load, kind, "GET", "/-/mapclip/search.json",
                                 params={"q": queries.pop() if queries else f"map {rng.random()}", "k": 10})
@@ -215,7 +226,8 @@ def probe_process(url: str, start_at: float, seconds: float, like_ids) -> Record
     return probe
 
 
-def run_phase(url: str, seconds: float, clients: int, hostile_clients: int, queries, uploads, like_ids, seed=0):
+def run_phase(url: str, seconds: float, clients: int, hostile_clients: int, queries, uploads, like_ids, seed=0,
+              mix=MIX):
     """-> (normal mix, hostile, probe) recorders; each part runs in its own process."""
     import concurrent.futures
     import multiprocessing
@@ -225,7 +237,7 @@ def run_phase(url: str, seconds: float, clients: int, hostile_clients: int, quer
         probe = pool.submit(probe_process, url, start_at, seconds, like_ids)
         attacks = pool.submit(attack_process, url, start_at, seconds, hostile_clients) if hostile_clients else None
         wait_until(start_at)
-        load = asyncio.run(visitors(url, seconds, clients, queries, uploads, like_ids, seed))
+        load = asyncio.run(visitors(url, seconds, clients, queries, uploads, like_ids, seed, mix))
         return load, (attacks.result() if attacks else Recorder()), probe.result()
 
 
@@ -246,6 +258,9 @@ def main():
     parser.add_argument("--seconds", type=float, default=60, help="length of each phase")
     parser.add_argument("--warmup", type=float, default=15, help="seconds of the normal mix before measuring")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in the server (the plugin's default)")
+    parser.add_argument("--mix", type=parse_mix, default=MIX, help="request mix, e.g. text=0.5,like=0.5")
+    parser.add_argument("--no-hostile", action="store_true", help="only the normal phase (a concurrency run)")
+    parser.add_argument("--db", type=Path, help="serve this collection (e.g. the search benchmark's) instead")
     parser.add_argument("--cache", type=Path, default=HERE / ".cache")
     parser.add_argument("--output", type=Path, default=HERE / "results" / "soak.md")
     args = parser.parse_args()
@@ -260,7 +275,13 @@ def main():
         torch.manual_seed(0)
         model, _, _ = open_clip.create_model_and_transforms("ViT-B-32", pretrained=None)
         torch.save(model.state_dict(), checkpoint)
-    db = args.cache / f"soak-{args.rows}.db"
+    db = args.db or args.cache / f"soak-{args.rows}.db"
+    if args.db:
+        from datasette_mapclip.store import MapStore
+
+        store = MapStore(args.db)
+        args.rows = store.conn.execute("SELECT max(id) FROM maps").fetchone()[0]
+        store.close()
     if not db.exists():
         set_torch_threads(2)
         encoder = load_encoder(ModelSpec("ViT-B-32", None, str(checkpoint)), precision="fp32")
@@ -282,13 +303,14 @@ def main():
             server.wait(client, "/-/mapclip/search.json?q=warm+up&k=10",
                         lambda r: r.status_code == 200 and r.json().get("searched_with", "").startswith("in-memory"))
         print(f"warm-up {args.warmup:.0f} s ...")
-        asyncio.run(visitors(server.url, args.warmup, args.clients, queries, uploads, like_ids, 99))
+        asyncio.run(visitors(server.url, args.warmup, args.clients, queries, uploads, like_ids, 99, args.mix))
         rss_start = memory_of(server.process.pid)
         phases = {}
-        for name, hostile_clients in (("normal", 0), ("hostile", args.hostile_clients)):
+        plan = [("normal", 0)] + ([] if args.no_hostile else [("hostile", args.hostile_clients)])
+        for name, hostile_clients in plan:
             print(f"phase {name}: {args.clients} clients + {hostile_clients} hostile, {args.seconds:.0f} s ...")
             phases[name] = run_phase(server.url, args.seconds, args.clients, hostile_clients, queries, uploads,
-                                     like_ids, seed=hostile_clients)
+                                     like_ids, seed=hostile_clients, mix=args.mix)
         rss_end = memory_of(server.process.pid)
     finally:
         server.stop()
@@ -308,6 +330,8 @@ def main():
         row["non_200"] = {k: {s: n for s, n in v.items() if s != 200} for k, v in load.statuses.items()}
         rows.append(row)
 
+    if args.no_hostile:
+        return write_concurrency_report(args, rows[0], phases["normal"][0], rss_start, rss_end, torch)
     normal, hostile_row = rows
     like_ratio = hostile_row["probe more like this"] / normal["probe more like this"]
     versions_ratio = hostile_row["probe /-/versions.json"] / normal["probe /-/versions.json"]
@@ -366,6 +390,46 @@ def main():
     lines += ["", "RSS growth counts as growth when it is over 5% of the RSS after the warm-up. A dropped connection",
               "for a hostile request is the HTTP server refusing it before Datasette sees it (uvicorn closes",
               "the connection on a request line past its limit); 5xx counts every answer in both phases."]
+    text = "\n".join(lines) + "\n"
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(text)
+    print(text)
+
+
+def write_concurrency_report(args, row: dict, load: Recorder, rss_start: dict, rss_end: dict, torch):
+    """One phase, no hostile clients: searches per second and latency under concurrent clients."""
+    everything = [ms for values in load.latencies.values() for ms in values]
+    errors = sum(n for counts in load.statuses.values() for status, n in counts.items() if status != 200)
+    errors += sum(load.failures.values())
+    p95 = percentile(everything, 95)
+    mix = " / ".join(f"{kind} {weight:.0%}" for kind, weight in args.mix)
+    lines = [
+        "# Concurrency: searches per second from one server",
+        "",
+        f"`{' '.join(['.venv/bin/python', 'bench/soak_bench.py'] + sys.argv[1:])}` on {datetime.date.today()}, "
+        f"{os.cpu_count()} CPU cores (client and server share them), torch {torch.__version__}.",
+        "",
+        f"{args.rows:,} maps, ViT-B-32 (random weights), in-memory index ready, torch threads = {args.threads}; "
+        f"{args.clients} clients sending requests back to back for {args.seconds:.0f} s ({mix}; unique text "
+        f"queries) after {args.warmup:.0f} s of warm-up.",
+        "",
+        "| measure | value | goal | |",
+        "|---|---|---|---|",
+        f"| searches per second | {row['rps']:.1f} | >= 15 | {'PASS' if row['rps'] >= 15 else 'FAIL'} |",
+        f"| p95, all searches | {p95:.0f} ms | <= 500 ms | {'PASS' if p95 <= 500 else 'FAIL'} |",
+        f"| errors (not 200, or no answer) | {errors} | 0 | {'PASS' if errors == 0 else 'FAIL'} |",
+    ]
+    for kind in ("text", "like", "upload"):
+        n, p50, kind_p95 = row[kind]
+        if n:
+            lines.append(f"| {kind}: n / p50 / p95 | {n} / {p50:.0f} ms / {kind_p95:.0f} ms | | |")
+    lines += [
+        f"| probe (its own process, every 250 ms): more like this p95 | {row['probe more like this']:.0f} ms | | |",
+        f"| server RSS after warm-up / at the end (VmHWM) | {rss_start['VmRSS']:,.0f} MB / {rss_end['VmRSS']:,.0f} MB "
+        f"({rss_end['VmHWM']:,.0f} MB) | | |",
+        "",
+        "Text encoding runs in one model thread; \"more like this\" never waits for it (its own index thread).",
+    ]
     text = "\n".join(lines) + "\n"
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(text)
