@@ -268,7 +268,10 @@ async def run_search(collection: Collection, params: SearchParams) -> dict:
         raise BadSearch("this collection has no full-text index (maps_fts), so filter cannot be used")
     plan = search_sql.plan(params, model)
     index = collection.index()
-    query = await build_query_vector(collection, params, index)
+    behind = bool(getattr(index, "behind", False))
+    # a map the index does not hold yet (just added) is "more like this"-able from the database
+    query = await build_query_vector(collection, params, index if index is not None and not behind and (
+        params.like is None or index.row_of(params.like) is not None) else None)
     if index is not None:
         rows, way = await _nearest_with_index(collection, index, query, params)
         searched_with = "in-memory exact" if index.exact else "in-memory int8 + exact re-scoring"
@@ -282,7 +285,7 @@ async def run_search(collection: Collection, params: SearchParams) -> dict:
     base = datasette.urls.path("/-/mapclip/search.json")
     sql_url = datasette.urls.database(database) + "?" + urllib.parse.urlencode(
         {"sql": plan.sql, **{k: str(v) for k, v in plan.params.items()}})
-    return {
+    answer = {
         "database": database,
         "model": model["name"],
         "searched_with": searched_with,
@@ -293,6 +296,11 @@ async def run_search(collection: Collection, params: SearchParams) -> dict:
         "results": results,
         "next": f"{base}?{params.query_string(page=params.page + 1)}&_db={urllib.parse.quote(database)}" if more else None,
     }
+    if behind:  # the database holds vector changes the index is still reading
+        answer["index_behind"] = True
+        answer["index_note"] = ("the search index is catching up with recent changes to this collection: "
+                                "maps added in the last few seconds may be missing")
+    return answer
 
 
 async def embed_upload(collection: Collection, data: bytes) -> bytes:

@@ -179,6 +179,12 @@ def connect(path: str | Path):
     return conn
 
 
+def vector_meta_keys(vector_table: str) -> tuple[str, str]:
+    """The ``mapclip_meta`` keys of a vector table's change counters: every vector write, and
+    writes that replaced a stored vector (read by the in-memory index)."""
+    return f"vectors_version:{vector_table}", f"vectors_rewritten:{vector_table}"
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
 
@@ -295,8 +301,27 @@ class MapStore:
     def write_vector(self, model: dict, map_id: int, vector: np.ndarray):
         table = model["vector_table"]
         # vec0 rejects INSERT OR REPLACE: delete, then insert.
-        self.conn.execute(f"DELETE FROM [{table}] WHERE map_id = ?", (map_id,))
+        replaced = self.conn.execute(f"DELETE FROM [{table}] WHERE map_id = ?", (map_id,)).rowcount > 0
         self.conn.execute(f"INSERT INTO [{table}] (map_id, embedding) VALUES (?, ?)", (map_id, vectors.encode(vector)))
+        self._count_vector_change(table, replaced=replaced)
+
+    def delete_vectors(self, model: dict, map_ids: Iterable[int]) -> int:
+        """Delete maps' vectors of one model (their catalogue rows stay); returns how many were deleted."""
+        table, deleted = model["vector_table"], 0
+        with self.transaction():
+            for map_id in map_ids:
+                deleted += max(self.conn.execute(f"DELETE FROM [{table}] WHERE map_id = ?", (int(map_id),)).rowcount, 0)
+            if deleted:
+                self._count_vector_change(table, replaced=False)
+        return deleted
+
+    def _count_vector_change(self, table: str, *, replaced: bool):
+        """Bump the table's change counters in ``mapclip_meta``, in the writer's transaction: how a
+        server's in-memory index tells a change of these vectors from any other write (index.py)."""
+        version_key, rewrites_key = vector_meta_keys(table)
+        for key in (version_key, rewrites_key) if replaced else (version_key,):
+            self.conn.execute("INSERT INTO mapclip_meta(key, value) VALUES (?, 1) ON CONFLICT(key) "
+                              "DO UPDATE SET value = CAST(value AS INTEGER) + 1", (key,))
 
     def write_batch(self, model: dict, records: list[MapRecord], matrix: np.ndarray, thumbnails=None, sizes=None,
                     errors: list[tuple] = ()):
@@ -537,6 +562,20 @@ def read_stored_vector(conn, model: dict, map_id: int) -> np.ndarray | None:
     """One map's stored vector for a model ("more like this"), or None."""
     row = conn.execute(f"SELECT embedding FROM [{model['vector_table']}] WHERE map_id = ?", [int(map_id)]).fetchone()
     return None if row is None else vectors.decode(row[0])
+
+
+def read_vector_counters(conn, vector_table: str) -> tuple[int, int]:
+    """(vector writes, writes that replaced a vector) of a vector table, as ``MapStore`` counts them
+    in ``mapclip_meta``; (0, 0) for a database written before the counters (or without the table)."""
+    version_key, rewrites_key = vector_meta_keys(vector_table)
+    try:
+        values = dict(conn.execute("SELECT key, value FROM mapclip_meta WHERE key IN (?, ?)",
+                                   (version_key, rewrites_key)).fetchall())
+    except Exception as error:  # any sqlite3 module's OperationalError (no such table)
+        if "no such table" not in str(error):
+            raise
+        values = {}
+    return int(values.get(version_key) or 0), int(values.get(rewrites_key) or 0)
 
 
 def read_vectors(conn, vector_table: str, dim: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,266 @@
+"""The in-memory index of a collection that changes while it is served (Datasette's mutable mode):
+catalogue edits leave it alone, new maps join it without a rebuild, deleted maps leave it, the
+previous index answers (saying so) while a newer one is read, and one cache stays on disk."""
+
+import asyncio
+import shutil
+import threading
+
+import numpy as np
+import pytest
+from datasette.app import Datasette
+from test_plugin import wait_for_index
+
+from conftest import load_collection, open_db
+from datasette_mapclip import index as index_module
+from datasette_mapclip import search, vectors
+from datasette_mapclip.records import MapRecord
+from datasette_mapclip.state import state_for
+from datasette_mapclip.store import MapStore
+
+# int8 scan from 10 maps (so the cache is written), and every search checks the database.
+LIVE = {"int8_min_rows": 10, "index_check_interval": 0, "index_verify_interval": 0}
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory, model_args):
+    return load_collection(tmp_path_factory, model_args, 30)
+
+
+@pytest.fixture
+def copy(collection, tmp_path):
+    path = tmp_path / "maps.db"
+    shutil.copy(collection[0], path)
+    return path
+
+
+def serve(path, **config):
+    return Datasette([str(path)], metadata={"plugins": {"datasette-mapclip": config}})
+
+
+async def live_of(ds):
+    collection = await search.open_collection(ds, None, "maps")
+    return state_for(ds).indexes.live_for(collection.db.path, collection.model, collection.config), collection
+
+
+async def caught_up(ds, predicate=lambda index: True, timeout=15.0):
+    """The index once the server has read every change (and ``predicate`` holds)."""
+    live, collection = await live_of(ds)
+    for _ in range(int(timeout / 0.05)):
+        found = collection.index()
+        if found is not None and not found.behind and live.worker is None and predicate(found):
+            return found
+        await asyncio.sleep(0.05)
+    raise AssertionError("the index never caught up")
+
+
+def cache_files(path):
+    """Every index cache beside the database: {folder: {file: (size, mtime)}}."""
+    return {folder.name: {f.name: (f.stat().st_size, f.stat().st_mtime_ns) for f in folder.iterdir()}
+            for folder in path.parent.iterdir() if ".mapclip-index" in folder.name}
+
+
+def add_maps(path, vectors_to_add, first=1000):
+    """New maps with their vectors, written as the loaders write them; returns their ids."""
+    store = MapStore(path)
+    model = store.model()
+    records = [MapRecord(source_id=f"new:{first + i}", location=f"/new/{first + i}.jpg", source="test",
+                         title=f"New map {first + i}") for i in range(len(vectors_to_add))]
+    store.write_batch(model, records, np.asarray(vectors_to_add, np.float32))
+    ids = [store.conn.execute("SELECT id FROM maps WHERE source_id = ?", (r.source_id,)).fetchone()[0] for r in records]
+    store.close()
+    return ids
+
+
+def stored_vectors(path):
+    store = MapStore(path)
+    ids, matrix = store.vectors()
+    store.close()
+    return dict(zip(ids.tolist(), matrix))
+
+
+def near(vector, seed, noise=0.05):
+    rng = np.random.default_rng(seed)
+    return vectors.normalise(vector + noise * rng.standard_normal(vector.shape)).astype(np.float32)
+
+
+async def same_as_sqlite_vec(ds, path, query):
+    plain = serve(path, index="off")
+    slow = (await plain.client.get(f"/-/mapclip/search.json?{query}")).json()
+    quick = (await ds.client.get(f"/-/mapclip/search.json?{query}")).json()
+    assert slow["searched_with"] == "sqlite-vec"
+    assert quick["searched_with"].startswith("in-memory int8"), quick
+    assert [r["id"] for r in quick["results"]] == [r["id"] for r in slow["results"]], query
+    np.testing.assert_allclose([r["similarity"] for r in quick["results"]],
+                               [r["similarity"] for r in slow["results"]], atol=1e-3)
+    return quick
+
+
+@pytest.mark.asyncio
+async def test_a_title_edit_leaves_the_index_and_its_cache_alone(copy):
+    ds = serve(copy, **LIVE)
+    first = await wait_for_index(ds)
+    first = await caught_up(ds)
+    live, _ = await live_of(ds)
+    builds, cache = live.builds, cache_files(copy)
+    assert len(cache) == 1
+    for step in range(3):  # edits through Datasette's kind of connection, one after another
+        conn = open_db(copy)
+        conn.execute("UPDATE maps SET title = ? WHERE id = 3", (f"Renamed {step}",))
+        conn.close()
+        response = (await ds.client.get("/-/mapclip/search.json?like=3&k=5")).json()
+        assert "index_behind" not in response, response
+        assert response["results"][0]["title"] == f"Renamed {step}"  # the catalogue is read live
+        assert live.wait()
+    assert await caught_up(ds) is first  # the same index object, holding the same state
+    assert first.state == index_module.read_state(open_db(copy), first_table(copy))
+    assert live.builds == builds
+    assert cache_files(copy) == cache
+
+
+def first_table(path):
+    store = MapStore(path)
+    table = store.model()["vector_table"]
+    store.close()
+    return table
+
+
+@pytest.mark.asyncio
+async def test_new_maps_join_the_live_index_without_a_rebuild(copy):
+    ds = serve(copy, **LIVE)
+    await wait_for_index(ds)
+    first = await caught_up(ds)
+    cache = cache_files(copy)
+    old = stored_vectors(copy)
+    # near maps 5 and 12, so the existing maps' neighbours change too
+    new_ids = add_maps(copy, [near(old[5], 1, 0.001), near(old[12], 2), near(old[12], 3)])
+    found = await caught_up(ds, lambda index: all(index.row_of(i) is not None for i in new_ids), timeout=10)
+    assert found is not first and len(found) == 33
+    assert found.matrix is first.matrix and found.scanner is first.scanner  # the base is shared, not rebuilt
+    assert cache_files(copy) == cache  # nor is the cache rewritten
+    for map_id in new_ids:
+        data = await same_as_sqlite_vec(ds, copy, f"like={map_id}&k=7")
+        assert data["results"][0]["id"] == map_id
+    assert new_ids[0] in [r["id"] for r in (await same_as_sqlite_vec(ds, copy, "like=5&k=3"))["results"]]
+    await same_as_sqlite_vec(ds, copy, "q=relief+map&k=10")
+    await same_as_sqlite_vec(ds, copy, "like=12&k=4&year_min=1805")  # filtered: the added maps have no year
+    # a restart loads the cached base and reads only the new maps again: the cache stays as it was
+    again = serve(copy, **LIVE)
+    await wait_for_index(again)
+    restarted = await caught_up(again)
+    assert len(restarted) == 33 and len(restarted.added_ids) == 3
+    assert cache_files(copy) == cache
+
+
+@pytest.mark.asyncio
+async def test_deleted_maps_leave_the_live_index(copy):
+    ds = serve(copy, **LIVE)
+    await wait_for_index(ds)
+    first = await caught_up(ds)
+    store = MapStore(copy)
+    assert store.delete_vectors(store.model(), [7]) == 1
+    store.close()
+    found = await caught_up(ds, lambda index: index.row_of(7) is None)
+    assert found.matrix is first.matrix and len(found) == 29
+    missing = await ds.client.get("/-/mapclip/search.json?like=7")
+    assert missing.status_code == 404
+    data = await same_as_sqlite_vec(ds, copy, "like=8&k=30")
+    assert 7 not in [r["id"] for r in data["results"]] and len(data["results"]) == 29
+    # a delete made outside the store (no counter bumped) is found by the rowids' count and sum
+    conn = open_db(copy)
+    conn.execute(f"DELETE FROM [{first_table(copy)}] WHERE map_id = 9")
+    conn.close()
+    await caught_up(ds, lambda index: index.row_of(9) is None)
+    data = await same_as_sqlite_vec(ds, copy, "like=8&k=30")
+    assert {7, 9}.isdisjoint(r["id"] for r in data["results"]) and len(data["results"]) == 28
+    await same_as_sqlite_vec(ds, copy, "q=roads&k=5&year_min=1800")
+
+
+@pytest.mark.asyncio
+async def test_while_catching_up_the_previous_index_answers_and_says_so(copy, monkeypatch):
+    ds = serve(copy, **LIVE)
+    await wait_for_index(ds)
+    first = await caught_up(ds)
+    gate = threading.Event()
+    real = index_module.catch_up
+
+    def slow_catch_up(*args, **kwargs):
+        assert gate.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(index_module, "catch_up", slow_catch_up)
+    old = stored_vectors(copy)
+    [new_id] = add_maps(copy, [near(old[4], 4, noise=0.001)])
+    try:
+        for query in (f"like={new_id}&k=5", "like=4&k=5", "q=relief&k=5", "like=4&k=5&year_min=1810"):
+            response = await ds.client.get(f"/-/mapclip/search.json?{query}")
+            assert response.status_code == 200, response.text
+            data = response.json()
+            assert data["searched_with"].startswith("in-memory"), data  # not sqlite-vec, no 503
+            assert data["index_behind"] is True and "catching up" in data["index_note"]
+            assert new_id not in [r["id"] for r in data["results"]]  # the previous index answered
+        page = await ds.client.get(f"/-/mapclip?like={new_id}&k=5")
+        assert page.status_code == 200
+    finally:
+        gate.set()
+    found = await caught_up(ds, lambda index: index.row_of(new_id) is not None)
+    assert found.matrix is first.matrix
+    data = (await ds.client.get(f"/-/mapclip/search.json?like={new_id}&k=5")).json()
+    assert "index_behind" not in data and data["results"][0]["id"] == new_id
+    assert [r["id"] for r in data["results"]][:2] == [new_id, 4]
+
+    # a vector rewritten in place needs a full rebuild: it happens beside the live index
+    gate.clear()
+    store = MapStore(copy)
+    row = store.conn.execute("SELECT * FROM maps WHERE id = 4").fetchone()
+    record = MapRecord(source_id=row["source_id"], location=row["location"], source=row["source"])
+    store.write_batch(store.model(), [record], near(old[20], 5, noise=0.001)[None])
+    store.close()
+    try:
+        data = (await ds.client.get("/-/mapclip/search.json?like=20&k=3")).json()
+        assert data["index_behind"] is True and data["searched_with"].startswith("in-memory")
+        assert 4 not in [r["id"] for r in data["results"]]  # still the old vector of map 4
+    finally:
+        gate.set()
+    rebuilt = await caught_up(ds, lambda index: index.matrix is not first.matrix)
+    assert len(rebuilt) == 31 and not rebuilt.changes
+    data = await same_as_sqlite_vec(ds, copy, "like=20&k=3")
+    assert 4 in [r["id"] for r in data["results"]]
+
+
+@pytest.mark.asyncio
+async def test_one_cache_stays_beside_the_database_through_many_changes(copy):
+    # compact after 2 added maps or 1 deleted one, so every kind of new base gets written
+    ds = serve(copy, **LIVE, index_delta_rows=2, index_removed_rows=1)
+    await wait_for_index(ds)
+    await caught_up(ds)
+    old = stored_vectors(copy)
+    dim = len(old[1])
+    one_copy = 30 * dim * 4
+    expected = 30
+    for step in range(4):
+        ids = add_maps(copy, [near(old[step + 1], 10 * step + j) for j in range(3)], first=2000 + 10 * step)
+        expected += 3
+        await caught_up(ds, lambda index: index.row_of(ids[-1]) is not None and len(index) == expected)
+        if step == 1:
+            store = MapStore(copy)
+            store.delete_vectors(store.model(), [ids[0]])
+            store.close()
+            expected -= 1
+            await caught_up(ds, lambda index: len(index) == expected)
+        if step == 2:  # a rewrite: rebuilt from the database
+            store = MapStore(copy)
+            record = MapRecord(source_id="new:2020", location="/new/2020.jpg", source="test")
+            store.write_batch(store.model(), [record], near(old[3], 99)[None])
+            store.close()
+            await caught_up(ds, lambda index: index.state.rewrites == 1)
+        caches = cache_files(copy)
+        assert len(caches) == 1, caches
+        [files] = caches.values()
+        assert len(files) == 3, files  # current.json, one ids file, one matrix file
+        assert sum(size for size, _ in files.values()) < 1.3 * expected * dim * 4 + 4096
+    assert sum(size for size, _ in files.values()) > one_copy
+    found = await caught_up(ds)
+    assert len(found) == expected
+    for query in ("like=2&k=10", "q=relief&k=8", f"like={ids[-1]}&k=5"):
+        await same_as_sqlite_vec(ds, copy, query)
