@@ -240,6 +240,15 @@ async def _filter_sql(collection: Collection, sql: str, sql_params: dict):
         raise BadSearch(f"the filter could not run: {error}") from None
 
 
+def unavailable_if_interrupted(error: Exception, datasette) -> SearchUnavailable | None:
+    """Any SQLite statement of a request cut by the server's time limit (Datasette's QueryInterrupted,
+    or SQLite's own SQLITE_INTERRUPT code, wherever it surfaces) -> the 503 that says so."""
+    if isinstance(error, QueryInterrupted) or getattr(error, "sqlite_errorcode", None) == store.SQLITE_INTERRUPT:
+        return SearchUnavailable(f"the search took longer than this server's {datasette.setting('sql_time_limit_ms')}"
+                                 " ms limit: narrow it with filters, or ask the publisher to raise sql_time_limit_ms")
+    return None
+
+
 def _too_slow(collection: Collection) -> str:
     return (f"the search took longer than this server's {collection.datasette.setting('sql_time_limit_ms')} ms "
             "limit: narrow it with filters, or ask the publisher to raise sql_time_limit_ms")

@@ -61,6 +61,11 @@ async def search_json(request, datasette):
         return error_response(error, as_json=True)
     except Forbidden as error:  # Datasette's permission checks; the same 403, as JSON
         return error_response(SearchError(f"Forbidden: {error}", 403), as_json=True)
+    except Exception as error:  # a statement cut by the time limit, wherever it ran
+        problem = search.unavailable_if_interrupted(error, datasette)
+        if problem is None:
+            raise
+        return error_response(problem, as_json=True)
     data["ok"] = True
     return Response.json(data, default=str)
 
@@ -82,8 +87,15 @@ async def mapclip_page(request, datasette):
             data = await search.run_search(collection, params)
     except SearchError as problem:
         error, status, headers = str(problem), problem.status, closing_headers(problem)
+    except Exception as problem:  # a statement cut by the time limit, wherever it ran
+        cut = search.unavailable_if_interrupted(problem, datasette)
+        if cut is None:
+            raise
+        error, status = str(cut), cut.status
     database = collection.name if collection else None
-    like_row = await search.map_summary(collection, params.like) if collection and params.like is not None else None
+    like_row = None
+    if collection and params.like is not None and status != 503:
+        like_row = await search.map_summary(collection, params.like)
     db_arg = f"&_db={urllib.parse.quote(database)}" if database else ""
     page = await datasette.render_template(
         "mapclip.html",

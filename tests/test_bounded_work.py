@@ -197,3 +197,23 @@ async def test_a_refused_upload_closes_the_connection_instead_of_reading_the_res
         assert response.status_code == 400 and response.headers["connection"] == "close"
     fine = await ds.client.get("/-/mapclip/search.json?like=1&k=2")
     assert "connection" not in fine.headers
+
+
+@pytest.mark.asyncio
+async def test_a_statement_cut_by_the_time_limit_anywhere_answers_503(collection, monkeypatch):
+    """Not only the KNN: any statement of a request that SQLite interrupts (here the model lookup)."""
+    from datasette_mapclip import store
+
+    class Interrupted(Exception):
+        sqlite_errorcode = store.SQLITE_INTERRUPT
+
+    def interrupted(conn):
+        raise Interrupted("interrupted")
+
+    ds = Datasette([str(collection[0])])
+    assert (await ds.client.get("/-/mapclip/search.json?like=1&k=2")).status_code == 200
+    monkeypatch.setattr(store, "read_models", interrupted)
+    for path in ("/-/mapclip/search.json?like=1&k=2", "/-/mapclip?like=1&k=2"):
+        response = await ds.client.get(path)
+        assert response.status_code == 503, (path, response.text[:300])
+        assert "took longer than this server" in response.text
