@@ -47,18 +47,27 @@ class SharedEncoder:
         return self.encoder.dim
 
     def embed_text(self, text: str) -> np.ndarray:
+        return self.embed_texts([text])[0]
+
+    def embed_texts(self, texts: list[str]) -> list[np.ndarray]:
+        """Several texts, the uncached ones in one forward pass (queries that arrived together)."""
+        found: dict[str, np.ndarray] = {}
         with self.cache_lock:
-            cached = self.text_cache.get(text)
-            if cached is not None:
-                self.text_cache.move_to_end(text)
-                return cached
-        with self.encode_lock:
-            vector = self.encoder.encode_texts([text])[0]
-        with self.cache_lock:
-            self.text_cache[text] = vector
-            while len(self.text_cache) > self.text_cache_size:
-                self.text_cache.popitem(last=False)
-        return vector
+            for text in texts:
+                cached = self.text_cache.get(text)
+                if cached is not None:
+                    self.text_cache.move_to_end(text)
+                    found[text] = cached
+        missing = list(dict.fromkeys(text for text in texts if text not in found))
+        if missing:
+            with self.encode_lock:
+                encoded = self.encoder.encode_texts(missing)
+            with self.cache_lock:
+                for text, vector in zip(missing, encoded):
+                    self.text_cache[text] = found[text] = vector
+                while len(self.text_cache) > self.text_cache_size:
+                    self.text_cache.popitem(last=False)
+        return [found[text] for text in texts]
 
     def embed_image(self, image) -> np.ndarray:
         with self.encode_lock:

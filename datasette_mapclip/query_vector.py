@@ -24,6 +24,11 @@ def text_vector(encoder, text: str, config: dict) -> np.ndarray:
     return encoder.embed_text(prompt(text, config))
 
 
+def text_vectors(encoder, texts: list[str], config: dict) -> list[np.ndarray]:
+    """Several text queries in one forward pass, each with the prompt template applied."""
+    return encoder.embed_texts([prompt(text, config) for text in texts])
+
+
 def combine_terms(terms: list[tuple[np.ndarray, float]]) -> np.ndarray:
     """``[(vector, weight), ...]`` -> one unit query vector (a single term is only normalised)."""
     if len(terms) == 1:

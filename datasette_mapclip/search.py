@@ -17,6 +17,7 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import logging
+import queue
 import urllib.parse
 
 import numpy as np
@@ -46,6 +47,52 @@ FILTER_POOL = 2048
 
 async def _run_in(executor, fn, *args):
     return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+
+
+class TextBatcher:
+    """Text queries that wait for the model thread together are encoded together: one forward pass
+    for all of them (32 short queries cost a few single ones), so concurrent text searches share the
+    model instead of queueing one by one behind it."""
+
+    max_batch = 32
+
+    def __init__(self):
+        self.waiting: queue.SimpleQueue = queue.SimpleQueue()
+
+    async def vector(self, collection: "Collection", text: str) -> np.ndarray:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self.waiting.put((collection, text, future))
+        MODEL.submit(self._drain)
+        return await asyncio.wrap_future(future)
+
+    def _drain(self):
+        """In the model thread: everything waiting now, grouped by model and prompt template."""
+        batch = []
+        while len(batch) < self.max_batch:
+            try:
+                batch.append(self.waiting.get_nowait())
+            except queue.Empty:
+                break
+        groups: dict[tuple, list] = {}
+        for collection, text, future in batch:
+            if future.set_running_or_notify_cancel():  # False: the request went away
+                key = (collection.model["name"], collection.model.get("checkpoint_sha256"),
+                       collection.config.get("prompt_template"))
+                groups.setdefault(key, []).append((collection, text, future))
+        for items in groups.values():
+            collection = items[0][0]
+            try:
+                found = query_vector.text_vectors(collection.encoder(), [text for _, text, _ in items],
+                                                  collection.config)
+            except Exception as error:  # ModelUnavailable and the like: each request answers it
+                for _, _, future in items:
+                    future.set_exception(error)
+                continue
+            for (_, _, future), vector in zip(items, found):
+                future.set_result(vector)
+
+
+TEXT_BATCHES = TextBatcher()
 
 
 @dataclasses.dataclass
@@ -182,9 +229,7 @@ async def build_query_vector(collection: Collection, params: SearchParams, index
     terms = []
     try:
         if params.q:
-            encoder = collection.encoder  # loaded (once) in the model thread too
-            terms.append((await _run_in(MODEL, lambda: query_vector.text_vector(encoder(), params.q, collection.config)),
-                          text_weight))
+            terms.append((await TEXT_BATCHES.vector(collection, params.q), text_weight))
         if image is not None:
             terms.append((image, image_weight))
         return query_vector.combine_terms(terms)  # one 512-float sum: no thread needed

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import numpy as np
 import pytest
 from datasette.app import Datasette
 from test_plugin import jpeg, multipart, wait_for_index
@@ -129,14 +130,14 @@ class HeldModel:
 
     def __init__(self, monkeypatch):
         self.entered, self.release = threading.Event(), threading.Event()
-        real = query_vector.text_vector
+        real = query_vector.text_vectors
 
-        def held_text_vector(*args):
+        def held_text_vectors(*args):
             self.entered.set()
             self.release.wait(30)
             return real(*args)
 
-        monkeypatch.setattr(query_vector, "text_vector", held_text_vector)
+        monkeypatch.setattr(query_vector, "text_vectors", held_text_vectors)
 
     async def start(self, ds):
         self.text_search = asyncio.create_task(ds.client.get("/-/mapclip/search.json?q=roads&k=3"))
@@ -217,3 +218,31 @@ async def test_a_statement_cut_by_the_time_limit_anywhere_answers_503(collection
         response = await ds.client.get(path)
         assert response.status_code == 503, (path, response.text[:300])
         assert "took longer than this server" in response.text
+
+
+@pytest.mark.asyncio
+async def test_text_queries_waiting_together_are_encoded_in_one_pass(collection, monkeypatch, tiny_encoder):
+    from datasette_mapclip.store import MapStore
+
+    ds = Datasette([str(collection[0])], metadata={"plugins": {"datasette-mapclip": {"index": "off"}}})
+    held = HeldModel(monkeypatch)
+    batches = []
+    holding = query_vector.text_vectors
+
+    def counted(encoder, texts, config):
+        batches.append(list(texts))
+        return holding(encoder, texts, config)
+
+    monkeypatch.setattr(query_vector, "text_vectors", counted)
+    await held.start(ds)  # the first text search holds the model thread
+    queries = ["relief", "a nautical chart with soundings", "city plan", "roads and railways of the county", "x"]
+    waiting = [asyncio.create_task(ds.client.get(f"/-/mapclip/search.json?q={q}&k=4")) for q in queries]
+    await asyncio.sleep(0.5)
+    await held.finish()
+    answers = [(await task).json() for task in waiting]
+    assert sorted(len(b) for b in batches)[-1] == len(queries), batches  # the waiting five, in one pass
+    ids, matrix = MapStore(collection[0]).vectors()
+    for query, answer in zip(queries, answers):  # padding to the longest query changes nothing
+        expected = tiny_encoder.encode_texts([query])[0]
+        want = [int(ids[i]) for i in np.argsort(-(matrix @ expected))[:4]]
+        assert [r["id"] for r in answer["results"]] == want, query
