@@ -163,7 +163,9 @@ class Server:
     def __init__(self, db: Path, cache_dir: Path, threads: int, index: str = "auto"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        metadata = {"plugins": {"datasette-mapclip": {"threads": threads, "index_dir": str(cache_dir), "index": index}}}
+        # text_cache_size 0: every search pays for its text encoding (the filtered runs reuse phrases)
+        metadata = {"plugins": {"datasette-mapclip": {"threads": threads, "index_dir": str(cache_dir), "index": index,
+                                                      "text_cache_size": 0}}}
         self.metadata_path = cache_dir / f"bench-metadata-{index}.json"
         self.metadata_path.write_text(json.dumps(metadata))
         self.started = time.perf_counter()
@@ -318,8 +320,8 @@ def main():
         "",
         "| measure | value | goal | |",
         "|---|---|---|---|",
-        f"| latency p50 | {p50:.1f} ms | <= 100 ms | {'PASS' if p50 <= 100 else 'FAIL'} |",
-        f"| latency p95 | {p95:.1f} ms | <= 200 ms | {'PASS' if p95 <= 200 else 'FAIL'} |",
+        f"| latency p50 | {p50:.1f} ms | <= 60 ms | {'PASS' if p50 <= 60 else 'FAIL'} |",
+        f"| latency p95 | {p95:.1f} ms | <= 120 ms | {'PASS' if p95 <= 120 else 'FAIL'} |",
         f"| recall@10 vs exact search (same query vector) | {recall:.4f} | >= 0.99 | {'PASS' if recall >= 0.99 else 'FAIL'} |",
         f"| min recall@10 of one query | {min(recalls):.1f} | | |",
         f"| text encoder alone (ViT-B-32 fp32, torch threads = 2), p50 / p95 | {percentile(encode_times, 50):.1f} ms /"
@@ -329,8 +331,12 @@ def main():
         f"| server memory after the queries (VmRSS) | {memory.get('VmRSS', 0):,.0f} MB | | |",
         f"| of which anonymous (RssAnon) / memory-mapped files in the page cache (RssFile) | "
         f"{memory.get('RssAnon', 0):,.0f} MB / {memory.get('RssFile', 0):,.0f} MB | | |",
-        f"| start-up, cold: answering / first search / index ready | {results['cold']['up']:.1f} s / {results['cold']['first']:.1f} s / {results['cold']['ready']:.1f} s | | |",
-        f"| start-up, index cached: answering / first search / index ready | {results['warm']['up']:.1f} s / {results['warm']['first']:.1f} s / {results['warm']['ready']:.1f} s | | |",
+        f"| start-up, cold: answering / first text search / index ready | {results['cold']['up']:.1f} s / "
+        f"{results['cold']['first']:.1f} s / {results['cold']['ready']:.1f} s | index ready <= 45 s |"
+        f" {'PASS' if results['cold']['ready'] <= 45 else 'FAIL'} |",
+        f"| start-up, index cached: answering / first text search / index ready | {results['warm']['up']:.1f} s / "
+        f"{results['warm']['first']:.1f} s / {results['warm']['ready']:.1f} s | <= 5 s / <= 8 s |"
+        f" {'PASS' if results['warm']['first'] <= 5 and results['warm']['ready'] <= 8 else 'FAIL'} |",
         f"| sqlite-vec alone (index off), median of 10 | {statistics.median(sqlite_latencies):.0f} ms | | reference |",
         "",
         "Until the index is ready, searches are answered by sqlite-vec (slower, exact).",

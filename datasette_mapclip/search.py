@@ -42,7 +42,7 @@ INDEX = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=
 DECODE = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mapclip-decode")
 DEFAULT_MAX_UPLOAD_PIXELS = 50_000_000
 # A filtered search first checks this many of the collection's nearest maps against the filter.
-FILTER_POOL = 2048
+FILTER_POOL = 512
 
 
 async def _run_in(executor, fn, *args):

@@ -459,7 +459,7 @@ FILTERED_QUERIES = [
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("config,ways", [
-    ({}, {"nearest maps filtered"}),  # the first pool (2048) holds the whole test collection
+    ({}, {"nearest maps filtered"}),  # the first pool (512) holds the whole test collection
     ({"int8_min_rows": 10, "filter_pool": 1}, {"nearest maps filtered", "filter's maps scored exactly"}),
     ({"int8_min_rows": 10, "filter_pool": 1, "exact_subset_rows": 1},
      {"nearest maps filtered", "filter's maps scanned"}),
