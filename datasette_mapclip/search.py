@@ -289,14 +289,17 @@ def unavailable_if_interrupted(error: Exception, datasette) -> SearchUnavailable
     """Any SQLite statement of a request cut by the server's time limit (Datasette's QueryInterrupted,
     or SQLite's own SQLITE_INTERRUPT code, wherever it surfaces) -> the 503 that says so."""
     if isinstance(error, QueryInterrupted) or getattr(error, "sqlite_errorcode", None) == store.SQLITE_INTERRUPT:
-        return SearchUnavailable(f"the search took longer than this server's {datasette.setting('sql_time_limit_ms')}"
-                                 " ms limit: narrow it with filters, or ask the publisher to raise sql_time_limit_ms")
+        return SearchUnavailable(too_slow_message(datasette))
     return None
 
 
-def _too_slow(collection: Collection) -> str:
-    return (f"the search took longer than this server's {collection.datasette.setting('sql_time_limit_ms')} ms "
+def too_slow_message(datasette) -> str:
+    return (f"the search took longer than this server's {datasette.setting('sql_time_limit_ms')} ms "
             "limit: narrow it with filters, or ask the publisher to raise sql_time_limit_ms")
+
+
+def _too_slow(collection: Collection) -> str:
+    return too_slow_message(collection.datasette)
 
 
 async def _nearest_with_sqlite_vec(collection: Collection, plan: search_sql.SearchPlan, query: np.ndarray) -> list[dict]:
