@@ -50,8 +50,13 @@ def combine(weighted) -> np.ndarray:
     """``[(vector, weight), ...]`` -> the weighted sum of the unit vectors, renormalised.
 
     Ranking by this one vector equals ranking by the weighted sum of cosines, so combined
-    text + image search is a single KNN.  ValueError if the terms cancel out."""
-    total = sum(float(weight) * unit(vector) for vector, weight in weighted)
+    text + image search is a single KNN.  ValueError if the terms cancel out.  Only the weights'
+    ratios matter, so they are scaled by the largest first (1e300 and 2e300 act as 1 and 2)."""
+    weighted = [(vector, float(weight)) for vector, weight in weighted]
+    largest = max((abs(weight) for _, weight in weighted), default=0.0)
+    if largest == 0:
+        raise ValueError("the weighted vectors cancel out (all weights zero?)")
+    total = sum((weight / largest) * unit(vector).astype(np.float64) for vector, weight in weighted)
     norm = float(np.linalg.norm(total))
     if norm < 1e-12:
         raise ValueError("the weighted vectors cancel out (all weights zero?)")

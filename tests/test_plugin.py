@@ -564,3 +564,13 @@ async def test_similarity_and_combine_of_huge_finite_vectors_stay_finite(ds):
     assert row["s"] == pytest.approx(2 ** -0.5, abs=1e-6)
     np.testing.assert_allclose(vectors.decode(bytes.fromhex(row["v"])),
                                np.array([1 + 2 ** -0.5, 2 ** -0.5, 0, 0]) / np.linalg.norm([1 + 2 ** -0.5, 2 ** -0.5]), atol=1e-6)
+
+
+@pytest.mark.asyncio
+async def test_combine_with_huge_weights_acts_on_their_ratio(ds):
+    a, b = vectors.encode([1, 0, 0, 0]), vectors.encode([0, 1, 0, 0])
+    row = (await sql_json(ds, "select hex(mapclip_combine(unhex(:a), 1e300, unhex(:b), 2e300)) as huge, "
+                              "hex(mapclip_combine(unhex(:a), 1, unhex(:b), 2)) as small", a=a.hex(), b=b.hex())).json()[0]
+    np.testing.assert_allclose(vectors.decode(bytes.fromhex(row["huge"])), vectors.decode(bytes.fromhex(row["small"])),
+                               atol=1e-7)
+    np.testing.assert_allclose(vectors.decode(bytes.fromhex(row["small"])), np.array([1, 2, 0, 0]) / np.sqrt(5), atol=1e-6)
