@@ -36,7 +36,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from search_bench import KINDS, PLACES, QUERY_WORDS, Server, build_database, memory_of, percentile  # noqa: E402
+from search_bench import (  # noqa: E402
+    KINDS,
+    PLACES,
+    QUERY_WORDS,
+    Server,
+    build_database,
+    memory_of,
+    percentile,
+    random_checkpoint,
+    write_report,
+)
 
 from datasette_mapclip.index import quick_state, read_state  # noqa: E402
 from datasette_mapclip.records import MapRecord  # noqa: E402
@@ -107,17 +117,10 @@ def main():
     args.cache.mkdir(parents=True, exist_ok=True)
     pristine = args.cache / f"changing-{args.rows}.db"
     if not pristine.exists():
-        import torch
 
         from datasette_mapclip.model import ModelSpec, load_encoder
 
-        checkpoint = args.cache / "vit-b-32-random.pt"
-        if not checkpoint.exists():
-            import open_clip
-
-            torch.manual_seed(0)
-            model, _, _ = open_clip.create_model_and_transforms("ViT-B-32", pretrained=None)
-            torch.save(model.state_dict(), checkpoint)
+        checkpoint = random_checkpoint(args.cache)
         encoder = load_encoder(ModelSpec("ViT-B-32", None, str(checkpoint)), precision="fp32")
         print(f"building {pristine} ...")
         build_database(pristine.with_suffix(".tmp.db"), encoder, args.rows, args.clusters)
@@ -281,10 +284,7 @@ def main():
     ]
     if failures:
         lines += ["", "First failures:", ""] + [f"- {status}: {query} {text!r}" for status, query, text in failures[:5]]
-    text = "\n".join(lines) + "\n"
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text)
-    print(text)
+    write_report(args.output, lines)
 
 
 if __name__ == "__main__":

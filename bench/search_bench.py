@@ -191,6 +191,27 @@ class Server:
         self.process.wait(timeout=30)
 
 
+def random_checkpoint(cache: Path) -> Path:
+    """ViT-B-32 with seeded random weights (they cost what real weights cost), saved once in ``cache``."""
+    checkpoint = cache / "vit-b-32-random.pt"
+    if not checkpoint.exists():
+        import open_clip
+        import torch
+
+        torch.manual_seed(0)
+        model, _, _ = open_clip.create_model_and_transforms("ViT-B-32", pretrained=None)
+        torch.save(model.state_dict(), checkpoint)
+    return checkpoint
+
+
+def write_report(path: Path, lines: list[str]):
+    """A results table: written to ``path`` and printed."""
+    text = "\n".join(lines) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    print(text)
+
+
 def percentile(values, q):
     return float(np.percentile(np.asarray(values), q))
 
@@ -209,13 +230,7 @@ def main():
     import torch
 
     args.cache.mkdir(parents=True, exist_ok=True)
-    checkpoint = args.cache / "vit-b-32-random.pt"
-    if not checkpoint.exists():
-        import open_clip
-
-        torch.manual_seed(0)
-        model, _, _ = open_clip.create_model_and_transforms("ViT-B-32", pretrained=None)
-        torch.save(model.state_dict(), checkpoint)
+    checkpoint = random_checkpoint(args.cache)
     set_torch_threads(2)
     encoder = load_encoder(ModelSpec("ViT-B-32", None, str(checkpoint)), precision="fp32")
     # The text encoder alone, one query at a time as the server runs it, before this process has
@@ -352,10 +367,7 @@ def main():
         ways = "; ".join(sorted(w.replace("in-memory int8 + exact re-scoring", "int8") for w in row["ways"]))
         lines.append(f"| {name} | {row['share']:.2%} | {row['p50']:.1f} ms | {row['p95']:.1f} ms | {row['recall']:.4f} | "
                      f"{'PASS' if ok else 'FAIL'} | {ways} |")
-    text = "\n".join(lines) + "\n"
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text)
-    print(text)
+    write_report(args.output, lines)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,17 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from search_bench import KINDS, PLACES, QUERY_WORDS, Server, build_database, memory_of, percentile  # noqa: E402
+from search_bench import (  # noqa: E402
+    KINDS,
+    PLACES,
+    QUERY_WORDS,
+    Server,
+    build_database,
+    memory_of,
+    percentile,
+    random_checkpoint,
+    write_report,
+)
 
 from datasette_mapclip.model import ModelSpec, load_encoder  # noqa: E402
 from datasette_mapclip.runtime import set_torch_threads  # noqa: E402
@@ -268,13 +278,7 @@ def main():
     import torch
 
     args.cache.mkdir(parents=True, exist_ok=True)
-    checkpoint = args.cache / "vit-b-32-random.pt"
-    if not checkpoint.exists():
-        import open_clip
-
-        torch.manual_seed(0)
-        model, _, _ = open_clip.create_model_and_transforms("ViT-B-32", pretrained=None)
-        torch.save(model.state_dict(), checkpoint)
+    checkpoint = random_checkpoint(args.cache)
     db = args.db or args.cache / f"soak-{args.rows}.db"
     if args.db:
         from datasette_mapclip.store import MapStore
@@ -390,10 +394,7 @@ def main():
     lines += ["", "RSS growth counts as growth when it is over 5% of the RSS after the warm-up. A dropped connection",
               "for a hostile request is the HTTP server refusing it before Datasette sees it (uvicorn closes",
               "the connection on a request line past its limit); 5xx counts every answer in both phases."]
-    text = "\n".join(lines) + "\n"
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text)
-    print(text)
+    write_report(args.output, lines)
 
 
 def write_concurrency_report(args, row: dict, load: Recorder, rss_start: dict, rss_end: dict, torch):
@@ -430,10 +431,7 @@ def write_concurrency_report(args, row: dict, load: Recorder, rss_start: dict, r
         "",
         "Text encoding runs in one model thread; \"more like this\" never waits for it (its own index thread).",
     ]
-    text = "\n".join(lines) + "\n"
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text)
-    print(text)
+    write_report(args.output, lines)
 
 
 if __name__ == "__main__":
