@@ -239,11 +239,12 @@ async def build_query_vector(collection: Collection, params: SearchParams, index
         raise BadSearch(str(error)) from None
 
 
-async def _nearest_with_index(collection: Collection, index, query: np.ndarray, params: SearchParams) -> list[dict]:
+async def _nearest_with_index(collection: Collection, index, query: np.ndarray, params: SearchParams,
+                              place_index: bool = False) -> list[dict]:
     need = params.k * params.page
     way = None
     if params.has_filters:
-        ids, scores, way = await _filtered_with_index(collection, index, query, params, need)
+        ids, scores, way = await _filtered_with_index(collection, index, query, params, need, place_index)
     else:
         ids, scores = await _run_in(INDEX, index.search, query, need)
     skip = params.k * (params.page - 1)
@@ -252,7 +253,8 @@ async def _nearest_with_index(collection: Collection, index, query: np.ndarray, 
     return [{**rows[int(i)], "similarity": float(s)} for i, s in zip(ids, scores) if int(i) in rows], way
 
 
-async def _filtered_with_index(collection: Collection, index, query: np.ndarray, params: SearchParams, need: int):
+async def _filtered_with_index(collection: Collection, index, query: np.ndarray, params: SearchParams, need: int,
+                               place_index: bool = False):
     """A filtered search, chosen by selectivity: the nearest maps of the whole collection are checked
     against the filter first (a broad filter keeps enough of them); when too few pass, every map the
     filter selects is searched (``VectorIndex.search_among``).  The filters are the same SQL conditions
@@ -266,7 +268,7 @@ async def _filtered_with_index(collection: Collection, index, query: np.ndarray,
         return ids[keep][:need], scores[keep][:need], "nearest maps filtered"
     sql_params = {}
     allowed = np.fromiter((row[0] for row in await _filter_sql(
-        collection, search_sql.matching_ids_sql(params, sql_params), sql_params)), np.int64)
+        collection, search_sql.matching_ids_sql(params, sql_params, place_index=place_index), sql_params)), np.int64)
     exact_up_to = int(collection.config.get("exact_subset_rows", EXACT_SUBSET_ROWS))
     ids, scores = await _run_in(INDEX, index.search_among, query, need, allowed, exact_up_to)
     way = "filter's maps scored exactly" if index.exact or len(allowed) <= exact_up_to else "filter's maps scanned"
@@ -321,16 +323,18 @@ async def run_search(collection: Collection, params: SearchParams) -> dict:
     """Run one search; the answer is what ``search.json`` returns (the page renders the same)."""
     datasette, database, model = collection.datasette, collection.name, collection.model
     check_vector(params, model)
-    if params.filter and not await collection.db.execute_fn(store.has_full_text_index):
+    text_indexes = await collection.db.execute_fn(store.text_indexes) if params.has_filters else frozenset()
+    if params.filter and "maps_fts" not in text_indexes:
         raise BadSearch("this collection has no full-text index (maps_fts), so filter cannot be used")
-    plan = search_sql.plan(params, model)
+    place_index = "maps_place" in text_indexes
+    plan = search_sql.plan(params, model, place_index=place_index)
     index = collection.index()
     behind = bool(getattr(index, "behind", False))
     # a map the index does not hold yet (just added) is "more like this"-able from the database
     query = await build_query_vector(collection, params, index if index is not None and not behind and (
         params.like is None or index.row_of(params.like) is not None) else None)
     if index is not None:
-        rows, way = await _nearest_with_index(collection, index, query, params)
+        rows, way = await _nearest_with_index(collection, index, query, params, place_index)
         searched_with = "in-memory exact" if index.exact else "in-memory int8 + exact re-scoring"
         if way:
             searched_with += f" ({way})"

@@ -25,10 +25,13 @@ class SearchPlan:
     run_params: dict
 
 
-def filter_conditions(params: SearchParams, sql_params: dict, *, fts_per_row: bool = False) -> list[str]:
+def filter_conditions(params: SearchParams, sql_params: dict, *, fts_per_row: bool = False,
+                      place_index: bool = False) -> list[str]:
     """The filters as conditions on ``maps`` (parameters added to ``sql_params``).  ``fts_per_row``:
     the full-text condition as a per-row lookup, for checking a few candidate ids (the ``IN`` form
-    reads every match first, which is what a whole-collection filter wants)."""
+    reads every match first, which is what a whole-collection filter wants).  ``place_index``: the
+    file has ``maps_place`` (a trigram index), which finds the maps of a place without reading every
+    row; ``LIKE`` still decides, so the answer is the same with or without it."""
     conditions = []
     if params.year_min is not None:
         conditions.append("year >= :year_min")
@@ -37,6 +40,8 @@ def filter_conditions(params: SearchParams, sql_params: dict, *, fts_per_row: bo
         conditions.append("year <= :year_max")
         sql_params["year_max"] = params.year_max
     if params.place:
+        if place_index and uses_place_index(params.place):
+            conditions.append("id IN (SELECT rowid FROM maps_place WHERE place LIKE '%' || :place || '%')")
         conditions.append("place LIKE '%' || :place || '%'")
         sql_params["place"] = params.place
     if params.filter:
@@ -46,9 +51,15 @@ def filter_conditions(params: SearchParams, sql_params: dict, *, fts_per_row: bo
     return conditions
 
 
-def filter_clause(params: SearchParams, sql_params: dict) -> str:
+def uses_place_index(place: str) -> bool:
+    """The trigram index answers a LIKE pattern from its index only with 3 characters in a row that
+    are not wildcards; shorter patterns would read the whole index, no faster than the table."""
+    return any(len(run) >= 3 for run in place.replace("_", "%").split("%"))
+
+
+def filter_clause(params: SearchParams, sql_params: dict, *, place_index: bool = False) -> str:
     """A ``map_id IN (...)`` constraint that sqlite-vec applies inside the KNN."""
-    conditions = filter_conditions(params, sql_params)
+    conditions = filter_conditions(params, sql_params, place_index=place_index)
     if not conditions:
         return ""
     return "\n  AND v.map_id IN (SELECT id FROM maps WHERE " + " AND ".join(conditions) + ")"
@@ -61,9 +72,10 @@ def passing_ids_sql(params: SearchParams, sql_params: dict) -> str:
             + " AND ".join(conditions))
 
 
-def matching_ids_sql(params: SearchParams, sql_params: dict) -> str:
+def matching_ids_sql(params: SearchParams, sql_params: dict, *, place_index: bool = False) -> str:
     """Every id that passes the search's filters."""
-    return "SELECT id FROM maps WHERE " + " AND ".join(filter_conditions(params, sql_params))
+    return "SELECT id FROM maps WHERE " + " AND ".join(
+        filter_conditions(params, sql_params, place_index=place_index))
 
 
 def fts_query(text: str) -> str:
@@ -108,11 +120,11 @@ ORDER BY v.distance
 LIMIT :limit OFFSET :offset"""
 
 
-def plan(params: SearchParams, model: dict) -> SearchPlan:
+def plan(params: SearchParams, model: dict, *, place_index: bool = False) -> SearchPlan:
     shown_params: dict = {}
     vector_sql = query_vector_sql(params, model, shown_params)
     filter_params: dict = {}
-    filters = filter_clause(params, filter_params)
+    filters = filter_clause(params, filter_params, place_index=place_index)
     paging = {"k": params.k * params.page, "limit": params.k, "offset": params.k * (params.page - 1)}
     return SearchPlan(
         sql=knn_sql(model["vector_table"], vector_sql, filters),

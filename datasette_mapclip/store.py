@@ -5,6 +5,8 @@ Tables
   maps         one row per embedded image (a map sheet) with its catalogue fields and
                ``location`` (where its pixels were read: URL or local path, for re-embedding)
   maps_fts     FTS5 index over the text fields of ``maps`` (Datasette uses it for ``_search``)
+  maps_place   FTS5 trigram index of ``maps.place``: a ``place LIKE '%...%'`` filter finds its maps
+               through it instead of reading every row
   models       provenance: which open_clip model made which vector table
   map_vectors_<slug>  a ``vec0`` table per model: ``map_id`` -> unit float32 embedding
   load_errors  images that could not be fetched, decoded or embedded, with a readable reason;
@@ -84,6 +86,19 @@ END;
 CREATE TRIGGER IF NOT EXISTS maps_au AFTER UPDATE ON maps BEGIN
     INSERT INTO maps_fts(maps_fts, rowid, {", ".join(TEXT_FIELDS)}) VALUES ('delete', old.id, {", ".join("old." + f for f in TEXT_FIELDS)});
     INSERT INTO maps_fts(rowid, {", ".join(TEXT_FIELDS)}) VALUES (new.id, {", ".join("new." + f for f in TEXT_FIELDS)});
+END;
+CREATE VIRTUAL TABLE IF NOT EXISTS maps_place USING fts5(
+    place, content='maps', content_rowid='id', tokenize='trigram'
+);
+CREATE TRIGGER IF NOT EXISTS maps_place_ai AFTER INSERT ON maps BEGIN
+    INSERT INTO maps_place(rowid, place) VALUES (new.id, new.place);
+END;
+CREATE TRIGGER IF NOT EXISTS maps_place_ad AFTER DELETE ON maps BEGIN
+    INSERT INTO maps_place(maps_place, rowid, place) VALUES ('delete', old.id, old.place);
+END;
+CREATE TRIGGER IF NOT EXISTS maps_place_au AFTER UPDATE OF place ON maps BEGIN
+    INSERT INTO maps_place(maps_place, rowid, place) VALUES ('delete', old.id, old.place);
+    INSERT INTO maps_place(rowid, place) VALUES (new.id, new.place);
 END;
 CREATE TABLE IF NOT EXISTS models (
     id INTEGER PRIMARY KEY,
@@ -198,7 +213,10 @@ class MapStore:
         self.sqlite_vec_version = self.conn.execute("select vec_version()").fetchone()[0]
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=NORMAL")
+        had_place_index = has_place_index(self.conn)
         self.conn.executescript(SCHEMA)
+        if not had_place_index:  # a file from before maps_place: index the places it already holds
+            self.conn.execute("INSERT INTO maps_place(maps_place) VALUES ('rebuild')")
         self.conn.execute(
             "INSERT OR IGNORE INTO mapclip_meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
         )
@@ -528,6 +546,17 @@ def _file_is_collection(path: str, mtime_ns: int, size: int) -> bool:
 
 def has_full_text_index(conn) -> bool:
     return conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'maps_fts'").fetchone() is not None
+
+
+def has_place_index(conn) -> bool:
+    """Whether this file has the trigram index of places (files written before it do not)."""
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'maps_place'").fetchone() is not None
+
+
+def text_indexes(conn) -> frozenset[str]:
+    """Which of the optional text indexes (``maps_fts``, ``maps_place``) this file has."""
+    return frozenset(row[0] for row in conn.execute(
+        "SELECT name FROM sqlite_master WHERE name IN ('maps_fts', 'maps_place')"))
 
 
 # The columns of a search result; the SQL shown to users selects the same ones.

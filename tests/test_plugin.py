@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from datasette.app import Datasette
 
-from conftest import draw_map, load_collection
+from conftest import draw_map, load_collection, open_db
 from datasette_mapclip import vectors
 from datasette_mapclip.store import MapStore
 
@@ -483,6 +483,41 @@ async def test_filtered_search_in_the_index_equals_sqlite_vecs_filtered_knn(coll
         seen.add(quick["searched_with"].split("(")[1].rstrip(")"))
     assert ways <= seen, seen
     assert len((await fast.client.get("/-/mapclip/search.json?q=roads&year_min=1826&k=5")).json()["results"]) == 4
+
+
+PLACES = {0: "Évora district", 1: "évora", 2: "Isle Royale", 3: "IsleXRoyale", 4: "100% Maine", 5: "Maine"}
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("place", ["évora", "ÉVORA", "isle_royale", "isle royale", "% maine", "ora", "xr"])
+async def test_place_filter_through_the_trigram_index_means_exactly_like(collection, tmp_path, place):
+    """``maps_place`` (a trigram index) finds a place's maps without reading every row, yet the
+    answer is exactly SQL's ``LIKE`` (ASCII-only case folding, ``_``/``%`` wildcards), with the index,
+    without it (a file from before it: sqlite-vec and the index's "scored exactly" way), and again
+    once a writer adds it to that older file."""
+    sql = "".join(f"UPDATE maps SET place = '{p}' WHERE id % 6 = {r};" for r, p in PLACES.items())
+    (tmp_path / "indexed").mkdir()
+    (tmp_path / "older").mkdir()
+    indexed = changed_copy(collection, tmp_path / "indexed" / "maps.db", sql)
+    older = changed_copy(collection, tmp_path / "older" / "maps.db", sql + "DROP TABLE maps_place;")
+    conn = open_db(older)
+    want = {row[0] for row in conn.execute("SELECT id FROM maps WHERE place LIKE '%' || ? || '%'", (place,))}
+    conn.close()
+    query = f"/-/mapclip/search.json?q=map&place={urllib.parse.quote(place)}&k=30"
+    for path in (indexed, older):
+        for config in ({"index": "off"}, {"int8_min_rows": 10, "filter_pool": 1}):
+            ds = Datasette([str(path)], metadata={"plugins": {"datasette-mapclip": config}})
+            if config.get("index") != "off":
+                await wait_for_index(ds)
+            data = (await ds.client.get(query)).json()
+            assert {r["id"] for r in data["results"]} == want, (path, config, data["searched_with"])
+            uses_index = path == indexed and len(place.replace("_", "%").strip("% ")) >= 3
+            assert ("maps_place" in data["sql"]) == uses_index, data["sql"]
+    MapStore(older).close()  # a writer opening the older file indexes the places it holds
+    conn = open_db(older)
+    assert {row[0] for row in conn.execute(
+        "SELECT rowid FROM maps_place WHERE place LIKE '%' || ? || '%'", (place,))} >= want
+    conn.close()
 
 
 def test_int8_scan_with_exact_rescoring_finds_the_exact_top_k():
