@@ -3,7 +3,6 @@
 from datasette import hookimpl
 
 from . import search, store, views
-from .runtime import set_torch_threads
 from .sql_functions import DatabaseFunctions, register
 from .state import plugin_config, state_for
 from .uploads import UploadLimits, limit_upload_bodies
@@ -45,7 +44,7 @@ def get_metadata(datasette):
 @hookimpl
 def startup(datasette):
     # The server process is Datasette's; the plugin sets only what its configuration names.
-    set_torch_threads(plugin_config(datasette).get("threads", 1))
+    search.set_model_threads(plugin_config(datasette).get("threads", 1))
 
     async def build_indexes():
         # Index every collection's default model in the background, and load its model in the model

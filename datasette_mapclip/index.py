@@ -80,10 +80,13 @@ class Int8Scanner:
     keep their order.  faiss is the well-kept library for this (SIMD scans, and ``IDSelector``
     masks for filtered searches); its codes build in about a second for 562,842 vectors."""
 
-    def __init__(self, matrix: np.ndarray, block: int = 100_000):
+    def __init__(self, matrix: np.ndarray | None, block: int = 100_000, *, codes=None, scale: float = 1.0):
         import faiss
 
         self.faiss = faiss
+        if codes is not None:  # read back from the cache (``load``)
+            self.codes, self.scale, self.count = codes, scale, int(codes.ntotal)
+            return
         self.count, dim = matrix.shape
         largest = max((float(np.abs(matrix[start:start + block]).max()) for start in range(0, len(matrix), block)),
                       default=0.0)
@@ -92,6 +95,30 @@ class Int8Scanner:
                                                 faiss.METRIC_INNER_PRODUCT)
         for start in range(0, len(matrix), block):
             self.codes.add(np.rint(np.asarray(matrix[start:start + block], np.float32) * self.scale))
+
+    def save(self, path: Path):
+        """The codes and their scale, beside the cached float32 vectors: a restart reads them back
+        (a fraction of a second) instead of quantising every vector again (~2 s at 562,842)."""
+        partial = path.with_name(path.name + ".tmp")
+        self.faiss.write_index(self.codes, str(partial))
+        path.with_suffix(".json").write_text(json.dumps({"scale": self.scale, "rows": self.count}))
+        os.replace(partial, path)
+
+    @classmethod
+    def load(cls, path: Path, rows: int) -> "Int8Scanner | None":
+        """Codes written by ``save`` for ``rows`` vectors, or None (missing, half-written, other rows)."""
+        import faiss
+
+        try:
+            meta = json.loads(path.with_suffix(".json").read_text())
+            if meta.get("rows") != rows or not path.is_file():
+                return None
+            codes = faiss.read_index(str(path))
+        except (OSError, ValueError, RuntimeError):  # faiss raises RuntimeError on a bad file
+            return None
+        if int(codes.ntotal) != rows:
+            return None
+        return cls(None, codes=codes, scale=float(meta["scale"]))
 
     def candidates(self, query: np.ndarray, count: int, allowed: np.ndarray | None = None) -> np.ndarray:
         """Rows of the ``count`` best coarse scores (only rows where ``allowed``, a bool mask, is true)."""
@@ -151,8 +178,19 @@ class VectorIndex:
 
     @classmethod
     def build(cls, ids: np.ndarray, matrix: np.ndarray, *, int8_min_rows: int = INT8_MIN_ROWS,
-              rerank: int = DEFAULT_RERANK) -> "VectorIndex":
-        scanner = Int8Scanner(matrix) if len(ids) >= int8_min_rows else None
+              rerank: int = DEFAULT_RERANK, scanner_file: Path | None = None) -> "VectorIndex":
+        """``scanner_file``: where the int8 codes of these vectors are cached (read when present,
+        written when built)."""
+        scanner = None
+        if len(ids) >= int8_min_rows:
+            scanner = Int8Scanner.load(scanner_file, len(ids)) if scanner_file is not None else None
+            if scanner is None:
+                scanner = Int8Scanner(matrix)
+                if scanner_file is not None:
+                    try:
+                        scanner.save(scanner_file)
+                    except (OSError, RuntimeError) as error:  # faiss reports write failures as RuntimeError
+                        log.warning("mapclip: cannot cache the int8 codes at %s (%s)", scanner_file, error)
         return cls(ids, matrix, scanner, rerank)
 
     @property
@@ -327,8 +365,8 @@ class VectorIndex:
         found = _read_cache(Path(folder))
         if found is None:
             raise FileNotFoundError(f"no mapclip index cache in {folder}")
-        ids, matrix, state = found
-        index = cls.build(ids, matrix, **options)
+        ids, matrix, state, scanner_file = found
+        index = cls.build(ids, matrix, scanner_file=scanner_file, **options)
         index.state = state
         return index
 
@@ -423,7 +461,7 @@ def _save_cache(folder: Path, ids: np.ndarray, rows_between, state: VectorState 
 
 
 def _read_cache(folder: Path):
-    """(ids, memory-mapped matrix, state) of the folder's current base, or None."""
+    """(ids, memory-mapped matrix, state, file of its int8 codes) of the folder's current base, or None."""
     try:
         pointer = json.loads((folder / "current.json").read_text())
         if pointer.get("format") != CACHE_FORMAT:
@@ -436,7 +474,7 @@ def _read_cache(folder: Path):
         return None
     if len(ids) != len(matrix) or len(ids) != pointer.get("rows"):
         return None
-    return ids, matrix, state
+    return ids, matrix, state, folder / f"{tag}.int8.faiss"
 
 
 def _options(config: dict) -> dict:
@@ -454,7 +492,7 @@ def _new_base(db_path: str, model: dict, config: dict, ids: np.ndarray, rows_bet
             _save_cache(folder, ids, rows_between, state)
             found = _read_cache(folder)
             if found is not None:
-                ids, matrix, _ = found  # memory-mapped: the page cache holds it
+                ids, matrix, _, options["scanner_file"] = found  # memory-mapped: the page cache holds it
         except OSError as error:
             log.warning("mapclip: cannot cache the index at %s (%s); it is rebuilt at each start", folder, error)
     if matrix is None:
@@ -470,7 +508,7 @@ def _cached_base(conn, db_path: str, model: dict, config: dict) -> VectorIndex |
     found = _read_cache(cache_folder(db_path, model["vector_table"], config))
     if found is None:
         return None
-    ids, matrix, state = found
+    ids, matrix, state, scanner_file = found
     if state is None or matrix.shape[1] != int(model["dim"]) or not len(ids):
         return None
     sample = np.unique(np.linspace(0, len(ids) - 1, min(16, len(ids))).astype(np.int64))
@@ -478,7 +516,7 @@ def _cached_base(conn, db_path: str, model: dict, config: dict) -> VectorIndex |
     rows = sample[np.isin(ids[sample], stored_ids)]
     if not len(rows) or not np.array_equal(np.asarray(matrix[rows]), stored):
         return None  # another database under the same name
-    index = VectorIndex.build(ids, matrix, **_options(config))
+    index = VectorIndex.build(ids, matrix, scanner_file=scanner_file, **_options(config))
     index.state = state
     return index
 

@@ -7,6 +7,7 @@ so provenance (what made a vector) is decided in one place.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -216,13 +217,40 @@ def encode_text_trimmed(model, tokens):
     return x
 
 
+@contextlib.contextmanager
+def weights_come_later():
+    """Build a model without drawing random initial weights, for a model whose every weight is then
+    loaded from a checkpoint (open_clip loads them strictly, so none is left unset): ViT-B-32's random
+    initialisation costs about a second of a server's start-up.  Only ``torch.nn.init``'s in-place
+    fills are skipped; buffers computed in code (attention masks) are built as usual."""
+    from torch.nn import init
+
+    names = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+             "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_")
+    saved = {name: getattr(init, name) for name in names if hasattr(init, name)}
+    for name in saved:
+        setattr(init, name, _leave_as_is)
+    try:
+        yield
+    finally:
+        for name, fill in saved.items():
+            setattr(init, name, fill)
+
+
+def _leave_as_is(tensor, *args, **kwargs):
+    return tensor
+
+
 def load_encoder(
     spec: ModelSpec | None = None,
     *,
     device: str | None = None,
     precision: str = "auto",
+    checkpoint_sha256: str | None = None,
 ) -> ClipEncoder:
     """Build the model named by ``spec``; raise ModelUnavailable with advice if it cannot be had.
+    ``checkpoint_sha256``: the checkpoint's hash where the caller has just checked it (else it is
+    computed here).
 
     Process-wide settings (torch threads, the Hugging Face offline switch) are the caller's:
     see ``runtime``."""
@@ -236,11 +264,10 @@ def load_encoder(
             f"unknown open_clip architecture {spec.architecture!r}. "
             f"Examples: ViT-B-32, ViT-B-16, ViT-L-14, mapclip-tiny (see open_clip.list_models())"
         )
-    checkpoint_sha256 = None
     if spec.checkpoint:
         if not Path(spec.checkpoint).is_file():
             raise ModelUnavailable(f"checkpoint file not found: {spec.checkpoint}")
-        checkpoint_sha256 = spec.checkpoint_sha256()
+        checkpoint_sha256 = checkpoint_sha256 or spec.checkpoint_sha256()
         pretrained = spec.checkpoint
     else:
         tags = open_clip.list_pretrained_tags_by_model(spec.architecture)
@@ -250,10 +277,12 @@ def load_encoder(
                 f"known tags: {', '.join(tags) or 'none (use --checkpoint PATH)'}"
             )
         pretrained = spec.pretrained
+        checkpoint_sha256 = None
     try:
-        model, _, image_transform = open_clip.create_model_and_transforms(
-            spec.architecture, pretrained=pretrained, device=device
-        )
+        with weights_come_later():
+            model, _, image_transform = open_clip.create_model_and_transforms(
+                spec.architecture, pretrained=pretrained, device=device
+            )
     except Exception as error:  # network, cache, corrupt file: all end in the same advice
         if spec.checkpoint:
             raise ModelUnavailable(

@@ -30,6 +30,7 @@ from .images import DEFAULT_MAX_PIXELS, ImageDecodeError, open_image
 from .index import EXACT_SUBSET_ROWS
 from .model import ModelUnavailable
 from .query import VEC0_MAX_K, SearchParams
+from .runtime import set_torch_threads
 from .state import plugin_config, state_for
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,14 @@ class Collection:
     def index(self):
         """The in-memory index of this model's vectors, or None while it is built (or off)."""
         return state_for(self.datasette).indexes.for_model(self.db.path, self.model, self.config)
+
+
+def set_model_threads(threads: int | None):
+    """torch's CPU threads for the plugin's model work, set in the threads that do it (torch keeps
+    the count per thread), not on the event loop: importing torch there (~1.5 s) would hold up the
+    server's start."""
+    for pool in (MODEL, DECODE):
+        pool.submit(set_torch_threads, threads)
 
 
 def preload_model(collection: Collection):

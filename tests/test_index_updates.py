@@ -257,10 +257,47 @@ async def test_one_cache_stays_beside_the_database_through_many_changes(copy):
         caches = cache_files(copy)
         assert len(caches) == 1, caches
         [files] = caches.values()
-        assert len(files) == 3, files  # current.json, one ids file, one matrix file
+        # current.json, one ids file, one matrix file, the int8 codes and their scale
+        assert len(files) == 5, files
         assert sum(size for size, _ in files.values()) < 1.3 * expected * dim * 4 + 4096
     assert sum(size for size, _ in files.values()) > one_copy
     found = await caught_up(ds)
     assert len(found) == expected
     for query in ("like=2&k=10", "q=relief&k=8", f"like={ids[-1]}&k=5"):
         await same_as_sqlite_vec(ds, copy, query)
+
+
+@pytest.mark.asyncio
+async def test_a_restart_reads_the_int8_codes_from_the_cache_instead_of_quantising_again(copy, monkeypatch):
+    """The int8 codes are cached beside the float32 vectors: a restarted server reads them back (no
+    quantising pass over every vector) and answers exactly as before; codes that are cut short or
+    belong to other vectors are quantised again, never used."""
+    first = serve(copy, **LIVE)
+    await wait_for_index(first)
+    folder, = [f for f in copy.parent.iterdir() if f.name.endswith(".mapclip-index")]
+    codes, = folder.glob("*.int8.faiss")
+    query = "q=relief+map&k=7"
+    before = (await first.client.get(f"/-/mapclip/search.json?{query}")).json()
+
+    quantised = []
+    build_codes = index_module.Int8Scanner.__init__
+
+    def counting(self, matrix, *args, **kwargs):
+        if matrix is not None:
+            quantised.append(len(matrix))
+        build_codes(self, matrix, *args, **kwargs)
+
+    monkeypatch.setattr(index_module.Int8Scanner, "__init__", counting)
+    for damage in (None, "truncate", "other rows"):
+        if damage == "truncate":
+            codes.write_bytes(codes.read_bytes()[:100])
+        elif damage == "other rows":
+            meta = codes.with_suffix(".json")
+            meta.write_text(meta.read_text().replace('"rows": 30', '"rows": 29'))
+        restarted = serve(copy, **LIVE)
+        await wait_for_index(restarted)
+        after = (await restarted.client.get(f"/-/mapclip/search.json?{query}")).json()
+        assert after["searched_with"] == before["searched_with"] == "in-memory int8 + exact re-scoring"
+        assert [r["id"] for r in after["results"]] == [r["id"] for r in before["results"]]
+        assert quantised == ([] if damage is None else [30] * (1 if damage == "truncate" else 2)), damage
+    assert sorted(p.name for p in folder.iterdir() if "int8" in p.name) == sorted([codes.name, codes.stem + ".json"])

@@ -93,3 +93,39 @@ def test_int8_that_drifts_falls_back_to_fp32(tiny_checkpoint, tiny_encoder, monk
     np.testing.assert_allclose(first, tiny_encoder.encode_image_tensors(pixels), atol=1e-5)
     np.testing.assert_allclose(int8.encode_image_tensors(pixels), first, atol=1e-6)
 
+
+
+def test_loading_weights_skips_random_initialisation_and_changes_no_number(tiny_checkpoint, monkeypatch):
+    """Random initial weights are not drawn for a model whose checkpoint sets every weight (a
+    second of ViT-B-32's start-up), and the loaded model encodes exactly as one built the usual way."""
+    import contextlib
+
+    from torch.nn import init
+
+    from datasette_mapclip import model as model_module
+
+    spec = ModelSpec("mapclip-tiny", None, tiny_checkpoint)
+    fills = {"normal": 0, "kaiming": 0}
+
+    def counting(name, fill):
+        def counted(*args, **kwargs):
+            fills[name] += 1
+            return fill(*args, **kwargs)
+        return counted
+
+    monkeypatch.setattr(init, "normal_", counting("normal", init.normal_))
+    monkeypatch.setattr(init, "kaiming_uniform_", counting("kaiming", init.kaiming_uniform_))
+    quick = load_encoder(spec, device="cpu", precision="fp32")
+    assert fills == {"normal": 0, "kaiming": 0}  # nothing drawn while the model was built
+    torch.nn.Linear(4, 4)  # and torch's own initialisation is back afterwards
+    assert fills["kaiming"] == 1
+
+    monkeypatch.setattr(model_module, "weights_come_later", contextlib.nullcontext)
+    usual = load_encoder(spec, device="cpu", precision="fp32")
+    assert fills["normal"] > 0  # the usual way draws them
+    texts = ["a nautical chart", "fire insurance plan of a town"]
+    assert np.array_equal(quick.encode_texts(texts), usual.encode_texts(texts))
+    images = [draw_map(3), draw_map(4)]
+    assert np.array_equal(quick.encode_images(images), usual.encode_images(images))
+    for (name, a), (_, b) in zip(quick.model.named_buffers(), usual.model.named_buffers()):
+        assert torch.equal(a, b), name  # buffers built in code (attention masks) are the same

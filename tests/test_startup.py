@@ -38,3 +38,19 @@ async def test_preloading_can_be_turned_off(collection):
     assert await loaded_encoders(ds, wait=1) == 0
     assert (await ds.client.get("/-/mapclip/search.json?q=roads&k=2")).status_code == 200
     assert await loaded_encoders(ds, wait=1) == 1
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("threads", [1, 2])
+async def test_the_threads_setting_reaches_the_threads_that_run_the_model(collection, threads):
+    """torch counts threads per thread: the setting is made in the model and decode threads (where
+    encoding runs), not on the event loop, whose start it would hold up while torch imports."""
+    import torch
+
+    from datasette_mapclip import search
+
+    ds = Datasette([str(collection[0])], metadata={"plugins": {"datasette-mapclip": {
+        "threads": threads, "preload_model": False}}})
+    await ds.invoke_startup()
+    for pool in (search.MODEL, search.DECODE):
+        assert pool.submit(torch.get_num_threads).result(timeout=20) == threads
