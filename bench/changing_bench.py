@@ -1,7 +1,8 @@
 """Searching a collection that changes while it is served (Datasette's mutable mode).
 
     .venv/bin/python bench/changing_bench.py                 # 100,000 vectors, 150 s
-    .venv/bin/python bench/changing_bench.py --rows 562842   # Library of Congress scale
+    .venv/bin/python bench/changing_bench.py --db bench/.cache/search-562842-catalogue.db
+                            # Library of Congress scale, from a copy of the search benchmark's collection
 
 What it does, and why:
 1. Builds (once, cached in bench/.cache/) a synthetic collection as bench/search_bench.py does, and
@@ -110,12 +111,14 @@ def main():
     parser.add_argument("--append", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per encode in the server")
     parser.add_argument("--cache", type=Path, default=ROOT / "bench" / ".cache")
+    parser.add_argument("--db", type=Path, help="serve a copy of this collection (e.g. the search benchmark's) "
+                                                "instead of building one of --rows maps")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "changing.md")
     args = parser.parse_args()
     import httpx
 
     args.cache.mkdir(parents=True, exist_ok=True)
-    pristine = args.cache / f"changing-{args.rows}.db"
+    pristine = args.db or args.cache / f"changing-{args.rows}.db"
     if not pristine.exists():
 
         from datasette_mapclip.model import ModelSpec, load_encoder

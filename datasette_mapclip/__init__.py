@@ -44,7 +44,8 @@ def get_metadata(datasette):
 @hookimpl
 def startup(datasette):
     # The server process is Datasette's; the plugin sets only what its configuration names.
-    search.set_model_threads(plugin_config(datasette).get("threads", 1))
+    config = plugin_config(datasette)
+    search.set_work_threads(config.get("threads", 1), int(config.get("scan_threads", 1)))
 
     async def build_indexes():
         # Index every collection's default model in the background, and load its model in the model

@@ -42,6 +42,14 @@ def set_torch_threads(threads: int | None):
         torch.set_num_threads(int(threads))
 
 
+def set_faiss_threads(threads: int | None):
+    """faiss's OpenMP threads for searches made from the calling thread (None: faiss's default)."""
+    if threads:
+        import faiss
+
+        faiss.omp_set_num_threads(int(threads))
+
+
 @contextlib.contextmanager
 def torch_threads(threads: int | None):
     """torch's CPU thread count for one piece of work, restored afterwards (library callers)."""

@@ -42,9 +42,11 @@ async def test_preloading_can_be_turned_off(collection):
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("threads", [1, 2])
-async def test_the_threads_setting_reaches_the_threads_that_run_the_model(collection, threads):
-    """torch counts threads per thread: the setting is made in the model and decode threads (where
-    encoding runs), not on the event loop, whose start it would hold up while torch imports."""
+async def test_the_threads_settings_reach_the_threads_that_do_the_work(collection, threads):
+    """torch and faiss count threads per thread: ``threads`` is set in the model and decode threads
+    (where encoding runs), not on the event loop, whose start it would hold up while torch imports;
+    ``scan_threads`` in the index-scan thread (one by default)."""
+    import faiss
     import torch
 
     from datasette_mapclip import search
@@ -54,3 +56,8 @@ async def test_the_threads_setting_reaches_the_threads_that_run_the_model(collec
     await ds.invoke_startup()
     for pool in (search.MODEL, search.DECODE):
         assert pool.submit(torch.get_num_threads).result(timeout=20) == threads
+    assert search.INDEX.submit(faiss.omp_get_max_threads).result(timeout=20) == 1
+    ds = Datasette([str(collection[0])], metadata={"plugins": {"datasette-mapclip": {
+        "scan_threads": 2, "preload_model": False}}})
+    await ds.invoke_startup()
+    assert search.INDEX.submit(faiss.omp_get_max_threads).result(timeout=20) == 2
