@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # every torch build); these two are known to work together.
 TORCH_PACKAGES ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install chromium demo test bench bench-loader bench-search bench-soak check-datasette-suite clean
+.PHONY: install chromium demo test bench bench-loader bench-search bench-search-curve bench-soak check-datasette-suite clean
 
 $(VENV)/.installed: setup.py ruff.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,8 +38,21 @@ bench: bench-loader bench-search
 bench-loader: install
 	$(PY) bench/loader_bench.py
 
+# bench-search: every search-at-scale goal at 562,842 maps (~15 min once the collection is built):
+# latency, filters, start-up and memory; 16 concurrent clients; a collection changing while served;
+# all gathered into bench/results/search.md.  bench-search-curve: the same at 100,000 and 2,000,000.
+SEARCH_DB := bench/.cache/search-562842-catalogue.db
 bench-search: install
 	$(PY) bench/search_bench.py
+	$(PY) bench/soak_bench.py --db $(SEARCH_DB) --clients 16 --mix text=0.5,like=0.5 --no-hostile \
+	  --threads 1 --output bench/results/concurrency.md
+	$(PY) bench/changing_bench.py --db $(SEARCH_DB)
+	$(PY) bench/search_summary.py
+
+bench-search-curve: install
+	$(PY) bench/search_bench.py --rows 100000 --output bench/results/search-100k.md
+	$(PY) bench/search_bench.py --rows 2000000 --queries 100 --filter-queries 20 --output bench/results/search-2m.md
+	$(PY) bench/search_summary.py
 
 # Load and soak (~5 min once its collection is built): bench/results/soak.md
 bench-soak: install

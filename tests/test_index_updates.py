@@ -301,3 +301,31 @@ async def test_a_restart_reads_the_int8_codes_from_the_cache_instead_of_quantisi
         assert [r["id"] for r in after["results"]] == [r["id"] for r in before["results"]]
         assert quantised == ([] if damage is None else [30] * (1 if damage == "truncate" else 2)), damage
     assert sorted(p.name for p in folder.iterdir() if "int8" in p.name) == sorted([codes.name, codes.stem + ".json"])
+
+
+@pytest.mark.asyncio
+async def test_a_cold_build_streams_the_vectors_into_the_cache_and_survives_an_unwritable_one(copy, tmp_path,
+                                                                                               monkeypatch):
+    """Built cold, the vectors go from SQLite into the memory-mapped cache file chunk by chunk (no
+    whole float32 copy in the server's memory: ``read_vectors`` is not used); where the cache cannot
+    be written the index is still built, read a second time from the database."""
+    from datasette_mapclip import store as store_module
+
+    def whole_copy(*args, **kwargs):
+        raise AssertionError("the whole float32 matrix was read into memory")
+
+    monkeypatch.setattr(store_module, "read_vectors", whole_copy)
+    monkeypatch.setattr(index_module, "CACHE_CHUNK_ROWS", 7)  # several steps through one ordered read
+    ds = serve(copy, **LIVE)
+    await wait_for_index(ds)
+    await same_as_sqlite_vec(ds, copy, "q=relief+map&k=7")
+    assert len(cache_files(copy)) == 1
+
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache folder would go")
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(copy, other / "maps.db")
+    ds = serve(other / "maps.db", index_dir=str(blocked / "sub"), **LIVE)
+    await wait_for_index(ds)
+    await same_as_sqlite_vec(ds, other / "maps.db", "like=4&k=6")
