@@ -72,7 +72,7 @@ REMOVED_ROWS = 2_000
 # Backoff after a failed build, so a broken database is not reread on every search.
 RETRY_AFTER = 10.0
 CACHE_FORMAT = 2
-CACHE_CHUNK_ROWS = 50_000  # vectors written to the cache file per step
+CACHE_CHUNK_ROWS = 10_000  # vectors streamed to the cache file per step (20 MB of BLOBs at 512-d)
 
 
 class Int8Scanner:
@@ -81,7 +81,7 @@ class Int8Scanner:
     keep their order.  faiss is the well-kept library for this (SIMD scans, and ``IDSelector``
     masks for filtered searches); its codes build in about a second for 562,842 vectors."""
 
-    def __init__(self, matrix: np.ndarray | None, block: int = 100_000, *, codes=None, scale: float = 1.0):
+    def __init__(self, matrix: np.ndarray | None, block: int = 25_000, *, codes=None, scale: float = 1.0):
         import faiss
 
         self.faiss = faiss

@@ -241,6 +241,27 @@ def _leave_as_is(tensor, *args, **kwargs):
     return tensor
 
 
+@contextlib.contextmanager
+def checkpoint_memory_mapped(enabled: bool = True):
+    """``torch.load`` maps the checkpoint file instead of reading it into the process's own memory
+    while it is copied into the model: ViT-B-32's 600 MB then sit in the page cache, shared and
+    evictable, instead of doubling the model's memory at start-up.  (A checkpoint in torch's old,
+    non-zip format cannot be mapped: ``load_encoder`` then loads it the usual way.)"""
+    try:
+        from torch.utils.serialization import config
+    except ImportError:  # a torch without the setting
+        enabled = False
+    if not enabled:
+        yield
+        return
+    before = config.load.mmap
+    config.load.mmap = True
+    try:
+        yield
+    finally:
+        config.load.mmap = before
+
+
 def load_encoder(
     spec: ModelSpec | None = None,
     *,
@@ -279,10 +300,18 @@ def load_encoder(
         pretrained = spec.pretrained
         checkpoint_sha256 = None
     try:
-        with weights_come_later():
-            model, _, image_transform = open_clip.create_model_and_transforms(
-                spec.architecture, pretrained=pretrained, device=device
-            )
+        try:
+            with weights_come_later(), checkpoint_memory_mapped():
+                model, _, image_transform = open_clip.create_model_and_transforms(
+                    spec.architecture, pretrained=pretrained, device=device
+                )
+        except Exception as error:
+            if "mmap" not in str(error):
+                raise
+            with weights_come_later():  # an old-format checkpoint file: read, not mapped
+                model, _, image_transform = open_clip.create_model_and_transforms(
+                    spec.architecture, pretrained=pretrained, device=device
+                )
     except Exception as error:  # network, cache, corrupt file: all end in the same advice
         if spec.checkpoint:
             raise ModelUnavailable(

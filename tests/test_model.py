@@ -129,3 +129,28 @@ def test_loading_weights_skips_random_initialisation_and_changes_no_number(tiny_
     assert np.array_equal(quick.encode_images(images), usual.encode_images(images))
     for (name, a), (_, b) in zip(quick.model.named_buffers(), usual.model.named_buffers()):
         assert torch.equal(a, b), name  # buffers built in code (attention masks) are the same
+
+
+def test_checkpoints_are_memory_mapped_while_loading_and_old_format_files_still_load(tiny_checkpoint, tmp_path,
+                                                                                      monkeypatch):
+    """The checkpoint is mapped (page cache, not the process's own memory) while it is copied into
+    the model; a checkpoint in torch's old non-zip format, which cannot be mapped, loads as before."""
+    from torch.utils.serialization import config
+
+    spec = ModelSpec("mapclip-tiny", None, tiny_checkpoint)
+    mapped = []
+    real_load = torch.load
+
+    def recording_load(*args, **kwargs):
+        mapped.append(kwargs.get("mmap") if kwargs.get("mmap") is not None else config.load.mmap)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    usual = load_encoder(spec, device="cpu", precision="fp32")
+    assert mapped and all(mapped) and config.load.mmap is False  # mapped while loading, the setting restored
+
+    old_format = tmp_path / "old-format.pt"
+    torch.save(real_load(tiny_checkpoint, weights_only=True), old_format, _use_new_zipfile_serialization=False)
+    old = load_encoder(ModelSpec("mapclip-tiny", None, str(old_format)), device="cpu", precision="fp32")
+    texts = ["a nautical chart", "a geological map"]
+    assert np.array_equal(old.encode_texts(texts), usual.encode_texts(texts))
