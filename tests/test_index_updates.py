@@ -329,3 +329,30 @@ async def test_a_cold_build_streams_the_vectors_into_the_cache_and_survives_an_u
     ds = serve(other / "maps.db", index_dir=str(blocked / "sub"), **LIVE)
     await wait_for_index(ds)
     await same_as_sqlite_vec(ds, other / "maps.db", "like=4&k=6")
+
+
+@pytest.mark.asyncio
+async def test_vectors_written_out_of_id_order_are_indexed_sorted(copy, monkeypatch):
+    """The streamed cold build relies on sqlite-vec listing rows in map id order; a table written
+    out of order (vectors re-written from the last map to the first) is read sorted instead."""
+    from datasette_mapclip import store as store_module
+
+    store = MapStore(copy)
+    model = store.model()
+    table = model["vector_table"]
+    rows = store.conn.execute(f"SELECT map_id, embedding FROM [{table}]").fetchall()
+    with store.transaction():
+        store.conn.execute(f"DELETE FROM [{table}]")
+        for map_id, embedding in sorted(rows, key=lambda row: -row[0]):
+            store.conn.execute(f"INSERT INTO [{table}](map_id, embedding) VALUES (?, ?)", (map_id, embedding))
+    listed = [row[0] for row in store.conn.execute(f"SELECT map_id FROM [{table}]")]
+    store.close()
+    assert listed != sorted(listed)  # the case this test is about
+    sorted_reads = []
+    read_sorted = store_module.read_vectors
+    monkeypatch.setattr(store_module, "read_vectors", lambda *a: sorted_reads.append(1) or read_sorted(*a))
+    ds = serve(copy, **LIVE)
+    await wait_for_index(ds)
+    assert sorted_reads == [1]
+    for query in ("q=relief+map&k=7", "like=4&k=6", "q=chart&year_min=1810&k=5"):
+        await same_as_sqlite_vec(ds, copy, query)
