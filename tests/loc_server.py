@@ -4,7 +4,12 @@ kept in tests/fixtures/loc/ (search page, item, IIIF manifest).
 Routes
   /collections/test-maps/?fo=json&sp=N   search pages (pagination.next chains them)
   /item/<id>/manifest.json               IIIF Presentation 2 manifest (multi-sheet items)
-  /item/<id>/?fo=json                    item endpoint ({"item": {...}})
+  /item/<id>/?fo=json                    item endpoint ({"item": {...}}); 404 for numbers in ``.gone``
+  /maps/?fo=json&c=&sp=&dates=&at=       the catalogue search (loc.gov's maps format, also /search/):
+                                         ``c`` up to 150 a page, ``dates=FROM/TO`` filters by year
+                                         (undated items match no range), ``at=`` keeps only the named
+                                         attributes, and no page starts past ``.result_cap`` results
+                                         (HTTP 400, as loc.gov stops paging at 100,000)
   /iiif/<service>/full/<size>/0/default.jpg   IIIF image API; some services misbehave on purpose
 
 ``.log`` has (time.monotonic(), path) of every request as it arrived, for timing tests.
@@ -68,6 +73,17 @@ class LocServer:
         self.lock = threading.Lock()
         self.search_template = fixture("search_results_sanborn_maps.json")
         self.manifest_template = fixture("iiif_manifest_2011633553.json")["manifest"]
+        # The catalogue search (/maps/): which items it returns and how it pages.
+        self.catalogue: list[int] | None = None  # item numbers, in result order (default 1..items)
+        self.years: dict[int, int | None] = {}  # item number -> year (None: undated); default 1850 + n
+        self.result_cap = 100_000  # no page may start past this many results
+        self.matched: dict[tuple, list[int]] = {}  # date range -> item numbers (see ``matching``)
+        self.throttle: dict[str, str] = {}  # path fragment -> Retry-After of a 429 sent to its first request
+        self.fail: dict[str, int] = {}  # path fragment -> HTTP status sent to every request
+        self.gone: set[int] = set()  # item numbers the item endpoint answers 404 for
+        self.hold_after: int | None = None  # answer this many catalogue pages, then hold the next one ...
+        self.holding = threading.Event()  # ... set when it arrives ...
+        self.release = threading.Event()  # ... and answered (503) once this is set
         self.item_template = fixture("item_2007680728_item_attribute.json")["item"]
 
     # -- content --------------------------------------------------------------------
@@ -175,6 +191,60 @@ class LocServer:
             time.sleep(0.01)
         return self.streamed[service]
 
+    # -- the catalogue search ---------------------------------------------------------
+    def year(self, n: int) -> int | None:
+        return self.years[n] if n in self.years else 1850 + n
+
+    def catalogue_result(self, n: int) -> dict:
+        result = self.result(n)
+        year = self.year(n)
+        result["title"] = f"Search result map {n}"
+        for key in ("date", "dates", "sort_date"):
+            result.pop(key, None)
+        if year is not None:
+            result.update(date=str(year), dates=[f"{year}-01-01T00:00:00Z"])
+        return result
+
+    def matching(self, dates: str | None) -> list[int]:
+        """The catalogue's item numbers in a date range (all without one), kept per range while
+        ``catalogue`` and ``years`` stay the same objects: a benchmark pages through 562,842."""
+        key = (dates, id(self.catalogue), id(self.years), len(self.years), self.items)
+        with self.lock:
+            if key not in self.matched:
+                numbers = self.catalogue if self.catalogue is not None else list(range(1, self.items + 1))
+                if dates:
+                    low, high = (int(v) for v in dates.split("/"))
+                    numbers = [n for n in numbers if self.year(n) is not None and low <= self.year(n) <= high]
+                self.matched[key] = numbers
+            return self.matched[key]
+
+    def catalogue_page(self, path: str, query: dict) -> tuple[int, dict]:
+        per_page = min(int(query.get("c", "25")), 150)
+        page = int(query.get("sp", "1"))
+        numbers = self.matching(query.get("dates"))
+        start = (page - 1) * per_page
+        if start >= self.result_cap:
+            return 400, {"status": 400, "error": f"paging past {self.result_cap} results is not supported"}
+        pages = -(-len(numbers) // per_page)
+        following = dict(query, sp=str(page + 1))
+        data = {
+            "pagination": {"current": page, "of": len(numbers), "total": pages, "perpage": per_page,
+                           "from": start + 1, "to": min(start + per_page, len(numbers)),
+                           "next": f"{self.url}{path}?{urllib.parse.urlencode(following)}" if page < pages else None},
+            "results": [self.catalogue_result(n) for n in numbers[start:min(start + per_page, self.result_cap)]],
+            "facets": [{"filters": [{"count": 1, "term": str(year)}]} for year in range(1000, 2100)],
+        }
+        if "at" in query:
+            data = {key: value for key, value in data.items() if key in query["at"].split(",")}
+        return 200, data
+
+    def page_requests(self) -> list[str]:
+        """The catalogue search requests received, in order."""
+        return [path for path in self.requests if path.startswith(("/maps/", "/search/"))]
+
+    def item_requests(self) -> list[str]:
+        return [path for path in self.requests if path.startswith("/item/") and "manifest" not in path]
+
     # -- server ---------------------------------------------------------------------
     def start(self) -> "LocServer":
         server_ref = self
@@ -226,18 +296,42 @@ class LocServer:
                     self.close_connection = True
                     record["done"] = True
 
+            def catalogue(self, path, query):
+                with server_ref.lock:
+                    answered = len(server_ref.page_requests()) - 1
+                if server_ref.hold_after is not None and answered >= server_ref.hold_after:
+                    server_ref.holding.set()  # the client is killed while it waits for this page
+                    server_ref.release.wait(30)
+                    try:
+                        return self.send(503, "text/plain", b"held")
+                    except OSError:
+                        return None
+                status, data = server_ref.catalogue_page(path, query)
+                return self.send(status, "application/json", json.dumps(data).encode())
+
             def do_GET(self):
                 server_ref.log.append((time.monotonic(), self.path))
                 server_ref.requests.append(self.path)
                 parts = urllib.parse.urlsplit(self.path)
                 query = dict(urllib.parse.parse_qsl(parts.query))
                 segments = parts.path.strip("/").split("/")
+                for fragment, status in server_ref.fail.items():
+                    if fragment in self.path:
+                        return self.send(status, "text/plain", b"failing on purpose")
+                for fragment, wait in list(server_ref.throttle.items()):
+                    if fragment in self.path:
+                        del server_ref.throttle[fragment]
+                        return self.send(429, "text/plain", b"slow down", {"Retry-After": wait})
+                if parts.path in ("/maps/", "/search/"):
+                    return self.catalogue(parts.path, query)
                 if parts.path.startswith("/collections/test-maps"):
                     page = int(query.get("sp", "1"))
                     base = {k: v for k, v in query.items() if k != "sp"}
                     return self.send(200, "application/json", json.dumps(server_ref.search_page(page, base)).encode())
                 if segments[0] == "item" and len(segments) >= 2:
                     n = int(segments[1].replace("testmap", "") or 0)
+                    if n in server_ref.gone:
+                        return self.send(404, "text/html", b"<html>not found</html>")
                     if segments[-1] == "manifest.json":
                         return self.send(200, "application/json", json.dumps(server_ref.manifest(n)).encode())
                     return self.send(200, "application/json", json.dumps(server_ref.item(n)).encode())

@@ -183,29 +183,38 @@ def limiters(image_rate: float | None) -> dict[str, RateLimiter]:
     }
 
 
-def fill_metadata(store, fetcher: Fetcher, *, api: str = LOC_API, limit: int | None = None, progress: bool = True) -> dict:
-    """Fill catalogue fields for maps that have an item id but no title, one item request each.
+def fill_metadata(store, fetcher: Fetcher, *, api: str = LOC_API, limit: int | None = None, progress: bool = True,
+                  item_ids: list[str] | None = None) -> dict:
+    """Fill catalogue fields at the item endpoint, one request per item: for ``item_ids``, or
+    every item whose maps have no title (``loc_catalogue.fill_catalogue`` pages search results
+    first and sends here only what they did not return).
 
     Resumable: it only asks for items whose maps still lack a title, so rerunning after an
-    interruption continues where it stopped.  Failures are recorded in ``load_errors``.
+    interruption continues where it stopped.  Failures are recorded in ``load_errors``; an item
+    loc.gov does not have (HTTP 404) counts as missing, any other failure as failed.
     """
     from tqdm import tqdm
 
-    item_ids = store.items_missing_catalogue()
+    item_ids = store.items_missing_catalogue() if item_ids is None else list(item_ids)
     if limit is not None:
         item_ids = item_ids[:limit]
-    done = failed = 0
-    for item_id in tqdm(item_ids, unit="item", desc="catalogue metadata", disable=not progress):
+    done = failed = missing = 0
+    for item_id in tqdm(item_ids, unit="item", desc="item endpoint", disable=not progress):
         url = f"{api.rstrip('/')}/item/{urllib.parse.quote(item_id)}/?fo=json"
         placeholder = MapRecord(source_id=f"metadata:{item_id}", location=url, source="loc-metadata")
         try:
             data = fetcher.get_json(url)
-            fields = catalogue_fields(data.get("item") or data)
+            if not isinstance(data, dict):
+                raise FetchError(f"{url} did not return a loc.gov item (a JSON {type(data).__name__})")
+            fields = catalogue_fields(data.get("item") if isinstance(data.get("item"), dict) else data)
         except FetchError as error:
+            gone = str(error).startswith("HTTP 404")
+            reason = f"loc.gov has no item {item_id} ({error})" if gone else str(error)
             with store.transaction():
-                store.record_error(placeholder, "metadata", str(error))
-            failed += 1
+                store.record_error(placeholder, "metadata", reason)
+            missing += gone
+            failed += not gone
             continue
         store.fill_catalogue(item_id, fields, resolved_error_id=placeholder.source_id)
         done += 1
-    return {"items": len(item_ids), "filled": done, "failed": failed}
+    return {"items": len(item_ids), "filled": done, "failed": failed, "missing": missing, "requests": len(item_ids)}
