@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import urllib.parse
 
 from datasette.utils.asgi import Forbidden, Response
@@ -51,6 +52,24 @@ def closing_headers(error) -> dict:
     return {"connection": "close"} if isinstance(error, UploadError) else {}
 
 
+def answers_503_when_cut(as_json: bool):
+    """Any SQLite statement of the request cut by the server's time limit, wherever it ran (the search,
+    Datasette's own permission checks, the page's collection list) -> the 503 that says so, never a 500."""
+    def decorate(view):
+        @functools.wraps(view)
+        async def guarded(request, datasette):
+            try:
+                return await view(request, datasette)
+            except Exception as error:
+                problem = search.unavailable_if_interrupted(error, datasette)
+                if problem is None:
+                    raise
+                return error_response(problem, as_json=as_json)
+        return guarded
+    return decorate
+
+
+@answers_503_when_cut(as_json=True)
 async def search_json(request, datasette):
     try:
         collection, params = await read_search_request(datasette, request)
@@ -61,15 +80,11 @@ async def search_json(request, datasette):
         return error_response(error, as_json=True)
     except Forbidden as error:  # Datasette's permission checks; the same 403, as JSON
         return error_response(SearchError(f"Forbidden: {error}", 403), as_json=True)
-    except Exception as error:  # a statement cut by the time limit, wherever it ran
-        problem = search.unavailable_if_interrupted(error, datasette)
-        if problem is None:
-            raise
-        return error_response(problem, as_json=True)
     data["ok"] = True
     return Response.json(data, default=str)
 
 
+@answers_503_when_cut(as_json=False)
 async def mapclip_page(request, datasette):
     error = None
     status = 200
@@ -118,6 +133,7 @@ async def mapclip_page(request, datasette):
     return Response.html(page, status=status, headers=headers)
 
 
+@answers_503_when_cut(as_json=False)
 async def thumbnail(request, datasette):
     try:
         map_id = int(request.url_vars["id"])

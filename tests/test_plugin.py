@@ -575,6 +575,28 @@ async def test_a_search_cut_by_the_time_limit_answers_503_that_says_so(collectio
 
 
 @pytest.mark.asyncio
+async def test_a_permission_check_cut_by_the_time_limit_is_a_503_on_every_route(collection, monkeypatch):
+    # Datasette's own permission checks run SQL under the same time limit; on a busy host a tight
+    # limit cuts them rather than the search, and that must be the same 503, not a 500.
+    from datasette.database import QueryInterrupted
+    ds = Datasette([str(collection[0])], settings={"sql_time_limit_ms": 50},
+                   metadata={"plugins": {"datasette-mapclip": {"index": "off"}}})
+    await ds.invoke_startup()
+    assert (await ds.client.get("/-/mapclip/thumbnail/maps/1.jpg")).status_code == 200
+
+    async def cut(*args, **kwargs):
+        raise QueryInterrupted(Exception("interrupted"), "select 1", {})
+
+    monkeypatch.setattr(ds, "ensure_permissions", cut)
+    monkeypatch.setattr(ds, "permission_allowed", cut)
+    for path in ("/-/mapclip/search.json?like=1&k=5", "/-/mapclip?like=1&k=5", "/-/mapclip",
+                 "/-/mapclip/thumbnail/maps/1.jpg"):
+        response = await ds.client.get(path)
+        assert response.status_code == 503, (path, response.status_code, response.text[:300])
+        assert "took longer than this server's 50 ms limit" in response.text, path
+
+
+@pytest.mark.asyncio
 async def test_errors_carry_their_status(collection, tmp_path):
     copy = changed_copy(collection, tmp_path / "nofts.db",
                         "DROP TRIGGER maps_ai; DROP TRIGGER maps_ad; DROP TRIGGER maps_au; DROP TABLE maps_fts;")
