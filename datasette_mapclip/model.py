@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,23 +223,59 @@ def weights_come_later():
     """Build a model without drawing random initial weights, for a model whose every weight is then
     loaded from a checkpoint (open_clip loads them strictly, so none is left unset): ViT-B-32's random
     initialisation costs about a second of a server's start-up.  Only ``torch.nn.init``'s in-place
-    fills are skipped; buffers computed in code (attention masks) are built as usual."""
-    from torch.nn import init
-
-    names = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
-             "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_")
-    saved = {name: getattr(init, name) for name in names if hasattr(init, name)}
-    for name in saved:
-        setattr(init, name, _leave_as_is)
+    fills are skipped, and only in the calling thread: the fills are module attributes shared by every
+    thread, and a model built at the same moment in another thread (a server's preload, a fine-tune)
+    needs its random weights.  Buffers computed in code (attention masks) are built as usual."""
+    global _init_patch_users
+    with _init_patch_lock:
+        if _init_patch_users == 0:
+            _patch_init_fills()
+        _init_patch_users += 1
+    depth = getattr(_skipping_fills, "depth", 0)
+    _skipping_fills.depth = depth + 1
     try:
         yield
     finally:
-        for name, fill in saved.items():
-            setattr(init, name, fill)
+        _skipping_fills.depth = depth
+        with _init_patch_lock:
+            _init_patch_users -= 1
+            if _init_patch_users == 0:
+                _restore_init_fills()
 
 
-def _leave_as_is(tensor, *args, **kwargs):
-    return tensor
+_INIT_FILLS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+               "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_")
+_init_patch_lock = threading.Lock()
+_init_patch_users = 0
+_skipping_fills = threading.local()  # .depth > 0 in a thread inside weights_come_later()
+_original_fills: dict = {}
+
+
+def _patch_init_fills():
+    from torch.nn import init
+
+    for name in _INIT_FILLS:
+        if hasattr(init, name):
+            _original_fills[name] = getattr(init, name)
+            setattr(init, name, _fill_unless_skipping(_original_fills[name]))
+
+
+def _restore_init_fills():
+    from torch.nn import init
+
+    for name, fill in _original_fills.items():
+        setattr(init, name, fill)
+    _original_fills.clear()
+
+
+def _fill_unless_skipping(fill):
+    def maybe_fill(tensor, *args, **kwargs):
+        if getattr(_skipping_fills, "depth", 0):
+            return tensor
+        return fill(tensor, *args, **kwargs)
+
+    maybe_fill.__wrapped__ = fill
+    return maybe_fill
 
 
 @contextlib.contextmanager

@@ -131,6 +131,39 @@ def test_loading_weights_skips_random_initialisation_and_changes_no_number(tiny_
         assert torch.equal(a, b), name  # buffers built in code (attention masks) are the same
 
 
+def test_skipping_random_weights_touches_only_the_thread_that_loads_a_checkpoint():
+    """A server's model thread skips initial fills while it loads a checkpoint; a model built at the
+    same moment in another thread (a fine-tune, a test fixture) still gets its random weights: torch's
+    fills are module attributes shared by every thread (found as NaN vectors from a model whose
+    weights were never drawn)."""
+    import threading
+
+    from torch.nn import init
+
+    from datasette_mapclip.model import weights_come_later
+
+    inside, release, seen = threading.Event(), threading.Event(), {}
+
+    def loader():
+        with weights_come_later():
+            seen["loader"] = init.normal_(torch.zeros(64)).abs().sum().item()
+            inside.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=loader)
+    thread.start()
+    try:
+        assert inside.wait(10)
+        layer = torch.nn.Linear(64, 64)  # built here while the loader is inside weights_come_later
+        seen["other"] = init.normal_(torch.zeros(64)).abs().sum().item()
+    finally:
+        release.set()
+        thread.join()
+    assert seen["loader"] == 0.0  # skipped in the loading thread
+    assert seen["other"] > 0 and layer.weight.abs().sum().item() > 0 and torch.isfinite(layer.weight).all()
+    assert not hasattr(init.normal_, "__wrapped__")  # torch's own fills are back once the last loader is done
+
+
 def test_checkpoints_are_memory_mapped_while_loading_and_old_format_files_still_load(tiny_checkpoint, tmp_path,
                                                                                       monkeypatch):
     """The checkpoint is mapped (page cache, not the process's own memory) while it is copied into
