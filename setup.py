@@ -3,6 +3,7 @@ import os
 from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+RAY = ["ray>=2.40,<3"]  # tested with 2.60
 
 
 def read_readme():
@@ -38,7 +39,11 @@ setup(
         "python-multipart>=0.0.13,<0.0.25",  # asgi-csrf 0.11 passes FileClass, removed in 0.0.25
         "pysqlite3-binary; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
-    extras_require={"test": ["pytest", "pytest-asyncio", "playwright", "ruff", "hypothesis"]},
+    extras_require={
+        # `--engine ray`: the loaders on a Ray cluster (core tasks and actors; Ray Data is not needed)
+        "ray": RAY,
+        "test": ["pytest", "pytest-asyncio", "playwright", "ruff", "hypothesis", *RAY],
+    },
     entry_points={
         "datasette": ["mapclip = datasette_mapclip"],
         "console_scripts": ["mapclip = datasette_mapclip.cli:main"],

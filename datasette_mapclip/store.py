@@ -12,6 +12,7 @@ Tables
   load_errors  images that could not be fetched, decoded or embedded, with a readable reason;
                and notes a load leaves for the publisher (stage ``metadata``, ``pages``, ``source``)
   loads        one row per loader run: command, counts, start and end, and which process ran it
+  kept_images  where a load kept each fetched image (``--keep-images``), for re-embedding offline
 
 Each batch of maps is written with its vectors in one transaction, so an interrupted load
 leaves only whole batches behind and a rerun skips exactly what is already stored.
@@ -145,6 +146,19 @@ CREATE TABLE IF NOT EXISTS loads (
 );
 """
 
+# Images a load kept on disk (``--keep-images DIR``): the model-sized derivative of each fetched
+# image, so re-embedding with another model reads it from there instead of the network.  Created
+# on open, so databases from before it gain it (empty) the first time a writer opens them.
+KEPT_IMAGES_SCHEMA = """
+CREATE TABLE IF NOT EXISTS kept_images (
+    source_id TEXT PRIMARY KEY,
+    root TEXT NOT NULL,
+    path TEXT NOT NULL,
+    bytes INTEGER,
+    kept_at TEXT
+);
+"""
+
 # Columns added to ``loads`` after its first release, added to older databases on open.
 LOAD_RUN_COLUMNS = {"pid": "INTEGER", "host": "TEXT", "updated_at": "TEXT", "message": "TEXT"}
 # A run on another host (a database on shared storage) or from a version without pids counts
@@ -221,6 +235,7 @@ class MapStore:
             "INSERT OR IGNORE INTO mapclip_meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
         )
         self._add_missing_load_columns()
+        self.conn.executescript(KEPT_IMAGES_SCHEMA)
 
     def close(self):
         self.conn.close()
@@ -342,8 +357,10 @@ class MapStore:
                               "DO UPDATE SET value = CAST(value AS INTEGER) + 1", (key,))
 
     def write_batch(self, model: dict, records: list[MapRecord], matrix: np.ndarray, thumbnails=None, sizes=None,
-                    errors: list[tuple] = ()):
-        """Maps, their vectors and any errors of this batch, in one transaction."""
+                    errors: list[tuple] = (), kept: list[tuple] = ()):
+        """Maps, their vectors and any errors of this batch, in one transaction.
+
+        ``kept``: ``(source_id, root, path, bytes)`` of images kept on disk in this batch."""
         if len(records) != len(matrix):
             raise ValueError(f"{len(records)} records but {len(matrix)} vectors")
         with self.transaction():
@@ -362,6 +379,8 @@ class MapStore:
             for record, stage, reason in errors:
                 self.record_error(record, stage, reason)
             self.upsert_items(_unique_items(records))
+            for source_id, root, path, size in kept:
+                self.record_kept_image(source_id, root, path, size)
 
     def record_error(self, record: MapRecord, stage: str, reason: str):
         self._record_problem(record.source_id, record.source, record.location, stage, reason)
@@ -389,6 +408,27 @@ class MapStore:
                attempts = load_errors.attempts + 1, last_seen = excluded.last_seen""",
             (key, source, location, stage, reason, now(), now()),
         )
+
+    # -- kept images (--keep-images) ----------------------------------------------------
+    def record_kept_image(self, source_id: str, root: str, path: str, size: int | None):
+        """Where one image's kept derivative lies: ``root`` (the folder) and ``path`` inside it.
+        Call inside a transaction."""
+        self.conn.execute(
+            "INSERT INTO kept_images (source_id, root, path, bytes, kept_at) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT(source_id) DO UPDATE SET root = excluded.root, path = excluded.path, "
+            "bytes = excluded.bytes, kept_at = excluded.kept_at",
+            (displayable(source_id), displayable(root), path, size, now()))
+
+    def kept_image_path(self, source_id: str) -> str | None:
+        """The file holding a map's kept image, if one was recorded (it may since have been deleted)."""
+        row = self.conn.execute("SELECT root, path FROM kept_images WHERE source_id = ?",
+                                (displayable(source_id),)).fetchone()
+        return os.path.join(row[0], row[1]) if row else None
+
+    def kept_images_summary(self) -> tuple[int, int]:
+        """(images kept, their bytes)."""
+        count, size = self.conn.execute("SELECT count(*), coalesce(sum(bytes), 0) FROM kept_images").fetchone()
+        return int(count), int(size)
 
     # -- load runs ------------------------------------------------------------------
     def _add_missing_load_columns(self):
@@ -736,6 +776,21 @@ def read_maps_readonly(db_path: str | Path, columns: tuple[str, ...]) -> list[di
             if name in row:
                 row[name] = decode_list(row[name])
     return rows
+
+
+def read_kept_paths_readonly(db_path: str | Path) -> dict[str, str]:
+    """source_id -> file of its kept image (``--keep-images``), opened read-only; empty for a
+    database without kept images (or from before them)."""
+    conn = stdlib_sqlite3.connect(f"file:{Path(db_path).resolve()}?mode=ro", uri=True)
+    try:
+        return {row[0]: os.path.join(row[1], row[2])
+                for row in conn.execute("SELECT source_id, root, path FROM kept_images")}
+    except stdlib_sqlite3.OperationalError as error:
+        if "no such table" not in str(error):
+            raise
+        return {}
+    finally:
+        conn.close()
 
 
 class StoreError(ValueError):

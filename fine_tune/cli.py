@@ -37,7 +37,8 @@ def fine_tune():
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the item shuffle: same seed, same split.")
 def dataset_command(db_path, out_dir, caption_template, fractions, seed):
     """Write OUT_DIR/train.csv, validation.csv, test.csv (map_id, item_id, image, caption)
-    and dataset.json from the maps of DB_PATH, split by item.
+    and dataset.json from the maps of DB_PATH, split by item. Where a load kept an image
+    (--keep-images), `image` is the kept file, so training never fetches it again.
 
     Example: mapclip fine-tune dataset maps.db pairs/ --caption-template subjects
     """
@@ -147,6 +148,15 @@ def evaluate_command(dataset_dir, checkpoint, model_name, base_model, base_pretr
     click.echo(f"written: {', '.join(results['files'])}", err=True)
 
 
+def _engine_options(command):
+    """--engine, --ray-address, --actors and --keep-images, as the load commands have them."""
+    from loaders.cli import engine_option_list, keep_images_option
+
+    for option in reversed(engine_option_list()):
+        command = option(command)
+    return keep_images_option(command)
+
+
 @fine_tune.command("register")
 @click.argument("db_path", type=click.Path(exists=True, dir_okay=False))
 @click.option("--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False),
@@ -159,35 +169,55 @@ def evaluate_command(dataset_dir, checkpoint, model_name, base_model, base_pretr
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
               help="auto: fp16 on CUDA; int8 image tower on CPU when it stays within 0.999 cosine of fp32.")
 @click.option("--threads", type=int, help="CPU threads for the model (default: all cores).")
-@click.option("--batch-size", type=int, default=32, show_default=True,
-              help="Images per model call and per transaction.")
-@click.option("--workers", type=int, default=4, show_default=True, help="Threads reading and decoding images.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Images per model call and per transaction (on GPUs try 256).")
+@click.option("--workers", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Threads reading and decoding images (--engine ray: threads per fetch task).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@_engine_options
 def register_command(db_path, checkpoint, model_name, make_default, device, precision, threads, batch_size,
-                     workers, quiet):
-    """Re-embed every map of DB_PATH (from its stored location) with a fine-tuned checkpoint,
-    into a new vector table beside the existing ones. Rerunning resumes.
+                     workers, quiet, engine, ray_address, actors, keep_images):
+    """Re-embed every map of DB_PATH with a fine-tuned checkpoint, into a new vector table beside
+    the existing ones. Images kept by a load (--keep-images) are read from their files; the others
+    from their stored location. Rerunning resumes.
 
     Example: mapclip fine-tune register maps.db --checkpoint run/best.pt --default
     """
     from datasette_mapclip.model import ModelSpec, ModelUnavailable, load_encoder
     from datasette_mapclip.runtime import set_torch_threads
     from datasette_mapclip.store import ExtensionsUnavailable, MapStore
+    from loaders import iiif
+    from loaders.cli import keep_images_or_exit, ray_engine_or_exit, spec_or_exit
+    from loaders.ray_engine import RayUnavailable
 
     from .register import architecture_for, register
 
     model_name = model_name or architecture_for(checkpoint)
     if not model_name:
         raise click.UsageError("--model is needed: no training.json beside the checkpoint says which architecture")
-    set_torch_threads(threads)
+    keep = keep_images_or_exit(keep_images, iiif.DEFAULT_SIZE)
+    encoder = spec = ray_options = None
+    if engine == "ray":
+        ray_engine = ray_engine_or_exit()
+        spec = spec_or_exit(model_name, None, checkpoint)
+        ray_options = ray_engine.RayOptions(address=ray_address, actors=actors, threads=threads)
+    else:
+        set_torch_threads(threads)
     try:
-        encoder = load_encoder(ModelSpec(model_name, None, checkpoint), device=device, precision=precision)
+        if engine != "ray":
+            encoder = load_encoder(ModelSpec(model_name, None, checkpoint), device=device, precision=precision)
         store = MapStore(db_path)
     except (ModelUnavailable, ExtensionsUnavailable) as error:
         raise click.ClickException(str(error))
-    click.echo(f"model {encoder.name} ({encoder.precision} on {encoder.device}), database {db_path}", err=True)
-    summary, model, missing = register(store, encoder, default=make_default, batch_size=batch_size,
-                                       workers=workers, progress=not quiet)
+    if encoder is not None:
+        click.echo(f"model {encoder.name} ({encoder.precision} on {encoder.device}), database {db_path}", err=True)
+    try:
+        summary, model, missing = register(
+            store, encoder, default=make_default, batch_size=batch_size, workers=workers, progress=not quiet,
+            keep=keep, spec=spec, engine=engine, ray_options=ray_options, device=device, precision=precision,
+            echo=lambda line: click.echo(f"{line}, database {db_path}", err=True))
+    except RayUnavailable as error:
+        raise click.ClickException(str(error))
     store.close()
     click.echo(summary.line(), err=True)
     if missing:

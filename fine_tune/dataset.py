@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from datasette_mapclip.store import StoreError, read_maps_readonly
+from datasette_mapclip.store import StoreError, read_kept_paths_readonly, read_maps_readonly
 
 from .captions import TEMPLATES, render_caption, resolve_template
 
@@ -46,22 +46,34 @@ class DatasetSummary:
     counts: dict = field(default_factory=dict)
     items: dict = field(default_factory=dict)
     skipped_no_location: int = 0
+    from_kept: int = 0  # pairs whose image is a kept file (--keep-images), not the source
 
     def line(self) -> str:
         parts = [f"{split} {self.counts.get(split, 0)} maps / {self.items.get(split, 0)} items" for split in SPLITS]
         text = "; ".join(parts)
         if self.skipped_no_location:
             text += f"; {self.skipped_no_location} maps skipped (no stored image location)"
+        if self.from_kept:
+            text += f"; {self.from_kept} images from kept files"
         return text
 
 
 def read_maps(db_path: str | Path) -> list[dict]:
-    """Every ``maps`` row's caption fields and image location (read-only)."""
+    """Every ``maps`` row's caption fields and image location (read-only).  Where a load kept the
+    image (``--keep-images``) and the file is still there, ``location`` is that file: training and
+    evaluation then read it from disk instead of fetching it again."""
     try:
-        return read_maps_readonly(db_path, ("id", "item_id", "title", "date", "place", "subjects", "notes",
-                                            "format", "location"))
+        rows = read_maps_readonly(db_path, ("id", "source_id", "item_id", "title", "date", "place", "subjects",
+                                            "notes", "format", "location"))
+        kept = read_kept_paths_readonly(db_path)
     except StoreError as error:
         raise DatasetError(str(error)) from None
+    for row in rows:
+        path = kept.get(row["source_id"])
+        row["from_kept"] = bool(path and Path(path).is_file())
+        if row["from_kept"]:
+            row["location"] = path
+    return rows
 
 
 def check_fractions(fractions) -> tuple[float, float, float]:
@@ -141,13 +153,14 @@ def build_dataset(db_path: str | Path, out_dir: str | Path, *, template: str | N
     """Write OUT_DIR/{train,validation,test}.csv and OUT_DIR/dataset.json from DB's maps."""
     template_text = resolve_template(template)
     fractions = check_fractions(fractions)
-    pairs, skipped = build_pairs(read_maps(db_path), template_text)
+    rows = read_maps(db_path)
+    pairs, skipped = build_pairs(rows, template_text)
     if not pairs:
         raise DatasetError(f"{db_path} has no maps with a stored image location to build pairs from")
     splits = split_by_item(pairs, fractions, seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary = DatasetSummary(skipped_no_location=skipped)
+    summary = DatasetSummary(skipped_no_location=skipped, from_kept=sum(1 for row in rows if row.get("from_kept")))
     for split, split_pairs in splits.items():
         write_split(out_dir / f"{split}.csv", split_pairs)
         summary.counts[split] = len(split_pairs)
@@ -161,6 +174,7 @@ def build_dataset(db_path: str | Path, out_dir: str | Path, *, template: str | N
         "counts": summary.counts,
         "items": summary.items,
         "skipped_no_location": skipped,
+        "images_from_kept_files": summary.from_kept,
         "columns": list(CSV_COLUMNS),
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

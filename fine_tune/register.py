@@ -7,6 +7,8 @@ map is embedded again from its stored ``location`` through the loaders' own pipe
 checkpoint path and SHA-256) in ``models`` and writes a new vector table; the base model's
 vectors stay.  The plugin then searches whichever model a user picks (``model=<name>``), or
 the default one.  Rerunning resumes: maps already embedded with this model are skipped.
+Images a load kept (``--keep-images``) are read from disk, so registering never crawls the
+collection's source again.
 """
 
 from __future__ import annotations
@@ -16,19 +18,34 @@ from pathlib import Path
 from datasette_mapclip.store import MapStore
 
 
-def register(store: MapStore, encoder, *, default: bool = False, batch_size: int = 32, workers: int = 4,
-             progress: bool = True):
-    """Embed every stored map with ``encoder``; returns (LoadSummary, models row, maps without location)."""
-    from loaders.pipeline import run_load
+def register(store: MapStore, encoder=None, *, default: bool = False, batch_size: int = 32, workers: int = 4,
+             progress: bool = True, keep=None, spec=None, engine: str = "local", ray_options=None,
+             device: str | None = None, precision: str = "auto", echo=None):
+    """Embed every stored map with ``encoder``; returns (LoadSummary, models row, maps without location).
 
+    Images kept by an earlier load (``--keep-images``) are read from their files, not fetched again;
+    ``keep`` keeps the ones that still had to be downloaded.  ``engine="ray"`` runs the embedding
+    on a Ray cluster (``loaders.ray_engine``) with the model ``spec`` loaded in its actors
+    (``device``, ``precision``); ``echo`` gets its one-line description of the cluster."""
     records, missing = store.stored_records()
-    summary = run_load(store, encoder, records, command=f"fine-tune register {encoder.name}",
-                       batch_size=batch_size, workers=workers, store_thumbnails=False, total=len(records),
-                       progress=progress)
-    model = store.model(encoder.name)
+    if engine == "ray":
+        from loaders.ray_engine import run_ray_load
+
+        name = f"{spec.architecture}/{spec.weights_label()}"
+        summary = run_ray_load(store, spec, records, options=ray_options, device=device, precision=precision,
+                               command=f"fine-tune register {name}", batch_size=batch_size, workers=workers,
+                               store_thumbnails=False, total=len(records), progress=progress, keep=keep, echo=echo)
+    else:
+        from loaders.pipeline import run_load
+
+        name = encoder.name
+        summary = run_load(store, encoder, records, command=f"fine-tune register {name}",
+                           batch_size=batch_size, workers=workers, store_thumbnails=False, total=len(records),
+                           progress=progress, keep=keep)
+    model = store.model(name)
     if default and summary.status == "finished":
         store.set_default_model(model["name"])
-        model = store.model(encoder.name)
+        model = store.model(name)
     return summary, model, missing
 
 

@@ -32,15 +32,88 @@ def model_options(command):
                           "(min cosine 0.999) on the first batch, fp32 if it drifts."),
         click.option("--threads", type=int, default=None,
                      help="CPU threads for the model (default: all cores)."),
-        click.option("--batch-size", type=int, default=32, show_default=True, help="Images per model call and per transaction."),
-        click.option("--workers", type=int, default=4, show_default=True, help="Threads fetching and decoding images."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+                     help="Images per model call and per transaction (on GPUs try 256)."),
+        click.option("--workers", type=click.IntRange(min=1), default=4, show_default=True,
+                     help="Threads fetching and decoding images (--engine ray: threads per fetch task)."),
         click.option("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, show_default=True,
                      help="Refuse images with more pixels (decompression bombs)."),
         click.option("--quiet", is_flag=True, help="No progress bar."),
-    ]
+    ] + engine_option_list()
     for option in reversed(options):
         command = option(command)
     return command
+
+
+def engine_option_list():
+    """--engine local|ray and the Ray engine's options (also on `fine-tune register`)."""
+    return [
+        click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                     help="local: threads and the model in this process. ray: fetch and decode as Ray tasks and "
+                          "embed in a pool of model actors (GPUs when the cluster has them, fp16 there), writing "
+                          "to the same database here. Needs: pip install 'datasette-mapclip[ray]'."),
+        click.option("--ray-address",
+                     help="Ray cluster to join (--engine ray), e.g. 'auto' (the cluster `ray start` made on this "
+                          "machine), 'head-node:6379' or 'ray://head-node:10001'. Default: $RAY_ADDRESS, else a "
+                          "running local cluster, else a new local Ray for this run."),
+        click.option("--actors", type=click.IntRange(min=1),
+                     help="Model actors (--engine ray). Default: one per GPU, or one per node on a CPU cluster "
+                          "(each using all of its node's cores, or --threads)."),
+    ]
+
+
+def keep_images_option(command):
+    """--keep-images DIR on the commands that download images."""
+    return click.option(
+        "--keep-images", "keep_images", type=click.Path(file_okay=False),
+        help="Keep each downloaded image (the model-sized derivative, ~59 KB as a 512 px JPEG: ~33 GB for "
+             "562,842 maps) in DIR, recorded in the kept_images table, so re-embedding (`fine-tune register`, "
+             "a rerun) and `fine-tune dataset` read it from there instead of the network. With --engine ray "
+             "DIR is on this machine: workers send the images back.")(command)
+
+
+def keep_images_or_exit(directory, size):
+    """The keep folder of a command (None without --keep-images), checked before anything runs."""
+    if not directory:
+        return None
+    from .kept_images import KeepImages
+
+    keep = KeepImages(directory, size=size)
+    try:
+        keep.check_writable()
+    except OSError as error:
+        raise click.ClickException(f"cannot write to --keep-images {directory}: {error.strerror or error}")
+    return keep
+
+
+def ray_options_from(options: dict):
+    from .ray_engine import RayOptions
+
+    return RayOptions(address=options.get("ray_address"), actors=options.get("actors"), threads=options.get("threads"))
+
+
+def spec_or_exit(model_name, pretrained, checkpoint) -> ModelSpec:
+    """The model the options name, checked on this machine before a Ray cluster is asked to load it."""
+    from datasette_mapclip.model import import_open_clip
+
+    spec = ModelSpec.from_options(model_name, pretrained, checkpoint)
+    if spec.checkpoint and not Path(spec.checkpoint).is_file():
+        raise click.ClickException(f"checkpoint file not found: {spec.checkpoint}")
+    if spec.architecture not in import_open_clip().list_models():
+        raise click.ClickException(f"unknown open_clip architecture {spec.architecture!r}. "
+                                   "Examples: ViT-B-32, ViT-B-16, ViT-L-14, mapclip-tiny (see open_clip.list_models())")
+    return spec
+
+
+def ray_engine_or_exit():
+    """The Ray engine module, or the advice to install Ray."""
+    from . import ray_engine
+
+    try:
+        ray_engine.import_ray()
+    except ray_engine.RayUnavailable as error:
+        raise click.ClickException(str(error))
+    return ray_engine
 
 
 def load_encoder_or_exit(model_name, pretrained, checkpoint, device, precision, threads):
@@ -58,19 +131,33 @@ def load_encoder_or_exit(model_name, pretrained, checkpoint, device, precision, 
 
 
 def run_embedding(db_path, records, options, *, command, fetcher=None, store_thumbnails=False, total=None, after=None,
-                  notes=None, notes_under=None):
+                  notes=None, notes_under=None, keep=None):
     from .pipeline import run_load
 
     limit_image_pixels(options["max_pixels"])
-    encoder = load_encoder_or_exit(options["model_name"], options["pretrained"], options["checkpoint"],
-                                   options["device"], options["precision"], options["threads"])
-    store = open_store(db_path)
-    click.echo(f"model {encoder.name} ({encoder.precision} on {encoder.device}), database {db_path}", err=True)
-    summary = run_load(
-        store, encoder, records, fetcher=fetcher, command=command, batch_size=options["batch_size"],
-        workers=options["workers"], store_thumbnails=store_thumbnails, max_pixels=options["max_pixels"],
-        total=total, progress=not options["quiet"], notes=notes, notes_under=notes_under,
-    )
+    if options.get("engine") == "ray":
+        ray_engine = ray_engine_or_exit()
+        spec = spec_or_exit(options["model_name"], options["pretrained"], options["checkpoint"])
+        store = open_store(db_path)
+        try:
+            summary = ray_engine.run_ray_load(
+                store, spec, records, options=ray_options_from(options), device=options["device"],
+                precision=options["precision"], fetcher=fetcher, command=command, batch_size=options["batch_size"],
+                workers=options["workers"], store_thumbnails=store_thumbnails, max_pixels=options["max_pixels"],
+                total=total, progress=not options["quiet"], notes=notes, notes_under=notes_under, keep=keep,
+                echo=lambda line: click.echo(f"{line}, database {db_path}", err=True))
+        except ray_engine.RayUnavailable as error:
+            raise click.ClickException(str(error))
+    else:
+        encoder = load_encoder_or_exit(options["model_name"], options["pretrained"], options["checkpoint"],
+                                       options["device"], options["precision"], options["threads"])
+        store = open_store(db_path)
+        click.echo(f"model {encoder.name} ({encoder.precision} on {encoder.device}), database {db_path}", err=True)
+        summary = run_load(
+            store, encoder, records, fetcher=fetcher, command=command, batch_size=options["batch_size"],
+            workers=options["workers"], store_thumbnails=store_thumbnails, max_pixels=options["max_pixels"],
+            total=total, progress=not options["quiet"], notes=notes, notes_under=notes_under, keep=keep,
+        )
     if after:
         after(store, summary)
     click.echo(summary.line(), err=True)
@@ -145,8 +232,9 @@ def _skipped_link_notes(root: str, skipped_links: list[tuple[str, str]]) -> list
               help="Image requests per minute, shared by all workers (loc.gov allows 200). 0: unlimited.")
 @click.option("--timeout", type=float, default=30, show_default=True, help="Seconds per HTTP request.")
 @click.option("--limit", type=int, help="Stop after this many images.")
+@keep_images_option
 @model_options
-def load_csv(db_path, file_list, size, rate, timeout, limit, **options):
+def load_csv(db_path, file_list, size, rate, timeout, limit, keep_images, **options):
     """Embed the IIIF images listed in the seed's FILE_LIST CSV
     (columns file_url, resource_url, segment_num, p1_item_id, file_count).
 
@@ -176,9 +264,10 @@ def load_csv(db_path, file_list, size, rate, timeout, limit, **options):
         for record, reason in stats.bad_rows:
             summary.add_problem(record.source_id, "source", reason)
 
+    keep = keep_images_or_exit(keep_images, size)
     fetcher = Fetcher(per_minute(rate), timeout=timeout)
     run_embedding(db_path, records, options, command=f"load csv {file_list}", fetcher=fetcher,
-                  total=len(records), after=record_bad_rows)
+                  total=len(records), after=record_bad_rows, keep=keep)
 
 
 @load.command("loc")
@@ -193,8 +282,9 @@ def load_csv(db_path, file_list, size, rate, timeout, limit, **options):
               help="Image requests per minute, shared by all workers. Search pages (20/10 s, 80/min) and "
                    "manifests (10/10 s, 200/min) keep loc.gov's published limits. 0: unlimited images.")
 @click.option("--timeout", type=float, default=30, show_default=True, help="Seconds per HTTP request.")
+@keep_images_option
 @model_options
-def load_loc(db_path, url, limit, first_sheet_only, size, rate, timeout, **options):
+def load_loc(db_path, url, limit, first_sheet_only, size, rate, timeout, keep_images, **options):
     """Embed the maps of a loc.gov search or collection URL, with catalogue fields from each result.
 
     Example: mapclip load loc maps.db "https://www.loc.gov/collections/sanborn-maps/?fa=location:arkansas" --limit 500
@@ -202,6 +292,7 @@ def load_loc(db_path, url, limit, first_sheet_only, size, rate, timeout, **optio
     from .fetch import Fetcher
     from .sources.loc import LocSearch, limiters
 
+    keep = keep_images_or_exit(keep_images, size)
     limit_for = limiters(rate)
     search = LocSearch(url, Fetcher(limit_for["search"], timeout=timeout), limit=limit,
                        all_sheets=not first_sheet_only, size=size,
@@ -216,7 +307,8 @@ def load_loc(db_path, url, limit, first_sheet_only, size, rate, timeout, **optio
 
     try:
         run_embedding(db_path, iter(search), options, command=f"load loc {url}",
-                      fetcher=Fetcher(limit_for["image"], timeout=timeout), total=limit, after=record_problems)
+                      fetcher=Fetcher(limit_for["image"], timeout=timeout), total=limit, after=record_problems,
+                      keep=keep)
     except (FetchError, RateLimited) as error:
         raise click.ClickException(f"search page failed: {error}")
 

@@ -44,6 +44,29 @@ class RateLimiter:
         with self.lock:
             self.paused_until = max(self.paused_until, self.clock() + seconds)
 
+    def reserve(self) -> float:
+        """Book the next request slot without sleeping; returns the seconds until it.
+
+        What ``wait`` does with a virtual clock, for a limiter that lives in another process
+        (the Ray engine's cluster-wide limiter, ``loaders.ray_engine``): slots are handed out
+        in order, never earlier than one already booked, so callers sleep on their side and
+        the limiter never blocks."""
+        with self.lock:
+            now = self.clock()
+            slot = max(now, self.paused_until, self.sent[-1] if self.sent else now)
+            horizon = max((seconds for _, seconds in self.rules), default=0)
+            while self.sent and self.sent[0] <= now - horizon:
+                self.sent.popleft()
+            moved = True
+            while moved:
+                moved = False
+                for count, seconds in self.rules:
+                    recent = [t for t in self.sent if t > slot - seconds]
+                    if len(recent) >= count and recent[-count] + seconds > slot:
+                        slot, moved = recent[-count] + seconds, True
+            self.sent.append(slot)
+            return slot - now
+
     def wait(self):
         while True:
             with self.lock:
@@ -153,19 +176,35 @@ class Fetcher:
             raise FetchError(f"HTTP {response.status_code} {response.reason_phrase} with Retry-After {wait:.0f} s")
         return wait
 
+    # A limiter that keys its limits by host (the Ray engine's cluster-wide one) is told the URL:
+    # it defines ``wait_for(url)`` and ``pause_for(url, seconds)``; a plain RateLimiter is not.
+    def _wait_turn(self, url: str):
+        wait_for = getattr(self.limiter, "wait_for", None)
+        if wait_for is not None:
+            wait_for(url)
+        else:
+            self.limiter.wait()
+
+    def _pause_all(self, url: str, seconds: float):
+        pause_for = getattr(self.limiter, "pause_for", None)
+        if pause_for is not None:
+            pause_for(url, seconds)
+        else:
+            self.limiter.pause(seconds)
+
     def fetch(self, url: str) -> tuple[httpx.Response, bytes]:
         """(response, body) with the limiter, retries on network errors and 5xx, 429 and
         Retry-After handling, and the byte cap; the response's own body is already closed."""
         last_error = None
         for attempt in range(self.retries + 1):
-            self.limiter.wait()
+            self._wait_turn(url)
             try:
                 with self.client.stream("GET", url) as response:
                     status = response.status_code
                     if status == 429 or status >= 500:
                         wait = self._pause_for(url, response)
                         if wait is not None:  # every worker holds off, then this one retries
-                            self.limiter.pause(wait)
+                            self._pause_all(url, wait)
                             last_error = f"HTTP {status}, waited {wait:.0f} s"
                             continue
                         last_error = f"HTTP {status} {response.reason_phrase}"

@@ -24,6 +24,7 @@ from datasette_mapclip.records import LoadNote, MapRecord, note_key, storable, u
 from datasette_mapclip.store import MapStore
 
 from .fetch import Fetcher, FetchError, RateLimited
+from .kept_images import KeepImages, keep_payload, read_kept
 
 # Stages of the notes a source finds again on every run (see run_load's ``notes_under``).
 SOURCE_NOTE_STAGES = {"metadata", "source"}
@@ -40,6 +41,8 @@ class LoadSummary:
     status: str = "finished"
     message: str = ""
     problems: list = dataclasses.field(default_factory=list)  # "key (stage): reason", the first few
+    kept: int = 0  # images written to the --keep-images folder
+    from_kept: int = 0  # images read from kept files instead of their source
 
     @property
     def rate(self) -> float:
@@ -58,6 +61,8 @@ class LoadSummary:
         )
         if self.failed or self.noted:
             text += "; see the load_errors table"
+        if self.from_kept or self.kept:
+            text += f"; {self.from_kept} read from kept images, {self.kept} newly kept"
         for problem in self.problems:
             text += f"\n  {problem}"
         hidden = self.failed + self.noted - len(self.problems)
@@ -77,25 +82,47 @@ class Prepared:
     stage: str | None = None
     error: str | None = None
     notes: list = dataclasses.field(default_factory=list)  # (stage, reason) to tell the publisher
+    keep: tuple | None = None  # (bytes, extension) to write to the keep folder
+    kept: object = None  # KeptFile once written
+    from_kept: bool = False  # read from a kept file, not from record.location
 
 
 def prepare(record: MapRecord, encoder: ClipEncoder, fetcher: Fetcher, *, store_thumbnail: bool,
-            max_pixels: int) -> Prepared:
-    """Fetch, decode and preprocess one image; failures come back as data, not exceptions."""
+            max_pixels: int, kept_path: str | None = None, kept_data: bytes | None = None,
+            keep_size: int | None = None) -> Prepared:
+    """Fetch, decode and preprocess one image; failures come back as data, not exceptions.
+
+    A kept image (``kept_data``, or the file ``kept_path``) is read instead of the source; if
+    it is gone or unreadable the source is fetched as usual.  ``keep_size``: keep what was
+    downloaded (``Prepared.keep``; local files are never copied)."""
+    if kept_data is None and kept_path:
+        kept_data = read_kept(kept_path)
+    if kept_data is not None:
+        prepared = _decode(record, encoder, kept_data, store_thumbnail, max_pixels, None)
+        if not prepared.error:
+            prepared.from_kept = True
+            return prepared
     try:
         data = fetcher.get_bytes(record.location)
     except FetchError as error:
         return Prepared(record, stage="fetch", error=str(error))
+    downloaded = record.location.startswith(("http://", "https://"))
+    return _decode(record, encoder, data, store_thumbnail, max_pixels, keep_size if downloaded else None)
+
+
+def _decode(record: MapRecord, encoder, data: bytes, store_thumbnail: bool, max_pixels: int,
+            keep_size: int | None) -> Prepared:
     try:
         min_size = max(encoder.image_size, 256 if store_thumbnail else 0)
         image = open_image(data, min_size=min_size, max_pixels=max_pixels)
         pixels = encoder.preprocess(image)
         thumbnail = thumbnail_jpeg(image) if store_thumbnail else None
+        keep = keep_payload(data, image, keep_size) if keep_size else None
     except ImageDecodeError as error:
         return Prepared(record, stage="decode", error=str(error))
     except Exception as error:  # a corrupt file can raise anything from a plugin decoder
         return Prepared(record, stage="decode", error=f"{type(error).__name__}: {error}")
-    prepared = Prepared(record, pixels, thumbnail, image.size)
+    prepared = Prepared(record, pixels, thumbnail, image.size, keep=keep)
     pages = image.info.get("pages", 1)
     if pages > 1:
         # Later pages of a TIFF are most often reduced copies (pyramidal TIFF) or scanner
@@ -134,13 +161,16 @@ def run_load(
     progress: bool = True,
     notes: list[LoadNote] | None = None,
     notes_under: str | None = None,
+    keep: KeepImages | None = None,
 ) -> LoadSummary:
     """Embed every record not already stored for this model; resumable and batch-atomic.
 
     ``notes``: what the source found wrong besides images (it may still be filling the list
     while ``records`` is iterated); they are stored in ``load_errors`` when the run ends.
     ``notes_under``: a source that finds all its notes again on every run (a folder) names its
-    path, and its earlier notes there are replaced, so fixed problems leave no stale note."""
+    path, and its earlier notes there are replaced, so fixed problems leave no stale note.
+    ``keep``: write each downloaded image to this folder (``--keep-images``).  Images kept by
+    any earlier load of this database are read from their files whether or not it is given."""
     import torch
 
     fetcher = fetcher or Fetcher()
@@ -157,6 +187,7 @@ def run_load(
         if not batch and not errors:
             return
         matrix = encoder.encode_image_tensors(torch.stack([p.pixels for p in batch])) if batch else []
+        keep_files(keep, batch)
         _write(store, model, batch, matrix, errors, store_thumbnails, summary)
         bar.update(len(batch) + len(errors))
         bar.set_postfix(failed=summary.failed, refresh=False)
@@ -177,7 +208,9 @@ def run_load(
                 continue
             seen.add(record.source_id)
             in_flight.append(pool.submit(prepare, record, encoder, fetcher,
-                                         store_thumbnail=store_thumbnails, max_pixels=max_pixels))
+                                         store_thumbnail=store_thumbnails, max_pixels=max_pixels,
+                                         kept_path=store.kept_image_path(record.source_id),
+                                         keep_size=keep.size if keep else None))
             while len(in_flight) >= window or (in_flight and in_flight[0].done()):
                 _collect(in_flight.popleft().result(), batch, errors)
                 if len(batch) >= batch_size:
@@ -190,7 +223,7 @@ def run_load(
     except KeyboardInterrupt:
         summary.status = "interrupted"
         summary.message = "Run the same command again to finish: stored maps are skipped, nothing is embedded twice."
-    except RateLimited as error:
+    except (RateLimited, KeepError) as error:
         summary.status = "stopped"
         summary.message = str(error)
     finally:
@@ -202,6 +235,28 @@ def run_load(
         summary.seconds = time.perf_counter() - started
         store.finish_load(load_id, summary.status, summary.loaded, summary.skipped, summary.failed)
     return summary
+
+
+class KeepError(Exception):
+    """A kept image could not be written (disk full, permissions): stop, so nothing is left
+    un-kept that a later re-embedding would have to fetch again."""
+
+
+def keep_files(keep: KeepImages | None, batch: list[Prepared]):
+    """Write the downloaded images of a batch to the keep folder, before the batch is committed
+    (a file without its row is found again by its name; a row never points at a missing file)."""
+    if keep is None:
+        return
+    for prepared in batch:
+        if prepared.keep is None:
+            continue
+        try:
+            prepared.kept = keep.write(prepared.record.source_id, prepared.keep)
+        except OSError as error:
+            raise KeepError(f"cannot write a kept image under {keep.root}: {error.strerror or error}. "
+                            "Free some space or choose another --keep-images folder, then run the same "
+                            "command again: it resumes where it stopped.") from None
+        prepared.keep = None
 
 
 def _collect(prepared: Prepared, batch: list, errors: list):
@@ -241,6 +296,8 @@ def _write(store: MapStore, model: dict, batch: list[Prepared], matrix, errors: 
         errors.extend(p for p in batch if p.error)
         batch[:] = stored
     summary.loaded += len(batch)
+    summary.kept += sum(1 for p in batch if p.kept)
+    summary.from_kept += sum(1 for p in batch if p.from_kept)
     summary.failed += len(errors)
     summary.noted += sum(len(p.notes) for p in batch + errors)
     for prepared in errors:
@@ -259,6 +316,7 @@ def _write_rows(store: MapStore, model: dict, batch: list[Prepared], matrix, err
         thumbnails=[p.thumbnail for p in batch] if store_thumbnails else None,
         sizes=[p.size for p in batch],
         errors=[(storable(p.record), p.stage, p.error) for p in errors] + _note_rows(batch + errors),
+        kept=[(p.record.source_id, p.kept.root, p.kept.path, p.kept.size) for p in batch if p.kept],
     )
 
 
