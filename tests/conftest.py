@@ -16,19 +16,32 @@ from loc_server import LocServer
 TINY_MODEL = "mapclip-tiny"  # datasette_mapclip/model_configs/mapclip-tiny.json
 
 
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory) -> str:
+def save_tiny_checkpoint(path: Path, seed: int) -> Path:
     """A seeded random mapclip-tiny state_dict saved like any user checkpoint."""
     import torch
 
     from datasette_mapclip.model import import_open_clip
 
-    open_clip = import_open_clip()
-    torch.manual_seed(1234)
-    model, _, _ = open_clip.create_model_and_transforms(TINY_MODEL, pretrained=None)
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    torch.manual_seed(seed)
+    model, _, _ = import_open_clip().create_model_and_transforms(TINY_MODEL, pretrained=None)
     torch.save(model.state_dict(), path)
-    return str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> str:
+    return str(save_tiny_checkpoint(tmp_path_factory.mktemp("model") / "tiny.pt", seed=1234))
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One small local Ray per test file (starting one costs seconds)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=300 * 1024 * 1024,
+             logging_level="warning")
+    yield ray
+    ray.shutdown()
 
 
 @pytest.fixture(scope="session")

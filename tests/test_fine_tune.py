@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, save_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -463,15 +463,7 @@ def assert_same_metrics(got, expected):
 @pytest.fixture(scope="module")
 def other_checkpoint(tmp_path_factory):
     """Another mapclip-tiny: random weights from another seed."""
-    import torch
-
-    from datasette_mapclip.model import import_open_clip
-
-    torch.manual_seed(98765)
-    model, _, _ = import_open_clip().create_model_and_transforms(TINY_MODEL, pretrained=None)
-    path = tmp_path_factory.mktemp("other") / "other.pt"
-    torch.save(model.state_dict(), path)
-    return path
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("other") / "other.pt", seed=98765)
 
 
 def test_evaluate_scores_exactly_the_models_it_names(pairs_dir, trained, tiny_checkpoint, other_checkpoint, tmp_path):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TINY_MODEL, draw_map, open_db
+from conftest import TINY_MODEL, draw_map, open_db, save_tiny_checkpoint
 from datasette_mapclip.store import MapStore, read_kept_paths_readonly
 from loc_server import map_image
 
@@ -19,25 +19,7 @@ from loc_server import map_image
 @pytest.fixture(scope="module")
 def other_checkpoint(tmp_path_factory):
     """A second mapclip-tiny (another seed): the "fine-tuned" model to register."""
-    import torch
-
-    from datasette_mapclip.model import import_open_clip
-
-    torch.manual_seed(4242)
-    model, _, _ = import_open_clip().create_model_and_transforms(TINY_MODEL, pretrained=None)
-    path = tmp_path_factory.mktemp("other") / "other.pt"
-    torch.save(model.state_dict(), path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=300 * 1024 * 1024,
-             logging_level="warning")
-    yield ray
-    ray.shutdown()
+    return str(save_tiny_checkpoint(tmp_path_factory.mktemp("other") / "other.pt", seed=4242))
 
 
 def vectors(db_path, model_name=None) -> dict:

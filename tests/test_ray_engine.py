@@ -23,17 +23,6 @@ ROW_COLUMNS = ("source_id, source, item_id, sheet, title, date, year, place, sub
                "format, item_url, image_url, location, thumbnail_url, thumbnail, width, height")
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    """One small local Ray for the whole file (starting one costs seconds)."""
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=300 * 1024 * 1024,
-             logging_level="warning")
-    yield ray
-    ray.shutdown()
-
-
 def vectors_by_source(db_path) -> dict:
     store = MapStore(db_path)
     ids, matrix = store.vectors()
