@@ -4,6 +4,11 @@
     like       id of a map in the collection: its stored vector, no model run
     vector     hex float32 query vector (what an uploaded image becomes, so searches stay shareable)
     weight     text/image slider in [-1, 1]: -1 image only, 0 equal, +1 text only (the seed's convention)
+    term, term_weight    any number of further terms (repeated, in pairs), each with a weight in
+               [-1, 1], negatives subtract: text ("compass rose"), ``map:<id>`` (a stored map's
+               vector) or ``image:<hex>`` (an uploaded image's vector)
+    more, fewer  relevance feedback: comma-separated map ids to move the query toward / away from
+               (Rocchio, see ``query_vector.with_feedback``)
     k, page    results per page (default 20), page number
     year_min, year_max, place, filter    narrow the vector search itself (inside the KNN)
     model      which model's vectors to search, when a database holds more than one
@@ -26,6 +31,10 @@ VEC0_MAX_K = 4096  # sqlite-vec's limit on k: no page of one search reaches past
 MAX_QUERY_CHARS = 1000
 MAX_FILTER_CHARS = 1000
 MAX_ID = 2**63 - 1  # SQLite's largest integer
+# Every text term is encoded in one batch of the shared model: the count caps how long one
+# request can hold it (12 short texts: about as long as 3 single-text searches on a CPU).
+MAX_TERMS = 12
+MAX_FEEDBACK = 50  # maps marked "more like these" or "fewer like these", each
 
 
 def _int(args, name, low=None, high=None):
@@ -43,6 +52,94 @@ def _int(args, name, low=None, high=None):
     return value
 
 
+@dataclasses.dataclass(frozen=True)
+class QueryTerm:
+    """One weighted part of a query: ``kind`` is "text", "map" (a stored map id) or "image" (a
+    vector, hex in URLs, which an uploaded image becomes)."""
+
+    kind: str
+    value: str | int | bytes
+    weight: float = 1.0
+
+    def as_arg(self) -> str:
+        if self.kind == "map":
+            return f"map:{self.value}"
+        if self.kind == "image":
+            return f"image:{self.value.hex()}"
+        return self.value
+
+    @classmethod
+    def parse(cls, raw: str, weight: float) -> "QueryTerm":
+        text = raw.strip()
+        prefix, _, rest = text.partition(":")
+        if prefix == "map" and rest.strip().isdigit():
+            map_id = int(rest.strip())
+            if map_id > MAX_ID:
+                raise BadSearch(f"term map:{rest.strip()[:30]} is not a map id")
+            return cls("map", map_id, weight)
+        if prefix == "image" and rest:
+            return cls("image", _hex_vector(rest.strip(), "an image term"), weight)
+        if not text:
+            raise BadSearch("a term is empty: give text, map:<id> or image:<hex vector>")
+        if len(text) > MAX_QUERY_CHARS:
+            raise BadSearch(f"a term is too long: {len(text)} characters, limit {MAX_QUERY_CHARS}")
+        return cls("text", text, weight)
+
+
+def _hex_vector(raw: str, what: str) -> bytes:
+    try:
+        vector = bytes.fromhex(raw)
+    except ValueError:
+        raise BadSearch(f"{what} must be hex-encoded float32 bytes") from None
+    if not vector or len(vector) % 4:
+        raise BadSearch(f"{what} must be hex-encoded float32 bytes (a multiple of 4 bytes)")
+    return vector
+
+
+def _weight(raw: str, name: str) -> float:
+    raw = (raw or "").strip()
+    if not raw:
+        return 1.0
+    try:
+        weight = float(raw[:40])
+    except ValueError:
+        raise BadSearch(f"{name} must be a number between -1 and 1, got {raw[:40]!r}") from None
+    if math.isnan(weight) or not -1 <= weight <= 1:
+        raise BadSearch(f"{name} must be between -1 and 1, got {raw[:40]}")
+    return weight
+
+
+def _getlist(args, name: str) -> list[str]:
+    """Every value of a repeated argument: from Datasette's MultiParams, or a dict of lists."""
+    if hasattr(args, "getlist"):
+        return list(args.getlist(name))
+    value = args.get(name)
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _first(args, name: str):
+    values = _getlist(args, name)
+    return values[0] if values else None
+
+
+def _ids(args, name: str) -> tuple[int, ...]:
+    raw = (_first(args, name) or "").strip()
+    if not raw:
+        return ()
+    parts = [p.strip() for p in raw.split(",") if p.strip()]
+    if len(parts) > MAX_FEEDBACK:
+        raise BadSearch(f"{name} lists {len(parts)} maps; at most {MAX_FEEDBACK}")
+    ids = []
+    for part in parts:
+        if not part.isdigit() or len(part) > 19 or int(part) > MAX_ID:
+            raise BadSearch(f"{name} must be comma-separated map ids, got {part[:30]!r}")
+        if int(part) not in ids:
+            ids.append(int(part))
+    return tuple(ids)
+
+
 @dataclasses.dataclass
 class SearchParams:
     q: str | None = None
@@ -56,9 +153,27 @@ class SearchParams:
     place: str | None = None
     filter: str | None = None
     model: str | None = None
+    terms: tuple[QueryTerm, ...] = ()
+    more: tuple[int, ...] = ()
+    fewer: tuple[int, ...] = ()
 
     @classmethod
     def from_args(cls, args) -> "SearchParams":
+        """``args``: Datasette's ``request.args`` (repeated ``term``s kept), or a plain dict."""
+        if hasattr(args, "getlist"):
+            single = {key: _first(args, key) for key in args.keys()}
+        else:
+            single = {key: (_first(args, key) if isinstance(value, (list, tuple)) else value)
+                      for key, value in args.items()}
+        params = cls._from_single(single)
+        params.terms = _terms(args)
+        params.more, params.fewer = _ids(args, "more"), _ids(args, "fewer")
+        if set(params.more) & set(params.fewer):
+            raise BadSearch("a map cannot be in both more and fewer")
+        return params
+
+    @classmethod
+    def _from_single(cls, args) -> "SearchParams":
         weight_raw = (args.get("weight") or "").strip()
         try:
             weight = float(weight_raw) if weight_raw else 0.0
@@ -67,14 +182,7 @@ class SearchParams:
         if not -1 <= weight <= 1 or math.isnan(weight):
             raise BadSearch(f"weight must be between -1 (image only) and 1 (text only), got {weight}")
         vector_hex = (args.get("vector") or "").strip()
-        vector = None
-        if vector_hex:
-            try:
-                vector = bytes.fromhex(vector_hex)
-            except ValueError:
-                raise BadSearch("vector must be hex-encoded float32 bytes") from None
-            if not vector or len(vector) % 4:
-                raise BadSearch("vector must be hex-encoded float32 bytes (a multiple of 4 bytes)")
+        vector = _hex_vector(vector_hex, "vector") if vector_hex else None
         params = cls(
             q=(args.get("q") or "").strip() or None,
             like=_int(args, "like", 0, MAX_ID),
@@ -98,7 +206,24 @@ class SearchParams:
 
     @property
     def has_query(self) -> bool:
-        return bool(self.q or self.like is not None or self.vector)
+        return bool(self.q or self.like is not None or self.vector or self.terms or self.more)
+
+    @property
+    def is_simple(self) -> bool:
+        """The paper's case: one text and/or one image (the slider), no further terms, no feedback."""
+        return not (self.terms or self.more or self.fewer)
+
+    def all_terms(self) -> list[QueryTerm]:
+        """Every term of the query in order: the simple case's text and image first (the slider
+        splitting a weight of 1 between them, the seed's ratio), then the further terms."""
+        image = (QueryTerm("image", self.vector) if self.vector is not None
+                 else QueryTerm("map", self.like) if self.like is not None else None)
+        first = [t for t in (QueryTerm("text", self.q) if self.q else None, image) if t is not None]
+        if len(first) == 2:
+            text_weight, image_weight = self.weights()
+            first = [dataclasses.replace(first[0], weight=2 * text_weight),
+                     dataclasses.replace(first[1], weight=2 * image_weight)]
+        return first + list(self.terms)
 
     @property
     def has_filters(self) -> bool:
@@ -109,10 +234,31 @@ class SearchParams:
         return (1 + self.weight) / 4, (1 - self.weight) / 4
 
     def query_string(self, **changes) -> str:
-        values = dataclasses.asdict(self)
+        values = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
         values.update(changes)
         if values.get("vector") is not None:
             values["vector"] = values["vector"].hex()
+        terms = values.pop("terms") or ()
+        for name in ("more", "fewer"):
+            values[name] = ",".join(str(i) for i in values[name]) if values[name] else None
         defaults = {"weight": 0.0, "k": DEFAULT_K, "page": 1}
         pairs = [(k, v) for k, v in values.items() if v not in (None, "") and defaults.get(k, object()) != v]
+        for term in terms:  # in pairs, in order: a form posts its rows the same way
+            pairs += [("term", term.as_arg()), ("term_weight", f"{term.weight:g}")]
         return urllib.parse.urlencode(pairs)
+
+
+def _terms(args) -> tuple[QueryTerm, ...]:
+    raw_terms, raw_weights = _getlist(args, "term"), _getlist(args, "term_weight")
+    if len(raw_terms) > MAX_TERMS:
+        raise BadSearch(f"{len(raw_terms)} terms; at most {MAX_TERMS}")
+    if raw_weights and len(raw_weights) != len(raw_terms):
+        raise BadSearch(f"{len(raw_terms)} term values but {len(raw_weights)} term_weight values: give one "
+                        "weight per term, in the same order (or none: each weighs 1)")
+    terms = []
+    for i, raw in enumerate(raw_terms):
+        if not (raw or "").strip():  # a form row left empty
+            continue
+        weight = _weight(raw_weights[i] if raw_weights else "", f"term_weight {i + 1}")
+        terms.append(QueryTerm.parse(raw, weight))
+    return tuple(terms)

@@ -29,8 +29,39 @@ def text_vectors(encoder, texts: list[str], config: dict) -> list[np.ndarray]:
     return encoder.embed_texts([prompt(text, config) for text in texts])
 
 
+# Relevance feedback (Rocchio): the query moves toward the mean of the maps marked "more like
+# these" and away from the mean of those marked "fewer like these".  The textbook's weights
+# (Manning, Raghavan & Schuetze, Introduction to Information Retrieval, 9.1.1): negative
+# feedback counts less than positive, so one wrong mark does not turn the search around.
+FEEDBACK_QUERY = 1.0
+FEEDBACK_MORE = 0.75
+FEEDBACK_FEWER = 0.15
+
+
+def feedback_terms(query: np.ndarray | None, more: list[np.ndarray], fewer: list[np.ndarray]) -> list:
+    """The Rocchio sum as ``[(vector, weight), ...]`` for ``vectors.combine``: each marked map
+    weighs its share of the mean (the SQL the page shows lists them the same way)."""
+    terms = [(query, FEEDBACK_QUERY)] if query is not None else []
+    terms += [(vector, FEEDBACK_MORE / len(more)) for vector in more]
+    terms += [(vector, -FEEDBACK_FEWER / len(fewer)) for vector in fewer]
+    return terms
+
+
+def with_feedback(weighted: list[tuple[np.ndarray, float]], more: list[np.ndarray],
+                  fewer: list[np.ndarray]) -> np.ndarray:
+    """The query's weighted terms, combined, then moved by the feedback (none: unchanged)."""
+    query = combine_terms(weighted) if weighted else None
+    if not more and not fewer:
+        if query is None:
+            raise ValueError("the query has no terms")
+        return query
+    if query is None and not more:
+        raise ValueError("fewer needs a query or maps marked more: it only moves a query away")
+    return vectors.combine(feedback_terms(query, more, fewer))
+
+
 def combine_terms(terms: list[tuple[np.ndarray, float]]) -> np.ndarray:
     """``[(vector, weight), ...]`` -> one unit query vector (a single term is only normalised)."""
-    if len(terms) == 1:
+    if len(terms) == 1 and terms[0][1] > 0:
         return vectors.normalise(terms[0][0])
     return vectors.combine(terms)

@@ -220,35 +220,51 @@ async def load_collection(datasette, name: str, model_name: str | None = None) -
 
 
 def check_vector(params: SearchParams, model: dict):
-    if params.vector is not None and len(params.vector) != 4 * model["dim"]:
-        raise BadSearch(f"vector has {len(params.vector) // 4} floats; model {model['name']} uses {model['dim']}")
-    if params.vector is not None and not np.isfinite(vectors.decode(params.vector)).all():
-        raise BadSearch("vector contains NaN or infinite values")
+    given = [("vector", params.vector)] if params.vector is not None else []
+    given += [(f"image term {i + 1}", t.value) for i, t in enumerate(t for t in params.terms if t.kind == "image")]
+    for name, blob in given:
+        if len(blob) != 4 * model["dim"]:
+            raise BadSearch(f"{name} has {len(blob) // 4} floats; model {model['name']} uses {model['dim']}")
+        if not np.isfinite(vectors.decode(blob)).all():
+            raise BadSearch(f"{name} contains NaN or infinite values")
 
 
 async def build_query_vector(collection: Collection, params: SearchParams, index=None) -> np.ndarray:
-    """The one query vector of a search, whichever path then runs it."""
-    text_weight, image_weight = params.weights()
-    image = None
-    if params.vector is not None:
-        image = vectors.decode(params.vector)
-    elif params.like is not None:
-        image = await _run_in(INDEX, index.vector_of, params.like) if index is not None else await collection.db.execute_fn(
-            lambda conn: store.read_stored_vector(conn, collection.model, params.like))
-        if image is None:
-            raise NotFound(f"map {params.like} has no vector for model {collection.model['name']} in this collection")
-
-    terms = []
+    """The one query vector of a search, whichever path then runs it: every term (text, stored map,
+    uploaded image) weighted and combined, then moved by any relevance feedback."""
+    terms = params.all_terms()
+    stored_ids = [t.value for t in terms if t.kind == "map"] + list(params.more) + list(params.fewer)
+    stored = await _stored_vectors(collection, stored_ids, index) if stored_ids else {}
     try:
-        if params.q:
-            terms.append((await TEXT_BATCHES.vector(collection, params.q), text_weight))
-        if image is not None:
-            terms.append((image, image_weight))
-        return query_vector.combine_terms(terms)  # one 512-float sum: no thread needed
+        texts = [t.value for t in terms if t.kind == "text"]
+        found = iter(await asyncio.gather(*(TEXT_BATCHES.vector(collection, text) for text in texts)))
+        weighted = []
+        for term in terms:
+            vector = (next(found) if term.kind == "text" else stored[term.value] if term.kind == "map"
+                      else vectors.decode(term.value))
+            weighted.append((vector, term.weight))
+        return query_vector.with_feedback(weighted, [stored[i] for i in params.more],
+                                          [stored[i] for i in params.fewer])
     except ModelUnavailable as error:
         raise SearchUnavailable(str(error)) from None
     except ValueError as error:  # the weighted terms cancel out
         raise BadSearch(str(error)) from None
+
+
+async def _stored_vectors(collection: Collection, map_ids: list[int], index=None) -> dict[int, np.ndarray]:
+    """Stored maps' vectors by id, from the index where it holds them (no SQLite read), else the file."""
+    found = {}
+    if index is not None:
+        found = await _run_in(INDEX, lambda: {i: v for i in set(map_ids) if (v := index.vector_of(i)) is not None})
+    missing = [i for i in dict.fromkeys(map_ids) if i not in found]
+    if missing:
+        read = await collection.db.execute_fn(
+            lambda conn: {i: v for i in missing if (v := store.read_stored_vector(conn, collection.model, i)) is not None})
+        found.update(read)
+    for map_id in dict.fromkeys(map_ids):
+        if map_id not in found:
+            raise NotFound(f"map {map_id} has no vector for model {collection.model['name']} in this collection")
+    return found
 
 
 async def _nearest_with_index(collection: Collection, index, query: np.ndarray, params: SearchParams,
@@ -352,9 +368,8 @@ async def run_search(collection: Collection, params: SearchParams) -> dict:
     plan = search_sql.plan(params, model, place_index=place_index)
     index = collection.index()
     behind = bool(getattr(index, "behind", False))
-    # a map the index does not hold yet (just added) is "more like this"-able from the database
-    query = await build_query_vector(collection, params, index if index is not None and not behind and (
-        params.like is None or index.row_of(params.like) is not None) else None)
+    # a map the index does not hold yet (just added) is read from the database
+    query = await build_query_vector(collection, params, index if index is not None and not behind else None)
     if index is not None:
         rows, way = await _nearest_with_index(collection, index, query, params, place_index)
         searched_with = "in-memory exact" if index.exact else "in-memory int8 + exact re-scoring"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from . import query_vector
 from .query import SearchParams
 from .store import RESULT_COLUMNS
 
@@ -90,6 +91,8 @@ def query_vector_sql(params: SearchParams, model: dict, sql_params: dict) -> str
     model_arg = ", :model" if params.model else ""
     if params.model:
         sql_params["model"] = params.model
+    if not params.is_simple:
+        return _terms_and_feedback_sql(params, table, model_arg, sql_params)
     text = image = None
     if params.q:
         sql_params["q"] = params.q
@@ -106,6 +109,41 @@ def query_vector_sql(params: SearchParams, model: dict, sql_params: dict) -> str
         sql_params["image_weight"] = image_weight
         return f"mapclip_combine({text}, :text_weight, {image}, :image_weight)"
     return text or image
+
+
+def _terms_and_feedback_sql(params: SearchParams, table: str, model_arg: str, sql_params: dict) -> str:
+    """Many terms and relevance feedback as one ``mapclip_combine`` (feedback around the terms'
+    own combination), the same arithmetic in the same order as ``query_vector.with_feedback``."""
+    parts = []
+    for n, term in enumerate(params.all_terms(), 1):
+        if term.kind == "text":
+            sql_params[f"text_{n}"] = term.value
+            expression = f"mapclip_embed_text(:text_{n}{model_arg})"
+        elif term.kind == "map":
+            sql_params[f"map_{n}"] = term.value
+            expression = f"(SELECT embedding FROM [{table}] WHERE map_id = :map_{n})"
+        else:
+            sql_params[f"image_{n}"] = term.value.hex()
+            expression = f"unhex(:image_{n})"
+        sql_params[f"weight_{n}"] = term.weight
+        parts.append((expression, f":weight_{n}"))
+    if len(parts) == 1 and params.all_terms()[0].weight > 0:
+        query = parts[0][0]  # one term is only normalised (mapclip_combine would do the same)
+    else:
+        query = "mapclip_combine(" + ", ".join(f"{e}, {w}" for e, w in parts) + ")" if parts else None
+    if not params.more and not params.fewer:
+        return query
+    feedback = [(query, ":feedback_query")] if query else []
+    if query:
+        sql_params["feedback_query"] = query_vector.FEEDBACK_QUERY
+    for name, ids, total in (("more", params.more, query_vector.FEEDBACK_MORE),
+                             ("fewer", params.fewer, -query_vector.FEEDBACK_FEWER)):
+        if ids:
+            sql_params[f"{name}_weight"] = total / len(ids)
+        for n, map_id in enumerate(ids, 1):
+            sql_params[f"{name}_{n}"] = map_id
+            feedback.append((f"(SELECT embedding FROM [{table}] WHERE map_id = :{name}_{n})", f":{name}_weight"))
+    return "mapclip_combine(\n    " + ",\n    ".join(f"{e}, {w}" for e, w in feedback) + ")"
 
 
 def knn_sql(vector_table: str, vector_sql: str, filters: str) -> str:

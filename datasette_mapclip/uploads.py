@@ -29,7 +29,7 @@ class UploadLimits:
     """Caps on one upload; ``max_upload_bytes`` in the plugin configuration sets ``max_bytes``."""
 
     max_bytes: int = DEFAULT_MAX_UPLOAD_BYTES  # the image (and the whole body, plus FORM_OVERHEAD_BYTES)
-    max_parts: int = 32  # the search form has about a dozen fields
+    max_parts: int = 64  # the search form: about a dozen fields, and up to 12 term rows of two
     max_field_bytes: int = 16 * 1024  # a text field (q is capped at 1000 characters anyway)
     max_header_bytes: int = 8 * 1024  # one part's headers together
 
@@ -39,7 +39,8 @@ class UploadLimits:
 
 
 async def read_multipart(request, limits: UploadLimits = UploadLimits()) -> tuple[dict, dict]:
-    """-> (form fields as str, files as {field: (filename, bytes)}); UploadError says what was wrong."""
+    """-> (form fields as str, or a list of str for a field sent more than once, files as
+    {field: (filename, bytes)}); UploadError says what was wrong."""
     boundary = _boundary(request.headers.get("content-type", ""))
     body = await _receive_body(request, limits)
     refused = request.scope.get(REFUSED_KEY)
@@ -128,8 +129,11 @@ def parse_multipart(body: bytes, boundary: bytes, limits: UploadLimits = UploadL
     def on_part_end():
         if part["filename"] is not None:
             files[part["name"]] = (part["filename"], bytes(part["data"]))
-        else:
-            fields[part["name"]] = part["data"].decode("utf-8", "replace")
+        else:  # a field sent more than once (a form's repeated term rows) keeps every value, in order
+            value = part["data"].decode("utf-8", "replace")
+            earlier = fields.get(part["name"])
+            fields[part["name"]] = value if earlier is None else (
+                [*earlier, value] if isinstance(earlier, list) else [earlier, value])
 
     parser = MultipartParser(boundary, {
         "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,

@@ -19,11 +19,12 @@ UPLOAD_PATHS = ("/-/mapclip", "/-/mapclip/search.json")
 
 async def read_search_request(datasette, request) -> tuple[search.Collection, SearchParams]:
     """GET args, or a POSTed form with an optional image -> (collection, params)."""
-    args = {key: request.args.get(key) for key in request.args.keys()}
+    # Repeated arguments (``term``, ``term_weight``) keep every value, in order.
+    args = {key: request.args.getlist(key) for key in request.args.keys()}
     upload = None
     if request.method == "POST":
         # No body is read for an actor who may not search here.
-        await search.ensure_can_upload(datasette, request.actor, args.get("_db"))
+        await search.ensure_can_upload(datasette, request.actor, _first(args, "_db"))
         fields, files = await read_multipart(request, UploadLimits.from_config(plugin_config(datasette)))
         args.update({k: v for k, v in fields.items() if k != "csrftoken"})
         filename, data = files.get("image", (None, b""))
@@ -31,10 +32,15 @@ async def read_search_request(datasette, request) -> tuple[search.Collection, Se
             raise UploadError("the uploaded file is empty (0 bytes)")
         upload = data or None
     params = SearchParams.from_args(args)
-    collection = await search.open_collection(datasette, request.actor, args.get("_db") or None, params.model)
+    collection = await search.open_collection(datasette, request.actor, _first(args, "_db") or None, params.model)
     if upload:
         params.vector = await search.embed_upload(collection, upload)
     return collection, params
+
+
+def _first(args: dict, key: str):
+    values = args.get(key)
+    return values[0] if isinstance(values, list) and values else values
 
 
 def error_response(error: SearchError, as_json: bool):

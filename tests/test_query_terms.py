@@ -1,0 +1,211 @@
+"""Many weighted terms in one query (text, stored maps, uploaded images; negatives subtract) and
+relevance feedback ("more like these" / "fewer like these"), through search.json, with the
+reported SQL reproducing the combined query on both search paths."""
+
+from __future__ import annotations
+
+import urllib.parse
+
+import numpy as np
+import pytest
+from datasette.app import Datasette
+
+from conftest import load_collection
+from datasette_mapclip import query_vector, vectors
+from datasette_mapclip.query import MAX_FEEDBACK, MAX_TERMS, QueryTerm, SearchParams
+from datasette_mapclip.store import MapStore
+from test_plugin import SEARCH_PATHS, expected_order, wait_for_index
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory, model_args):
+    return load_collection(tmp_path_factory, model_args, 30)
+
+
+@pytest.fixture(scope="module")
+def stored(collection):
+    store = MapStore(collection[0])
+    ids, matrix = store.vectors()
+    store.close()
+    return ids, matrix
+
+
+@pytest.fixture(params=list(SEARCH_PATHS))
+async def ds(collection, request):
+    if request.param == "sqlite-vec":
+        served = Datasette([str(collection[0])], metadata={"plugins": {"datasette-mapclip": {"index": "off"}}})
+    else:
+        served = Datasette([str(collection[0])])
+        await wait_for_index(served)
+    return served
+
+
+def unit(v):
+    return v / np.linalg.norm(v)
+
+
+async def search(ds, pairs):
+    response = await ds.client.get("/-/mapclip/search.json?" + urllib.parse.urlencode(pairs))
+    return response
+
+
+async def sql_ids(ds, data):
+    link = urllib.parse.urlsplit(data["sql_url"])
+    rows = (await ds.client.get(link.path + ".json?" + link.query + "&_shape=array", follow_redirects=True)).json()
+    return [r["id"] for r in rows]
+
+
+@pytest.mark.asyncio
+async def test_two_text_terms_with_a_negative_combine_into_one_query(ds, stored, tiny_encoder):
+    ids, matrix = stored
+    chart, rose, text = tiny_encoder.encode_texts(["nautical chart", "compass rose", "printed text"])
+    query = unit(1.0 * chart + 0.5 * rose - 0.8 * text)
+    want, scores = expected_order(matrix, ids, query, 8)
+    response = await search(ds, [("term", "nautical chart"), ("term_weight", "1"), ("term", "compass rose"),
+                                 ("term_weight", "0.5"), ("term", "printed text"), ("term_weight", "-0.8"), ("k", 8)])
+    assert response.status_code == 200, response.text
+    data = response.json()
+    assert [r["id"] for r in data["results"]] == want
+    np.testing.assert_allclose([r["similarity"] for r in data["results"]], scores, atol=1e-3)
+    # the subtraction changes the answer: without it the order differs
+    plain, _ = expected_order(matrix, ids, unit(chart + 0.5 * rose), 8)
+    assert plain != want
+    assert data["sql"].count("mapclip_embed_text") == 3 and "mapclip_combine" in data["sql"]
+    assert data["params"]["weight_3"] == -0.8
+    assert await sql_ids(ds, data) == want  # the reported SQL reproduces the combined query
+
+
+@pytest.mark.asyncio
+async def test_the_simple_query_mixes_with_terms_of_every_kind(ds, stored, tiny_encoder):
+    ids, matrix = stored
+    county = tiny_encoder.encode_texts(["county map"])[0]
+    colour = tiny_encoder.encode_texts(["colour"])[0]
+    uploaded = unit(matrix[5] + 0.3 * matrix[9])  # what an uploaded image becomes: a vector
+    # q + like with the slider at 0.4: text (1+0.4)/2, image (1-0.4)/2, then the further terms
+    query = unit(0.7 * county + 0.3 * matrix[2] - 0.5 * colour + 0.6 * uploaded - 0.2 * matrix[11])
+    want, _ = expected_order(matrix, ids, query, 10)
+    pairs = [("q", "county map"), ("like", int(ids[2])), ("weight", "0.4"),
+             ("term", "colour"), ("term_weight", "-0.5"),
+             ("term", "image:" + vectors.encode(uploaded).hex()), ("term_weight", "0.6"),
+             ("term", f"map:{int(ids[11])}"), ("term_weight", "-0.2"), ("k", 10)]
+    data = (await search(ds, pairs)).json()
+    assert [r["id"] for r in data["results"]] == want
+    assert await sql_ids(ds, data) == want
+
+
+@pytest.mark.asyncio
+async def test_an_image_minus_a_word_is_a_query_of_its_own(ds, stored, tiny_encoder):
+    """A single negative term is not silently flipped back: "minus colour" alone searches away from it."""
+    ids, matrix = stored
+    colour = tiny_encoder.encode_texts(["colour"])[0]
+    data = (await search(ds, [("term", "colour"), ("term_weight", "-1"), ("k", 5)])).json()
+    assert [r["id"] for r in data["results"]] == expected_order(matrix, ids, -colour, 5)[0]
+    assert await sql_ids(ds, data) == [r["id"] for r in data["results"]]
+
+
+@pytest.mark.asyncio
+async def test_feedback_moves_the_query_toward_more_and_away_from_fewer(ds, stored, tiny_encoder):
+    ids, matrix = stored
+    text = tiny_encoder.encode_texts(["survey"])[0]
+    more, fewer = [int(ids[4]), int(ids[17])], [int(ids[8])]
+    expected = unit(query_vector.FEEDBACK_QUERY * unit(text)
+                    + query_vector.FEEDBACK_MORE * (matrix[4] + matrix[17]) / 2
+                    - query_vector.FEEDBACK_FEWER * matrix[8])
+    want, _ = expected_order(matrix, ids, expected, 10)
+    data = (await search(ds, [("q", "survey"), ("more", ",".join(map(str, more))), ("fewer", fewer[0]),
+                              ("k", 10)])).json()
+    assert [r["id"] for r in data["results"]] == want
+    before = expected_order(matrix, ids, text, len(ids))[0]
+    after = [r["id"] for r in data["results"]]
+    # each marked "more" map rises (or stays first), the "fewer" one sinks
+    for marked in more:
+        assert marked in after and after.index(marked) <= before.index(marked)
+    assert fewer[0] not in after or after.index(fewer[0]) >= before.index(fewer[0])
+    assert await sql_ids(ds, data) == want
+    # the next page keeps the feedback in its URL
+    assert "more=" in data["next"] and "fewer=" in data["next"]
+
+
+@pytest.mark.asyncio
+async def test_feedback_alone_is_more_like_these(ds, stored):
+    ids, matrix = stored
+    data = (await search(ds, [("more", f"{int(ids[1])},{int(ids[2])}"), ("k", 4)])).json()
+    assert [r["id"] for r in data["results"]] == expected_order(matrix, ids, unit(matrix[1] + matrix[2]), 4)[0]
+    assert "mapclip_embed" not in data["sql"]  # no model run
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("pairs, status, message", [
+    ([("term", "a"), ("term", "b"), ("term_weight", "1")], 400, "2 term values but 1 term_weight"),
+    ([("term", "a"), ("term_weight", "2")], 400, "term_weight 1 must be between -1 and 1"),
+    ([("term", "a"), ("term_weight", "nan")], 400, "between -1 and 1"),
+    ([("term", "a"), ("term_weight", "heavy")], 400, "must be a number"),
+    ([("term", "x")] * (MAX_TERMS + 1), 400, f"at most {MAX_TERMS}"),
+    ([("term", "image:abc")], 400, "hex-encoded float32"),
+    ([("term", "image:" + "00" * 8)], 400, "image term 1 has 2 floats"),
+    ([("term", "image:" + np.full(64, np.nan, np.float32).tobytes().hex())], 400, "NaN"),
+    ([("term", "x" * 1001)], 400, "too long"),
+    ([("term", "map:999999")], 404, "map 999999 has no vector"),
+    ([("more", ",".join(str(i) for i in range(1, MAX_FEEDBACK + 2)))], 400, f"at most {MAX_FEEDBACK}"),
+    ([("more", "1,x")], 400, "comma-separated map ids"),
+    ([("q", "a"), ("more", "1"), ("fewer", "1")], 400, "both more and fewer"),
+    ([("fewer", "1")], 400, "give q"),
+    ([("term", "a"), ("term_weight", "0")], 400, "cancel out"),
+])
+async def test_bad_terms_and_feedback_are_4xx_that_say_why(ds, pairs, status, message):
+    response = await search(ds, pairs)
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]
+
+
+def test_terms_and_feedback_survive_the_url_round_trip():
+    params = SearchParams.from_args({"q": "chart", "weight": "0.2", "term": ["compass rose", "map:12", "image:0000803f"],
+                                     "term_weight": ["0.5", "-1", "0.25"], "more": "3, 4,3", "fewer": "9"})
+    assert params.terms == (QueryTerm("text", "compass rose", 0.5), QueryTerm("map", 12, -1.0),
+                            QueryTerm("image", bytes.fromhex("0000803f"), 0.25))
+    assert params.more == (3, 4) and params.fewer == (9,)
+    again = SearchParams.from_args(urllib.parse.parse_qs(params.query_string()))
+    assert again == params
+    # a form row left empty is ignored; terms without weights weigh 1
+    assert SearchParams.from_args({"term": ["a", " "]}).terms == (QueryTerm("text", "a", 1.0),)
+    # the paper's simple case is unchanged: no terms, the slider's own weights
+    simple = SearchParams.from_args({"q": "chart", "like": "3", "weight": "-0.5"})
+    assert simple.is_simple and [t.weight for t in simple.all_terms()] == [0.25, 0.75]
+
+
+def multipart_pairs(pairs: list[tuple[str, str]], image: bytes) -> tuple[bytes, str]:
+    boundary = "----mapclipterms"
+    body = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+                    for name, value in pairs)
+    body += (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="map.jpg"\r\n'
+             "Content-Type: image/jpeg\r\n\r\n").encode() + image + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+@pytest.mark.asyncio
+async def test_an_uploaded_image_minus_a_word_posted_from_the_form(ds, stored, tiny_encoder):
+    """The form posts its term rows as repeated fields; the redirect keeps every one, in order."""
+    import io
+    import re
+
+    from conftest import draw_map
+    from datasette_mapclip.images import open_image
+
+    ids, matrix = stored
+    picture = io.BytesIO()
+    draw_map(4321).save(picture, "JPEG", quality=92)
+    page = await ds.client.get("/-/mapclip")
+    token = re.search(r'name="csrftoken" value="([^"]+)"', page.text).group(1)
+    body, content_type = multipart_pairs([("csrftoken", token), ("q", ""), ("term", "colour"), ("term_weight", "-0.7"),
+                                          ("term", "roads"), ("term_weight", "0.2"), ("k", "6")], picture.getvalue())
+    response = await ds.client.post("/-/mapclip", content=body, headers={"content-type": content_type},
+                                    cookies={"ds_csrftoken": page.cookies["ds_csrftoken"]})
+    assert response.status_code == 302, response.text
+    location = response.headers["location"]
+    args = urllib.parse.parse_qs(urllib.parse.urlsplit(location).query)
+    assert args["term"] == ["colour", "roads"] and args["term_weight"] == ["-0.7", "0.2"]
+    image = tiny_encoder.encode_images([open_image(picture.getvalue(), min_size=tiny_encoder.image_size)])[0]
+    colour, roads = tiny_encoder.encode_texts(["colour", "roads"])
+    want, _ = expected_order(matrix, ids, unit(unit(image) - 0.7 * colour + 0.2 * roads), 6)
+    data = (await ds.client.get(location.replace("/-/mapclip?", "/-/mapclip/search.json?"))).json()
+    assert [r["id"] for r in data["results"]] == want
