@@ -9,12 +9,12 @@ import urllib.parse
 import numpy as np
 import pytest
 from datasette.app import Datasette
+from test_plugin import SEARCH_PATHS, expected_order, wait_for_index
 
 from conftest import load_collection
 from datasette_mapclip import query_vector, vectors
 from datasette_mapclip.query import MAX_FEEDBACK, MAX_TERMS, QueryTerm, SearchParams
 from datasette_mapclip.store import MapStore
-from test_plugin import SEARCH_PATHS, expected_order, wait_for_index
 
 
 @pytest.fixture(scope="module")
