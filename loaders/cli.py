@@ -9,12 +9,11 @@ from pathlib import Path
 
 import click
 
+from datasette_mapclip import iiif
 from datasette_mapclip.cli import open_store
 from datasette_mapclip.images import DEFAULT_MAX_PIXELS
 from datasette_mapclip.model import DEFAULT_MODEL, DEFAULT_PRETRAINED, PRECISIONS, ModelSpec, ModelUnavailable
 from datasette_mapclip.runtime import limit_image_pixels, prefer_hub_cache_when_offline, set_torch_threads
-
-from . import iiif
 
 
 def model_options(command):

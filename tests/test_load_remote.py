@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import open_db
+from datasette_mapclip import iiif
 from datasette_mapclip.store import MapStore
-from loaders import iiif
 from loaders.fetch import Fetcher, FetchError, RateLimiter
 from loaders.sources.loc import catalogue_fields, search_url
 

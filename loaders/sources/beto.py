@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from datasette_mapclip import iiif
 from datasette_mapclip.records import SHEET_RANGE, FieldError, MapRecord, parse_whole_number
 
-from .. import iiif
 from .file_list import CsvTextError, csv_rows, https, item_id_from_url, read_csv_text
 
 BETO_PROVENANCE = {

@@ -15,9 +15,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from datasette_mapclip import iiif
 from datasette_mapclip.records import SHEET_RANGE, FieldError, MapRecord, parse_whole_number
-
-from .. import iiif
 
 REQUIRED_COLUMNS = ("file_url", "resource_url", "segment_num", "p1_item_id", "file_count")
 _ITEM_ID = re.compile(r"/item/([^/?#]+)")
