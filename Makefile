@@ -15,7 +15,13 @@ $(VENV)/.installed: setup.py ruff.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-install: $(VENV)/.installed
+# OpenSeadragon, the map page's deep-zoom viewer: fetched pinned from the npm registry and checked
+# against its published SHA-512 (not committed: it is not our code); the wheel packages it.
+VIEWER := datasette_mapclip/static/vendor/openseadragon/VERSION
+$(VIEWER): datasette_mapclip/vendor.py | $(VENV)/.installed
+	$(PY) -m datasette_mapclip.vendor
+
+install: $(VENV)/.installed $(VIEWER)
 
 # Offline demo: draw maps, train a small CLIP on them, load, serve on http://127.0.0.1:8001/-/mapclip
 demo: install

@@ -1,9 +1,29 @@
+import importlib.util
 import os
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RAY = ["ray>=2.40,<3"]  # tested with 2.60
+
+
+class BuildWithViewer(build_py):
+    """The wheel carries OpenSeadragon, the map page's viewer: fetched pinned from the npm registry
+    (datasette_mapclip/vendor.py, loaded by path: the package's dependencies may not be installed yet)."""
+
+    def run(self):
+        spec = importlib.util.spec_from_file_location("mapclip_vendor", os.path.join(HERE, "datasette_mapclip", "vendor.py"))
+        vendor = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(vendor)
+        if not vendor.openseadragon_present():
+            try:
+                vendor.fetch_openseadragon()
+            except (OSError, vendor.VendorError) as error:
+                if not getattr(self, "editable_mode", False):
+                    raise
+                print(f"warning: OpenSeadragon not fetched ({error}); run python -m datasette_mapclip.vendor")
+        super().run()
 
 
 def read_readme():
@@ -23,7 +43,9 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=["datasette_mapclip", "loaders", "loaders.sources", "fine_tune", "fine_tune.demo"],
-    package_data={"datasette_mapclip": ["model_configs/*.json", "templates/*", "static/*"]},
+    package_data={"datasette_mapclip": ["model_configs/*.json", "templates/*", "static/*",
+                                        "static/vendor/openseadragon/*", "static/vendor/openseadragon/images/*"]},
+    cmdclass={"build_py": BuildWithViewer},
     install_requires=[
         "datasette>=0.65",
         "sqlite-vec>=0.1.6",

@@ -2,7 +2,7 @@
 
 from datasette import hookimpl
 
-from . import search, store, views
+from . import map_views, search, store, views
 from .sql_functions import DatabaseFunctions, register
 from .state import plugin_config, state_for
 from .uploads import UploadLimits, limit_upload_bodies
@@ -69,6 +69,9 @@ def register_routes():
         (r"^/-/mapclip$", views.mapclip_page),
         (r"^/-/mapclip/search\.json$", views.search_json),
         (r"^/-/mapclip/thumbnail/(?P<database>[^/]+)/(?P<id>\d+)\.jpg$", views.thumbnail),
+        (r"^/-/mapclip/map/(?P<database>[^/]+)/(?P<id>\d+)(?P<format>\.json|\.bib|\.csl\.json|\.txt)?$",
+         map_views.map_page),
+        (r"^/-/mapclip/export\.(?P<format>csv|json)$", map_views.export_results),
     ]
 
 

@@ -17,6 +17,8 @@ import json
 import re
 import urllib.parse
 
+from .links import web_url
+
 # The columns a citation reads (besides id); the search service reads them with the result rows.
 CITATION_COLUMNS = ("title", "date", "year", "place", "contributors", "item_id", "sheet", "item_url", "source")
 # What an export row holds, in order: the search result's own fields (``search.shape_result``).
@@ -25,14 +27,7 @@ EXPORT_FIELDS = ("rank", "id", "similarity", "title", "date", "year", "place", "
 LOC_REPOSITORY = "Library of Congress, Geography and Map Division"
 
 
-def _http(url) -> str | None:
-    if not isinstance(url, str):
-        return None
-    parts = urllib.parse.urlsplit(url.strip())
-    return url.strip() if parts.scheme in ("http", "https") and parts.netloc else None
-
-
-def _list(value) -> list[str]:
+def list_field(value) -> list[str]:
     """A stored list field (a JSON array) -> its strings."""
     if not value:
         return []
@@ -50,7 +45,7 @@ def repository(record: dict, configured: str | None = None) -> str | None:
     Congress for a loc.gov record, else nothing said."""
     if configured:
         return configured
-    url = _http(record.get("item_url")) or ""
+    url = web_url(record.get("item_url")) or ""
     host = urllib.parse.urlsplit(url).netloc.lower()
     if host == "loc.gov" or host.endswith(".loc.gov") or record.get("source") == "loc":
         return LOC_REPOSITORY
@@ -73,7 +68,7 @@ def _sentence(text: str) -> str:
 def plain_text(record: dict, *, repository_name: str | None = None, accessed: datetime.date | None = None) -> str:
     """Chicago style: ``Creator. Title. Place, Date. Map. Repository. URL (accessed Month D, YYYY).``"""
     parts = []
-    creators = _list(record.get("contributors"))
+    creators = list_field(record.get("contributors"))
     if creators:
         parts.append(_sentence("; ".join(creators)))
     parts.append(_sentence(_title(record)))
@@ -85,7 +80,7 @@ def plain_text(record: dict, *, repository_name: str | None = None, accessed: da
     held = repository(record, repository_name)
     if held:
         parts.append(_sentence(held))
-    url = _http(record.get("item_url"))
+    url = web_url(record.get("item_url"))
     if url:
         accessed = accessed or datetime.date.today()
         parts.append(f"{url} (accessed {accessed.strftime('%B')} {accessed.day}, {accessed.year}).")
@@ -113,7 +108,7 @@ def bibtex_key(record: dict) -> str:
 
 def bibtex(record: dict, *, repository_name: str | None = None, accessed: datetime.date | None = None) -> str:
     fields = [("title", "{" + _bibtex_text(_title(record)) + "}")]  # double braces keep its capitals
-    creators = _list(record.get("contributors"))
+    creators = list_field(record.get("contributors"))
     if creators:
         # corporate names in braces, so BibTeX does not split them into first and last names
         fields.append(("author", " and ".join("{" + _bibtex_text(c) + "}" for c in creators)))
@@ -126,7 +121,7 @@ def bibtex(record: dict, *, repository_name: str | None = None, accessed: dateti
     held = repository(record, repository_name)
     if held:
         fields.append(("organization", _bibtex_text(held)))
-    url = _http(record.get("item_url"))
+    url = web_url(record.get("item_url"))
     if url:
         fields.append(("url", _bibtex_text(url).replace(r"\_", "_").replace(r"\%", "%").replace(r"\#", "#")
                        .replace(r"\&", "&")))  # url fields are verbatim in biblatex/url.sty
@@ -138,7 +133,7 @@ def bibtex(record: dict, *, repository_name: str | None = None, accessed: dateti
 
 def csl_json(record: dict, *, repository_name: str | None = None, accessed: datetime.date | None = None) -> dict:
     item = {"id": bibtex_key(record), "type": "map", "title": _title(record)}
-    creators = _list(record.get("contributors"))
+    creators = list_field(record.get("contributors"))
     if creators:
         item["author"] = [{"literal": c} for c in creators]
     if record.get("year") is not None:
@@ -150,7 +145,7 @@ def csl_json(record: dict, *, repository_name: str | None = None, accessed: date
     held = repository(record, repository_name)
     if held:
         item["archive"] = held
-    url = _http(record.get("item_url"))
+    url = web_url(record.get("item_url"))
     if url:
         item["URL"] = url
         day = accessed or datetime.date.today()

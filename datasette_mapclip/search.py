@@ -24,10 +24,11 @@ import numpy as np
 from datasette.database import QueryInterrupted
 from datasette.utils.asgi import Forbidden
 
-from . import query_vector, search_sql, store, vectors
+from . import citations, iiif, query_vector, search_sql, store, vectors
 from .errors import BadSearch, NotFound, SearchUnavailable, UploadError
 from .images import DEFAULT_MAX_PIXELS, ImageDecodeError, open_image
 from .index import EXACT_SUBSET_ROWS
+from .links import web_url
 from .model import ModelUnavailable
 from .query import VEC0_MAX_K, SearchParams
 from .runtime import set_faiss_threads, set_torch_threads
@@ -441,17 +442,6 @@ def thumbnail_route(database: str, map_id: int) -> str:
     return f"/-/mapclip/thumbnail/{urllib.parse.quote(database)}/{int(map_id)}.jpg"
 
 
-def web_url(value) -> str | None:
-    """A catalogue field as a link only when it is an http(s) URL with a host; anything else
-    (``javascript:``, ``data:``, a local path) is never handed to a page as href or src."""
-    if not isinstance(value, str):
-        return None
-    parts = urllib.parse.urlsplit(value.strip())
-    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
-        return None
-    return value.strip()
-
-
 def shape_result(row: dict, database: str, urls) -> dict:
     """A result as the API gives it: links for the catalogue record, thumbnail and full image."""
     map_id = row["id"]
@@ -473,4 +463,54 @@ def shape_result(row: dict, database: str, urls) -> dict:
         "image_url": image_url or thumbnail_url,
         "url": web_url(row["item_url"]) or record_url,
         "record_url": record_url,
+        "map_url": urls.path(map_route(database, map_id)),
+    }
+
+
+def map_route(database: str, map_id: int) -> str:
+    """A map's own page on this server (before Datasette's base_url is applied)."""
+    return f"/-/mapclip/map/{urllib.parse.quote(database)}/{int(map_id)}"
+
+
+NEIGHBOURS = 12  # the strip of nearest maps on a map's page
+
+
+async def map_details(collection: Collection, map_id: int, neighbours: int = NEIGHBOURS) -> dict:
+    """A map's page, as data: its catalogue record, the deep-zoom source where the image is IIIF,
+    the other sheets of its item, its nearest neighbours and its citations."""
+    record = await collection.db.execute_fn(lambda conn: store.read_map_record(conn, map_id))
+    if record is None:
+        raise NotFound(f"no map {map_id} in this collection")
+    urls = collection.datasette.urls
+    thumbnail_url = (urls.path(thumbnail_route(collection.name, map_id)) if record["has_thumbnail"]
+                     else web_url(record["thumbnail_url"]))
+    image_url = web_url(record["image_url"])
+    service = iiif.service_url(image_url) if image_url else None
+    sheets = []
+    if record["item_id"]:
+        rows = await collection.db.execute_fn(lambda conn: store.read_item_sheets(conn, record["item_id"]))
+        sheets = [{"id": r["id"], "sheet": r["sheet"], "title": r["title"], "this": r["id"] == map_id,
+                   "map_url": urls.path(map_route(collection.name, r["id"])),
+                   "thumbnail_url": urls.path(thumbnail_route(collection.name, r["id"])) if r["has_thumbnail"]
+                   else web_url(r["thumbnail_url"])} for r in rows]
+    try:
+        found = await run_search(collection, SearchParams(like=map_id, k=neighbours + 1))
+        near = [r for r in found["results"] if r["id"] != map_id][:neighbours]
+    except NotFound:  # no vector for this model yet
+        near = []
+    shown = {key: record[key] for key in ("id", "title", "date", "year", "place", "notes", "format", "item_id",
+                                         "sheet", "source", "width", "height")}
+    return {
+        "database": collection.name,
+        "model": collection.model["name"],
+        "map": {**shown, "subjects": citations.list_field(record["subjects"]),
+                "contributors": citations.list_field(record["contributors"]),
+                "url": web_url(record["item_url"]), "image_url": image_url, "thumbnail_url": thumbnail_url,
+                "record_url": urls.row(collection.name, "maps", str(map_id)),
+                "map_url": urls.path(map_route(collection.name, map_id))},
+        # IIIF Image API: the viewer reads the service's info.json and asks for tiles of the full scan
+        "deep_zoom": {"info_url": f"{service}/info.json"} if service else None,
+        "sheets": sheets,
+        "neighbours": near,
+        "cite": citations.citations(record, repository_name=collection.config.get("citation_repository")),
     }

@@ -711,6 +711,24 @@ def read_map_summary(conn, map_id: int) -> dict | None:
     return rows[0] if rows else None
 
 
+# A map's page: every catalogue field, and whether a thumbnail is stored (not the bytes).
+MAP_RECORD_COLUMNS = ("id, source_id, source, item_id, sheet, title, date, year, place, subjects, contributors, "
+                      "notes, format, item_url, image_url, thumbnail_url, width, height, "
+                      "thumbnail IS NOT NULL AS has_thumbnail")
+MAX_SHEETS_LISTED = 500  # an atlas of many sheets lists this many on each sheet's page
+
+
+def read_map_record(conn, map_id: int) -> dict | None:
+    rows = _rows(conn, f"SELECT {MAP_RECORD_COLUMNS} FROM maps WHERE id = ?", [int(map_id)])
+    return rows[0] if rows else None
+
+
+def read_item_sheets(conn, item_id: str, limit: int = MAX_SHEETS_LISTED) -> list[dict]:
+    """The sheets of one catalogue item (an atlas, a Sanborn volume) in sheet order, up to ``limit``."""
+    return _rows(conn, "SELECT id, sheet, title, thumbnail_url, thumbnail IS NOT NULL AS has_thumbnail FROM maps "
+                       "WHERE item_id = ? ORDER BY sheet, id LIMIT ?", [item_id, int(limit)])
+
+
 def read_thumbnail(conn, map_id: int) -> bytes | None:
     row = conn.execute("SELECT thumbnail FROM maps WHERE id = ?", [int(map_id)]).fetchone()
     return row[0] if row else None

@@ -11,6 +11,9 @@ Routes
                                          attributes, and no page starts past ``.result_cap`` results
                                          (HTTP 400, as loc.gov stops paging at 100,000)
   /iiif/<service>/full/<size>/0/default.jpg   IIIF image API; some services misbehave on purpose
+  /iiif/<service>/info.json, /iiif/<service>/<x,y,w,h>/<w,>/0/default.jpg
+                                         the same image as a level-1 tiled IIIF service (deep zoom),
+                                         DEEP_ZOOM_SIZE pixels, 256 px tiles, CORS open like loc.gov's
 
 ``.log`` has (time.monotonic(), path) of every request as it arrived, for timing tests.
 Oversized images (kinds 'huge', 'chunked', 'close') are a real JPEG padded to ``big_bytes``,
@@ -52,6 +55,39 @@ def map_image(seed: str, size=(300, 220)) -> bytes:
         draw.line([0, y, size[0], x % size[1]], fill=(40, 40, 120), width=2)
     out = io.BytesIO()
     image.save(out, "JPEG", quality=85)
+    return out.getvalue()
+
+
+DEEP_ZOOM_SIZE = (1200, 880)
+TILE = 256
+
+
+def deep_zoom_image(service: str) -> Image.Image:
+    return Image.open(io.BytesIO(map_image(service, size=DEEP_ZOOM_SIZE))).convert("RGB")
+
+
+def iiif_info(service: str) -> dict:
+    width, height = DEEP_ZOOM_SIZE
+    return {"@context": "http://iiif.io/api/image/2/context.json", "@id": service,
+            "protocol": "http://iiif.io/api/image", "width": width, "height": height,
+            "tiles": [{"width": TILE, "scaleFactors": [1, 2, 4, 8]}],
+            "profile": ["http://iiif.io/api/image/2/level1.json", {"formats": ["jpg"], "qualities": ["default"]}]}
+
+
+def iiif_tile(service: str, region: str, size: str) -> bytes | None:
+    """A region of the deep-zoom image scaled to ``w,`` (or ``w,h``, or ``full``/``max``); None if malformed."""
+    try:
+        x, y, w, h = (int(v) for v in region.split(","))
+        image = deep_zoom_image(service).crop((x, y, x + w, y + h))
+        if size not in ("full", "max"):
+            width, _, height = size.partition(",")
+            width = int(width) if width else round(int(height) * w / h)
+            height = int(height) if height else max(1, round(width * h / w))
+            image = image.resize((width, height))
+    except (ValueError, ZeroDivisionError):
+        return None
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=80)
     return out.getvalue()
 
 
@@ -335,6 +371,15 @@ class LocServer:
                     if segments[-1] == "manifest.json":
                         return self.send(200, "application/json", json.dumps(server_ref.manifest(n)).encode())
                     return self.send(200, "application/json", json.dumps(server_ref.item(n)).encode())
+                cors = {"Access-Control-Allow-Origin": "*"}
+                if segments[0] == "iiif" and len(segments) == 3 and segments[2] == "info.json":
+                    service = f"{server_ref.url}/iiif/{segments[1]}"
+                    return self.send(200, "application/json", json.dumps(iiif_info(service)).encode(), cors)
+                if segments[0] == "iiif" and len(segments) == 6 and segments[2] not in ("full", "square"):
+                    tile = iiif_tile(f"{server_ref.url}/iiif/{segments[1]}", segments[2], segments[3])
+                    if tile is None:
+                        return self.send(400, "text/plain", b"bad region or size")
+                    return self.send(200, "image/jpeg", tile, cors)
                 if segments[0] == "iiif" and len(segments) == 6:
                     service = f"{server_ref.url}/iiif/{segments[1]}"
                     status, content_type, body, headers = server_ref.image(service)

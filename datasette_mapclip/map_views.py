@@ -1,0 +1,88 @@
+"""Routes for one map and for taking results away: a map's own page (and its JSON and citation
+files), and the current result set as CSV or JSON.  The work is the search service's."""
+
+from __future__ import annotations
+
+import json
+
+from datasette.utils.asgi import Response
+
+from . import citations, search, vendor
+from .errors import BadSearch, NotFound, SearchError
+from .query import MAX_ID, SearchParams
+from .views import answers_503_when_cut, error_response
+
+CITATION_FILES = {
+    ".bib": ("application/x-bibtex; charset=utf-8", lambda cite: cite["bibtex"]),
+    ".csl.json": ("application/vnd.citationstyles.csl+json", lambda cite: json.dumps([cite["csl_json"]], indent=2)),
+    ".txt": ("text/plain; charset=utf-8", lambda cite: cite["text"] + "\n"),
+}
+
+
+def _map_id(request) -> int:
+    map_id = int(request.url_vars["id"])
+    if map_id > MAX_ID:
+        raise NotFound("no such map")
+    return map_id
+
+
+@answers_503_when_cut(as_json=False)
+async def map_page(request, datasette):
+    """``/-/mapclip/map/<database>/<id>``, and the same data as ``.json``, ``.bib``, ``.csl.json``, ``.txt``."""
+    suffix = request.url_vars.get("format") or ""
+    as_json = suffix == ".json"
+    try:
+        if not await search.holds_collection(datasette, request.url_vars["database"]):
+            raise NotFound("no such collection")
+        collection = await search.open_collection(datasette, request.actor, request.url_vars["database"],
+                                                  (request.args.get("model") or "").strip() or None)
+        details = await search.map_details(collection, _map_id(request))
+    except SearchError as error:
+        if not as_json and not suffix:
+            return Response.html(await datasette.render_template(
+                "mapclip_map.html", {"error": str(error), "details": None}, request=request), status=error.status)
+        return error_response(error, as_json=as_json)
+    if as_json:
+        return Response.json({"ok": True, **details}, default=str)
+    if suffix in CITATION_FILES:
+        content_type, render = CITATION_FILES[suffix]
+        name = citations.bibtex_key(details["map"]) + suffix
+        return Response(render(details["cite"]), content_type=content_type,
+                        headers={"content-disposition": f'attachment; filename="{name}"'})
+    viewer = vendor.openseadragon_present()
+    page = await datasette.render_template("mapclip_map.html", {
+        "details": details,
+        "map": details["map"],
+        "error": None,
+        "viewer_script": datasette.urls.static_plugins("datasette-mapclip", vendor.OPENSEADRAGON_SCRIPT)
+        if viewer else None,
+        "viewer_images": datasette.urls.static_plugins("datasette-mapclip", vendor.OPENSEADRAGON_IMAGES),
+        "search_url": datasette.urls.path("/-/mapclip"),
+    }, request=request)
+    return Response.html(page)
+
+
+@answers_503_when_cut(as_json=True)
+async def export_results(request, datasette):
+    """``/-/mapclip/export.csv`` and ``export.json``: the page of results a search URL shows, with
+    the same fields in both (``citations.EXPORT_FIELDS``), as a download."""
+    as_csv = request.url_vars["format"] == "csv"
+    args = {key: request.args.getlist(key) for key in request.args.keys()}
+    try:
+        params = SearchParams.from_args(args)
+        if not params.has_query:
+            raise BadSearch("give the search's own parameters (q, like, vector, term, more): export the results of a search")
+        database = (args.get("_db") or [None])[0]
+        collection = await search.open_collection(datasette, request.actor, database, params.model)
+        data = await search.run_search(collection, params)
+    except SearchError as error:
+        return error_response(error, as_json=not as_csv)
+    rows = citations.export_rows(data["results"], first_rank=params.k * (params.page - 1) + 1)
+    filename = f"mapclip-{data['database']}-results"
+    if as_csv:
+        return Response(citations.results_csv(rows), content_type="text/csv; charset=utf-8",
+                        headers={"content-disposition": f'attachment; filename="{filename}.csv"'})
+    body = {"database": data["database"], "model": data["model"], "query": params.query_string(),
+            "sql": data["sql"], "params": data["params"], "fields": list(citations.EXPORT_FIELDS), "rows": rows}
+    return Response(json.dumps(body, indent=2, default=str), content_type="application/json; charset=utf-8",
+                    headers={"content-disposition": f'attachment; filename="{filename}.json"'})
