@@ -27,6 +27,20 @@ install: $(VENV)/.installed $(VIEWER)
 demo: install
 	$(PY) -m fine_tune.demo demo --port $(or $(PORT),8001)
 
+# Wheel (and sdist, with `build` installed) of this checkout into dist/, for publishing an
+# unreleased checkout: README.md, "Publishing".  Builds with the venv's setuptools: no download.
+DIST ?= dist
+.PHONY: dist
+dist: install
+	@mkdir -p $(DIST) && rm -rf build $(DIST)/datasette[-_]mapclip-*  # build/: no stale modules in the wheel
+	@if $(PY) -c 'import build' 2>/dev/null; then \
+	  $(PY) -m build --no-isolation --outdir $(DIST) . >/dev/null; \
+	else \
+	  echo "python -m build is not installed: building the wheel only, with pip"; \
+	  $(PY) -m pip wheel -q --no-deps --no-build-isolation --wheel-dir $(DIST) .; \
+	fi
+	@ls -1 $(DIST)/datasette[-_]mapclip-*
+
 # The browser test drives Debian's Chromium (test tools cannot download their own browsers here).
 chromium:
 	@command -v chromium >/dev/null 2>&1 || test -x "$${MAPCLIP_CHROMIUM:-/usr/bin/chromium}" || \

@@ -64,7 +64,7 @@ setup(
     extras_require={
         # `--engine ray`: the loaders on a Ray cluster (core tasks and actors; Ray Data is not needed)
         "ray": RAY,
-        "test": ["pytest", "pytest-asyncio", "playwright", "ruff", "hypothesis", *RAY],
+        "test": ["build", "pytest", "pytest-asyncio", "playwright", "axe-playwright-python", "ruff", "hypothesis", *RAY],
     },
     entry_points={
         "datasette": ["mapclip = datasette_mapclip"],

@@ -67,6 +67,7 @@ def startup(datasette):
 def register_routes():
     return [
         (r"^/-/mapclip$", views.mapclip_page),
+        (r"^/-/mapclip/about$", views.about_page),
         (r"^/-/mapclip/search\.json$", views.search_json),
         (r"^/-/mapclip/thumbnail/(?P<database>[^/]+)/(?P<id>\d+)\.jpg$", views.thumbnail),
         (r"^/-/mapclip/map/(?P<database>[^/]+)/(?P<id>\d+)(?P<format>\.json|\.bib|\.csl\.json|\.txt)?$",

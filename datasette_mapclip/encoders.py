@@ -1,14 +1,15 @@
 """One encoder per model per server, chosen by what a database's provenance records.
 
 A database says which model made its vectors (``models`` table); text and uploaded images
-must be embedded with that same model, never another one.  Where the recorded checkpoint
-path does not exist on this server, plugin configuration can point at the same weights
-elsewhere; they are accepted only if their SHA-256 matches the recorded one.
+must be embedded with that same model, never another one.  A model made from a checkpoint is
+found by its SHA-256, never by the loading machine's directory (``provenance.py``): plugin
+configuration names a copy of the weights, else this machine's checkpoint registry (filled by
+the loaders); either is accepted only if its SHA-256 matches the recorded one.
 
     plugins:
       datasette-mapclip:
         checkpoints:
-          "mapclip-tiny/sha256:0dbfd98a5af1": /srv/models/demo.pt
+          "mapclip-tiny/sha256:0dbfd98a5af1": /srv/models/demo.pt   # or keyed by the SHA-256
         threads: 1          # torch threads (set at start-up; a web server should not oversubscribe)
         text_cache_size: 4096
         prompt_template: "{}"   # e.g. "a {} map", the seed's trick
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import os
 import threading
 import time
 from pathlib import Path
@@ -25,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .model import ClipEncoder, ModelSpec, ModelUnavailable, file_sha256, import_open_clip, load_encoder
+from .provenance import is_sha256, recorded_file_name, remembered_checkpoints
 from .runtime import prefer_hub_cache_when_offline
 
 
@@ -75,29 +78,57 @@ class SharedEncoder:
             return self.encoder.encode_images([image])[0]
 
 
+def configured_checkpoint(model_row: dict, config: dict) -> str | None:
+    """The ``checkpoints:`` entry for a model: keyed by its name, its SHA-256 (with or without
+    ``sha256:``) or the SHA-256's first 12 hex digits, in that order of preference."""
+    configured = config.get("checkpoints") or {}
+    if not isinstance(configured, dict):
+        raise ModelUnavailable("plugins.datasette-mapclip.checkpoints must map model names or SHA-256s to files")
+    digest = (model_row.get("checkpoint_sha256") or "").lower()
+    for key in (model_row["name"], digest, f"sha256:{digest}", digest[:12], f"sha256:{digest[:12]}"):
+        value = configured.get(key)
+        if key and value:
+            return str(value)
+    return None
+
+
+def checkpoint_candidates(model_row: dict, config: dict) -> list[tuple[str, str]]:
+    """(path, where it came from) for each place the weights of a recorded model may be.
+
+    The path a ``models`` row may hold (only a file name in new databases, the loading
+    machine's absolute path in old ones) is never among them: a database is not trusted to
+    name files on the server, and that directory rarely exists there."""
+    candidates = []
+    configured = configured_checkpoint(model_row, config)
+    if configured:
+        candidates.append((os.path.abspath(os.path.expanduser(configured)), "configured"))
+    for path in remembered_checkpoints(model_row["checkpoint_sha256"].lower()):
+        if all(path != seen for seen, _ in candidates):
+            candidates.append((path, "this machine's checkpoint registry"))
+    return candidates
+
+
 def resolve_checkpoint(model_row: dict, config: dict) -> str | None:
     """The local weights file for a recorded model, checked by hash, or None for a pretrained tag."""
     recorded_hash = model_row.get("checkpoint_sha256")
     if not recorded_hash:
         return None
-    candidates = []
-    configured = (config.get("checkpoints") or {})
-    for key in (model_row["name"], recorded_hash, recorded_hash[:12]):
-        if configured.get(key):
-            candidates.append(configured[key])
-    if model_row.get("checkpoint_path"):
-        candidates.append(model_row["checkpoint_path"])
+    if not is_sha256(str(recorded_hash).lower()):
+        raise ModelUnavailable(f"model {model_row['name']} records a checkpoint SHA-256 that is not one")
+    recorded_hash = recorded_hash.lower()
     tried = []
-    for path in candidates:
+    for path, source in checkpoint_candidates(model_row, config):
         if not Path(path).is_file():
-            tried.append(f"{path} (missing)")
+            tried.append(f"{path} ({source}: missing)")
             continue
         if file_sha256(path) != recorded_hash:
-            tried.append(f"{path} (different weights: SHA-256 does not match)")
+            tried.append(f"{path} ({source}: different weights, SHA-256 does not match)")
             continue
         return str(path)
+    file_name = recorded_file_name(model_row.get("checkpoint_path"))
+    recorded = f"SHA-256 {recorded_hash}" + (f", loaded from a file named {file_name}" if file_name else "")
     raise ModelUnavailable(
-        f"the weights of model {model_row['name']} were not found on this server; tried: "
+        f"the weights of model {model_row['name']} ({recorded}) were not found on this server; tried: "
         f"{'; '.join(tried) or 'nothing'}. Point plugins.datasette-mapclip.checkpoints."
         f"\"{model_row['name']}\" at a copy of the checkpoint in metadata.yml."
     )

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from . import vectors
+from .provenance import recorded_file_name, remember_checkpoint, row_provenance
 from .records import LIST_FIELDS, RECORD_FIELDS, LoadNote, MapRecord, decode_list, displayable, encode_list
 
 SCHEMA_VERSION = 1
@@ -236,6 +237,7 @@ class MapStore:
         )
         self._add_missing_load_columns()
         self.conn.executescript(KEPT_IMAGES_SCHEMA)
+        self._forget_checkpoint_directories()
 
     def close(self):
         self.conn.close()
@@ -245,8 +247,27 @@ class MapStore:
         return _Transaction(self.conn)
 
     # -- models -------------------------------------------------------------------
+    def _forget_checkpoint_directories(self):
+        """Files from before ``provenance.py`` recorded the loading machine's checkpoint path: keep its
+        file name only, and remember the path (by hash) in this machine's checkpoint registry."""
+        rows = self.conn.execute(
+            "SELECT id, checkpoint_path, checkpoint_sha256 FROM models "
+            "WHERE checkpoint_path LIKE '%/%' OR checkpoint_path LIKE '%\\%'").fetchall()
+        if not rows:
+            return
+        with self.transaction():
+            for model_id, path, digest in rows:
+                if digest:
+                    remember_checkpoint(path, digest)
+                self.conn.execute("UPDATE models SET checkpoint_path = ? WHERE id = ?",
+                                  (recorded_file_name(path), model_id))
+
     def register_model(self, provenance: dict, precision: str | None = None) -> dict:
-        """Get or create the ``models`` row (and its vec0 table) for an encoder's provenance."""
+        """Get or create the ``models`` row (and its vec0 table) for an encoder's provenance.
+
+        The row keeps the checkpoint's SHA-256 and file name, never its directory on this
+        machine (which is remembered by hash outside the database: ``provenance.py``)."""
+        provenance = row_provenance(provenance)
         row = self.conn.execute("SELECT * FROM models WHERE name = ?", (provenance["name"],)).fetchone()
         if row:
             if row["dim"] != provenance["dim"]:

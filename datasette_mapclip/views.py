@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import functools
+import logging
+import re
 import urllib.parse
 
 from datasette.utils.asgi import Forbidden, Response
 
-from . import search
+from . import about, search
 from .errors import BadSearch, NotFound, SearchError, UploadError
-from .query import MAX_ID, SearchParams
+from .query import MAX_FEEDBACK, MAX_ID, MAX_TERMS, SearchParams
 from .state import plugin_config
 from .uploads import UploadLimits, read_multipart
+
+log = logging.getLogger(__name__)
 
 # The routes that take an upload (their POSTs pass through uploads.limit_upload_bodies).
 UPLOAD_PATHS = ("/-/mapclip", "/-/mapclip/search.json")
@@ -90,6 +94,48 @@ async def search_json(request, datasette):
     return Response.json(data, default=str)
 
 
+# Advice meant for whoever runs the server (command lines, options, configuration, paths on the
+# server): the JSON API and the server's log keep it; the public page says in plain words what a
+# visitor can do instead.
+OPERATOR_ADVICE = re.compile(r"(^|\s)--[a-z]|`mapclip |\bmapclip (load|import-beto|fine-tune)\b|HF_HOME|~/\.cache"
+                             r"|\bpip install\b|metadata\.yml|plugins\.datasette-mapclip|\bstate_dict\b", re.IGNORECASE)
+VISITOR_MESSAGES = {
+    503: "Searching by words or by a picture is not available on this site right now. "
+         "“More like this” on a map still works. Please try again later.",
+    400: "This collection cannot be searched yet.",
+}
+
+
+def visitor_message(message: str, status: int, datasette) -> str:
+    """An error as the public page shows it: a visitor's own mistake as it was; the server's problems
+    (a model that cannot be loaded, advice for the operator) in plain words.  The time limit's 503
+    says what a visitor can do, and stays."""
+    operator = OPERATOR_ADVICE.search(message) or (status == 503 and message != search.too_slow_message(datasette))
+    if not operator:
+        return message
+    log.warning("mapclip: a search page answered %s: %s", status, message)
+    return VISITOR_MESSAGES.get(status, "This search could not run. Please try again later.")
+
+
+def marked(params: SearchParams, kind: str, map_id: int) -> dict:
+    """Relevance feedback after one click on a result: marked "more" (or "fewer") like this one, or
+    unmarked if it already was; a map is never in both, and the oldest marks go past the limit."""
+    more, fewer = list(params.more), list(params.fewer)
+    target, other = (more, fewer) if kind == "more" else (fewer, more)
+    if map_id in target:
+        target.remove(map_id)
+    else:
+        target.append(map_id)
+        if map_id in other:
+            other.remove(map_id)
+    return {"more": tuple(more[-MAX_FEEDBACK:]), "fewer": tuple(fewer[-MAX_FEEDBACK:])}
+
+
+def about_url(datasette, database: str | None) -> str:
+    path = datasette.urls.path("/-/mapclip/about")
+    return path + (f"?_db={urllib.parse.quote(database)}" if database else "")
+
+
 @answers_503_when_cut(as_json=False)
 async def mapclip_page(request, datasette):
     error = None
@@ -107,7 +153,7 @@ async def mapclip_page(request, datasette):
         if params.has_query:
             data = await search.run_search(collection, params)
     except SearchError as problem:
-        error, status, headers = str(problem), problem.status, closing_headers(problem)
+        error, status, headers = visitor_message(str(problem), problem.status, datasette), problem.status, closing_headers(problem)
     except Exception as problem:  # a statement cut by the time limit, wherever it ran
         cut = search.unavailable_if_interrupted(problem, datasette)
         if cut is None:
@@ -115,8 +161,11 @@ async def mapclip_page(request, datasette):
         error, status = str(cut), cut.status
     database = collection.name if collection else None
     like_row = None
-    if collection and params.like is not None and status != 503:
-        like_row = await search.map_summary(collection, params.like)
+    examples = {"queries": [], "map": None}
+    if collection and status != 503:
+        if params.like is not None:
+            like_row = await search.map_summary(collection, params.like)
+        examples = await about.examples(datasette, collection, collection.config)
     db_arg = f"&_db={urllib.parse.quote(database)}" if database else ""
     page = await datasette.render_template(
         "mapclip.html",
@@ -129,14 +178,72 @@ async def mapclip_page(request, datasette):
             "models": collection.models if collection else [],
             "model_name": (data or {}).get("model") or (collection.model["name"] if collection else None),
             "like_row": like_row,
+            "examples": examples,
+            "max_terms": MAX_TERMS,
+            "about_url": about_url(datasette, database),
             "json_url": datasette.urls.path("/-/mapclip/search.json") + "?" + params.query_string() + db_arg,
             "page_url": lambda **changes: datasette.urls.path("/-/mapclip") + "?" + params.query_string(**changes)
                         + db_arg,
-            "demo_note": plugin_config(datasette, database).get("model_note"),
+            "mark_url": lambda kind, map_id: datasette.urls.path("/-/mapclip") + "?" + params.query_string(
+                page=1, **marked(params, kind, map_id)) + db_arg,
+            "export_url": lambda extension: datasette.urls.path(f"/-/mapclip/export.{extension}") + "?"
+                          + params.query_string() + db_arg,
         },
         request=request,
     )
     return Response.html(page, status=status, headers=headers)
+
+
+def unique_channels(channels: list[dict]) -> list[dict]:
+    found = []
+    for channel in channels:
+        if (channel["url"] or channel["contact"]) and channel not in found:
+            found.append(channel)
+    return found
+
+
+@answers_503_when_cut(as_json=False)
+async def about_page(request, datasette):
+    """"About this search": each collection this actor may view (or the one ``_db`` names), its model's
+    provenance, what the model was and was not trained on, its known weaknesses, what a score means,
+    and how to report a problem.  A collection the actor may not view is neither listed nor described."""
+    await datasette.ensure_permissions(request.actor, ["view-instance"])
+    wanted = request.args.get("_db") or None
+    status = 200
+    error = None
+    if wanted is not None:
+        if wanted in await search.all_collection_names(datasette):
+            await search.ensure_can_view(datasette, request.actor, wanted)  # Datasette's 403
+            names = [wanted]
+        else:
+            names, status, error = [], 404, "There is no map collection of that name here."
+    else:
+        names = await search.collection_names(datasette, request.actor)
+    collections = []
+    for name in names:
+        config = plugin_config(datasette, name)
+        try:
+            described = await about.describe_collection(datasette, name, config)
+        except Exception as problem:  # a damaged provenance table: say so, never a 500
+            if search.unavailable_if_interrupted(problem, datasette) is not None:
+                raise
+            log.warning("mapclip: the models of %s could not be read: %s", name, problem)
+            described = await about.unreadable_collection(datasette, name)
+        collections.append({**described,
+                            "search_url": datasette.urls.path("/-/mapclip") + f"?_db={urllib.parse.quote(name)}",
+                            "report": about.report_channels(config)})
+    page = await datasette.render_template(
+        "mapclip_about.html",
+        {
+            "collections": collections,
+            "error": error,
+            "search_url": datasette.urls.path("/-/mapclip") + (f"?_db={urllib.parse.quote(wanted)}"
+                                                               if wanted and collections else ""),
+            "reports": unique_channels([c["report"] for c in collections] + [about.report_channels(plugin_config(datasette))]),
+        },
+        request=request,
+    )
+    return Response.html(page, status=status)
 
 
 @answers_503_when_cut(as_json=False)

@@ -4,6 +4,7 @@ and a local loc.gov stand-in.  Nothing here touches the network or downloads wei
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,15 @@ def save_tiny_checkpoint(path: Path, seed: int) -> Path:
     torch.manual_seed(seed)
     model, _, _ = import_open_clip().create_model_and_transforms(TINY_MODEL, pretrained=None)
     torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkpoint_registry(tmp_path_factory) -> Path:
+    """The checkpoints loaders remember (datasette_mapclip/provenance.py) go to this session's own
+    registry, never the user's ~/.cache; subprocesses inherit it."""
+    path = tmp_path_factory.mktemp("checkpoint-registry")
+    os.environ["MAPCLIP_CHECKPOINT_REGISTRY"] = str(path)
     return path
 
 

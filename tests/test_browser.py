@@ -1,5 +1,6 @@
 """A real browser (Debian's Chromium, headless, via Playwright) against a real `datasette serve`."""
 
+import json
 import os
 import socket
 import subprocess
@@ -23,16 +24,25 @@ def free_port():
         return s.getsockname()[1]
 
 
+# What a publisher configures for visitors (README, "Publishing"): example searches and where to report.
+PUBLISHED = {"databases": {"maps": {"plugins": {"datasette-mapclip": {
+    "example_queries": ["nautical chart", "city street plan", "hand-coloured county map"], "example_map": 5,
+    "report_url": "https://maps.example.org/report", "contact": "maps@example.org"}}}}}
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, model_args):
     db_path, folder = load_collection(tmp_path_factory, model_args, 24)
-    yield from serve(db_path, folder)
+    metadata = tmp_path_factory.mktemp("published") / "metadata.json"
+    metadata.write_text(json.dumps(PUBLISHED))
+    yield from serve(db_path, folder, metadata)
 
 
-def serve(db_path, folder):
+def serve(db_path, folder, metadata=None):
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "datasette", "serve", str(db_path), "-p", str(port), "--setting", "sql_time_limit_ms", "20000"],
+        [sys.executable, "-m", "datasette", "serve", str(db_path), "-p", str(port), "--setting", "sql_time_limit_ms", "20000",
+         *(["-m", str(metadata)] if metadata else [])],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
@@ -87,7 +97,7 @@ def test_hostile_catalogue_and_queries_run_no_script_in_a_real_browser(hostile_s
     query = urllib.parse.urlencode({"q": "Q" + HOSTILE, "place": "P" + HOSTILE, "filter": "F" + HOSTILE,
                                     "model": "M" + HOSTILE})
     for path in ("/-/mapclip?like=1&k=8", "/-/mapclip?like=2&k=8&q=roads", "/-/mapclip?" + query,
-                 "/-/mapclip/search.json?like=1&k=8"):
+                 "/-/mapclip/search.json?like=1&k=8", "/-/mapclip/about"):
         page.goto(url + path)
         page.wait_for_load_state("load")
         links = page.eval_on_selector_all("a[href]", "els => els.map(e => e.href)")
@@ -99,10 +109,14 @@ def test_hostile_catalogue_and_queries_run_no_script_in_a_real_browser(hostile_s
     shown = page.locator(".mapclip-title").all_inner_texts()
     assert sum(title == "T" + HOSTILE for title in shown) == len(HOSTILE_URLS)  # shown as text, whole
     assert ("M" + HOSTILE) in page.locator("select[name=model] option").all_text_contents()
-    for index in range(len(HOSTILE_URLS)):  # follow every title link: each is the record page
+    for index in range(len(HOSTILE_URLS)):  # follow every title link: each is the map's own page
         title = page.locator(".mapclip-title").nth(index)
+        text = title.inner_text()
         navigating(page, title.click)
-        assert page.url.startswith(url + "/maps/maps/"), page.url
+        assert page.url.startswith(url + "/-/mapclip/map/maps/"), page.url
+        assert page.locator("h1").inner_text() == text  # shown as text, whole
+        links = page.eval_on_selector_all("a[href]", "els => els.map(e => e.href)")
+        assert all(link.startswith((url + "/", "https://", "http://")) for link in links), links
         page.go_back()
         page.wait_for_load_state("load")
     page.mouse.wheel(0, 3000)
@@ -149,7 +163,7 @@ def test_search_page_in_a_real_browser(server, browser):
     url, folder = server
     page = browser.new_page(viewport={"width": 1280, "height": 1000})
     page.goto(f"{url}/-/mapclip")
-    assert page.locator("text=Model:").is_visible()
+    assert page.locator("a.mapclip-about-link").is_visible()
 
     # 1. text search
     page.fill("input[name=q]", "nautical chart")
@@ -193,4 +207,124 @@ def test_search_page_in_a_real_browser(server, browser):
     SCREENSHOTS.mkdir(exist_ok=True)
     page.goto(f"{url}/-/mapclip?q=nautical+chart&k=12")
     page.screenshot(path=str(SCREENSHOTS / "search-page.png"), full_page=True)
+    page.close()
+
+
+SERIOUS = ("serious", "critical")
+WIDTHS = {"desktop": (1280, 1000), "phone": (390, 844)}
+
+
+def serious_violations(page):
+    from axe_playwright_python.sync_playwright import Axe
+
+    results = Axe().run(page)
+    return [(v["id"], v["impact"], v["help"], [node["target"] for node in v["nodes"]][:5])
+            for v in results.response["violations"] if v["impact"] in SERIOUS]
+
+
+def no_sideways_scroll(page):
+    return page.evaluate("() => [document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+
+
+def sticking_out(page):
+    """Elements of the page's own content that reach past the right edge of the viewport."""
+    return page.evaluate("""() => [...document.querySelectorAll('.mapclip *')]
+        .filter(e => e.getBoundingClientRect().right > document.documentElement.clientWidth + 1)
+        .map(e => e.tagName + '.' + e.className)""")
+
+
+def all_thumbnails_loaded(page):
+    # thumbnails load lazily (only near the viewport): load them all now, for the screenshot
+    page.evaluate("() => document.querySelectorAll('.mapclip-card img').forEach(i => { i.loading = 'eager'; })")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.mapclip-card img')].every(i => i.complete && i.naturalWidth > 0)",
+        timeout=15000)
+    page.evaluate("() => window.scrollTo(0, 0)")
+
+
+@pytest.mark.parametrize("width", list(WIDTHS))
+def test_search_page_passes_axe_and_fits_a_phone(server, browser, width):
+    """axe-core (the rules browsers' accessibility audits use): no serious or critical violation on the
+    search page with results, its empty state and the about page, at desktop and phone widths; and no
+    sideways scrolling on a 390 px phone."""
+    url, _ = server
+    page = browser.new_page(viewport=dict(zip(("width", "height"), WIDTHS[width])))
+    for path in ("/-/mapclip?q=nautical+chart&k=12", "/-/mapclip", "/-/mapclip?like=5&k=12",
+                 "/-/mapclip/about?_db=maps", "/-/mapclip?like=99999", "/-/mapclip?q=chart&place=nowhere-at-all"):
+        page.goto(url + path)
+        page.wait_for_load_state("load")
+        if page.locator(".mapclip-card img").count():
+            all_thumbnails_loaded(page)
+        found = serious_violations(page)
+        assert not found, (path, width, found)
+        scroll_width, client_width = no_sideways_scroll(page)
+        assert scroll_width <= client_width, (path, width, scroll_width, client_width)
+        assert not sticking_out(page), (path, width, sticking_out(page))
+    page.goto(url + "/-/mapclip?q=nautical+chart&k=12")
+    all_thumbnails_loaded(page)
+    assert page.locator(".mapclip-card").count() == 12
+    assert page.locator(".mapclip-examples a").count() == 4  # three queries and the example image
+    SCREENSHOTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / f"search-{width}.png"), full_page=True)
+    page.goto(url + "/-/mapclip/about?_db=maps")
+    page.screenshot(path=str(SCREENSHOTS / f"about-{width}.png"), full_page=True)
+    page.close()
+
+
+def test_keyboard_examples_and_the_searching_state(server, browser):
+    url, _ = server
+    page = browser.new_page(viewport={"width": 390, "height": 844})
+    page.goto(url + "/-/mapclip")
+    assert page.evaluate("() => document.activeElement.name") == "q"  # the empty page starts in the box
+    assert page.locator("text=How to search").is_visible()
+    SCREENSHOTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / "search-empty-phone.png"), full_page=True)
+
+    # While the model works: a status that screen readers announce (the submission is held here).
+    page.evaluate("() => document.querySelector('.mapclip-form').addEventListener('submit', e => e.preventDefault())")
+    page.fill("input[name=q]", "nautical chart")
+    page.keyboard.press("Enter")
+    status = page.locator(".mapclip-status")
+    assert status.get_attribute("role") == "status" and status.get_attribute("aria-live") == "polite"
+    assert status.inner_text().startswith("Searching")
+    assert status.is_visible()
+
+    # By keyboard alone: Enter in the box searches, Tab walks the form then the results in reading order,
+    # and the focused element shows a visible ring.
+    page.goto(url + "/-/mapclip")
+    page.keyboard.type("nautical chart")
+    navigating(page, lambda: page.keyboard.press("Enter"))
+    assert result_ids(page) == api_ids(url, "q=nautical+chart")
+    order = []
+    for _ in range(40):
+        page.keyboard.press("Tab")
+        focused = page.evaluate("""() => { const e = document.activeElement; const s = getComputedStyle(e);
+            return [e.tagName, e.name || e.className || '', e.closest('.mapclip-card') ? e.closest('.mapclip-card').dataset.id : null,
+                    s.outlineStyle, s.outlineWidth]; }""")
+        order.append(focused)
+        if focused[0] == "A" and "mapclip" in focused[1] or focused[2]:
+            assert focused[3] != "none" and focused[4] != "0px", focused  # visible focus
+    names = [f[1] for f in order]
+    assert names.index("q") < names.index("image") < names.index("weight")  # the form first, in order
+    cards = [f[2] for f in order if f[2]]
+    first_card = str(result_ids(page)[0])
+    assert cards[:4] == [first_card] * 4  # picture, title, more like this, record: one card at a time
+
+    # The slider moved by keyboard waits for Enter instead of reloading at every key.
+    page.focus("input[name=weight]")
+    page.keyboard.press("ArrowLeft")
+    page.wait_for_timeout(300)
+    assert "weight" not in page.url
+    assert "Press Enter" in page.locator(".mapclip-status").inner_text()
+    navigating(page, lambda: page.keyboard.press("Enter"))
+    assert "weight=-0.1" in page.url
+
+    # The example searches: one click each.
+    navigating(page, lambda: page.locator(".mapclip-examples a", has_text="city street plan").click())
+    assert "q=city+street+plan" in page.url and result_ids(page) == api_ids(url, "q=city+street+plan")
+    navigating(page, lambda: page.locator(".mapclip-example-map").click())
+    assert "like=5" in page.url and result_ids(page)[0] == 5
+    navigating(page, lambda: page.locator("a.mapclip-about-link").click())
+    assert page.url.endswith("/-/mapclip/about?_db=maps")
+    assert page.locator("a", has_text="Report a problem").get_attribute("href") == "https://maps.example.org/report"
     page.close()

@@ -83,3 +83,66 @@ def test_the_deep_zoom_viewer_draws_iiif_tiles_from_the_image_service(loc_site, 
     page.wait_for_url(f"**{target}")
     assert page.locator("h1").inner_text()
     page.close()
+
+
+def result_ids(page) -> list[int]:
+    return [int(i) for i in page.eval_on_selector_all(".mapclip-card", "els => els.map(e => e.dataset.id)")]
+
+
+def test_terms_feedback_export_and_a_map_page_from_the_search_page(loc_site, browser, tmp_path):  # noqa: F811
+    """Two text terms with one negative, one-click feedback, the results as CSV, and a result's map page."""
+    import csv
+    import json
+    import urllib.parse
+    import urllib.request
+
+    url, server, _ = loc_site
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(f"{url}/-/mapclip")
+    page.fill("#mapclip-q", "city plan")
+    page.fill(".mapclip-term-new input[type=text]", "nautical chart")
+    page.click(".mapclip-add-term")
+    rows = page.locator(".mapclip-term")
+    assert rows.count() == 2
+    rows.nth(1).locator("input[type=text]").fill("printed text")
+    rows.nth(1).locator("input[type=range]").evaluate(
+        "el => { el.value = '-0.8'; el.dispatchEvent(new Event('input', {bubbles: true})); }")
+    assert rows.nth(1).locator(".mapclip-term-weight").inner_text() == "-0.8"
+    page.click(".mapclip-query button[type=submit]")
+    page.wait_for_selector(".mapclip-card")
+    args = urllib.parse.parse_qs(urllib.parse.urlsplit(page.url).query)
+    assert args["q"] == ["city plan"] and args["term"] == ["nautical chart", "printed text"]
+    assert args["term_weight"] == ["1", "-0.8"]
+    shown = result_ids(page)
+    api = json.load(urllib.request.urlopen(page.url.replace("/-/mapclip?", "/-/mapclip/search.json?")))
+    assert shown == [r["id"] for r in api["results"]] and api["sql"].count("mapclip_embed_text") == 3
+    # the terms survive into the next form: both rows are there, with their weights
+    assert page.locator(".mapclip-term input[name=term]").evaluate_all("els => els.map(e => e.value)")[:2] == [
+        "nautical chart", "printed text"]
+
+    # one click marks a result "more like this", another marks one "fewer": each a new search
+    marked_more, marked_fewer = shown[2], shown[0]
+    page.locator(f'.mapclip-card[data-id="{marked_more}"] .mapclip-mark-more').click()
+    page.wait_for_url("**more=*")
+    page.locator(f'.mapclip-card[data-id="{marked_fewer}"] .mapclip-mark-fewer').click()
+    page.wait_for_url("**fewer=*")
+    args = urllib.parse.parse_qs(urllib.parse.urlsplit(page.url).query)
+    assert args["more"] == [str(marked_more)] and args["fewer"] == [str(marked_fewer)]
+    refined = result_ids(page)
+    assert refined != shown and refined.index(marked_more) <= shown.index(marked_more)
+    assert marked_fewer not in refined or refined.index(marked_fewer) >= shown.index(marked_fewer)
+    assert "Marked: more like this" in page.locator(f'.mapclip-card[data-id="{marked_more}"]').inner_text()
+
+    # the results as CSV: the same maps in the same order
+    with page.expect_download() as download:
+        page.click("a.mapclip-export[href*='export.csv']")
+    saved = tmp_path / "results.csv"
+    download.value.save_as(saved)
+    table = list(csv.DictReader(saved.open(encoding="utf-8")))
+    assert [int(row["id"]) for row in table] == refined
+
+    # a result's title opens its own page, with the deep-zoom viewer working
+    page.locator(".mapclip-card .mapclip-title").first.click()
+    page.wait_for_url(f"**/-/mapclip/map/maps/{refined[0]}")
+    page.wait_for_selector("#mapclip-zoom[data-state=open]", timeout=20_000)
+    page.close()

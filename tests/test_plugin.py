@@ -342,8 +342,9 @@ async def test_page_renders_a_grid_with_links(ds):
     html = response.text
     assert html.count('class="mapclip-card"') == 4
     assert "More like this" in html and "View and edit the SQL" in html
-    assert "Model: <strong>mapclip-tiny/sha256:" in html
-    assert "--pretrained openai" in html
+    # provenance lives on "About this search" (tests/test_about.py), not as command lines on the public page
+    assert '<a href="/-/mapclip/about?_db=maps" class="mapclip-about-link">About this search</a>' in html
+    assert "--pretrained" not in html
     assert re.search(r'<img src="/-/mapclip/thumbnail/maps/\d+\.jpg"', html)
     index = await ds.client.get("/")
     assert "/-/mapclip" in index.text  # in Datasette's menu
@@ -352,21 +353,27 @@ async def test_page_renders_a_grid_with_links(ds):
 
 
 @pytest.mark.asyncio
-async def test_database_whose_model_cannot_be_loaded_still_opens(collection, tmp_path):
+async def test_database_whose_model_cannot_be_loaded_still_opens(collection, tmp_path, monkeypatch):
+    # a server elsewhere: the database names a path, this machine never saw the weights
     copy = changed_copy(collection, tmp_path / "moved.db", "UPDATE models SET checkpoint_path = '/nowhere/tiny.pt'")
+    monkeypatch.setenv("MAPCLIP_CHECKPOINT_REGISTRY", str(tmp_path / "empty-registry"))
     ds = Datasette([str(copy)])
     assert (await ds.client.get("/moved/maps.json?_shape=array&_size=1")).status_code == 200
     response = await ds.client.get("/-/mapclip/search.json?q=relief")
     assert response.status_code == 503
     assert "were not found on this server" in response.json()["error"]
-    assert "/nowhere/tiny.pt (missing)" in response.json()["error"]
+    assert "a file named tiny.pt" in response.json()["error"]
+    assert "/nowhere" not in response.json()["error"]  # a path in the database is never opened
     like = await ds.client.get("/-/mapclip/search.json?like=1&k=3")
     assert like.status_code == 200 and len(like.json()["results"]) == 3  # stored vectors need no model
 
 
 @pytest.mark.asyncio
-async def test_plugin_config_points_at_the_weights_elsewhere_checked_by_hash(collection, tmp_path, tiny_checkpoint):
+async def test_plugin_config_points_at_the_weights_elsewhere_checked_by_hash(collection, tmp_path, tiny_checkpoint,
+                                                                              monkeypatch):
     import shutil
+
+    monkeypatch.setenv("MAPCLIP_CHECKPOINT_REGISTRY", "off")  # a server that never loaded these weights
 
     copy = tmp_path / "moved.db"
     shutil.copy(collection[0], copy)

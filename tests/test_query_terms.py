@@ -4,6 +4,7 @@ reported SQL reproducing the combined query on both search paths."""
 
 from __future__ import annotations
 
+import re
 import urllib.parse
 
 import numpy as np
@@ -209,3 +210,58 @@ async def test_an_uploaded_image_minus_a_word_posted_from_the_form(ds, stored, t
     want, _ = expected_order(matrix, ids, unit(unit(image) - 0.7 * colour + 0.2 * roads), 6)
     data = (await ds.client.get(location.replace("/-/mapclip?", "/-/mapclip/search.json?"))).json()
     assert [r["id"] for r in data["results"]] == want
+
+
+@pytest.mark.asyncio
+async def test_the_page_keeps_every_term_and_offers_one_more(ds, stored):
+    ids, _ = stored
+    query = urllib.parse.urlencode([("q", "county map"), ("term", "compass rose"), ("term_weight", "0.5"),
+                                    ("term", f"map:{int(ids[3])}"), ("term_weight", "-0.3")])
+    page = await ds.client.get(f"/-/mapclip?{query}")
+    assert page.status_code == 200
+    html = page.text
+    assert 'name="term" value="compass rose"' in html and 'value="0.5"' in html
+    assert f'name="term" value="map:{int(ids[3])}"' in html and "map #" in html and 'value="-0.3"' in html
+    assert html.count('name="term"') == 3  # the two terms and one empty row for a new one
+    # each term's "Remove" drops only that term
+    removes = re.findall(r'href="([^"]+)" class="mapclip-clear">Remove<span class="visually-hidden"> term', html)
+    first = urllib.parse.parse_qs(urllib.parse.urlsplit(removes[0].replace("&amp;", "&")).query)
+    assert first["term"] == [f"map:{int(ids[3])}"] and first["term_weight"] == ["-0.3"] and first["q"] == ["county map"]
+
+
+@pytest.mark.asyncio
+async def test_one_click_marks_a_result_for_feedback_and_a_second_click_undoes_it(ds):
+    page = (await ds.client.get("/-/mapclip?q=survey&k=6&fewer=2")).text
+    cards = re.findall(r'<li class="mapclip-card" data-id="(\d+)">', page)
+    assert len(cards) == 6
+    target = int(cards[1])
+    more_link = re.search(r'class="mapclip-mark-more[^"]*" href="([^"]+)">[^<]*<span class="visually-hidden">',
+                          page.split(f'data-id="{target}"', 1)[1]).group(1).replace("&amp;", "&")
+    args = urllib.parse.parse_qs(urllib.parse.urlsplit(more_link).query)
+    assert args["more"] == [str(target)] and args["fewer"] == ["2"] and args["q"] == ["survey"]
+    marked = (await ds.client.get(more_link)).text
+    assert "Marked: more like this (undo)" in marked and "Refined by your marks: 1 map to see more like, 1" in marked
+    undo = re.search(r'class="mapclip-mark-more mapclip-marked" href="([^"]+)"', marked).group(1).replace("&amp;", "&")
+    assert "more=" not in undo and "fewer=2" in undo
+
+
+def test_a_mark_moves_a_map_between_more_and_fewer_and_keeps_the_latest_marks():
+    from datasette_mapclip.views import marked
+
+    params = SearchParams.from_args({"q": "x", "more": "1,2", "fewer": "3"})
+    assert marked(params, "more", 3) == {"more": (1, 2, 3), "fewer": ()}
+    assert marked(params, "fewer", 1) == {"more": (2,), "fewer": (3, 1)}
+    assert marked(params, "more", 2) == {"more": (1,), "fewer": (3,)}
+    full = SearchParams.from_args({"q": "x", "more": ",".join(str(i) for i in range(1, MAX_FEEDBACK + 1))})
+    assert marked(full, "more", 999)["more"] == tuple(range(2, MAX_FEEDBACK + 1)) + (999,)
+
+
+@pytest.mark.asyncio
+async def test_results_link_to_their_map_page_and_offer_the_exports(ds):
+    page = (await ds.client.get("/-/mapclip?q=survey&k=4&term=roads&term_weight=-0.5")).text
+    cards = re.findall(r'<li class="mapclip-card" data-id="(\d+)">', page)
+    for map_id in cards:
+        assert f'class="mapclip-title" href="/-/mapclip/map/maps/{map_id}"' in page
+    export = re.search(r'href="(/-/mapclip/export\.csv\?[^"]+)"', page).group(1).replace("&amp;", "&")
+    table = (await ds.client.get(export)).text.splitlines()
+    assert [line.split(",")[1] for line in table[1:]] == cards

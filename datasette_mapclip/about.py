@@ -1,0 +1,184 @@
+"""What the public pages tell a visitor: the "About this search" page (what the model is, where its
+weights came from, what it was and was not trained on, its known weaknesses, what a score means, how
+to report a problem) and the search page's optional example links.
+
+Everything here is read from the database's own provenance (the ``models`` table) and the plugin's
+configuration; the templates escape all of it, and only http(s) URLs (``search.web_url``) become links.
+"""
+
+from __future__ import annotations
+
+import logging
+import urllib.parse
+
+from . import store
+from .query import MAX_ID, SearchParams
+from .search import map_summary, web_url
+
+log = logging.getLogger(__name__)
+
+MAX_EXAMPLES = 8
+MAX_EXAMPLE_CHARS = 200
+
+# Where open_clip's pretrained weights came from, by the start of their tag (open_clip's names).
+# Plain words for a visitor; the exact tag is shown beside them.
+WEIGHT_SOURCES = [
+    ("openai", "OpenAI's original CLIP weights (2021), trained by OpenAI on about 400 million pictures "
+               "paired with their captions, collected from the public web. OpenAI has not published that "
+               "collection. These are the weights the paper this search follows used."),
+    ("laion400m", "open_clip weights trained on LAION-400M: 400 million pictures and their alt text, "
+                  "taken from web pages in the Common Crawl."),
+    ("laion2b", "open_clip weights trained on LAION-2B: about two billion pictures and their alt text "
+                "(the English-language part of LAION-5B), taken from web pages in the Common Crawl."),
+    ("laion", "open_clip weights trained on one of the LAION collections of pictures and alt text "
+              "taken from web pages in the Common Crawl."),
+    ("datacomp", "open_clip weights trained on a DataComp pool: pictures and alt text taken from web "
+                 "pages in the Common Crawl, then filtered."),
+    ("commonpool", "open_clip weights trained on a DataComp CommonPool: pictures and alt text taken from "
+                   "web pages in the Common Crawl."),
+    ("metaclip", "MetaCLIP weights: pictures and captions from the public web, balanced over a list of "
+                 "topics by Meta."),
+    ("dfn", "Data Filtering Network weights: pictures and captions from the public web, filtered by a "
+            "model trained for that."),
+    ("webli", "weights trained on WebLI, Google's collection of pictures and text from the public web."),
+    ("yfcc15m", "open_clip weights trained on 15 million Flickr photos and their descriptions (YFCC)."),
+    ("cc12m", "open_clip weights trained on Conceptual 12M: 12 million web pictures and their alt text."),
+]
+
+
+def weights_source(model: dict) -> str:
+    """Where a model's weights came from, in plain words, from its provenance row."""
+    pretrained = _text(model.get("pretrained"))
+    if pretrained:
+        for prefix, words in WEIGHT_SOURCES:
+            if pretrained.lower().startswith(prefix):
+                return words
+        return (f"pretrained weights that open_clip calls “{pretrained}”; open_clip's list of pretrained "
+                "models says what they were trained on.")
+    if _text(model.get("checkpoint_sha256")):
+        return ("a weights file supplied by the publisher of this site, for example a CLIP model fine-tuned "
+                "on captions made from this collection's catalogue records. Its fingerprint (SHA-256) is "
+                "shown below, so a copy can be checked against it; the publisher's note says more where "
+                "there is one.")
+    return "not recorded in this collection."
+
+
+def _text(value) -> str | None:
+    if value is None:
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def model_facts(model: dict, default: bool) -> dict:
+    """One ``models`` row as the about page shows it (no server file paths)."""
+    software = ", ".join(f"{name} {version}" for name, version in (
+        ("open_clip", _text(model.get("open_clip_version"))), ("torch", _text(model.get("torch_version"))),
+        ("sqlite-vec", _text(model.get("sqlite_vec_version")))) if version)
+    image_size = _text(model.get("image_size"))
+    facts = [  # (label, value, shown as code)
+        ("Architecture", _text(model.get("architecture")), True),
+        ("Pretrained weights tag", _text(model.get("pretrained")), True),
+        ("Weights file fingerprint (SHA-256)", _text(model.get("checkpoint_sha256")), True),
+        ("Vector size", _text(model.get("dim")), False),
+        ("Image size the model reads", f"{image_size} pixels square" if image_size else None, False),
+        ("Stored precision", _text(model.get("precision")), False),
+        ("Software", software or None, True),
+        ("Recorded", _text(model.get("created_at")), False),
+    ]
+    fine_tuned = not _text(model.get("pretrained")) and bool(_text(model.get("checkpoint_sha256")))
+    return {
+        "name": _text(model.get("name")) or "unnamed",
+        "default": default,
+        "source": weights_source(model),
+        "fine_tuned": fine_tuned,
+        "facts": [fact for fact in facts if fact[1]],
+    }
+
+
+async def describe_collection(datasette, name: str, config: dict) -> dict:
+    """A collection as the about page describes it: its title, models and the publisher's notes.
+    The caller has checked that the actor may view it."""
+    db = datasette.get_database(name)
+    models = await db.execute_fn(store.read_models)
+    default = store.pick_model(models)["id"] if models else None
+    title = await database_title(datasette, name)
+    return {
+        "name": name,
+        "title": _text(title) or name,
+        "models": [model_facts(m, m["id"] == default) for m in
+                   sorted(models, key=lambda m: (m["id"] != default, m["id"]))],
+        "note": _text(config.get("model_note")),
+        "training_note": _text(config.get("training_note")),
+    }
+
+
+async def database_title(datasette, name: str) -> str | None:
+    """The database's ``title`` from Datasette's metadata (0.65: ``metadata()``; 1.0 alphas:
+    ``get_database_metadata()``), or None."""
+    try:
+        if hasattr(datasette, "get_database_metadata"):
+            found = await datasette.get_database_metadata(name)
+        else:
+            found = datasette.metadata(database=name, fallback=False)
+        return _text((found or {}).get("title"))
+    except Exception:  # only a heading: the database's name serves as well
+        return None
+
+
+async def unreadable_collection(datasette, name: str) -> dict:
+    title = await database_title(datasette, name)
+    return {"name": name, "title": _text(title) or name, "models": [], "note": None, "training_note": None,
+            "unreadable": True}
+
+
+def report_channels(config: dict) -> dict:
+    """How a visitor reports a problem: ``report_url`` (a link only when it is http(s)) and/or
+    ``contact`` (shown as text: an email address, a desk, a phone number)."""
+    return {"url": web_url(config.get("report_url")), "contact": _text(config.get("contact"))}
+
+
+def example_queries(config: dict) -> list[str]:
+    """``example_queries`` from the collection's plugin configuration: short strings only."""
+    raw = config.get("example_queries")
+    if not isinstance(raw, (list, tuple)):
+        return []
+    found = []
+    for value in raw:
+        if isinstance(value, str) and value.strip() and len(value.strip()) <= MAX_EXAMPLE_CHARS:
+            found.append(value.strip())
+    return found[:MAX_EXAMPLES]
+
+
+def example_map_id(config: dict) -> int | None:
+    raw = config.get("example_map")
+    if isinstance(raw, bool):
+        return None
+    try:
+        value = int(str(raw).strip()) if raw is not None else None
+    except ValueError:
+        return None
+    return value if value is not None and 0 <= value <= MAX_ID else None
+
+
+async def examples(datasette, collection, config: dict) -> dict:
+    """The search page's example links: text queries, and "maps like this one" for ``example_map``
+    (only when that map is in the collection).  Empty when the configuration names none."""
+    db_arg = {"_db": collection.name}
+    base = datasette.urls.path("/-/mapclip") + "?"
+    queries = [{"text": q, "url": base + SearchParams(q=q).query_string() + "&" + urllib.parse.urlencode(db_arg)}
+               for q in example_queries(config)]
+    example = None
+    map_id = example_map_id(config)
+    if map_id is not None:
+        try:
+            row = await map_summary(collection, map_id)
+        except Exception as error:  # an optional link: never the reason a page fails
+            log.warning("mapclip: example_map %s of %s could not be read: %s", map_id, collection.name, error)
+            row = None
+        if row:
+            example = {"id": map_id, "title": _text(row.get("title")) or f"map {map_id}",
+                       "thumbnail_url": row.get("thumbnail_url"),
+                       "url": base + SearchParams(like=map_id).query_string() + "&" + urllib.parse.urlencode(db_arg)}
+    return {"queries": queries, "map": example}
+

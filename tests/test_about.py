@@ -1,0 +1,224 @@
+"""The "About this search" page (/-/mapclip/about): the collection's model provenance in plain words,
+the known weaknesses, what a score means, how to report a problem; Datasette's permissions; escaping."""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import re
+import shutil
+import sqlite3
+import urllib.parse
+
+import pytest
+from datasette.app import Datasette
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import load_collection
+from datasette_mapclip.store import MapStore
+
+ROOT = {"id": "root"}
+HOSTILE = '"><script>alert("x")</script><img src=x onerror=alert(1)>'
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory, model_args):
+    return load_collection(tmp_path_factory, model_args, 8)
+
+
+@pytest.fixture(scope="module")
+def model_row(collection):
+    store = MapStore(collection[0])
+    row = store.model()
+    store.close()
+    return row
+
+
+@pytest.fixture(scope="module")
+def collections(collection, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("about-perm")
+    public, secret, plain = folder / "maps.db", folder / "secret.db", folder / "plain.db"
+    shutil.copy(collection[0], public)
+    shutil.copy(collection[0], secret)
+    conn = sqlite3.connect(plain)
+    conn.execute("create table notes (id integer primary key, text text)")
+    conn.commit()
+    conn.close()
+    return public, secret, plain
+
+
+def cookies(ds, actor):
+    return {"ds_actor": ds.sign({"a": actor}, "actor")}
+
+
+def text_of(page: str) -> str:
+    """The page's visible words, whitespace collapsed (for assertions on sentences that wrap)."""
+    return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", page)))
+
+
+async def test_about_page_shows_the_collections_model_provenance(collection, model_row):
+    ds = Datasette([str(collection[0])])
+    response = await ds.client.get("/-/mapclip/about")
+    assert response.status_code == 200
+    page = response.text
+    words = text_of(page)
+    assert model_row["name"] in words and model_row["architecture"] == "mapclip-tiny"
+    assert "Architecture mapclip-tiny" in words
+    assert model_row["checkpoint_sha256"] in words  # the whole fingerprint, to check a copy against
+    assert "a weights file supplied by the publisher" in words  # no pretrained tag: a checkpoint
+    assert model_row["checkpoint_path"] not in page  # a path on the server is nobody's business
+    assert "used by default" in words
+    for subject in ("What the model was and was not trained on", "English only", "Modern-photo bias",
+                    "Text-heavy sheets", "Offensive historical labels", "not a probability",
+                    "How to report a problem", "cannot be compared"):
+        assert subject in words, subject
+    assert 'id="scores"' in page  # the search page links here
+    # ... and the same for the collection named
+    named = await ds.client.get("/-/mapclip/about?_db=maps")
+    assert named.status_code == 200 and model_row["checkpoint_sha256"] in named.text
+    assert '<a href="/-/mapclip?_db=maps">' in named.text
+
+
+@pytest.mark.parametrize("pretrained,source", [
+    ("openai", "OpenAI's original CLIP weights"),
+    ("laion2b_s34b_b79k", "LAION-2B"),
+    ("some_new_tag", "open_clip calls “some_new_tag”"),
+])
+async def test_pretrained_weights_are_described_in_plain_words(collection, tmp_path, pretrained, source):
+    copy = tmp_path / "maps.db"
+    shutil.copy(collection[0], copy)
+    store = MapStore(copy)
+    store.conn.execute("UPDATE models SET pretrained = ?, checkpoint_sha256 = NULL", (pretrained,))
+    store.close()
+    words = text_of((await Datasette([str(copy)]).client.get("/-/mapclip/about")).text)
+    assert source in words and f"Pretrained weights tag {pretrained}" in words
+
+
+async def test_publisher_notes_and_report_channels_come_from_the_plugin_config(collection):
+    config = {"model_note": "Fine-tuned on 10,000 <em>catalogue</em> captions.", "training_note": "Trained in 2026.",
+              "report_url": "https://maps.example.org/report?from=search", "contact": "maps@example.org"}
+    ds = Datasette([str(collection[0])], metadata={"plugins": {"datasette-mapclip": config}})
+    page = (await ds.client.get("/-/mapclip/about")).text
+    assert "Fine-tuned on 10,000 &lt;em&gt;catalogue&lt;/em&gt; captions." in page  # text, escaped
+    assert "Trained in 2026." in page
+    assert '<a href="https://maps.example.org/report?from=search">Report a problem</a>' in page
+    assert "Contact: maps@example.org" in page
+    unset = (await Datasette([str(collection[0])]).client.get("/-/mapclip/about")).text
+    assert "has not named a place for reports" in unset
+
+
+async def test_everything_from_the_database_and_config_is_escaped_and_only_http_becomes_a_link(collection, tmp_path):
+    copy = tmp_path / "maps.db"
+    shutil.copy(collection[0], copy)
+    store = MapStore(copy)
+    store.conn.execute("UPDATE models SET name = ?, architecture = ?, pretrained = ?, checkpoint_sha256 = ?, "
+                       "open_clip_version = ?, created_at = ?",
+                       ("N" + HOSTILE, "A" + HOSTILE, "P" + HOSTILE, "S" + HOSTILE, "O" + HOSTILE, "C" + HOSTILE))
+    store.close()
+    for report_url in ("javascript:alert(1)", " JaVaScRiPt:alert(2)", "data:text/html,<script>alert(3)</script>",
+                       "//evil.example/x", "vbscript:x"):
+        ds = Datasette([str(copy)], metadata={
+            "title": "T" + HOSTILE,
+            "databases": {"maps": {"title": "D" + HOSTILE}},
+            "plugins": {"datasette-mapclip": {"report_url": report_url, "contact": "C" + HOSTILE,
+                                              "model_note": "M" + HOSTILE}}})
+        response = await ds.client.get("/-/mapclip/about")
+        assert response.status_code == 200
+        page = response.text
+        assert "<script>alert" not in page and "onerror=alert(1)>" not in page
+        assert "javascript:" not in page.lower() and "vbscript:" not in page and "evil.example" not in page
+        assert "data:text/html" not in page
+        words = text_of(page)
+        for prefix in ("N", "A", "P", "S", "C", "M", "D"):
+            assert prefix + HOSTILE in words, prefix  # shown, whole, as text
+        hrefs = re.findall(r'href="([^"]*)"', page)
+        assert all(h.startswith(("/", "https://", "http://", "#")) and not h.startswith("//") for h in hrefs), hrefs
+
+
+PRIVATE_DATABASE = {"databases": {"secret": {"allow": ROOT}}}
+PRIVATE_TABLE = {"databases": {"secret": {"tables": {"maps": {"allow": ROOT}}}}}
+
+
+@pytest.mark.parametrize("metadata", [PRIVATE_DATABASE, PRIVATE_TABLE], ids=["private-database", "private-table"])
+async def test_a_collection_the_actor_cannot_view_is_neither_listed_nor_described(collections, metadata):
+    ds = Datasette([str(p) for p in collections], metadata=metadata)
+    anonymous = await ds.client.get("/-/mapclip/about")
+    assert anonymous.status_code == 200
+    assert "secret" not in anonymous.text  # not listed, not described, not linked
+    assert text_of(anonymous.text).count("The model behind") == 1
+    assert "/-/mapclip?_db=maps" in anonymous.text
+    refused = await ds.client.get("/-/mapclip/about?_db=secret")
+    assert refused.status_code == 403 and "The model behind" not in refused.text
+    # a database that is not a collection, or does not exist: the same 404, no names
+    for name in ("plain", "nope", "_internal"):
+        missing = await ds.client.get("/-/mapclip/about?_db=" + name)
+        assert missing.status_code == 404 and "secret" not in missing.text, name
+    root = await ds.client.get("/-/mapclip/about", cookies=cookies(ds, ROOT))
+    assert root.status_code == 200 and text_of(root.text).count("The model behind") == 2
+    assert "/-/mapclip?_db=secret" in root.text
+    assert (await ds.client.get("/-/mapclip/about?_db=secret", cookies=cookies(ds, ROOT))).status_code == 200
+
+
+async def test_an_instance_closed_to_anonymous_visitors_keeps_its_about_page_closed(collections):
+    ds = Datasette([str(p) for p in collections], metadata={"allow": ROOT})
+    assert (await ds.client.get("/-/mapclip/about")).status_code == 403
+    assert (await ds.client.get("/-/mapclip/about?_db=maps")).status_code == 403
+    assert (await ds.client.get("/-/mapclip/about", cookies=cookies(ds, ROOT))).status_code == 200
+
+
+async def test_a_permission_check_cut_by_the_time_limit_is_a_503_not_a_500(collection, monkeypatch):
+    from datasette.database import QueryInterrupted
+
+    ds = Datasette([str(collection[0])], settings={"sql_time_limit_ms": 50})
+
+    async def cut(*args, **kwargs):
+        raise QueryInterrupted(Exception("interrupted"), "select 1", {})
+
+    monkeypatch.setattr(ds, "ensure_permissions", cut)
+    monkeypatch.setattr(ds, "permission_allowed", cut)
+    for path in ("/-/mapclip/about", "/-/mapclip/about?_db=maps"):
+        response = await ds.client.get(path)
+        assert response.status_code == 503, (path, response.status_code, response.text[:300])
+        assert "took longer than this server's 50 ms limit" in response.text
+
+
+async def test_a_collection_without_embeddings_is_described_without_error(tmp_path):
+    db = tmp_path / "empty.db"
+    MapStore(db).close()  # the schema, no model yet
+    ds = Datasette([str(db)])
+    response = await ds.client.get("/-/mapclip/about")
+    assert response.status_code == 200 and "no searchable maps yet" in response.text
+
+
+@pytest.fixture(scope="module")
+def served(collection):
+    loop = asyncio.new_event_loop()
+    yield Datasette([str(collection[0])]), loop
+    loop.close()
+
+
+@settings(max_examples=150, deadline=None, database=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(st.dictionaries(st.sampled_from(["_db", "q", "x"]), st.one_of(
+    st.text(max_size=200), st.sampled_from(["maps", "_internal", "", " ", "\x00", "maps\x00", "../maps"])), max_size=3))
+def test_about_page_never_answers_5xx(served, args):
+    ds, loop = served
+    response = loop.run_until_complete(ds.client.get("/-/mapclip/about?" + urllib.parse.urlencode(args)))
+    assert response.status_code < 500, (response.status_code, response.text[:300])
+    assert "Traceback" not in response.text
+
+
+async def test_a_provenance_table_that_cannot_be_read_is_reported_not_a_500(collection, monkeypatch):
+    from datasette_mapclip import about
+
+    ds = Datasette([str(collection[0])])
+    assert (await ds.client.get("/-/mapclip/about")).status_code == 200
+
+    async def damaged(*args, **kwargs):
+        raise sqlite3.OperationalError("no such column: id")
+
+    monkeypatch.setattr(about, "describe_collection", damaged)
+    response = await ds.client.get("/-/mapclip/about")
+    assert response.status_code == 200 and "could not be read" in response.text
+    assert "no such column" not in response.text
