@@ -105,3 +105,15 @@ def test_kinds_are_told_apart_by_colour_alone(collection, tmp_path):
     predicted = ((test[:, None] - centroids[None]) ** 2).sum(-1).argmin(1)
     accuracy = np.mean([kinds[p] == row["kind"] for p, row in zip(predicted, held_out)])
     assert accuracy >= 0.8, accuracy
+
+
+def test_the_seed_table_fails_a_kind_that_misses_at_any_seed():
+    """demo/model/evaluation.md's kind x seed table: a kind passes only when every seed reaches 0.8."""
+    from fine_tune.demo.run import seeds_markdown
+
+    table = {0: {"geological": 1.0, "nautical": 0.9}, 1: {"geological": 0.7, "nautical": 1.0},
+             2: {"geological": 0.9, "nautical": 0.8}}
+    markdown = seeds_markdown(table)
+    assert '| geological | "geological map" | 1.00 | 0.70 | 0.90 | 0.70 | FAIL |' in markdown
+    assert '| nautical | "nautical chart" | 0.90 | 1.00 | 0.80 | 0.80 | PASS |' in markdown
+    assert "1/2 PASS" in markdown

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Mapping
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
@@ -423,7 +423,9 @@ GEOLOGY = [
 
 
 def draw_geological(rng: np.random.Generator, size: int) -> Image.Image:
-    """Geological map: folded strata in saturated unit colours, intrusions, black faults."""
+    """Geological map: folded strata in saturated unit colours, hatched and stippled formations,
+    intrusions, black faults, and a stratigraphic legend column (a stack of unit boxes, youngest
+    on top) down one side: banded, patterned and columnar, unlike a choropleth's flat fills."""
     x, y = _coords(size)
     angle = rng.uniform(0, math.pi)
     fold = (_noise(rng, size, 2, 4) - 0.5) * rng.uniform(0.6, 1.2)
@@ -438,6 +440,11 @@ def draw_geological(rng: np.random.Generator, size: int) -> Image.Image:
     _paint(canvas, _edges(units), (40, 30, 30), 0.8)
     stipple = (rng.random((size, size)) < 0.15) & (units % 3 == 0)
     _paint(canvas, stipple, (60, 40, 40), 0.5)
+    # Ruled patterns overprint some formations (limestone, shale...), in two directions.
+    period = max(3, size // 40)
+    cols, rows = np.meshgrid(np.arange(size), np.arange(size))
+    _paint(canvas, (((cols + rows) % period) == 0) & (units % 3 == 1), (50, 35, 35), 0.6)
+    _paint(canvas, (((cols - rows) % period) == 0) & (units % 4 == 2), (50, 35, 35), 0.5)
     image = _image(canvas)
     draw = ImageDraw.Draw(image)
     for _ in range(int(rng.integers(1, 4))):  # faults cut across the strata
@@ -445,9 +452,33 @@ def draw_geological(rng: np.random.Generator, size: int) -> Image.Image:
         px, py = rng.uniform(0.2, 0.8, 2) * size
         dx, dy = math.cos(a) * size, math.sin(a) * size
         draw.line([(px - dx, py - dy), (px + dx, py + dy)], fill=(0, 0, 0), width=max(2, size // 100))
-    _labels(draw, rng, size, ["Qal", "Tg", "Kd", "Jm", "Pc", "Ob", "Cm", "pC"], int(rng.integers(3, 7)), (0, 0, 0))
+    _labels(draw, rng, size, SYMBOLS, int(rng.integers(3, 7)), (0, 0, 0))
+    _strat_column(draw, rng, size, palette)
     _neatline(draw, size)
     return image
+
+
+def _strat_column(draw: ImageDraw.ImageDraw, rng: np.random.Generator, size: int, palette: Array) -> None:
+    """The legend of a geological map: a tall column of formation boxes, one per unit colour,
+    each with its symbol, on a white strip along the left or right edge."""
+    width = size * rng.uniform(0.16, 0.2)
+    left = size * 0.02 if rng.random() < 0.5 else size * 0.98 - width
+    top, bottom = size * 0.04, size * 0.96
+    draw.rectangle([left, top, left + width, bottom], fill=(250, 248, 240), outline=(0, 0, 0))
+    units = min(len(palette), int(rng.integers(6, 9)))
+    step = (bottom - top) / units
+    font = _font(size, 6)
+    for k in range(units):
+        y0 = top + k * step
+        box = [left + 3, y0 + 2, left + width * 0.45, y0 + step - 2]
+        draw.rectangle(box, fill=tuple(int(c) for c in palette[k]), outline=(0, 0, 0))
+        if k % 3 == 1:  # the column repeats the map's patterns
+            for hx in np.arange(box[0], box[2], max(3, size // 40)):
+                draw.line([(hx, box[1]), (min(hx + (box[3] - box[1]), box[2]), box[3])], fill=(50, 35, 35))
+        draw.text((left + width * 0.52, y0 + step * 0.25), str(SYMBOLS[k % len(SYMBOLS)]), fill=(0, 0, 0), font=font)
+
+
+SYMBOLS = ["Qal", "Tg", "Kd", "Jm", "Pc", "Ob", "Cm", "pC", "Dv"]
 
 
 SANBORN = {"frame": (246, 214, 92), "brick": (232, 146, 136), "stone": (136, 170, 214), "iron": (180, 180, 180)}
