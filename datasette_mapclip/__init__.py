@@ -2,7 +2,7 @@
 
 from datasette import hookimpl
 
-from . import map_views, search, store, views
+from . import compat, map_views, search, store, views
 from .sql_functions import DatabaseFunctions, register
 from .state import plugin_config, state_for
 from .uploads import UploadLimits, limit_upload_bodies
@@ -25,6 +25,9 @@ def prepare_connection(conn, database, datasette):
                                      state_for(datasette).encoders.get))
 
 
+HIDDEN_TABLES = ("map_vectors", "mapclip_meta")
+
+
 @hookimpl
 def get_metadata(datasette):
     # vec0 tables and their shadow tables ("map_vectors_<model>..."): their table pages answer
@@ -32,9 +35,9 @@ def get_metadata(datasette):
     # name starts with a hidden one.  Only collections get this, and each gets dicts of its own:
     # Datasette merges hook metadata into its own in place, so a shared dict would carry one
     # database's settings (an allow block) into another.  (Datasette 1.0 drops this hook: use
-    # metadata.yml there.)
+    # compat.hide_tables at start-up there.)
     databases = {
-        name: {"tables": {"map_vectors": {"hidden": True}, "mapclip_meta": {"hidden": True}}}
+        name: {"tables": {table: {"hidden": True} for table in HIDDEN_TABLES}}
         for name, db in datasette.databases.items()
         if not name.startswith("_") and store.file_is_collection(db.path)
     }
@@ -48,6 +51,8 @@ def startup(datasette):
     search.set_work_threads(config.get("threads", 1), int(config.get("scan_threads", 1)))
 
     async def build_indexes():
+        for name in await search.all_collection_names(datasette):
+            await compat.hide_tables(datasette, name, HIDDEN_TABLES)
         # Index every collection's default model in the background, and load its model in the model
         # thread meanwhile, so the first searches are fast; until an index is ready, searches go
         # through sqlite-vec.

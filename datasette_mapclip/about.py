@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import urllib.parse
 
-from . import store
+from . import compat, store
 from .query import MAX_ID, SearchParams
 from .search import map_summary, web_url
 
@@ -114,14 +114,9 @@ async def describe_collection(datasette, name: str, config: dict) -> dict:
 
 
 async def database_title(datasette, name: str) -> str | None:
-    """The database's ``title`` from Datasette's metadata (0.65: ``metadata()``; 1.0 alphas:
-    ``get_database_metadata()``), or None."""
+    """The database's ``title`` from Datasette's metadata, or None."""
     try:
-        if hasattr(datasette, "get_database_metadata"):
-            found = await datasette.get_database_metadata(name)
-        else:
-            found = datasette.metadata(database=name, fallback=False)
-        return _text((found or {}).get("title"))
+        return _text((await compat.database_metadata(datasette, name)).get("title"))
     except Exception:  # only a heading: the database's name serves as well
         return None
 

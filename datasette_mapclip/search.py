@@ -24,7 +24,7 @@ import numpy as np
 from datasette.database import QueryInterrupted
 from datasette.utils.asgi import Forbidden
 
-from . import citations, iiif, query_vector, search_sql, store, vectors
+from . import citations, compat, iiif, query_vector, search_sql, store, vectors
 from .errors import BadSearch, NotFound, SearchUnavailable, UploadError
 from .images import DEFAULT_MAX_PIXELS, ImageDecodeError, open_image
 from .index import EXACT_SUBSET_ROWS
@@ -158,8 +158,7 @@ async def ensure_can_view(datasette, actor, database: str):
     """Datasette's own checks for the collection's ``maps`` table, as its table page makes them
     (view-table, then view-database, then view-instance; the first decision wins).  Raises
     Datasette's ``Forbidden``, which Datasette answers with its 403."""
-    await datasette.ensure_permissions(actor, [
-        ("view-table", (database, store.MAPS_TABLE)), ("view-database", database), "view-instance"])
+    await compat.ensure_view_table(datasette, actor, database, store.MAPS_TABLE)
 
 
 async def can_view(datasette, actor, database: str) -> bool:
@@ -183,7 +182,7 @@ async def collection_names(datasette, actor) -> list[str]:
 async def ensure_can_upload(datasette, actor, wanted: str | None):
     """Checked before an upload's body is read: the collection named in the URL, or (when the form
     names it) some collection, must be one this actor may view; else Datasette's 403."""
-    await datasette.ensure_permissions(actor, ["view-instance"])
+    await compat.ensure_view_instance(datasette, actor)
     names = await all_collection_names(datasette)
     if wanted in names:
         await ensure_can_view(datasette, actor, wanted)
@@ -195,7 +194,7 @@ async def open_collection(datasette, actor, wanted: str | None, model_name: str 
     """The collection a request names (``_db``) or the first one the actor may view, with its model.
 
     A collection the actor may not view answers Datasette's 403, as its database page does."""
-    await datasette.ensure_permissions(actor, ["view-instance"])
+    await compat.ensure_view_instance(datasette, actor)
     if wanted:
         if wanted not in await all_collection_names(datasette):
             names = await collection_names(datasette, actor)
@@ -382,7 +381,7 @@ async def run_search(collection: Collection, params: SearchParams) -> dict:
     results = [shape_result(row, database, datasette.urls) for row in rows]
     more = len(results) == params.k and params.k * (params.page + 1) <= VEC0_MAX_K
     base = datasette.urls.path("/-/mapclip/search.json")
-    sql_url = datasette.urls.database(database) + "?" + urllib.parse.urlencode(
+    sql_url = compat.query_url(datasette, database) + "?" + urllib.parse.urlencode(
         {"sql": plan.sql, **{k: str(v) for k, v in plan.params.items()}})
     answer = {
         "database": database,

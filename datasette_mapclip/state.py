@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import weakref
 
+from . import compat
 from .encoders import EncoderCache
 from .index import IndexRegistry
 
@@ -34,4 +35,4 @@ def state_for(datasette) -> PluginState:
 
 def plugin_config(datasette, database: str | None = None) -> dict:
     """``plugins: datasette-mapclip:`` from metadata (per database where given)."""
-    return datasette.plugin_config(PLUGIN, database=database) or {}
+    return compat.plugin_config(datasette, PLUGIN, database=database) or {}

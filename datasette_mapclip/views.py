@@ -9,7 +9,7 @@ import urllib.parse
 
 from datasette.utils.asgi import Forbidden, Response
 
-from . import about, search
+from . import about, compat, search
 from .errors import BadSearch, NotFound, SearchError, UploadError
 from .query import MAX_FEEDBACK, MAX_ID, MAX_TERMS, SearchParams
 from .state import plugin_config
@@ -207,7 +207,7 @@ async def about_page(request, datasette):
     """"About this search": each collection this actor may view (or the one ``_db`` names), its model's
     provenance, what the model was and was not trained on, its known weaknesses, what a score means,
     and how to report a problem.  A collection the actor may not view is neither listed nor described."""
-    await datasette.ensure_permissions(request.actor, ["view-instance"])
+    await compat.ensure_view_instance(datasette, request.actor)
     wanted = request.args.get("_db") or None
     status = 200
     error = None

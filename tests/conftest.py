@@ -3,6 +3,7 @@ and a local loc.gov stand-in.  Nothing here touches the network or downloads wei
 
 from __future__ import annotations
 
+import copy
 import csv
 import os
 from pathlib import Path
@@ -153,3 +154,69 @@ def open_db(path):
     from datasette_mapclip.store import connect
 
     return connect(path)
+
+
+# --- Datasette 0.65.x and the 1.0 alphas ------------------------------------------------------
+# 0.65 reads plugin settings and "allow" blocks from metadata; the 1.0 alphas read them from the
+# configuration (datasette.yml, ``config=``) and keep only descriptive metadata.  Tests write one
+# metadata-shaped dict and make_datasette puts each part where the running Datasette reads it.
+try:
+    import datasette.resources  # noqa: F401  (only in the 1.0 alphas)
+    DATASETTE_1 = True
+except ImportError:
+    DATASETTE_1 = False
+
+CONFIG_KEYS = ("plugins", "allow", "allow_sql", "permissions", "queries")
+
+
+def split_metadata(metadata: dict | None) -> tuple[dict, dict]:
+    """(metadata, config) for Datasette 1.0 from a 0.65 metadata dict: plugins and permission
+    blocks (at the instance, database and table level) go to config, the rest stays metadata."""
+    metadata = copy.deepcopy(metadata or {})
+    config = {key: metadata.pop(key) for key in CONFIG_KEYS if key in metadata}
+    for db_name, db in list((metadata.get("databases") or {}).items()):
+        db = dict(db)
+        db_config = {key: db.pop(key) for key in CONFIG_KEYS if key in db}
+        for table_name, table in list((db.get("tables") or {}).items()):
+            table = dict(table)
+            table_config = {key: table.pop(key) for key in CONFIG_KEYS if key in table}
+            db.setdefault("tables", {})[table_name] = table
+            if table_config:
+                db_config.setdefault("tables", {})[table_name] = table_config
+        metadata["databases"][db_name] = db
+        if db_config:
+            config.setdefault("databases", {})[db_name] = db_config
+    return metadata, config
+
+
+def make_datasette(paths, metadata: dict | None = None, **kwargs):
+    """Datasette with 0.65-style ``metadata`` (plugins, allow blocks, titles) on either line."""
+    from datasette.app import Datasette
+
+    if DATASETTE_1 and metadata:
+        metadata, config = split_metadata(metadata)
+        return Datasette(paths, metadata=metadata or None, config=config or None, **kwargs)
+    return Datasette(paths, metadata=metadata, **kwargs)
+
+
+def cut_permission_checks(monkeypatch, ds, cut) -> None:
+    """Replace every permission-check entry point this Datasette has (0.65 and 1.0 differ)."""
+    for name in ("ensure_permissions", "permission_allowed", "ensure_permission", "allowed", "allowed_many",
+                 "check_visibility"):
+        if hasattr(ds, name):
+            monkeypatch.setattr(ds, name, cut)
+
+
+def csrf_cookies(page) -> dict:
+    """0.65 checks a form's ``csrftoken`` against its ``ds_csrftoken`` cookie (asgi-csrf); the 1.0
+    alphas check the browser's Sec-Fetch-Site/Origin headers instead and set no cookie."""
+    return {} if DATASETTE_1 else {"ds_csrftoken": page.cookies["ds_csrftoken"]}
+
+
+# What a browser sends with a form posted from the page itself (1.0 refuses a cross-site one).
+SAME_ORIGIN = {"sec-fetch-site": "same-origin"}
+
+
+def query_json_path(database: str) -> str:
+    """Where each line answers arbitrary SQL as JSON (1.0's ``/db.json?sql=`` only redirects)."""
+    return f"/{database}/-/query.json" if DATASETTE_1 else f"/{database}.json"

@@ -11,11 +11,10 @@ import sqlite3
 import urllib.parse
 
 import pytest
-from datasette.app import Datasette
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import load_collection
+from conftest import cut_permission_checks, load_collection, make_datasette
 from datasette_mapclip.store import MapStore
 
 ROOT = {"id": "root"}
@@ -58,7 +57,7 @@ def text_of(page: str) -> str:
 
 
 async def test_about_page_shows_the_collections_model_provenance(collection, model_row):
-    ds = Datasette([str(collection[0])])
+    ds = make_datasette([str(collection[0])])
     response = await ds.client.get("/-/mapclip/about")
     assert response.status_code == 200
     page = response.text
@@ -91,20 +90,20 @@ async def test_pretrained_weights_are_described_in_plain_words(collection, tmp_p
     store = MapStore(copy)
     store.conn.execute("UPDATE models SET pretrained = ?, checkpoint_sha256 = NULL", (pretrained,))
     store.close()
-    words = text_of((await Datasette([str(copy)]).client.get("/-/mapclip/about")).text)
+    words = text_of((await make_datasette([str(copy)]).client.get("/-/mapclip/about")).text)
     assert source in words and f"Pretrained weights tag {pretrained}" in words
 
 
 async def test_publisher_notes_and_report_channels_come_from_the_plugin_config(collection):
     config = {"model_note": "Fine-tuned on 10,000 <em>catalogue</em> captions.", "training_note": "Trained in 2026.",
               "report_url": "https://maps.example.org/report?from=search", "contact": "maps@example.org"}
-    ds = Datasette([str(collection[0])], metadata={"plugins": {"datasette-mapclip": config}})
+    ds = make_datasette([str(collection[0])], metadata={"plugins": {"datasette-mapclip": config}})
     page = (await ds.client.get("/-/mapclip/about")).text
     assert "Fine-tuned on 10,000 &lt;em&gt;catalogue&lt;/em&gt; captions." in page  # text, escaped
     assert "Trained in 2026." in page
     assert '<a href="https://maps.example.org/report?from=search">Report a problem</a>' in page
     assert "Contact: maps@example.org" in page
-    unset = (await Datasette([str(collection[0])]).client.get("/-/mapclip/about")).text
+    unset = (await make_datasette([str(collection[0])]).client.get("/-/mapclip/about")).text
     assert "has not named a place for reports" in unset
 
 
@@ -118,7 +117,7 @@ async def test_everything_from_the_database_and_config_is_escaped_and_only_http_
     store.close()
     for report_url in ("javascript:alert(1)", " JaVaScRiPt:alert(2)", "data:text/html,<script>alert(3)</script>",
                        "//evil.example/x", "vbscript:x"):
-        ds = Datasette([str(copy)], metadata={
+        ds = make_datasette([str(copy)], metadata={
             "title": "T" + HOSTILE,
             "databases": {"maps": {"title": "D" + HOSTILE}},
             "plugins": {"datasette-mapclip": {"report_url": report_url, "contact": "C" + HOSTILE,
@@ -142,7 +141,7 @@ PRIVATE_TABLE = {"databases": {"secret": {"tables": {"maps": {"allow": ROOT}}}}}
 
 @pytest.mark.parametrize("metadata", [PRIVATE_DATABASE, PRIVATE_TABLE], ids=["private-database", "private-table"])
 async def test_a_collection_the_actor_cannot_view_is_neither_listed_nor_described(collections, metadata):
-    ds = Datasette([str(p) for p in collections], metadata=metadata)
+    ds = make_datasette([str(p) for p in collections], metadata=metadata)
     anonymous = await ds.client.get("/-/mapclip/about")
     assert anonymous.status_code == 200
     assert "secret" not in anonymous.text  # not listed, not described, not linked
@@ -161,7 +160,7 @@ async def test_a_collection_the_actor_cannot_view_is_neither_listed_nor_describe
 
 
 async def test_an_instance_closed_to_anonymous_visitors_keeps_its_about_page_closed(collections):
-    ds = Datasette([str(p) for p in collections], metadata={"allow": ROOT})
+    ds = make_datasette([str(p) for p in collections], metadata={"allow": ROOT})
     assert (await ds.client.get("/-/mapclip/about")).status_code == 403
     assert (await ds.client.get("/-/mapclip/about?_db=maps")).status_code == 403
     assert (await ds.client.get("/-/mapclip/about", cookies=cookies(ds, ROOT))).status_code == 200
@@ -170,13 +169,12 @@ async def test_an_instance_closed_to_anonymous_visitors_keeps_its_about_page_clo
 async def test_a_permission_check_cut_by_the_time_limit_is_a_503_not_a_500(collection, monkeypatch):
     from datasette.database import QueryInterrupted
 
-    ds = Datasette([str(collection[0])], settings={"sql_time_limit_ms": 50})
+    ds = make_datasette([str(collection[0])], settings={"sql_time_limit_ms": 50})
 
     async def cut(*args, **kwargs):
         raise QueryInterrupted(Exception("interrupted"), "select 1", {})
 
-    monkeypatch.setattr(ds, "ensure_permissions", cut)
-    monkeypatch.setattr(ds, "permission_allowed", cut)
+    cut_permission_checks(monkeypatch, ds, cut)
     for path in ("/-/mapclip/about", "/-/mapclip/about?_db=maps"):
         response = await ds.client.get(path)
         assert response.status_code == 503, (path, response.status_code, response.text[:300])
@@ -186,7 +184,7 @@ async def test_a_permission_check_cut_by_the_time_limit_is_a_503_not_a_500(colle
 async def test_a_collection_without_embeddings_is_described_without_error(tmp_path):
     db = tmp_path / "empty.db"
     MapStore(db).close()  # the schema, no model yet
-    ds = Datasette([str(db)])
+    ds = make_datasette([str(db)])
     response = await ds.client.get("/-/mapclip/about")
     assert response.status_code == 200 and "no searchable maps yet" in response.text
 
@@ -194,7 +192,7 @@ async def test_a_collection_without_embeddings_is_described_without_error(tmp_pa
 @pytest.fixture(scope="module")
 def served(collection):
     loop = asyncio.new_event_loop()
-    yield Datasette([str(collection[0])]), loop
+    yield make_datasette([str(collection[0])]), loop
     loop.close()
 
 
@@ -212,7 +210,7 @@ def test_about_page_never_answers_5xx(served, args):
 async def test_a_provenance_table_that_cannot_be_read_is_reported_not_a_500(collection, monkeypatch):
     from datasette_mapclip import about
 
-    ds = Datasette([str(collection[0])])
+    ds = make_datasette([str(collection[0])])
     assert (await ds.client.get("/-/mapclip/about")).status_code == 200
 
     async def damaged(*args, **kwargs):

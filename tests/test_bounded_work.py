@@ -8,10 +8,9 @@ import threading
 
 import numpy as np
 import pytest
-from datasette.app import Datasette
 from test_plugin import jpeg, multipart, wait_for_index
 
-from conftest import draw_map, load_collection
+from conftest import SAME_ORIGIN, csrf_cookies, draw_map, load_collection, make_datasette
 from datasette_mapclip import query_vector, uploads
 from datasette_mapclip.uploads import UploadLimits, limit_upload_bodies
 
@@ -49,7 +48,7 @@ def long_headers():
 ], ids=["150000-parts", "33-parts", "long-field", "long-headers"])
 async def test_hostile_forms_are_refused_with_400_that_says_why(collection, make_body, message):
     body, content_type = make_body()
-    response = await post(Datasette([str(collection[0])]), body, content_type)
+    response = await post(make_datasette([str(collection[0])]), body, content_type)
     assert response.status_code == 400
     assert message in response.json()["error"]
 
@@ -57,7 +56,7 @@ async def test_hostile_forms_are_refused_with_400_that_says_why(collection, make
 @pytest.mark.asyncio
 async def test_a_form_within_the_limits_still_searches(collection):
     body, content_type = multipart({f"unused{i}": "v" for i in range(20)} | {"k": "3"}, jpeg(draw_map(3)))
-    response = await post(Datasette([str(collection[0])]), body, content_type)
+    response = await post(make_datasette([str(collection[0])]), body, content_type)
     assert response.status_code == 200 and len(response.json()["results"]) == 3
 
 
@@ -72,7 +71,7 @@ async def test_multipart_is_parsed_off_the_event_loop(collection, monkeypatch):
 
     monkeypatch.setattr(uploads, "parse_multipart", spy)
     body, content_type = multipart({"k": "2"}, jpeg(draw_map(4)))
-    response = await post(Datasette([str(collection[0])]), body, content_type)
+    response = await post(make_datasette([str(collection[0])]), body, content_type)
     assert response.status_code == 200
     assert threads and threads[0] is not threading.main_thread()
 
@@ -108,18 +107,18 @@ async def test_the_body_is_cut_short_before_anything_downstream_parses_it():
 
 @pytest.mark.asyncio
 async def test_with_a_csrf_cookie_a_hostile_form_is_still_answered_4xx(collection):
-    ds = Datasette([str(collection[0])])
+    ds = make_datasette([str(collection[0])])
     page = await ds.client.get("/-/mapclip")
     body, content_type = many_parts(150_000)
-    response = await ds.client.post("/-/mapclip", content=body, headers={"content-type": content_type},
-                                    cookies={"ds_csrftoken": page.cookies["ds_csrftoken"]})
+    response = await ds.client.post("/-/mapclip", content=body, headers={"content-type": content_type, **SAME_ORIGIN},
+                                    cookies=csrf_cookies(page))
     assert 400 <= response.status_code < 500
 
 
 @pytest.mark.asyncio
 async def test_an_upload_naming_its_collection_in_the_form_is_refused_before_reading_when_nothing_is_visible(
         collection):
-    ds = Datasette([str(collection[0])], metadata={"databases": {"maps": {"allow": {"id": "root"}}}})
+    ds = make_datasette([str(collection[0])], metadata={"databases": {"maps": {"allow": {"id": "root"}}}})
     # a malformed body: read, it would answer 400; refused first, it answers 403
     response = await post(ds, b"--zz\r\nnot a form", "multipart/form-data; boundary=zz")
     assert response.status_code == 403
@@ -154,7 +153,7 @@ class HeldModel:
 @pytest.mark.parametrize("index", ["in-memory", "sqlite-vec"])
 async def test_more_like_this_never_waits_behind_text_encoding(collection, monkeypatch, index):
     config = {} if index == "in-memory" else {"index": "off"}
-    ds = Datasette([str(collection[0])], metadata={"plugins": {"datasette-mapclip": config}})
+    ds = make_datasette([str(collection[0])], metadata={"plugins": {"datasette-mapclip": config}})
     if index == "in-memory":
         await wait_for_index(ds)
     held = HeldModel(monkeypatch)
@@ -169,7 +168,7 @@ async def test_more_like_this_never_waits_behind_text_encoding(collection, monke
 
 @pytest.mark.asyncio
 async def test_a_bad_upload_is_refused_without_waiting_for_the_model(collection, monkeypatch):
-    ds = Datasette([str(collection[0])])
+    ds = make_datasette([str(collection[0])])
     held = HeldModel(monkeypatch)
     await held.start(ds)
     try:
@@ -191,7 +190,7 @@ def test_the_parser_itself_holds_the_part_limit():
 
 @pytest.mark.asyncio
 async def test_a_refused_upload_closes_the_connection_instead_of_reading_the_rest(collection):
-    ds = Datasette([str(collection[0])])
+    ds = make_datasette([str(collection[0])])
     body, content_type = many_parts(150_000)
     for route in ("/-/mapclip/search.json", "/-/mapclip"):
         response = await ds.client.post(route, content=body, headers={"content-type": content_type})
@@ -211,7 +210,7 @@ async def test_a_statement_cut_by_the_time_limit_anywhere_answers_503(collection
     def interrupted(conn):
         raise Interrupted("interrupted")
 
-    ds = Datasette([str(collection[0])])
+    ds = make_datasette([str(collection[0])])
     assert (await ds.client.get("/-/mapclip/search.json?like=1&k=2")).status_code == 200
     monkeypatch.setattr(store, "read_models", interrupted)
     for path in ("/-/mapclip/search.json?like=1&k=2", "/-/mapclip?like=1&k=2"):
@@ -224,7 +223,7 @@ async def test_a_statement_cut_by_the_time_limit_anywhere_answers_503(collection
 async def test_text_queries_waiting_together_are_encoded_in_one_pass(collection, monkeypatch, tiny_encoder):
     from datasette_mapclip.store import MapStore
 
-    ds = Datasette([str(collection[0])], metadata={"plugins": {"datasette-mapclip": {"index": "off"}}})
+    ds = make_datasette([str(collection[0])], metadata={"plugins": {"datasette-mapclip": {"index": "off"}}})
     held = HeldModel(monkeypatch)
     batches = []
     holding = query_vector.text_vectors

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import load_collection
+from conftest import DATASETTE_1, load_collection, split_metadata
 
 CHROMIUM = os.environ.get("MAPCLIP_CHROMIUM", "/usr/bin/chromium")
 SCREENSHOTS = Path(os.environ.get("MAPCLIP_SCREENSHOTS", Path(__file__).parent / "screenshots"))
@@ -38,11 +38,28 @@ def server(tmp_path_factory, model_args):
     yield from serve(db_path, folder, metadata)
 
 
+def metadata_options(path) -> list[str]:
+    """``-m metadata.json`` on Datasette 0.65; on the 1.0 alphas plugin settings and permissions
+    go in a configuration file (``-c datasette.json``) beside what stays metadata."""
+    if not path:
+        return []
+    if not DATASETTE_1:
+        return ["-m", str(path)]
+    metadata, config = split_metadata(json.loads(Path(path).read_text()))
+    options = []
+    for flag, part, name in (("-m", metadata, "metadata-1.0.json"), ("-c", config, "datasette.json")):
+        if part:
+            target = Path(path).with_name(name)
+            target.write_text(json.dumps(part))
+            options += [flag, str(target)]
+    return options
+
+
 def serve(db_path, folder, metadata=None):
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "datasette", "serve", str(db_path), "-p", str(port), "--setting", "sql_time_limit_ms", "20000",
-         *(["-m", str(metadata)] if metadata else [])],
+         *metadata_options(metadata)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"

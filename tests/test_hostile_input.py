@@ -6,9 +6,8 @@ import shutil
 import urllib.parse
 
 import pytest
-from datasette.app import Datasette
 
-from conftest import load_collection
+from conftest import load_collection, make_datasette, query_json_path
 from datasette_mapclip.store import MapStore
 
 HOSTILE_URLS = ["javascript:alert(1)", " JavaScript:alert(1)", "data:text/html,<script>alert(1)</script>",
@@ -34,7 +33,7 @@ def hostile_db(tmp_path_factory, model_args):
 
 @pytest.mark.asyncio
 async def test_only_http_urls_become_links(hostile_db):
-    ds = Datasette([str(hostile_db)])
+    ds = make_datasette([str(hostile_db)])
     data = (await ds.client.get("/-/mapclip/search.json?like=8&k=8")).json()
     assert len(data["results"]) == 8
     for result in data["results"]:
@@ -62,7 +61,7 @@ async def test_only_http_urls_become_links(hostile_db):
     ("like=1&year_min=10000000000000000000000", 400, "year_min must be"),
 ])
 async def test_oversized_and_out_of_range_parameters_get_400(hostile_db, query, status, message):
-    ds = Datasette([str(hostile_db)])
+    ds = make_datasette([str(hostile_db)])
     response = await ds.client.get(f"/-/mapclip/search.json?{query}")
     assert response.status_code == status, response.text
     assert message in response.json()["error"]
@@ -75,12 +74,12 @@ async def test_oversized_and_out_of_range_parameters_get_400(hostile_db, query, 
     ("/-/mapclip/thumbnail/nope/1.jpg", 404),
 ])
 async def test_thumbnail_route_answers_bad_paths_with_404(hostile_db, path, status):
-    ds = Datasette([str(hostile_db)])
+    ds = make_datasette([str(hostile_db)])
     assert (await ds.client.get(path)).status_code == status
 
 
 def sql_error(ds, sql):
-    return ds.client.get("/maps.json?" + urllib.parse.urlencode({"sql": sql, "_shape": "array"}))
+    return ds.client.get(query_json_path("maps") + "?" + urllib.parse.urlencode({"sql": sql, "_shape": "array"}))
 
 
 @pytest.mark.asyncio
@@ -95,7 +94,7 @@ def sql_error(ds, sql):
     ("select mapclip_embed_image()", "mapclip_embed_image takes (image [, model]); got 0 arguments"),
 ])
 async def test_sql_functions_refuse_bad_values_with_sql_errors(hostile_db, sql, message):
-    ds = Datasette([str(hostile_db)])
+    ds = make_datasette([str(hostile_db)])
     response = await sql_error(ds, sql)
     assert response.status_code == 400, response.text
     assert message in response.json()["error"]

@@ -8,10 +8,9 @@ import threading
 
 import numpy as np
 import pytest
-from datasette.app import Datasette
 from test_plugin import wait_for_index
 
-from conftest import load_collection, open_db
+from conftest import load_collection, make_datasette, open_db
 from datasette_mapclip import index as index_module
 from datasette_mapclip import search, vectors
 from datasette_mapclip.records import MapRecord
@@ -35,7 +34,7 @@ def copy(collection, tmp_path):
 
 
 def serve(path, **config):
-    return Datasette([str(path)], metadata={"plugins": {"datasette-mapclip": config}})
+    return make_datasette([str(path)], metadata={"plugins": {"datasette-mapclip": config}})
 
 
 async def live_of(ds):

@@ -12,8 +12,8 @@ import shutil
 import urllib.parse
 
 import pytest
-from datasette.app import Datasette
 
+from conftest import make_datasette
 from datasette_mapclip import vendor
 from datasette_mapclip.store import MapStore
 
@@ -38,7 +38,7 @@ def loc_collection(tmp_path_factory, model_args):
 
 @pytest.fixture
 def ds(loc_collection):
-    return Datasette([str(loc_collection[0])], metadata={"plugins": {"datasette-mapclip": {"index": "off"}}})
+    return make_datasette([str(loc_collection[0])], metadata={"plugins": {"datasette-mapclip": {"index": "off"}}})
 
 
 def rows(db_path, sql, params=()):
@@ -115,7 +115,7 @@ async def test_a_hostile_record_is_escaped_and_never_linked(loc_collection, tmp_
                            "image_url = 'data:text/html,x', notes = ? WHERE id = 1",
                            ('<script>alert("t")</script>', "<img src=x onerror=alert(2)>"))
     store.close()
-    ds = Datasette([str(copy)], metadata={"plugins": {"datasette-mapclip": {"index": "off"}}})
+    ds = make_datasette([str(copy)], metadata={"plugins": {"datasette-mapclip": {"index": "off"}}})
     page = await ds.client.get("/-/mapclip/map/maps/1")
     assert page.status_code == 200
     assert '<script>alert("t")' not in page.text and "&lt;script&gt;" in page.text
@@ -128,12 +128,12 @@ async def test_a_hostile_record_is_escaped_and_never_linked(loc_collection, tmp_
 @pytest.mark.asyncio
 async def test_missing_maps_and_collections_are_404_and_private_ones_403(loc_collection):
     db_path, _ = loc_collection
-    ds = Datasette([str(db_path)], metadata={"plugins": {"datasette-mapclip": {"index": "off"}}})
+    ds = make_datasette([str(db_path)], metadata={"plugins": {"datasette-mapclip": {"index": "off"}}})
     for path in ("/-/mapclip/map/maps/999999", "/-/mapclip/map/nope/1", f"/-/mapclip/map/maps/{2**63}",
                  "/-/mapclip/map/maps/999999.json", "/-/mapclip/map/maps/999999.bib"):
         response = await ds.client.get(path)
         assert response.status_code == 404, (path, response.status_code)
-    private = Datasette([str(db_path)], metadata={"databases": {"maps": {"allow": {"id": "librarian"}}},
+    private = make_datasette([str(db_path)], metadata={"databases": {"maps": {"allow": {"id": "librarian"}}},
                                                   "plugins": {"datasette-mapclip": {"index": "off"}}})
     for path in ("/-/mapclip/map/maps/1", "/-/mapclip/map/maps/1.json", "/-/mapclip/map/maps/1.bib",
                  "/-/mapclip/export.csv?q=map&_db=maps"):

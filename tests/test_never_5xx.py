@@ -9,11 +9,10 @@ import struct
 import urllib.parse
 
 import pytest
-from datasette.app import Datasette
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import load_collection
+from conftest import load_collection, make_datasette
 
 SEARCH_PARAMETERS = ["q", "like", "vector", "weight", "k", "page", "year_min", "year_max", "place", "filter",
                      "model", "_db"]
@@ -42,7 +41,7 @@ values = st.one_of(st.text(max_size=300), numbers, hexes, st.sampled_from(["nan"
 def served(tmp_path_factory, model_args):
     db_path, _ = load_collection(tmp_path_factory, model_args, 10)
     loop = asyncio.new_event_loop()
-    ds = Datasette([str(db_path)])
+    ds = make_datasette([str(db_path)])
     yield ds, loop
     loop.close()
 

@@ -10,9 +10,8 @@ import shutil
 import urllib.parse
 
 import pytest
-from datasette.app import Datasette
 
-from conftest import load_collection
+from conftest import load_collection, make_datasette
 from datasette_mapclip.store import MapStore
 
 # Advice for whoever runs the server, never for a visitor of the published page.
@@ -39,7 +38,7 @@ def config(**settings):
                                   "/-/mapclip?q=", "/-/mapclip?like=99999"])
 async def test_the_public_page_gives_no_command_line_advice_and_links_to_about(collection, path):
     # even with a publisher's note that holds command lines (the offline demo's): it belongs on the about page
-    ds = Datasette([str(collection[0])], metadata={"plugins": {"datasette-mapclip": {"model_note": DEMO_NOTE}}})
+    ds = make_datasette([str(collection[0])], metadata={"plugins": {"datasette-mapclip": {"model_note": DEMO_NOTE}}})
     response = await ds.client.get(path)
     assert response.status_code in (200, 404)
     assert not COMMAND_LINE.search(response.text), COMMAND_LINE.search(response.text)
@@ -49,7 +48,7 @@ async def test_the_public_page_gives_no_command_line_advice_and_links_to_about(c
 
 
 async def test_results_link_to_what_the_scores_mean(collection):
-    ds = Datasette([str(collection[0])])
+    ds = make_datasette([str(collection[0])])
     page = (await ds.client.get("/-/mapclip?q=relief&k=4")).text
     assert '<a href="/-/mapclip/about?_db=maps#scores">What the scores mean</a>' in page
     about = (await ds.client.get("/-/mapclip/about?_db=maps")).text
@@ -63,7 +62,7 @@ async def test_operator_errors_reach_a_visitor_in_plain_words(collection, tmp_pa
     store = MapStore(copy)
     store.conn.execute("UPDATE models SET checkpoint_path = '/nowhere/tiny.pt'")
     store.close()
-    ds = Datasette([str(copy)])
+    ds = make_datasette([str(copy)])
     page = await ds.client.get("/-/mapclip?q=relief")
     assert page.status_code == 503
     assert "not available on this site right now" in page.text and "/nowhere" not in page.text
@@ -73,7 +72,7 @@ async def test_operator_errors_reach_a_visitor_in_plain_words(collection, tmp_pa
     assert "were not found on this server" in api.json()["error"]
     empty = tmp_path / "empty.db"
     MapStore(empty).close()
-    page = await Datasette([str(empty)]).client.get("/-/mapclip")
+    page = await make_datasette([str(empty)]).client.get("/-/mapclip")
     assert page.status_code == 400 and "cannot be searched yet" in page.text and not COMMAND_LINE.search(page.text)
     # a visitor's own mistake is still explained as it was
     bad = await ds.client.get("/-/mapclip?like=1&weight=7")
@@ -81,7 +80,7 @@ async def test_operator_errors_reach_a_visitor_in_plain_words(collection, tmp_pa
 
 
 async def test_before_any_query_the_page_says_what_to_type(collection):
-    ds = Datasette([str(collection[0])])
+    ds = make_datasette([str(collection[0])])
     page = (await ds.client.get("/-/mapclip")).text
     words = text_of(page)
     assert "How to search" in words and "Describe what you would see" in words
@@ -93,7 +92,7 @@ async def test_before_any_query_the_page_says_what_to_type(collection):
 
 
 async def test_every_control_has_a_label_and_every_thumbnail_its_title(collection):
-    ds = Datasette([str(collection[0])])
+    ds = make_datasette([str(collection[0])])
     page = (await ds.client.get("/-/mapclip?q=relief&k=6")).text
     ids = set(re.findall(r'<label[^>]* for="([^"]+)"', page))
     for control in re.finditer(r"<(input|select)\b[^>]*>", page):
@@ -115,13 +114,13 @@ async def test_untitled_maps_get_meaningful_alt_text(collection, tmp_path):
     store = MapStore(copy)
     store.conn.execute("UPDATE maps SET title = NULL")
     store.close()
-    page = (await Datasette([str(copy)]).client.get("/-/mapclip?like=1&k=3")).text
+    page = (await make_datasette([str(copy)]).client.get("/-/mapclip?like=1&k=3")).text
     assert 'alt="None"' not in page and page.count('alt="Untitled map"') == 3
 
 
 async def test_example_queries_and_example_map_from_config(collection):
     title = MapStore(collection[0]).conn.execute("SELECT title FROM maps WHERE id = 3").fetchone()[0]
-    ds = Datasette([str(collection[0])], metadata=config(
+    ds = make_datasette([str(collection[0])], metadata=config(
         example_queries=["nautical chart", "city plan <b>with</b> river", "", 42], example_map=3))
     page = (await ds.client.get("/-/mapclip")).text
     row = re.search(r'<nav class="mapclip-examples".*?</nav>', page, re.S).group(0)
@@ -152,7 +151,7 @@ async def test_example_queries_and_example_map_from_config(collection):
     {"example_map": True},
 ])
 async def test_without_usable_examples_the_page_shows_none(collection, settings):
-    ds = Datasette([str(collection[0])], metadata=config(**settings))
+    ds = make_datasette([str(collection[0])], metadata=config(**settings))
     for path in ("/-/mapclip", "/-/mapclip?q=relief&k=2"):
         response = await ds.client.get(path)
         assert response.status_code == 200 and "mapclip-examples" not in response.text
@@ -161,7 +160,7 @@ async def test_without_usable_examples_the_page_shows_none(collection, settings)
 async def test_examples_of_a_collection_the_actor_cannot_view_are_not_shown(collection, tmp_path):
     secret = tmp_path / "secret.db"
     shutil.copy(collection[0], secret)
-    ds = Datasette([str(secret)], metadata={"databases": {"secret": {
+    ds = make_datasette([str(secret)], metadata={"databases": {"secret": {
         "allow": {"id": "root"}, "plugins": {"datasette-mapclip": {"example_queries": ["hidden treasure"]}}}}})
     response = await ds.client.get("/-/mapclip?" + urllib.parse.urlencode({"_db": "secret"}))
     assert response.status_code == 403 and "hidden treasure" not in response.text

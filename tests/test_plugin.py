@@ -6,9 +6,17 @@ import urllib.parse
 
 import numpy as np
 import pytest
-from datasette.app import Datasette
 
-from conftest import draw_map, load_collection, open_db
+from conftest import (
+    DATASETTE_1,
+    SAME_ORIGIN,
+    csrf_cookies,
+    cut_permission_checks,
+    draw_map,
+    load_collection,
+    make_datasette,
+    open_db,
+)
 from datasette_mapclip import vectors
 from datasette_mapclip.store import MapStore
 
@@ -26,9 +34,9 @@ async def ds(collection, request):
     """The collection served twice over: searches through sqlite-vec (index off), and through the
     in-memory index (waited for).  Each search test runs on both paths, never on whichever wins a race."""
     if request.param == "sqlite-vec":
-        served = Datasette([str(collection[0])], metadata={"plugins": {"datasette-mapclip": {"index": "off"}}})
+        served = make_datasette([str(collection[0])], metadata={"plugins": {"datasette-mapclip": {"index": "off"}}})
     else:
-        served = Datasette([str(collection[0])])
+        served = make_datasette([str(collection[0])])
         await wait_for_index(served)
     served.search_path = SEARCH_PATHS[request.param]
     return served
@@ -110,7 +118,7 @@ async def test_combine_and_similarity_normalise_vectors_that_are_not_unit_length
 @pytest.mark.asyncio
 async def test_prompt_template_wraps_every_text_query(collection, stored, tiny_encoder):
     ids, matrix, _ = stored
-    ds = Datasette([str(collection[0])],
+    ds = make_datasette([str(collection[0])],
                    metadata={"plugins": {"datasette-mapclip": {"prompt_template": "an old {} map", "index": "off"}}})
     templated = tiny_encoder.encode_texts(["an old relief map"])[0]
     assert not np.allclose(templated, tiny_encoder.encode_texts(["relief"])[0], atol=1e-3)
@@ -180,6 +188,7 @@ async def test_search_json_text(ds, stored, tiny_encoder):
 async def test_the_sql_link_reproduces_the_results(ds):
     data = (await ds.client.get("/-/mapclip/search.json?q=roads&k=4&year_min=1805")).json()
     link = urllib.parse.urlsplit(data["sql_url"])
+    assert link.path == ("/maps/-/query" if DATASETTE_1 else "/maps")  # where each line runs SQL
     rows = (await ds.client.get(link.path + ".json?" + link.query + "&_shape=array")).json()
     assert [r["id"] for r in rows] == [r["id"] for r in data["results"]]
 
@@ -258,8 +267,8 @@ async def test_upload_searches_by_any_image_and_redirects_to_a_shareable_url(ds,
     token = re.search(r'name="csrftoken" value="([^"]+)"', page.text).group(1)
     picture = draw_map(1234)  # not in the collection
     body, content_type = multipart({"csrftoken": token, "q": "", "weight": "0"}, jpeg(picture))
-    response = await ds.client.post("/-/mapclip", content=body, headers={"content-type": content_type},
-                                    cookies={"ds_csrftoken": page.cookies["ds_csrftoken"]})
+    response = await ds.client.post("/-/mapclip", content=body, headers={"content-type": content_type, **SAME_ORIGIN},
+                                    cookies=csrf_cookies(page))
     assert response.status_code == 302
     location = response.headers["location"]
     assert "vector=" in location
@@ -277,8 +286,9 @@ async def test_upload_searches_by_any_image_and_redirects_to_a_shareable_url(ds,
 async def test_upload_without_csrf_token_is_refused(ds):
     page = await ds.client.get("/-/mapclip")
     body, content_type = multipart({"q": "x"}, jpeg(draw_map(1)))
-    response = await ds.client.post("/-/mapclip", content=body, headers={"content-type": content_type},
-                                    cookies={"ds_csrftoken": page.cookies["ds_csrftoken"]})
+    # 0.65: a form without its token; 1.0: a form posted from another site (header-based CSRF)
+    headers = {"content-type": content_type, **({"sec-fetch-site": "cross-site"} if DATASETTE_1 else {})}
+    response = await ds.client.post("/-/mapclip", content=body, headers=headers, cookies=csrf_cookies(page))
     assert response.status_code == 403
 
 
@@ -310,7 +320,7 @@ async def test_decompression_bomb_upload_is_refused(ds):
 async def test_upload_pixel_cap_applies_below_pillows_own_guard(collection):
     from PIL import Image
 
-    ds = Datasette([str(collection[0])], metadata={"plugins": {"datasette-mapclip": {"max_upload_pixels": 40_000}}})
+    ds = make_datasette([str(collection[0])], metadata={"plugins": {"datasette-mapclip": {"max_upload_pixels": 40_000}}})
     small, large = jpeg(draw_map(5, (190, 190))), jpeg(draw_map(5, (260, 200)))  # 36,100 and 52,000 pixels
     assert 52_000 < Image.MAX_IMAGE_PIXELS  # far below Pillow's own guard: only the plugin's cap can refuse it
     for picture, status in ((small, 200), (large, 400)):
@@ -357,7 +367,7 @@ async def test_database_whose_model_cannot_be_loaded_still_opens(collection, tmp
     # a server elsewhere: the database names a path, this machine never saw the weights
     copy = changed_copy(collection, tmp_path / "moved.db", "UPDATE models SET checkpoint_path = '/nowhere/tiny.pt'")
     monkeypatch.setenv("MAPCLIP_CHECKPOINT_REGISTRY", str(tmp_path / "empty-registry"))
-    ds = Datasette([str(copy)])
+    ds = make_datasette([str(copy)])
     assert (await ds.client.get("/moved/maps.json?_shape=array&_size=1")).status_code == 200
     response = await ds.client.get("/-/mapclip/search.json?q=relief")
     assert response.status_code == 503
@@ -385,10 +395,10 @@ async def test_plugin_config_points_at_the_weights_elsewhere_checked_by_hash(col
     shutil.copy(tiny_checkpoint, moved_weights)
     wrong_weights = tmp_path / "wrong.pt"
     wrong_weights.write_bytes(b"not the same weights")
-    ds = Datasette([str(copy)], metadata={"plugins": {"datasette-mapclip": {"checkpoints": {name: str(wrong_weights)}}}})
+    ds = make_datasette([str(copy)], metadata={"plugins": {"datasette-mapclip": {"checkpoints": {name: str(wrong_weights)}}}})
     response = await ds.client.get("/-/mapclip/search.json?q=relief")
     assert response.status_code == 503 and "SHA-256 does not match" in response.json()["error"]
-    ds = Datasette([str(copy)], metadata={"plugins": {"datasette-mapclip": {"checkpoints": {name: str(moved_weights)}}}})
+    ds = make_datasette([str(copy)], metadata={"plugins": {"datasette-mapclip": {"checkpoints": {name: str(moved_weights)}}}})
     response = await ds.client.get("/-/mapclip/search.json?q=relief")
     assert response.status_code == 200 and len(response.json()["results"]) == 20
 
@@ -409,7 +419,7 @@ async def test_published_metadata_yml_canned_queries_and_hidden_tables(tmp_path)
     result = CliRunner().invoke(cli, ["import-beto", str(db_path), str(tmp_path / "beto.pt"), str(tmp_path / "beto_idx.pt"), "--quiet"])
     assert result.exit_code == 0, result.output
     metadata = yaml.safe_load(open(__import__("pathlib").Path(__file__).parent.parent / "metadata.yml"))
-    ds = Datasette([str(db_path)], metadata=metadata)
+    ds = make_datasette([str(db_path)], metadata=metadata)
     rows = (await ds.client.get("/maps/similar_to_map.json?map_id=3&_shape=array")).json()
     assert rows[0]["id"] == 3 and rows[0]["similarity"] == pytest.approx(1.0, abs=1e-5) and len(rows) == 6
     tables = (await ds.client.get("/maps.json")).json()["tables"]
@@ -417,7 +427,7 @@ async def test_published_metadata_yml_canned_queries_and_hidden_tables(tmp_path)
     assert "map_vectors_vit_b_32_openai" in hidden and "map_vectors_vit_b_32_openai_chunks" in hidden
     assert "maps" not in hidden
     # without the plugin-level hiding from metadata.yml, the hook hides them too
-    plain = Datasette([str(db_path)])
+    plain = make_datasette([str(db_path)])
     tables = (await plain.client.get("/maps.json")).json()["tables"]
     assert {t["name"] for t in tables if t["hidden"]} >= {"map_vectors_vit_b_32_openai", "map_vectors_vit_b_32_openai_rowids"}
 
@@ -440,8 +450,8 @@ async def wait_for_index(ds, database="maps"):
 @pytest.mark.parametrize("config", [{}, {"int8_min_rows": 10}])
 async def test_in_memory_index_answers_like_sqlite_vec(collection, config):
     """The fast path (exact numpy, or the int8 scan with exact re-scoring) returns what the SQL returns."""
-    plain = Datasette([str(collection[0])], metadata={"plugins": {"datasette-mapclip": {"index": "off"}}})
-    fast = Datasette([str(collection[0])], metadata={"plugins": {"datasette-mapclip": config}})
+    plain = make_datasette([str(collection[0])], metadata={"plugins": {"datasette-mapclip": {"index": "off"}}})
+    fast = make_datasette([str(collection[0])], metadata={"plugins": {"datasette-mapclip": config}})
     found = await wait_for_index(fast)
     assert found.exact == (not config)
     for query in ("q=relief+map&k=7", "like=5&k=7", "q=chart&like=9&weight=0.3&k=5&page=2"):
@@ -475,8 +485,8 @@ async def test_filtered_search_in_the_index_equals_sqlite_vecs_filtered_knn(coll
     """Each filter kind (years, place, catalogue text, together), answered by the index, equals
     sqlite-vec's filtered KNN, on every way the index can take."""
     copy = changed_copy(collection, tmp_path / "maps.db", "UPDATE maps SET place = 'Maine coast' WHERE id % 3 = 0;")
-    plain = Datasette([str(copy)], metadata={"plugins": {"datasette-mapclip": {"index": "off"}}})
-    fast = Datasette([str(copy)], metadata={"plugins": {"datasette-mapclip": config}})
+    plain = make_datasette([str(copy)], metadata={"plugins": {"datasette-mapclip": {"index": "off"}}})
+    fast = make_datasette([str(copy)], metadata={"plugins": {"datasette-mapclip": config}})
     await wait_for_index(fast)
     seen = set()
     for query in FILTERED_QUERIES:
@@ -513,7 +523,7 @@ async def test_place_filter_through_the_trigram_index_means_exactly_like(collect
     query = f"/-/mapclip/search.json?q=map&place={urllib.parse.quote(place)}&k=30"
     for path in (indexed, older):
         for config in ({"index": "off"}, {"int8_min_rows": 10, "filter_pool": 1}):
-            ds = Datasette([str(path)], metadata={"plugins": {"datasette-mapclip": config}})
+            ds = make_datasette([str(path)], metadata={"plugins": {"datasette-mapclip": config}})
             if config.get("index") != "off":
                 await wait_for_index(ds)
             data = (await ds.client.get(query)).json()
@@ -570,14 +580,14 @@ def many_vectors_copy(collection, tmp_path, rows: int):
 @pytest.mark.asyncio
 async def test_a_search_cut_by_the_time_limit_answers_503_that_says_so(collection, tmp_path):
     copy = many_vectors_copy(collection, tmp_path, 60_000)
-    ds = Datasette([str(copy)], settings={"sql_time_limit_ms": 1},
+    ds = make_datasette([str(copy)], settings={"sql_time_limit_ms": 1},
                    metadata={"plugins": {"datasette-mapclip": {"index": "off"}}})
     response = await ds.client.get("/-/mapclip/search.json?like=1&k=5")
     assert response.status_code == 503, response.text
     assert "took longer than this server's 1 ms limit" in response.json()["error"]
     page = await ds.client.get("/-/mapclip?like=1&k=5")
     assert page.status_code == 503 and "took longer" in page.text
-    relaxed = Datasette([str(copy)], metadata={"plugins": {"datasette-mapclip": {"index": "off"}}})
+    relaxed = make_datasette([str(copy)], metadata={"plugins": {"datasette-mapclip": {"index": "off"}}})
     assert (await relaxed.client.get("/-/mapclip/search.json?like=1&k=5")).status_code == 200
 
 
@@ -586,7 +596,7 @@ async def test_a_permission_check_cut_by_the_time_limit_is_a_503_on_every_route(
     # Datasette's own permission checks run SQL under the same time limit; on a busy host a tight
     # limit cuts them rather than the search, and that must be the same 503, not a 500.
     from datasette.database import QueryInterrupted
-    ds = Datasette([str(collection[0])], settings={"sql_time_limit_ms": 50},
+    ds = make_datasette([str(collection[0])], settings={"sql_time_limit_ms": 50},
                    metadata={"plugins": {"datasette-mapclip": {"index": "off"}}})
     await ds.invoke_startup()
     assert (await ds.client.get("/-/mapclip/thumbnail/maps/1.jpg")).status_code == 200
@@ -594,8 +604,7 @@ async def test_a_permission_check_cut_by_the_time_limit_is_a_503_on_every_route(
     async def cut(*args, **kwargs):
         raise QueryInterrupted(Exception("interrupted"), "select 1", {})
 
-    monkeypatch.setattr(ds, "ensure_permissions", cut)
-    monkeypatch.setattr(ds, "permission_allowed", cut)
+    cut_permission_checks(monkeypatch, ds, cut)
     for path in ("/-/mapclip/search.json?like=1&k=5", "/-/mapclip?like=1&k=5", "/-/mapclip",
                  "/-/mapclip/thumbnail/maps/1.jpg"):
         response = await ds.client.get(path)
@@ -607,7 +616,7 @@ async def test_a_permission_check_cut_by_the_time_limit_is_a_503_on_every_route(
 async def test_errors_carry_their_status(collection, tmp_path):
     copy = changed_copy(collection, tmp_path / "nofts.db",
                         "DROP TRIGGER maps_ai; DROP TRIGGER maps_ad; DROP TRIGGER maps_au; DROP TABLE maps_fts;")
-    ds = Datasette([str(copy)])
+    ds = make_datasette([str(copy)])
     response = await ds.client.get("/-/mapclip/search.json?like=1&filter=vermont")
     assert response.status_code == 400 and "no full-text index" in response.json()["error"]
     missing = await ds.client.get("/-/mapclip/search.json?like=99999")

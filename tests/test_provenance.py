@@ -8,9 +8,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from datasette.app import Datasette
 
-from conftest import TINY_MODEL, load_collection, save_tiny_checkpoint
+from conftest import TINY_MODEL, load_collection, make_datasette, save_tiny_checkpoint
 from datasette_mapclip.encoders import resolve_checkpoint
 from datasette_mapclip.model import ModelUnavailable, file_sha256
 from datasette_mapclip.provenance import (
@@ -88,7 +87,7 @@ async def test_serving_on_the_loading_machine_needs_no_configuration(served, mon
     db_path, loading_registry = served
     assert model_row(db_path)["checkpoint_path"] == "tiny.pt"
     monkeypatch.setenv(REGISTRY_ENV, str(loading_registry))
-    response = await Datasette([str(db_path)]).client.get("/-/mapclip/search.json?q=relief")
+    response = await make_datasette([str(db_path)]).client.get("/-/mapclip/search.json?q=relief")
     assert response.status_code == 200 and len(response.json()["results"]) == 6
 
 
@@ -98,7 +97,7 @@ async def test_a_server_elsewhere_finds_the_weights_only_through_checkpoints_con
     served, _ = served
     monkeypatch.setenv(REGISTRY_ENV, "off")  # another machine: it never saw the weights
     row = model_row(served)
-    unconfigured = await Datasette([str(served)]).client.get("/-/mapclip/search.json?q=relief")
+    unconfigured = await make_datasette([str(served)]).client.get("/-/mapclip/search.json?q=relief")
     assert unconfigured.status_code == 503
     error = unconfigured.json()["error"]
     assert "were not found on this server" in error and row["checkpoint_sha256"] in error
@@ -108,7 +107,7 @@ async def test_a_server_elsewhere_finds_the_weights_only_through_checkpoints_con
     shutil.copy(tiny_checkpoint, tmp_path / "app" / "weights" / "tiny.pt")
     monkeypatch.chdir(tmp_path / "app")
     config = {"plugins": {"datasette-mapclip": {"checkpoints": {row["name"]: "weights/tiny.pt"}}}}
-    configured = await Datasette([str(served)], metadata=config).client.get("/-/mapclip/search.json?q=relief")
+    configured = await make_datasette([str(served)], metadata=config).client.get("/-/mapclip/search.json?q=relief")
     assert configured.status_code == 200 and len(configured.json()["results"]) == 6
 
 

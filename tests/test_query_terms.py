@@ -9,10 +9,9 @@ import urllib.parse
 
 import numpy as np
 import pytest
-from datasette.app import Datasette
 from test_plugin import SEARCH_PATHS, expected_order, wait_for_index
 
-from conftest import load_collection
+from conftest import SAME_ORIGIN, csrf_cookies, load_collection, make_datasette
 from datasette_mapclip import query_vector, vectors
 from datasette_mapclip.query import MAX_FEEDBACK, MAX_TERMS, QueryTerm, SearchParams
 from datasette_mapclip.store import MapStore
@@ -34,9 +33,9 @@ def stored(collection):
 @pytest.fixture(params=list(SEARCH_PATHS))
 async def ds(collection, request):
     if request.param == "sqlite-vec":
-        served = Datasette([str(collection[0])], metadata={"plugins": {"datasette-mapclip": {"index": "off"}}})
+        served = make_datasette([str(collection[0])], metadata={"plugins": {"datasette-mapclip": {"index": "off"}}})
     else:
-        served = Datasette([str(collection[0])])
+        served = make_datasette([str(collection[0])])
         await wait_for_index(served)
     return served
 
@@ -199,8 +198,8 @@ async def test_an_uploaded_image_minus_a_word_posted_from_the_form(ds, stored, t
     token = re.search(r'name="csrftoken" value="([^"]+)"', page.text).group(1)
     body, content_type = multipart_pairs([("csrftoken", token), ("q", ""), ("term", "colour"), ("term_weight", "-0.7"),
                                           ("term", "roads"), ("term_weight", "0.2"), ("k", "6")], picture.getvalue())
-    response = await ds.client.post("/-/mapclip", content=body, headers={"content-type": content_type},
-                                    cookies={"ds_csrftoken": page.cookies["ds_csrftoken"]})
+    response = await ds.client.post("/-/mapclip", content=body, headers={"content-type": content_type, **SAME_ORIGIN},
+                                    cookies=csrf_cookies(page))
     assert response.status_code == 302, response.text
     location = response.headers["location"]
     args = urllib.parse.parse_qs(urllib.parse.urlsplit(location).query)

@@ -5,9 +5,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from datasette.app import Datasette
 
-from conftest import load_collection
+from conftest import load_collection, make_datasette
 from datasette_mapclip.state import state_for
 
 
@@ -26,14 +25,14 @@ async def loaded_encoders(ds, wait: float) -> int:
 
 @pytest.mark.asyncio
 async def test_the_model_is_loaded_at_start_up_not_at_the_first_text_search(collection):
-    ds = Datasette([str(collection[0])])
+    ds = make_datasette([str(collection[0])])
     await ds.invoke_startup()
     assert await loaded_encoders(ds, wait=20) == 1  # no search was made
 
 
 @pytest.mark.asyncio
 async def test_preloading_can_be_turned_off(collection):
-    ds = Datasette([str(collection[0])], metadata={"plugins": {"datasette-mapclip": {"preload_model": False}}})
+    ds = make_datasette([str(collection[0])], metadata={"plugins": {"datasette-mapclip": {"preload_model": False}}})
     await ds.invoke_startup()
     assert await loaded_encoders(ds, wait=1) == 0
     assert (await ds.client.get("/-/mapclip/search.json?q=roads&k=2")).status_code == 200
@@ -51,13 +50,13 @@ async def test_the_threads_settings_reach_the_threads_that_do_the_work(collectio
 
     from datasette_mapclip import search
 
-    ds = Datasette([str(collection[0])], metadata={"plugins": {"datasette-mapclip": {
+    ds = make_datasette([str(collection[0])], metadata={"plugins": {"datasette-mapclip": {
         "threads": threads, "preload_model": False}}})
     await ds.invoke_startup()
     for pool in (search.MODEL, search.DECODE):
         assert pool.submit(torch.get_num_threads).result(timeout=20) == threads
     assert search.INDEX.submit(faiss.omp_get_max_threads).result(timeout=20) == 1
-    ds = Datasette([str(collection[0])], metadata={"plugins": {"datasette-mapclip": {
+    ds = make_datasette([str(collection[0])], metadata={"plugins": {"datasette-mapclip": {
         "scan_threads": 2, "preload_model": False}}})
     await ds.invoke_startup()
     assert search.INDEX.submit(faiss.omp_get_max_threads).result(timeout=20) == 2
