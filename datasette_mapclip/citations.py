@@ -96,6 +96,12 @@ def _bibtex_text(value: str) -> str:
     return "".join(_BIBTEX_SPECIAL.get(ch, ch) for ch in str(value).replace("\r", " ").replace("\n", " "))
 
 
+def _bibtex_url(url: str) -> str:
+    """A url field is verbatim in biblatex/url.sty: only what would unbalance the entry's braces (or
+    escape them) is percent-encoded, as any URL may be."""
+    return url.replace("\\", "%5C").replace("{", "%7B").replace("}", "%7D")
+
+
 def bibtex_key(record: dict) -> str:
     """``<item id><year>s<sheet>``, letters and digits only: stable, and one per sheet."""
     def clean(value) -> str:
@@ -123,8 +129,7 @@ def bibtex(record: dict, *, repository_name: str | None = None, accessed: dateti
         fields.append(("organization", _bibtex_text(held)))
     url = web_url(record.get("item_url"))
     if url:
-        fields.append(("url", _bibtex_text(url).replace(r"\_", "_").replace(r"\%", "%").replace(r"\#", "#")
-                       .replace(r"\&", "&")))  # url fields are verbatim in biblatex/url.sty
+        fields.append(("url", _bibtex_url(url)))
         fields.append(("urldate", (accessed or datetime.date.today()).isoformat()))
     fields.append(("howpublished", "Map"))
     body = ",\n".join(f"  {name} = {{{value}}}" for name, value in fields)

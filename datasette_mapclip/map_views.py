@@ -10,7 +10,7 @@ from datasette.utils.asgi import Response
 from . import citations, search, vendor
 from .errors import BadSearch, NotFound, SearchError
 from .query import MAX_ID, SearchParams
-from .views import answers_503_when_cut, error_response
+from .views import _first, answers_503_when_cut, error_response
 
 CITATION_FILES = {
     ".bib": ("application/x-bibtex; charset=utf-8", lambda cite: cite["bibtex"]),
@@ -72,7 +72,7 @@ async def export_results(request, datasette):
         params = SearchParams.from_args(args)
         if not params.has_query:
             raise BadSearch("give the search's own parameters (q, like, vector, term, more): export the results of a search")
-        database = (args.get("_db") or [None])[0]
+        database = _first(args, "_db")
         collection = await search.open_collection(datasette, request.actor, database, params.model)
         data = await search.run_search(collection, params)
     except SearchError as error:
