@@ -1,11 +1,15 @@
 """datasette-mapclip: CLIP search over map collections. Only Datasette hooks live here."""
 
+import logging
+
 from datasette import hookimpl
 
 from . import compat, map_views, search, store, views
 from .sql_functions import DatabaseFunctions, register
 from .state import plugin_config, state_for
 from .uploads import UploadLimits, limit_upload_bodies
+
+log = logging.getLogger(__name__)
 
 
 @hookimpl
@@ -61,6 +65,9 @@ def startup(datasette):
                 collection = await search.load_collection(datasette, name)
             except store.ModelNotFound:
                 continue  # no embeddings yet
+            except Exception as error:  # one unreadable collection must not stop the server's start
+                log.warning("mapclip: collection %s is not indexed at start-up: %s", name, error)
+                continue
             collection.index()
             if collection.config.get("preload_model", True):
                 search.preload_model(collection)

@@ -215,8 +215,18 @@ async def open_collection(datasette, actor, wanted: str | None, model_name: str 
 async def load_collection(datasette, name: str, model_name: str | None = None) -> Collection:
     """A collection with its models read and one chosen (ModelNotFound if none fits); no permission
     check: callers that answer a request use ``open_collection``."""
-    models = await datasette.get_database(name).execute_fn(store.read_models)
-    return Collection(datasette, name, models, store.pick_model(models, model_name), plugin_config(datasette, name))
+    try:
+        models = await datasette.get_database(name).execute_fn(store.read_models)
+        model = store.pick_model(models, model_name)
+    except (store.ModelNotFound, QueryInterrupted):
+        raise
+    except Exception as error:
+        if getattr(error, "sqlite_errorcode", None) == store.SQLITE_INTERRUPT:
+            raise
+        # The file's own rows are at fault (written by hand or by a broken tool), not the request.
+        raise SearchUnavailable(f"collection {name!r} cannot be searched: its models table cannot be read "
+                                f"({type(error).__name__}: {error})") from None
+    return Collection(datasette, name, models, model, plugin_config(datasette, name))
 
 
 def check_vector(params: SearchParams, model: dict):

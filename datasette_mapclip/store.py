@@ -661,11 +661,21 @@ def pick_model(models: list[dict], name: str | None = None, *, where: str = "thi
     raise ModelNotFound(f"no model {name!r} in {where}; models: {', '.join(m['name'] for m in models)}")
 
 
+# Columns that make ``maps`` and ``models`` ours: another program's database may well have tables
+# of those names (a game's levels, a GIS project's layers), and the plugin must leave it alone.
+COLLECTION_COLUMNS = {
+    "maps": {"id", "source_id"},
+    "models": {"id", "name", "architecture", "dim", "vector_table", "is_default"},
+}
+
+
 def is_collection(conn) -> bool:
-    """Whether a database holds a mapclip collection (``maps`` and ``models`` tables)."""
-    names = {row[0] for row in conn.execute(
-        "SELECT name FROM sqlite_master WHERE type = 'table' AND name IN ('maps', 'models')")}
-    return names == {"maps", "models"}
+    """Whether a database holds a mapclip collection (``maps`` and ``models`` tables with our columns)."""
+    for table, needed in COLLECTION_COLUMNS.items():
+        columns = {row[0] for row in conn.execute("SELECT name FROM pragma_table_info(?)", (table,))}
+        if not needed <= columns:
+            return False
+    return True
 
 
 def file_is_collection(path) -> bool:

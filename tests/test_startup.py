@@ -60,3 +60,61 @@ async def test_the_threads_settings_reach_the_threads_that_do_the_work(collectio
         "scan_threads": 2, "preload_model": False}}})
     await ds.invoke_startup()
     assert search.INDEX.submit(faiss.omp_get_max_threads).result(timeout=20) == 2
+
+
+def foreign_database(path, make_broken_collection=None) -> str:
+    """A database that is not a mapclip collection but has tables named ``maps`` and ``models``
+    (a game's, a GIS project's): nothing of the plugin may touch it, least of all at start-up."""
+    import sqlite3
+
+    conn = sqlite3.connect(path)
+    conn.executescript("""
+        CREATE TABLE maps (level INTEGER, terrain TEXT);
+        CREATE TABLE models (label TEXT);
+        INSERT INTO maps VALUES (1, 'swamp');
+        INSERT INTO models VALUES ('orc');
+    """)
+    conn.commit()
+    conn.close()
+    return str(path)
+
+
+@pytest.mark.asyncio
+async def test_a_database_with_tables_named_maps_and_models_is_not_taken_for_a_collection(collection, tmp_path):
+    foreign = foreign_database(tmp_path / "game.db")
+    ds = make_datasette([foreign, str(collection[0])])
+    await ds.invoke_startup()  # used to raise (KeyError from its models rows): every request then failed
+    assert (await ds.client.get("/")).status_code == 200
+    table = await ds.client.get("/game/maps.json?_shape=array")
+    assert table.status_code == 200 and table.json() == [{"rowid": 1, "level": 1, "terrain": "swamp"}]
+    searched = await ds.client.get("/-/mapclip/search.json?q=roads&k=2")  # the real collection, not the first database
+    assert searched.status_code == 200 and searched.json()["database"] == "maps", searched.text
+    refused = await ds.client.get("/-/mapclip/search.json?q=roads&k=2&_db=game")
+    assert refused.status_code == 400 and "no mapclip collection named 'game'" in refused.json()["error"]
+    page = await ds.client.get("/game")
+    assert page.status_code == 200 and "/-/mapclip?_db=game" not in page.text  # no search link offered there
+
+
+@pytest.mark.asyncio
+async def test_a_collection_that_cannot_be_read_at_start_up_leaves_the_others_served(collection, tmp_path, caplog):
+    """A collection whose models rows cannot be used (written by hand, or by a broken tool) is reported
+    at start-up; the server starts, the other collections search, and a search of it says why (503:
+    the server's file, not the request, is at fault)."""
+    import shutil
+    import sqlite3
+
+    broken = tmp_path / "broken.db"
+    shutil.copy(collection[0], broken)
+    conn = sqlite3.connect(broken)
+    conn.execute("UPDATE models SET is_default = 'yes'")  # SQLite keeps text in an INTEGER column
+    conn.commit()
+    conn.close()
+    ds = make_datasette([str(broken), str(collection[0])])
+    with caplog.at_level("WARNING"):
+        await ds.invoke_startup()
+    assert any("broken" in record.getMessage() for record in caplog.records), [r.getMessage() for r in caplog.records]
+    searched = await ds.client.get("/-/mapclip/search.json?q=roads&k=2&_db=maps")
+    assert searched.status_code == 200, searched.text
+    answer = await ds.client.get("/-/mapclip/search.json?q=roads&k=2&_db=broken")
+    assert answer.status_code == 503 and "'broken' cannot be searched" in answer.json()["error"], answer.text
+    assert "models table" in answer.json()["error"]
