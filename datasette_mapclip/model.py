@@ -218,85 +218,103 @@ def encode_text_trimmed(model, tokens):
     return x
 
 
-@contextlib.contextmanager
-def weights_come_later():
-    """Build a model without drawing random initial weights, for a model whose every weight is then
-    loaded from a checkpoint (open_clip loads them strictly, so none is left unset): ViT-B-32's random
-    initialisation costs about a second of a server's start-up.  Only ``torch.nn.init``'s in-place
-    fills are skipped, and only in the calling thread: the fills are module attributes shared by every
-    thread, and a model built at the same moment in another thread (a server's preload, a fine-tune)
-    needs its random weights.  Buffers computed in code (attention masks) are built as usual."""
-    global _init_patch_users
-    with _init_patch_lock:
-        if _init_patch_users == 0:
-            _patch_init_fills()
-        _init_patch_users += 1
-    depth = getattr(_skipping_fills, "depth", 0)
-    _skipping_fills.depth = depth + 1
-    try:
-        yield
-    finally:
-        _skipping_fills.depth = depth
-        with _init_patch_lock:
-            _init_patch_users -= 1
-            if _init_patch_users == 0:
-                _restore_init_fills()
+class ThreadScopedPatch:
+    """Module attributes replaced by wrappers that change behaviour only in the threads inside
+    ``active()``.  The attributes are shared by every thread, and a server loads its model in one
+    thread while others work (a fine-tune building a model, a request reading a checkpoint): a
+    plain patch, or a flipped global setting, would reach them too.  Users are counted, so
+    overlapping users share one patch and the originals come back with the last one out."""
+
+    def __init__(self, attributes, wrap):
+        self._attributes = attributes  # () -> [(owner, name)], looked up when first patched
+        self._wrap = wrap  # (original, inside) -> replacement; inside() says if this thread is in
+        self._lock = threading.Lock()
+        self._users = 0
+        self._originals: dict = {}
+        self._local = threading.local()
+
+    def inside(self) -> bool:
+        return getattr(self._local, "depth", 0) > 0
+
+    @contextlib.contextmanager
+    def active(self):
+        with self._lock:
+            if self._users == 0:
+                for owner, name in self._attributes():
+                    self._originals[(owner, name)] = original = getattr(owner, name)
+                    setattr(owner, name, self._wrap(original, self.inside))
+            self._users += 1
+        depth = getattr(self._local, "depth", 0)
+        self._local.depth = depth + 1
+        try:
+            yield
+        finally:
+            self._local.depth = depth
+            with self._lock:
+                self._users -= 1
+                if self._users == 0:
+                    for (owner, name), original in self._originals.items():
+                        setattr(owner, name, original)
+                    self._originals.clear()
 
 
 _INIT_FILLS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
                "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_")
-_init_patch_lock = threading.Lock()
-_init_patch_users = 0
-_skipping_fills = threading.local()  # .depth > 0 in a thread inside weights_come_later()
-_original_fills: dict = {}
 
 
-def _patch_init_fills():
+def _init_fills():
     from torch.nn import init
 
-    for name in _INIT_FILLS:
-        if hasattr(init, name):
-            _original_fills[name] = getattr(init, name)
-            setattr(init, name, _fill_unless_skipping(_original_fills[name]))
+    return [(init, name) for name in _INIT_FILLS if hasattr(init, name)]
 
 
-def _restore_init_fills():
-    from torch.nn import init
-
-    for name, fill in _original_fills.items():
-        setattr(init, name, fill)
-    _original_fills.clear()
-
-
-def _fill_unless_skipping(fill):
+def _fill_unless_skipping(fill, skipping):
     def maybe_fill(tensor, *args, **kwargs):
-        if getattr(_skipping_fills, "depth", 0):
-            return tensor
-        return fill(tensor, *args, **kwargs)
+        return tensor if skipping() else fill(tensor, *args, **kwargs)
 
     maybe_fill.__wrapped__ = fill
     return maybe_fill
 
 
-@contextlib.contextmanager
-def checkpoint_memory_mapped(enabled: bool = True):
+_SKIP_INIT_FILLS = ThreadScopedPatch(_init_fills, _fill_unless_skipping)
+
+
+def weights_come_later():
+    """Build a model without drawing random initial weights, for a model whose every weight is then
+    loaded from a checkpoint (open_clip loads them strictly, so none is left unset): ViT-B-32's random
+    initialisation costs about a second of a server's start-up.  Only ``torch.nn.init``'s in-place
+    fills are skipped, and only in the calling thread (a model built at the same moment in another
+    thread needs its random weights).  Buffers computed in code (attention masks) are built as usual."""
+    return _SKIP_INIT_FILLS.active()
+
+
+def _torch_load():
+    import torch
+
+    return [(torch, "load")]
+
+
+def _load_mapped(load, mapping):
+    def maybe_mapped(f, *args, **kwargs):
+        if mapping() and kwargs.get("mmap") is None:
+            kwargs["mmap"] = True
+        return load(f, *args, **kwargs)
+
+    maybe_mapped.__wrapped__ = load
+    return maybe_mapped
+
+
+_MAP_CHECKPOINTS = ThreadScopedPatch(_torch_load, _load_mapped)
+
+
+def checkpoint_memory_mapped():
     """``torch.load`` maps the checkpoint file instead of reading it into the process's own memory
     while it is copied into the model: ViT-B-32's 600 MB then sit in the page cache, shared and
-    evictable, instead of doubling the model's memory at start-up.  (A checkpoint in torch's old,
-    non-zip format cannot be mapped: ``load_encoder`` then loads it the usual way.)"""
-    try:
-        from torch.utils.serialization import config
-    except ImportError:  # a torch without the setting
-        enabled = False
-    if not enabled:
-        yield
-        return
-    before = config.load.mmap
-    config.load.mmap = True
-    try:
-        yield
-    finally:
-        config.load.mmap = before
+    evictable, instead of doubling the model's memory at start-up.  Only in the calling thread:
+    torch's own switch for this (``torch.utils.serialization.config.load.mmap``) is process-wide,
+    and an old-format checkpoint read in another thread meanwhile would fail.  (Such a checkpoint
+    cannot be mapped: ``load_encoder`` then loads it the usual way.)"""
+    return _MAP_CHECKPOINTS.active()
 
 
 def load_encoder(

@@ -1,6 +1,8 @@
+import gc
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -162,6 +164,47 @@ def test_skipping_random_weights_touches_only_the_thread_that_loads_a_checkpoint
     assert seen["loader"] == 0.0  # skipped in the loading thread
     assert seen["other"] > 0 and layer.weight.abs().sum().item() > 0 and torch.isfinite(layer.weight).all()
     assert not hasattr(init.normal_, "__wrapped__")  # torch's own fills are back once the last loader is done
+
+
+def test_memory_mapping_checkpoints_touches_only_the_thread_that_loads_one(tmp_path):
+    """While the model thread maps its checkpoint, ``torch.load`` elsewhere behaves as the caller
+    asked: an old-format file (which cannot be mapped) still loads, and a zip file is read, not mapped.
+    (torch's own switch, ``config.load.mmap``, is process-wide: flipping it failed the first.)"""
+    import threading
+
+    from datasette_mapclip.model import checkpoint_memory_mapped
+
+    zipped, old_format = tmp_path / "zipped.pt", tmp_path / "old-format.pt"
+    torch.save({"w": torch.ones(4096)}, zipped)
+    torch.save({"w": torch.ones(4096)}, old_format, _use_new_zipfile_serialization=False)
+
+    def mapped_files() -> str:
+        return Path("/proc/self/maps").read_text()
+
+    inside, release, seen = threading.Event(), threading.Event(), {}
+
+    def loader():
+        with checkpoint_memory_mapped():
+            seen["loader"] = torch.load(zipped, weights_only=True)
+            seen["mapped in loader"] = str(zipped) in mapped_files()
+            inside.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=loader)
+    thread.start()
+    try:
+        assert inside.wait(10)
+        other = torch.load(old_format, weights_only=True)  # raised "mmap can only be used with ..."
+        read = torch.load(zipped, weights_only=True)
+        assert torch.equal(other["w"], read["w"])
+    finally:
+        release.set()
+        thread.join()
+    assert seen.pop("mapped in loader")
+    seen.clear()  # the loader's tensors: their mapping goes with them
+    gc.collect()
+    assert str(zipped) not in mapped_files() and torch.equal(read["w"], torch.ones(4096))  # read, never mapped
+    assert not hasattr(torch.load, "__wrapped__")  # torch's own load is back once the last loader is done
 
 
 def test_checkpoints_are_memory_mapped_while_loading_and_old_format_files_still_load(tiny_checkpoint, tmp_path,
