@@ -207,26 +207,29 @@ def test_memory_mapping_checkpoints_touches_only_the_thread_that_loads_one(tmp_p
     assert not hasattr(torch.load, "__wrapped__")  # torch's own load is back once the last loader is done
 
 
-def test_checkpoints_are_memory_mapped_while_loading_and_old_format_files_still_load(tiny_checkpoint, tmp_path,
-                                                                                      monkeypatch):
-    """The checkpoint is mapped (page cache, not the process's own memory) while it is copied into
-    the model; a checkpoint in torch's old non-zip format, which cannot be mapped, loads as before."""
-    from torch.utils.serialization import config
+def test_the_model_takes_its_weights_from_the_mapped_checkpoint_and_other_files_still_load(tiny_checkpoint,
+                                                                                          tmp_path):
+    """The checkpoint is mapped (page cache, not the process's own memory) and the model's weights are
+    the mapped tensors, not a copy; a checkpoint in torch's old non-zip format, which cannot be mapped,
+    and one whose weights are fp16 (copied into the fp32 model) load as before and encode the same."""
+    def mapped_files() -> str:
+        return Path("/proc/self/maps").read_text()
 
-    spec = ModelSpec("mapclip-tiny", None, tiny_checkpoint)
-    mapped = []
-    real_load = torch.load
+    private = tmp_path / "weights.pt"  # a file of this test's own: no other test's model maps it
+    torch.save(torch.load(tiny_checkpoint, weights_only=True), private)
+    usual = load_encoder(ModelSpec("mapclip-tiny", None, str(private)), device="cpu", precision="fp32")
+    assert str(private) in mapped_files()  # the weights live in the mapping while the model does
+    assert not hasattr(torch.load, "__wrapped__") and not hasattr(torch.nn.Module.load_state_dict, "__wrapped__")
 
-    def recording_load(*args, **kwargs):
-        mapped.append(kwargs.get("mmap") if kwargs.get("mmap") is not None else config.load.mmap)
-        return real_load(*args, **kwargs)
-
-    monkeypatch.setattr(torch, "load", recording_load)
-    usual = load_encoder(spec, device="cpu", precision="fp32")
-    assert mapped and all(mapped) and config.load.mmap is False  # mapped while loading, the setting restored
-
-    old_format = tmp_path / "old-format.pt"
-    torch.save(real_load(tiny_checkpoint, weights_only=True), old_format, _use_new_zipfile_serialization=False)
+    state = torch.load(tiny_checkpoint, weights_only=True)
+    old_format, half = tmp_path / "old-format.pt", tmp_path / "fp16.pt"
+    torch.save(state, old_format, _use_new_zipfile_serialization=False)
+    torch.save({name: t.half() if t.is_floating_point() else t for name, t in state.items()}, half)
     old = load_encoder(ModelSpec("mapclip-tiny", None, str(old_format)), device="cpu", precision="fp32")
+    from_half = load_encoder(ModelSpec("mapclip-tiny", None, str(half)), device="cpu", precision="fp32")
+    assert all(p.dtype == torch.float32 for p in from_half.model.parameters())  # copied into the fp32 model
     texts = ["a nautical chart", "a geological map"]
     assert np.array_equal(old.encode_texts(texts), usual.encode_texts(texts))
+    assert (from_half.encode_texts(texts) * usual.encode_texts(texts)).sum(axis=1).min() > 0.99
+    images = [draw_map(5), draw_map(6)]
+    assert np.array_equal(old.encode_images(images), usual.encode_images(images))
