@@ -161,7 +161,7 @@ def memory_of(pid: int) -> dict:
 
 
 class Server:
-    def __init__(self, db: Path, cache_dir: Path, threads: int, index: str = "auto"):
+    def __init__(self, db: Path, cache_dir: Path, threads: int, index: str = "auto", inspect_file: Path | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         # text_cache_size 0: every search pays for its text encoding (the filtered runs reuse phrases)
@@ -172,7 +172,8 @@ class Server:
         self.started = time.perf_counter()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "datasette", "serve", "-i", str(db), "-m", str(self.metadata_path),
-             "-p", str(self.port), "--setting", "sql_time_limit_ms", "20000", "--setting", "num_sql_threads", "2"],
+             "-p", str(self.port), "--setting", "sql_time_limit_ms", "20000", "--setting", "num_sql_threads", "2"]
+            + (["--inspect-file", str(inspect_file)] if inspect_file else []),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.peak = {}  # the largest RssAnon / RssFile / VmRSS seen, sampled every 50 ms
         threading.Thread(target=self._sample_memory, daemon=True).start()
@@ -218,6 +219,18 @@ def random_checkpoint(cache: Path) -> Path:
     return checkpoint
 
 
+def restart_row(kind: str, how: str, runs: list[tuple[float, float, float]], goal: bool) -> str:
+    """One table row: the median of each start-up time over the runs, with their range."""
+    def median(i):
+        values = [run[i] for run in runs]
+        return f"{statistics.median(values):.1f} s ({min(values):.1f}-{max(values):.1f})"
+
+    verdict = ("PASS" if statistics.median(r[1] for r in runs) <= 5 and statistics.median(r[2] for r in runs) <= 8
+               else "FAIL") if goal else "reference"
+    return (f"| start-up, index cached, {how}, median of {len(runs)} (range): answering / first text search / index ready"
+            f" | {median(0)} / {median(1)} / {median(2)} | {'<= 5 s / <= 8 s' if goal else ''} | {verdict} |")
+
+
 def write_report(path: Path, lines: list[str]):
     """A results table: written to ``path`` and printed."""
     text = "\n".join(lines) + "\n"
@@ -237,6 +250,7 @@ def main():
     parser.add_argument("--queries", type=int, default=200, help="unseen text queries to time")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per encode in the server")
     parser.add_argument("--filter-queries", type=int, default=40, help="queries timed per filter")
+    parser.add_argument("--restarts", type=int, default=5, help="restarts timed with the index cached")
     parser.add_argument("--cache", type=Path, default=ROOT / "bench" / ".cache")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "search.md")
     args = parser.parse_args()
@@ -336,6 +350,23 @@ def main():
             client.get(server.url + "/-/mapclip/search.json?" + urllib.parse.urlencode({"q": phrase + " again", "k": 10}), timeout=120)
             sqlite_latencies.append((time.perf_counter() - t) * 1000)
         server.stop()
+        # Restarts with the index cached, several of each (one start varies by a second on 2 cores):
+        # as the image `datasette publish` / `datasette package` build serves the file (`datasette
+        # inspect` at build time, `--inspect-file` at start: no table is counted), and without it
+        # (Datasette counts every table of an immutable file before it answers, FTS and vec0 included).
+        inspect_file = args.cache / f"{db.name}.inspect.json"
+        subprocess.run([sys.executable, "-m", "datasette", "inspect", str(db), "--inspect-file", str(inspect_file)],
+                       check=True, stdout=subprocess.DEVNULL)
+        restarts = {"published": [], "plain": []}
+        for kind, runs in (("published", args.restarts), ("plain", max(1, args.restarts // 2))):
+            for _ in range(runs):
+                server = Server(db, args.cache, args.threads, inspect_file=inspect_file if kind == "published" else None)
+                up, _ = server.wait(client, "/-/versions.json")
+                first, _ = server.wait(client, "/-/mapclip/search.json?q=warm+up+query&k=10")
+                ready, _ = server.wait(client, "/-/mapclip/search.json?q=warm+up+query&k=10",
+                                       lambda r: r.status_code == 200 and r.json().get("searched_with", "").startswith("in-memory int8"))
+                restarts[kind].append((up, first, ready))
+                server.stop()
 
     p50, p95 = percentile(latencies, 50), percentile(latencies, 95)
     recall = statistics.mean(recalls)
@@ -371,9 +402,10 @@ def main():
         f"| start-up, cold: answering / first text search / index ready | {results['cold']['up']:.1f} s / "
         f"{results['cold']['first']:.1f} s / {results['cold']['ready']:.1f} s | index ready <= 45 s |"
         f" {'PASS' if results['cold']['ready'] <= 45 else 'FAIL'} |",
-        f"| start-up, index cached: answering / first text search / index ready | {results['warm']['up']:.1f} s / "
-        f"{results['warm']['first']:.1f} s / {results['warm']['ready']:.1f} s | <= 5 s / <= 8 s |"
-        f" {'PASS' if results['warm']['first'] <= 5 and results['warm']['ready'] <= 8 else 'FAIL'} |",
+        restart_row("published", "served as `datasette publish` / `package` images serve it (`-i --inspect-file`)",
+                    restarts["published"], goal=True),
+        restart_row("plain", "`datasette serve -i` without an inspect file (Datasette counts every table first)",
+                    restarts["plain"], goal=False),
         f"| sqlite-vec alone (index off), median of 10 | {statistics.median(sqlite_latencies):.0f} ms | | reference |",
         "",
         "Until the index is ready, searches are answered by sqlite-vec (slower, exact).",
