@@ -133,76 +133,75 @@ def test_loading_weights_skips_random_initialisation_and_changes_no_number(tiny_
         assert torch.equal(a, b), name  # buffers built in code (attention masks) are the same
 
 
+def mapped_files() -> str:
+    return Path("/proc/self/maps").read_text()
+
+
+def meanwhile_in_this_thread(context, in_context, meanwhile):
+    """Run ``in_context()`` in another thread inside ``context()``, and ``meanwhile()`` here while it
+    is there; returns (what in_context returned, what meanwhile returned)."""
+    import threading
+
+    inside, release, seen = threading.Event(), threading.Event(), {}
+
+    def other():
+        with context():
+            seen["in context"] = in_context()
+            inside.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    try:
+        assert inside.wait(10)
+        here = meanwhile()
+    finally:
+        release.set()
+        thread.join()
+    return seen["in context"], here
+
+
 def test_skipping_random_weights_touches_only_the_thread_that_loads_a_checkpoint():
     """A server's model thread skips initial fills while it loads a checkpoint; a model built at the
     same moment in another thread (a fine-tune, a test fixture) still gets its random weights: torch's
     fills are module attributes shared by every thread (found as NaN vectors from a model whose
     weights were never drawn)."""
-    import threading
-
     from torch.nn import init
 
     from datasette_mapclip.model import weights_come_later
 
-    inside, release, seen = threading.Event(), threading.Event(), {}
+    def meanwhile():  # a model built here while the loader is inside weights_come_later
+        return torch.nn.Linear(64, 64), init.normal_(torch.zeros(64)).abs().sum().item()
 
-    def loader():
-        with weights_come_later():
-            seen["loader"] = init.normal_(torch.zeros(64)).abs().sum().item()
-            inside.set()
-            release.wait(10)
-
-    thread = threading.Thread(target=loader)
-    thread.start()
-    try:
-        assert inside.wait(10)
-        layer = torch.nn.Linear(64, 64)  # built here while the loader is inside weights_come_later
-        seen["other"] = init.normal_(torch.zeros(64)).abs().sum().item()
-    finally:
-        release.set()
-        thread.join()
-    assert seen["loader"] == 0.0  # skipped in the loading thread
-    assert seen["other"] > 0 and layer.weight.abs().sum().item() > 0 and torch.isfinite(layer.weight).all()
+    in_loader, (layer, other) = meanwhile_in_this_thread(
+        weights_come_later, lambda: init.normal_(torch.zeros(64)).abs().sum().item(), meanwhile)
+    assert in_loader == 0.0  # skipped in the loading thread
+    assert other > 0 and layer.weight.abs().sum().item() > 0 and torch.isfinite(layer.weight).all()
     assert not hasattr(init.normal_, "__wrapped__")  # torch's own fills are back once the last loader is done
 
 
 def test_memory_mapping_checkpoints_touches_only_the_thread_that_loads_one(tmp_path):
     """While the model thread maps its checkpoint, ``torch.load`` elsewhere behaves as the caller
     asked: an old-format file (which cannot be mapped) still loads, and a zip file is read, not mapped.
-    (torch's own switch, ``config.load.mmap``, is process-wide: flipping it failed the first.)"""
-    import threading
-
+    (The plugin does not use torch's own switch, ``config.load.mmap``: thread-local on torch 2.14,
+    and nothing here depends on which torch that is.)"""
     from datasette_mapclip.model import checkpoint_memory_mapped
 
     zipped, old_format = tmp_path / "zipped.pt", tmp_path / "old-format.pt"
     torch.save({"w": torch.ones(4096)}, zipped)
     torch.save({"w": torch.ones(4096)}, old_format, _use_new_zipfile_serialization=False)
 
-    def mapped_files() -> str:
-        return Path("/proc/self/maps").read_text()
+    def in_loader():
+        loaded = torch.load(zipped, weights_only=True)
+        return str(zipped) in mapped_files() and torch.equal(loaded["w"], torch.ones(4096))
 
-    inside, release, seen = threading.Event(), threading.Event(), {}
+    def meanwhile():
+        other = torch.load(old_format, weights_only=True)  # would raise "mmap can only be used with ..."
+        return torch.equal(other["w"], torch.ones(4096)), torch.load(zipped, weights_only=True)
 
-    def loader():
-        with checkpoint_memory_mapped():
-            seen["loader"] = torch.load(zipped, weights_only=True)
-            seen["mapped in loader"] = str(zipped) in mapped_files()
-            inside.set()
-            release.wait(10)
-
-    thread = threading.Thread(target=loader)
-    thread.start()
-    try:
-        assert inside.wait(10)
-        other = torch.load(old_format, weights_only=True)  # raised "mmap can only be used with ..."
-        read = torch.load(zipped, weights_only=True)
-        assert torch.equal(other["w"], read["w"])
-    finally:
-        release.set()
-        thread.join()
-    assert seen.pop("mapped in loader")
-    seen.clear()  # the loader's tensors: their mapping goes with them
-    gc.collect()
+    mapped_in_loader, (old_loaded, read) = meanwhile_in_this_thread(checkpoint_memory_mapped, in_loader, meanwhile)
+    assert mapped_in_loader and old_loaded
+    gc.collect()  # the loader's tensors are gone: so is their mapping
     assert str(zipped) not in mapped_files() and torch.equal(read["w"], torch.ones(4096))  # read, never mapped
     assert not hasattr(torch.load, "__wrapped__")  # torch's own load is back once the last loader is done
 
@@ -212,9 +211,6 @@ def test_the_model_takes_its_weights_from_the_mapped_checkpoint_and_other_files_
     """The checkpoint is mapped (page cache, not the process's own memory) and the model's weights are
     the mapped tensors, not a copy; a checkpoint in torch's old non-zip format, which cannot be mapped,
     and one whose weights are fp16 (copied into the fp32 model) load as before and encode the same."""
-    def mapped_files() -> str:
-        return Path("/proc/self/maps").read_text()
-
     private = tmp_path / "weights.pt"  # a file of this test's own: no other test's model maps it
     torch.save(torch.load(tiny_checkpoint, weights_only=True), private)
     usual = load_encoder(ModelSpec("mapclip-tiny", None, str(private)), device="cpu", precision="fp32")
