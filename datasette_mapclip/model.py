@@ -264,9 +264,18 @@ _INIT_FILLS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "ze
 
 
 def _init_fills():
+    import torch.nn.modules.activation
+    import torch.nn.modules.transformer
     from torch.nn import init
 
-    return [(init, name, _fill_unless_skipping) for name in _INIT_FILLS if hasattr(init, name)]
+    fills = {name: getattr(init, name) for name in _INIT_FILLS if hasattr(init, name)}
+    targets = [(init, name, _fill_unless_skipping) for name in fills]
+    # Modules that imported fills by name hold references of their own (MultiheadAttention's
+    # xavier_uniform_: 0.16 s of ViT-B-32's build when left out).
+    for module in (torch.nn.modules.activation, torch.nn.modules.transformer):
+        targets += [(module, name, _fill_unless_skipping) for name, fill in fills.items()
+                    if getattr(module, name, None) is fill]
+    return targets
 
 
 def _fill_unless_skipping(fill, skipping):

@@ -102,29 +102,31 @@ def test_loading_weights_skips_random_initialisation_and_changes_no_number(tiny_
     second of ViT-B-32's start-up), and the loaded model encodes exactly as one built the usual way."""
     import contextlib
 
-    from torch.nn import init
-
     from datasette_mapclip import model as model_module
 
     spec = ModelSpec("mapclip-tiny", None, tiny_checkpoint)
-    fills = {"normal": 0, "kaiming": 0}
+    draws = {"uniform_": 0, "normal_": 0}  # every random fill of torch.nn.init ends in one of these
 
-    def counting(name, fill):
+    def counting(name):
+        draw = getattr(torch.Tensor, name)
+
         def counted(*args, **kwargs):
-            fills[name] += 1
-            return fill(*args, **kwargs)
+            draws[name] += 1
+            return draw(*args, **kwargs)
         return counted
 
-    monkeypatch.setattr(init, "normal_", counting("normal", init.normal_))
-    monkeypatch.setattr(init, "kaiming_uniform_", counting("kaiming", init.kaiming_uniform_))
+    for name in draws:
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
     quick = load_encoder(spec, device="cpu", precision="fp32")
-    assert fills == {"normal": 0, "kaiming": 0}  # nothing drawn while the model was built
-    torch.nn.Linear(4, 4)  # and torch's own initialisation is back afterwards
-    assert fills["kaiming"] == 1
+    # nothing drawn while the model was built: not through torch.nn.init's functions, nor through
+    # the copies modules imported by name (MultiheadAttention's xavier_uniform_)
+    assert draws == {"uniform_": 0, "normal_": 0}
+    torch.nn.MultiheadAttention(8, 2)  # and torch's own initialisation is back afterwards
+    assert draws["uniform_"] > 0
 
     monkeypatch.setattr(model_module, "weights_come_later", contextlib.nullcontext)
     usual = load_encoder(spec, device="cpu", precision="fp32")
-    assert fills["normal"] > 0  # the usual way draws them
+    assert draws["normal_"] > 0  # the usual way draws them
     texts = ["a nautical chart", "fire insurance plan of a town"]
     assert np.array_equal(quick.encode_texts(texts), usual.encode_texts(texts))
     images = [draw_map(3), draw_map(4)]
