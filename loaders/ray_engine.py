@@ -544,6 +544,11 @@ def _drive(engine: RayEngine, store: MapStore, records, described: dict, *, fetc
     settings = FetchSettings.from_fetcher(fetcher)
     limiter_actor = host_limits_actor(ray) if settings.rules else None
     preprocessor = ray.put(Preprocessor(described["image_size"], described["transform"]))
+    # A whole CPU per fetch task, not a fraction.  Tried on 2 cores (bench/ray_bench.py) with
+    # num_cpus=0.5: 19 img/s against 28, the first batch 5 s late, because Ray started new worker
+    # processes during the load (each importing torch beside the model) instead of keeping the
+    # warmed ones (it keeps about one idle worker per CPU; a cluster would see the same churn).
+    # Decoding is not what limits there anyway: a 16-image chunk takes ~0.15 s of a free core.
     task = ray.remote(prepare_chunk).options(num_cpus=1, num_returns=2, max_retries=3)
     chunk = max(1, min(options.chunk, batch_size))
     chunks_per_batch = math.ceil(batch_size / chunk)
