@@ -55,12 +55,11 @@ def startup(datasette):
     search.set_work_threads(config.get("threads", 1), int(config.get("scan_threads", 1)))
 
     async def build_indexes():
-        for name in await search.all_collection_names(datasette):
-            await compat.hide_tables(datasette, name, HIDDEN_TABLES)
         # Index every collection's default model in the background, and load its model in the model
         # thread meanwhile, so the first searches are fast; until an index is ready, searches go
         # through sqlite-vec.
         for name in await search.all_collection_names(datasette):
+            await compat.hide_tables(datasette, name, HIDDEN_TABLES)
             try:
                 collection = await search.load_collection(datasette, name)
             except store.ModelNotFound:

@@ -218,10 +218,10 @@ async def load_collection(datasette, name: str, model_name: str | None = None) -
     try:
         models = await datasette.get_database(name).execute_fn(store.read_models)
         model = store.pick_model(models, model_name)
-    except (store.ModelNotFound, QueryInterrupted):
+    except store.ModelNotFound:
         raise
     except Exception as error:
-        if getattr(error, "sqlite_errorcode", None) == store.SQLITE_INTERRUPT:
+        if unavailable_if_interrupted(error, datasette):
             raise
         # The file's own rows are at fault (written by hand or by a broken tool), not the request.
         raise SearchUnavailable(f"collection {name!r} cannot be searched: its models table cannot be read "
@@ -327,11 +327,9 @@ async def _filter_sql(collection: Collection, sql: str, sql_params: dict):
     """Run a filter's SQL within the server's time limit (its own 503 when cut)."""
     try:
         return await collection.db.execute(sql, sql_params, log_sql_errors=False)
-    except QueryInterrupted:
-        raise SearchUnavailable(_too_slow(collection)) from None
     except Exception as error:
-        if getattr(error, "sqlite_errorcode", None) == store.SQLITE_INTERRUPT:
-            raise SearchUnavailable(_too_slow(collection)) from None
+        if cut := unavailable_if_interrupted(error, collection.datasette):
+            raise cut from None
         raise BadSearch(f"the filter could not run: {error}") from None
 
 
@@ -348,20 +346,13 @@ def too_slow_message(datasette) -> str:
             "limit: narrow it with filters, or ask the publisher to raise sql_time_limit_ms")
 
 
-def _too_slow(collection: Collection) -> str:
-    return too_slow_message(collection.datasette)
-
-
 async def _nearest_with_sqlite_vec(collection: Collection, plan: search_sql.SearchPlan, query: np.ndarray) -> list[dict]:
-    too_slow = _too_slow(collection)
     try:
         rows = await collection.db.execute(plan.run_sql, {**plan.run_params, "query_vector": vectors.encode(query)},
                                            log_sql_errors=False)
-    except QueryInterrupted:
-        raise SearchUnavailable(too_slow) from None
     except Exception as error:  # sqlite errors: typed by SQLite's own error code
-        if getattr(error, "sqlite_errorcode", None) == store.SQLITE_INTERRUPT:
-            raise SearchUnavailable(too_slow) from None
+        if cut := unavailable_if_interrupted(error, collection.datasette):
+            raise cut from None
         log.warning("mapclip: search SQL failed: %s", error)
         raise BadSearch(f"the search could not run: {error}") from None
     return [dict(row) for row in rows]

@@ -118,6 +118,22 @@ def load_collection(tmp_path_factory, model_args, count: int):
     return db_path, folder
 
 
+def public_secret_plain(db_path, folder):
+    """Three databases for permission tests: two copies of a collection (``maps``, ``secret``) and
+    a plain database that is not one (``plain``)."""
+    import shutil
+    import sqlite3
+
+    public, secret, plain = folder / "maps.db", folder / "secret.db", folder / "plain.db"
+    shutil.copy(db_path, public)
+    shutil.copy(db_path, secret)
+    conn = sqlite3.connect(plain)
+    conn.execute("create table notes (id integer primary key, text text)")
+    conn.commit()
+    conn.close()
+    return public, secret, plain
+
+
 @pytest.fixture
 def runner():
     return CliRunner()

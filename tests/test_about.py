@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import cut_permission_checks, load_collection, make_datasette
+from conftest import cut_permission_checks, load_collection, make_datasette, public_secret_plain
 from datasette_mapclip.store import MapStore
 
 ROOT = {"id": "root"}
@@ -36,15 +36,7 @@ def model_row(collection):
 
 @pytest.fixture(scope="module")
 def collections(collection, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("about-perm")
-    public, secret, plain = folder / "maps.db", folder / "secret.db", folder / "plain.db"
-    shutil.copy(collection[0], public)
-    shutil.copy(collection[0], secret)
-    conn = sqlite3.connect(plain)
-    conn.execute("create table notes (id integer primary key, text text)")
-    conn.commit()
-    conn.close()
-    return public, secret, plain
+    return public_secret_plain(collection[0], tmp_path_factory.mktemp("about-perm"))
 
 
 def cookies(ds, actor):

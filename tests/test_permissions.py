@@ -4,11 +4,9 @@ Datasette decides for other databases."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 
-from conftest import DATASETTE_1, load_collection, make_datasette
+from conftest import DATASETTE_1, load_collection, make_datasette, public_secret_plain
 
 ROOT = {"id": "root"}
 
@@ -16,18 +14,7 @@ ROOT = {"id": "root"}
 @pytest.fixture(scope="module")
 def collections(tmp_path_factory, model_args):
     db_path, _ = load_collection(tmp_path_factory, model_args, 8)
-    folder = tmp_path_factory.mktemp("perm")
-    public, secret = folder / "maps.db", folder / "secret.db"
-    shutil.copy(db_path, public)
-    shutil.copy(db_path, secret)
-    plain = folder / "plain.db"
-    import sqlite3
-
-    conn = sqlite3.connect(plain)
-    conn.execute("create table notes (id integer primary key, text text)")
-    conn.commit()
-    conn.close()
-    return public, secret, plain
+    return public_secret_plain(db_path, tmp_path_factory.mktemp("perm"))
 
 
 def datasette(collections, metadata):
