@@ -16,7 +16,8 @@ PY_DS1 := $(VENV_DS1)/bin/python
 DATASETTE_TESTS := tests/test_plugin.py tests/test_permissions.py tests/test_never_5xx.py \
   tests/test_hostile_input.py tests/test_bounded_work.py tests/test_query_terms.py tests/test_map_page.py \
   tests/test_index_updates.py tests/test_startup.py tests/test_page.py tests/test_about.py \
-  tests/test_browser.py tests/test_browser_map.py tests/test_provenance.py
+  tests/test_browser.py tests/test_browser_map.py tests/test_provenance.py tests/test_connections.py \
+  tests/test_uploads.py tests/test_web_reliability.py
 
 .PHONY: install install-datasette-1.0 test-datasette-1.0 chromium demo test bench bench-loader bench-search bench-search-curve bench-soak check-datasette-suite clean
 

@@ -1,6 +1,7 @@
 """datasette-mapclip: CLIP search over map collections. Only Datasette hooks live here."""
 
 import logging
+import urllib.parse
 
 from datasette import hookimpl
 
@@ -14,18 +15,20 @@ log = logging.getLogger(__name__)
 
 @hookimpl
 def prepare_connection(conn, database, datasette):
-    try:
-        store.load_sqlite_vec(conn)
-    except Exception:
-        pass  # already loaded, or this Python cannot load extensions: the functions still register
-
-    def models():
+    db = datasette.databases.get(database)
+    path = getattr(db, "path", None)
+    immutable = db is not None and not db.is_mutable
+    # sqlite-vec goes only into collections' connections: every other database stays exactly as
+    # Datasette opened it (load_sqlite_vec switches extension loading off again whatever happens).
+    if store.file_is_collection(path):
         try:
-            return store.read_models(conn)
-        except Exception:  # not a mapclip database: the functions explain that when called
-            return []
-
-    register(conn, DatabaseFunctions(models, lambda: plugin_config(datasette, database),
+            store.load_sqlite_vec(conn)
+        except Exception as error:
+            log.warning("mapclip: sqlite-vec could not be loaded for database %s: %s", database, error)
+    # Nothing registered may refer to conn (see sqlite_native): the models are read through a
+    # connection of their own, so a connection Datasette drops unclosed is still freed.
+    register(conn, DatabaseFunctions(lambda: store.read_models_at(path, immutable=immutable),
+                                     lambda: plugin_config(datasette, database),
                                      state_for(datasette).encoders.get))
 
 
@@ -76,12 +79,15 @@ def startup(datasette):
 
 @hookimpl
 def register_routes():
+    from . import web_paths
+
     return [
         (r"^/-/mapclip$", views.mapclip_page),
         (r"^/-/mapclip/about$", views.about_page),
         (r"^/-/mapclip/search\.json$", views.search_json),
-        (r"^/-/mapclip/thumbnail/(?P<database>[^/]+)/(?P<id>\d+)\.jpg$", views.thumbnail),
-        (r"^/-/mapclip/map/(?P<database>[^/]+)/(?P<id>\d+)(?P<format>\.json|\.bib|\.csl\.json|\.txt)?$",
+        # A database as Datasette's own paths name it (tilde-encoded route), a map id in ASCII digits.
+        (rf"^/-/mapclip/thumbnail/{web_paths.DATABASE}/{web_paths.MAP_ID}\.jpg$", views.thumbnail),
+        (rf"^/-/mapclip/map/{web_paths.DATABASE}/{web_paths.MAP_ID}(?P<format>\.json|\.bib|\.csl\.json|\.txt)?$",
          map_views.map_page),
         (r"^/-/mapclip/export\.(?P<format>csv|json)$", map_views.export_results),
     ]
@@ -112,7 +118,7 @@ def menu_links(datasette, actor):
 def database_actions(datasette, actor, database):
     async def inner():
         if await search.is_visible_collection(datasette, actor, database):
-            return [{"href": datasette.urls.path(f"/-/mapclip?_db={database}"), "label": "Search these maps by image or text"}]
+            return [{"href": datasette.urls.path("/-/mapclip?" + urllib.parse.urlencode({"_db": database})), "label": "Search these maps by image or text"}]
         return []
 
     return inner

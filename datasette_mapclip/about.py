@@ -11,12 +11,16 @@ from __future__ import annotations
 import logging
 import urllib.parse
 
+from datasette.utils.asgi import Forbidden
+
 from . import compat, store
-from .query import MAX_ID, SearchParams
+from .ids import map_id_or_none
+from .query import SearchParams
 from .search import map_summary, web_url
 
 log = logging.getLogger(__name__)
 
+MODELS_TABLE = "models"  # the provenance the about page shows is read from it
 MAX_EXAMPLES = 8
 MAX_EXAMPLE_CHARS = 200
 
@@ -96,17 +100,36 @@ def model_facts(model: dict, default: bool) -> dict:
     }
 
 
-async def describe_collection(datasette, name: str, config: dict) -> dict:
+def model_summary(model: dict, default: bool) -> dict:
+    """A model as the about page shows it to an actor who may not view the ``models`` table: its
+    name (the search page shows it too), nothing read from its provenance."""
+    return {"name": _text(model.get("name")) or "unnamed", "default": default, "source": None,
+            "fine_tuned": False, "facts": [], "details_hidden": True}
+
+
+async def can_view_provenance(datasette, actor, name: str) -> bool:
+    """Whether the actor may view the collection's ``models`` table, where the provenance shown on
+    the about page comes from (checked as Datasette's own table page checks it)."""
+    try:
+        await compat.ensure_view_table(datasette, actor, name, MODELS_TABLE)
+        return True
+    except Forbidden:
+        return False
+
+
+async def describe_collection(datasette, name: str, config: dict, actor=None) -> dict:
     """A collection as the about page describes it: its title, models and the publisher's notes.
-    The caller has checked that the actor may view it."""
+    The caller has checked that the actor may view the collection; the models' provenance (weights,
+    fingerprints, software versions) only for an actor who may also view the ``models`` table."""
     db = datasette.get_database(name)
     models = await db.execute_fn(store.read_models)
     default = store.pick_model(models)["id"] if models else None
     title = await database_title(datasette, name)
+    describe = model_facts if await can_view_provenance(datasette, actor, name) else model_summary
     return {
         "name": name,
         "title": _text(title) or name,
-        "models": [model_facts(m, m["id"] == default) for m in
+        "models": [describe(m, m["id"] == default) for m in
                    sorted(models, key=lambda m: (m["id"] != default, m["id"]))],
         "note": _text(config.get("model_note")),
         "training_note": _text(config.get("training_note")),
@@ -147,13 +170,9 @@ def example_queries(config: dict) -> list[str]:
 
 def example_map_id(config: dict) -> int | None:
     raw = config.get("example_map")
-    if isinstance(raw, bool):
+    if raw is None or isinstance(raw, bool) or not isinstance(raw, (int, str)):
         return None
-    try:
-        value = int(str(raw).strip()) if raw is not None else None
-    except ValueError:
-        return None
-    return value if value is not None and 0 <= value <= MAX_ID else None
+    return map_id_or_none(str(raw))
 
 
 async def examples(datasette, collection, config: dict) -> dict:

@@ -7,6 +7,7 @@ The seed fetched ``full/pct:100`` (often 2000+ px) to crop 224 px from the middl
 from __future__ import annotations
 
 import re
+import urllib.parse
 
 # {service}/{region}/{size}/{rotation}/{quality}.{format}  (IIIF Image API 2 and 3)
 _IIIF_IMAGE = re.compile(
@@ -55,3 +56,65 @@ def canonical(url: str) -> str:
     """
     service = service_url(url)
     return f"{service}/full/pct:100/0/default.jpg" if service else strip_fragment(url)
+
+
+# -- which image services a map's page may open in the deep-zoom viewer -----------------------
+
+# Allowed without configuration: the Library of Congress (loc.gov and its subdomains, where
+# tile.loc.gov serves the images), and the hosts of the URLs the collection's loads started from
+# (``loads.command``, e.g. ``load loc https://...``).  ``iiif_hosts`` in the plugin's settings
+# replaces both.
+DEFAULT_IIIF_DOMAINS = ("loc.gov",)
+_LOADED_URL = re.compile(r"https?://[^\s'\"<>]+", re.IGNORECASE)
+MAX_LOADS_READ = 1000
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _host_and_port(url: str) -> tuple[str, str] | None:
+    """(host, "host:port" or the host alone on the scheme's default port) of an http(s) URL."""
+    try:
+        parts = urllib.parse.urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS or not parts.hostname:
+        return None
+    host = parts.hostname.lower()
+    return host, (f"{host}:{port}" if port is not None and port != _DEFAULT_PORTS[scheme] else host)
+
+
+def host_allowed(url: str | None, allowed) -> bool:
+    """Whether an http(s) URL's host is one of ``allowed``: an entry ``example.org`` allows that host
+    and its subdomains on any port, ``example.org:8182`` that host on that port only."""
+    found = _host_and_port(url) if isinstance(url, str) else None
+    if found is None:
+        return False
+    host, host_port = found
+    for entry in allowed:
+        entry = str(entry).strip().lower().rstrip(".")
+        if not entry:
+            continue
+        if ":" in entry:
+            if host_port == entry:
+                return True
+        elif host == entry or host.endswith("." + entry):
+            return True
+    return False
+
+
+def allowed_hosts(config: dict, load_commands=()) -> list[str]:
+    """The IIIF image hosts a map's page may open: the ``iiif_hosts`` setting (a list of hosts), else
+    the defaults above."""
+    configured = config.get("iiif_hosts")
+    if isinstance(configured, str):
+        configured = [configured]
+    if isinstance(configured, (list, tuple)):
+        return [str(entry).strip() for entry in configured if str(entry).strip()]
+    hosts = list(DEFAULT_IIIF_DOMAINS)
+    for command in load_commands:
+        for url in _LOADED_URL.findall(command or ""):
+            found = _host_and_port(url)
+            if found and found[1] not in hosts:
+                hosts.append(found[1])
+    return hosts

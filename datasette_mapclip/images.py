@@ -1,7 +1,9 @@
 """Decode image bytes safely into RGB: draft-mode JPEG decoding, a pixel cap, EXIF rotation.
 
 Used by the loaders (every fetched image) and the plugin (uploads), so both refuse the
-same bad inputs with the same readable reasons.
+same bad inputs with the same readable reasons.  ``open_query_image`` is the bounded variant for
+images a search is given (uploads, SQL arguments): a cap on decoded bytes, and the image reduced
+to about the model's size as soon as it is decoded.
 """
 
 from __future__ import annotations
@@ -11,12 +13,15 @@ import re
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 # Pillow's own error threshold (2 x its warning limit); LoC master TIFFs reach ~100 Mpx.
 # open_image enforces its ``max_pixels`` itself, from the header, before any pixel is decoded;
 # Pillow's global limit stays as the process's owner set it (runtime.limit_image_pixels).
 DEFAULT_MAX_PIXELS = 178_956_970
+# What decoding one query image may take (open_query_image): 64 MiB holds a 16 Mpx RGB(A) PNG or TIFF
+# (Pillow keeps RGB in 4 bytes a pixel); JPEGs are decoded in draft mode, at 1/8 scale for big ones.
+DEFAULT_MAX_QUERY_DECODED_BYTES = 64 * 1024 * 1024
 
 
 class ImageDecodeError(ValueError):
@@ -70,6 +75,72 @@ def open_image(data: bytes, *, min_size: int | None = None, max_pixels: int = DE
     DCT scale that keeps both sides at least that big (Pillow draft mode: ~3x faster
     for a 2000 px scan going to a 224 px model).
     """
+    image, pages = _opened(data, min_size, max_pixels)
+    try:
+        image.load()
+        ImageOps.exif_transpose(image, in_place=True)  # (a plain call copies every image, turned or not)
+        image = to_rgb(image)
+    except (OSError, SyntaxError, ValueError) as error:
+        raise _decode_error(error, image.format or "image") from None
+    # Only the first page or frame is decoded; callers say what happened to the rest.
+    image.info["pages"] = pages
+    return image
+
+
+def open_query_image(data: bytes, *, min_size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+                     max_decoded_bytes: int = DEFAULT_MAX_QUERY_DECODED_BYTES) -> Image.Image:
+    """Bytes -> an RGB image with both sides at least ``min_size`` and less than about twice that,
+    decoding within ``max_decoded_bytes`` (from the header, before any pixel is decoded).
+
+    For an image a search is given, where only the model's input size matters: JPEGs are drafted;
+    other formats cannot be decoded at a reduced scale, so their full decode is what the cap bounds,
+    and they are box-reduced right after it, before any conversion; nothing full-size outlives the call."""
+    image, pages = _opened(data, min_size, max_pixels)
+    width, height = image.size  # after draft(): the scale the decoder will really use
+    needed = width * height * _decode_bytes_per_pixel(image.mode)
+    if needed > max_decoded_bytes:
+        side = int(max(width, height) * (max_decoded_bytes / needed) ** 0.5)
+        raise ImageDecodeError(
+            f"too large to decode for a search: a {width}x{height} {image.format or 'image'} takes "
+            f"{needed / 2**20:.0f} MB decoded, limit {max_decoded_bytes / 2**20:.0f} MB; resize it to at most "
+            f"{side} px on its longest side (the model sees {min_size} px), or send it as a JPEG")
+    try:
+        image.load()
+        orientation = _TRANSPOSE.get(image.getexif().get(ExifTags.Base.Orientation))  # (PNG: after the pixels)
+        if image.mode not in _REDUCIBLE_MODES:
+            image = to_rgb(image)
+        factor = min(image.size) // min_size
+        if factor > 1:
+            image = image.reduce(factor)
+        if orientation is not None:
+            image = image.transpose(orientation)
+        image = to_rgb(image)
+    except (OSError, SyntaxError, ValueError) as error:
+        raise _decode_error(error, image.format or "image") from None
+    image.info["pages"] = pages
+    return image
+
+
+# Image.reduce averages pixel values: right for these, wrong for palette indices or bits.
+_REDUCIBLE_MODES = frozenset({"L", "LA", "RGB", "RGBA", "CMYK", "YCbCr", "I", "F"})
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}
+
+
+def _decode_bytes_per_pixel(mode: str) -> int:
+    """Bytes a pixel takes at the peak of decoding and reducing: decoded (Pillow keeps RGB in 4 bytes),
+    plus full-size copies: Image.reduce premultiplies alpha in a copy; a mode it cannot take is
+    converted first (palette -> RGBA -> RGB on white, 16-bit -> float32 working copy -> 8-bit)."""
+    stored = 1 if mode in ("1", "L", "P") else 2 if mode.startswith("I;16") else 4
+    if mode not in _REDUCIBLE_MODES:
+        return stored + 9
+    return 2 * stored if mode in ("LA", "RGBA") else stored
+
+
+def _opened(data: bytes, min_size: int | None, max_pixels: int) -> tuple[Image.Image, int]:
+    """Bytes -> (an opened, not yet decoded image within ``max_pixels``, drafted when a JPEG and
+    ``min_size`` is given; its page count)."""
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
     try:
@@ -94,13 +165,9 @@ def open_image(data: bytes, *, min_size: int | None = None, max_pixels: int = DE
     try:
         if min_size and image.format == "JPEG":
             image.draft("RGB", (min_size, min_size))
-        image.load()
-        image = to_rgb(ImageOps.exif_transpose(image))
     except (OSError, SyntaxError, ValueError) as error:
         raise _decode_error(error, image.format or "image") from None
-    # Only the first page or frame is decoded; callers say what happened to the rest.
-    image.info["pages"] = pages
-    return image
+    return image, pages
 
 
 def _page_count(image: Image.Image) -> int:

@@ -9,8 +9,9 @@ from datasette.utils.asgi import Response
 
 from . import citations, search, vendor
 from .errors import BadSearch, NotFound, SearchError
-from .query import MAX_ID, SearchParams
-from .views import _first, answers_503_when_cut, error_response
+from .query import SearchParams
+from .views import _first, answers_503_when_cut, error_response, map_in_path
+from .web_paths import attachment
 
 CITATION_FILES = {
     ".bib": ("application/x-bibtex; charset=utf-8", lambda cite: cite["bibtex"]),
@@ -19,24 +20,18 @@ CITATION_FILES = {
 }
 
 
-def _map_id(request) -> int:
-    map_id = int(request.url_vars["id"])
-    if map_id > MAX_ID:
-        raise NotFound("no such map")
-    return map_id
-
-
 @answers_503_when_cut(as_json=False)
 async def map_page(request, datasette):
     """``/-/mapclip/map/<database>/<id>``, and the same data as ``.json``, ``.bib``, ``.csl.json``, ``.txt``."""
     suffix = request.url_vars.get("format") or ""
     as_json = suffix == ".json"
     try:
-        if not await search.holds_collection(datasette, request.url_vars["database"]):
+        database, map_id = map_in_path(datasette, request)
+        if not await search.holds_collection(datasette, database):
             raise NotFound("no such collection")
-        collection = await search.open_collection(datasette, request.actor, request.url_vars["database"],
+        collection = await search.open_collection(datasette, request.actor, database,
                                                   (request.args.get("model") or "").strip() or None)
-        details = await search.map_details(collection, _map_id(request))
+        details = await search.map_details(collection, map_id)
     except SearchError as error:
         if not as_json and not suffix:
             return Response.html(await datasette.render_template(
@@ -48,7 +43,7 @@ async def map_page(request, datasette):
         content_type, render = CITATION_FILES[suffix]
         name = citations.bibtex_key(details["map"]) + suffix
         return Response(render(details["cite"]), content_type=content_type,
-                        headers={"content-disposition": f'attachment; filename="{name}"'})
+                        headers={"content-disposition": attachment(name)})
     viewer = vendor.openseadragon_present()
     page = await datasette.render_template("mapclip_map.html", {
         "details": details,
@@ -81,8 +76,8 @@ async def export_results(request, datasette):
     filename = f"mapclip-{data['database']}-results"
     if as_csv:
         return Response(citations.results_csv(rows), content_type="text/csv; charset=utf-8",
-                        headers={"content-disposition": f'attachment; filename="{filename}.csv"'})
+                        headers={"content-disposition": attachment(f"{filename}.csv")})
     body = {"database": data["database"], "model": data["model"], "query": params.query_string(),
             "sql": data["sql"], "params": data["params"], "fields": list(citations.EXPORT_FIELDS), "rows": rows}
     return Response(json.dumps(body, indent=2, default=str), content_type="application/json; charset=utf-8",
-                    headers={"content-disposition": f'attachment; filename="{filename}.json"'})
+                    headers={"content-disposition": attachment(f"{filename}.json")})

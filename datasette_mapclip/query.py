@@ -22,6 +22,7 @@ import math
 import urllib.parse
 
 from .errors import BadSearch
+from .ids import MAX_ID, NumberError, map_id, whole_number
 
 DEFAULT_K = 20
 MAX_K = 200
@@ -30,26 +31,20 @@ VEC0_MAX_K = 4096  # sqlite-vec's limit on k: no page of one search reaches past
 # so no request can hold the shared encoder for long.
 MAX_QUERY_CHARS = 1000
 MAX_FILTER_CHARS = 1000
-MAX_ID = 2**63 - 1  # SQLite's largest integer
 # Every text term is encoded in one batch of the shared model: the count caps how long one
 # request can hold it (12 short texts: about as long as 3 single-text searches on a CPU).
 MAX_TERMS = 12
 MAX_FEEDBACK = 50  # maps marked "more like these" or "fewer like these", each
 
 
-def _int(args, name, low=None, high=None):
+def _int(args, name, low, high):
     raw = (args.get(name) or "").strip()
     if not raw:
         return None
-    if len(raw) > 25:
-        raise BadSearch(f"{name} must be a whole number, got {len(raw)} characters")
     try:
-        value = int(raw)
-    except ValueError:
-        raise BadSearch(f"{name} must be a whole number, got {raw!r}") from None
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise BadSearch(f"{name} must be between {low} and {high}, got {value}")
-    return value
+        return whole_number(raw, low, high)
+    except NumberError as error:
+        raise BadSearch(f"{name} must be {error}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,11 +67,12 @@ class QueryTerm:
     def parse(cls, raw: str, weight: float) -> "QueryTerm":
         text = raw.strip()
         prefix, _, rest = text.partition(":")
+        # Digits in any script mean an id was meant ("map:²" is a bad id, not the text "map:²").
         if prefix == "map" and rest.strip().isdigit():
-            map_id = int(rest.strip())
-            if map_id > MAX_ID:
-                raise BadSearch(f"term map:{rest.strip()[:30]} is not a map id")
-            return cls("map", map_id, weight)
+            try:
+                return cls("map", map_id(rest), weight)
+            except NumberError as error:
+                raise BadSearch(f"term map:{rest.strip()[:30]} is not a map id: a map id must be {error}") from None
         if prefix == "image" and rest:
             return cls("image", _hex_vector(rest.strip(), "an image term"), weight)
         if not text:
@@ -133,10 +129,12 @@ def _ids(args, name: str) -> tuple[int, ...]:
         raise BadSearch(f"{name} lists {len(parts)} maps; at most {MAX_FEEDBACK}")
     ids = []
     for part in parts:
-        if not part.isdigit() or len(part) > 19 or int(part) > MAX_ID:
-            raise BadSearch(f"{name} must be comma-separated map ids, got {part[:30]!r}")
-        if int(part) not in ids:
-            ids.append(int(part))
+        try:
+            value = map_id(part)
+        except NumberError:
+            raise BadSearch(f"{name} must be comma-separated map ids, got {part[:30]!r}") from None
+        if value not in ids:
+            ids.append(value)
     return tuple(ids)
 
 

@@ -8,6 +8,8 @@ import re
 import urllib.parse
 from dataclasses import dataclass, field, fields
 
+from .ids import NumberError, whole_number
+
 # Catalogue dates look like "1886-06", "[ca. 1750]", "between 1980 and 2006", "c1910";
 # the first plausible year is what a range filter needs.
 _YEAR = re.compile(r"(?<!\d)(1[0-9]{3}|20[0-9]{2})(?!\d)")
@@ -176,3 +178,53 @@ def note_key(source_id: str, stage: str) -> str:
     """The load_errors key of a note about a map: never equal to a map's own source_id, so
     loading the map (which clears its own error row) keeps the note."""
     return f"{source_id} [{stage}]"
+
+
+# -- rows as the pages show them ----------------------------------------------------------
+
+# SQLite keeps whatever another tool writes into a column (text in ``year``, a BLOB in ``title``);
+# every ``maps`` row read for display passes through ``display_row`` so templates, citations and
+# JSON see one type per column.
+DISPLAY_INTEGER_COLUMNS = ("id", "year", "sheet", "width", "height")
+DISPLAY_TEXT_COLUMNS = ("source_id", "source", "item_id", "title", "date", "place", "subjects", "contributors",
+                        "notes", "format", "item_url", "image_url", "thumbnail_url")
+
+
+def display_integer(value) -> int | None:
+    """An INTEGER column's value as an int, or None when it holds anything else (text that is not
+    a whole number in ASCII digits, a fraction, a BLOB)."""
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None
+    if isinstance(value, str):
+        try:
+            return whole_number(value, -SQLITE_MAX_INTEGER - 1, SQLITE_MAX_INTEGER)
+        except NumberError:
+            return None
+    return None
+
+
+def display_text(value) -> str | None:
+    """A TEXT column's value as str or None: a BLOB decoded as UTF-8 (undecodable bytes replaced),
+    a number written out."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).decode("utf-8", "replace")
+    return str(value)
+
+
+def display_row(row: dict | None) -> dict | None:
+    """A row read from ``maps`` with each known column of its declared type (other columns, such as
+    a search's similarity, as they were)."""
+    if row is None:
+        return None
+    fixed = dict(row)
+    for name in DISPLAY_INTEGER_COLUMNS:
+        if name in fixed:
+            fixed[name] = display_integer(fixed[name])
+    for name in DISPLAY_TEXT_COLUMNS:
+        if name in fixed:
+            fixed[name] = display_text(fixed[name])
+    return fixed

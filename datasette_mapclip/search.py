@@ -26,13 +26,15 @@ from datasette.utils.asgi import Forbidden
 
 from . import citations, compat, iiif, query_vector, search_sql, store, vectors
 from .errors import BadSearch, NotFound, SearchUnavailable, UploadError
-from .images import DEFAULT_MAX_PIXELS, ImageDecodeError, open_image
+from .images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_QUERY_DECODED_BYTES, ImageDecodeError, open_query_image
 from .index import EXACT_SUBSET_ROWS
 from .links import web_url
 from .model import ModelUnavailable
 from .query import VEC0_MAX_K, SearchParams
+from .records import display_row
 from .runtime import set_faiss_threads, set_torch_threads
 from .state import plugin_config, state_for
+from .web_paths import map_path, thumbnail_path
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +289,8 @@ async def _nearest_with_index(collection: Collection, index, query: np.ndarray, 
         ids, scores = await _run_in(INDEX, index.search, query, need)
     skip = params.k * (params.page - 1)
     ids, scores = ids[skip:], scores[skip:]
-    rows = await collection.db.execute_fn(lambda conn: store.read_result_rows(conn, ids))
+    rows = await collection.db.execute_fn(
+        lambda conn: {i: display_row(row) for i, row in store.read_result_rows(conn, ids).items()})
     return [{**rows[int(i)], "similarity": float(s)} for i, s in zip(ids, scores) if int(i) in rows], way
 
 
@@ -355,7 +358,7 @@ async def _nearest_with_sqlite_vec(collection: Collection, plan: search_sql.Sear
             raise cut from None
         log.warning("mapclip: search SQL failed: %s", error)
         raise BadSearch(f"the search could not run: {error}") from None
-    return [dict(row) for row in rows]
+    return [display_row(dict(row)) for row in rows]
 
 
 async def run_search(collection: Collection, params: SearchParams) -> dict:
@@ -379,7 +382,7 @@ async def run_search(collection: Collection, params: SearchParams) -> dict:
     else:
         rows = await _nearest_with_sqlite_vec(collection, plan, query)
         searched_with = "sqlite-vec"
-    results = [shape_result(row, database, datasette.urls) for row in rows]
+    results = [shape_result(row, database, datasette) for row in rows]
     more = len(results) == params.k and params.k * (params.page + 1) <= VEC0_MAX_K
     base = datasette.urls.path("/-/mapclip/search.json")
     sql_url = compat.query_url(datasette, database) + "?" + urllib.parse.urlencode(
@@ -405,11 +408,13 @@ async def run_search(collection: Collection, params: SearchParams) -> dict:
 async def embed_upload(collection: Collection, data: bytes) -> bytes:
     """An uploaded image -> its query vector (hex in the URL from then on)."""
     max_pixels = min(int(collection.config.get("max_upload_pixels", DEFAULT_MAX_UPLOAD_PIXELS)), DEFAULT_MAX_PIXELS)
+    max_decoded_bytes = int(collection.config.get("max_upload_decoded_bytes", DEFAULT_MAX_QUERY_DECODED_BYTES))
 
     # Decoded (and refused) before the model is asked for: a bad upload never queues behind model work.
     min_size = collection.model.get("image_size") or 224
     try:
-        image = await _run_in(DECODE, lambda: open_image(data, min_size=min_size, max_pixels=max_pixels))
+        image = await _run_in(DECODE, lambda: open_query_image(data, min_size=min_size, max_pixels=max_pixels,
+                                                               max_decoded_bytes=max_decoded_bytes))
         encoder = await _run_in(MODEL, collection.encoder)
         return vectors.encode(await _run_in(MODEL, encoder.embed_image, image))
     except ImageDecodeError as error:
@@ -420,9 +425,9 @@ async def embed_upload(collection: Collection, data: bytes) -> bytes:
 
 async def map_summary(collection: Collection, map_id: int) -> dict | None:
     """The "more like this" header: a map's title and thumbnail link."""
-    row = await collection.db.execute_fn(lambda conn: store.read_map_summary(conn, map_id))
+    row = await collection.db.execute_fn(lambda conn: display_row(store.read_map_summary(conn, map_id)))
     if row:
-        row["thumbnail_url"] = (collection.datasette.urls.path(thumbnail_route(collection.name, map_id))
+        row["thumbnail_url"] = (thumbnail_path(collection.datasette, collection.name, map_id)
                                 if row["has_thumbnail"] else web_url(row["thumbnail_url"]))
     return row
 
@@ -437,17 +442,13 @@ async def thumbnail(datasette, actor, database: str, map_id: int) -> bytes:
     return data
 
 
-def thumbnail_route(database: str, map_id: int) -> str:
-    """This server's route for a stored thumbnail (before Datasette's base_url is applied)."""
-    return f"/-/mapclip/thumbnail/{urllib.parse.quote(database)}/{int(map_id)}.jpg"
-
-
-def shape_result(row: dict, database: str, urls) -> dict:
+def shape_result(row: dict, database: str, datasette) -> dict:
     """A result as the API gives it: links for the catalogue record, thumbnail and full image."""
+    urls = datasette.urls
     map_id = row["id"]
     thumbnail_url = web_url(row["thumbnail_url"])
     if row["has_thumbnail"]:
-        thumbnail_url = urls.path(thumbnail_route(database, map_id))
+        thumbnail_url = thumbnail_path(datasette, database, map_id)
     image_url = web_url(row["image_url"])
     record_url = urls.row(database, "maps", str(map_id))
     return {
@@ -463,13 +464,8 @@ def shape_result(row: dict, database: str, urls) -> dict:
         "image_url": image_url or thumbnail_url,
         "url": web_url(row["item_url"]) or record_url,
         "record_url": record_url,
-        "map_url": urls.path(map_route(database, map_id)),
+        "map_url": map_path(datasette, database, map_id),
     }
-
-
-def map_route(database: str, map_id: int) -> str:
-    """A map's own page on this server (before Datasette's base_url is applied)."""
-    return f"/-/mapclip/map/{urllib.parse.quote(database)}/{int(map_id)}"
 
 
 NEIGHBOURS = 12  # the strip of nearest maps on a map's page
@@ -478,20 +474,31 @@ NEIGHBOURS = 12  # the strip of nearest maps on a map's page
 async def map_details(collection: Collection, map_id: int, neighbours: int = NEIGHBOURS) -> dict:
     """A map's page, as data: its catalogue record, the deep-zoom source where the image is IIIF,
     the other sheets of its item, its nearest neighbours and its citations."""
-    record = await collection.db.execute_fn(lambda conn: store.read_map_record(conn, map_id))
+    record = await collection.db.execute_fn(lambda conn: display_row(store.read_map_record(conn, map_id)))
     if record is None:
         raise NotFound(f"no map {map_id} in this collection")
     urls = collection.datasette.urls
-    thumbnail_url = (urls.path(thumbnail_route(collection.name, map_id)) if record["has_thumbnail"]
+    thumbnail_url = (thumbnail_path(collection.datasette, collection.name, map_id) if record["has_thumbnail"]
                      else web_url(record["thumbnail_url"]))
     image_url = web_url(record["image_url"])
     service = iiif.service_url(image_url) if image_url else None
+    deep_zoom = None
+    if service:
+        # Only an image service the publisher allows: the viewer fetches its info.json, then tiles
+        # from the host that info.json names (mapclip-map.js checks that one against the same list).
+        loads = [] if "iiif_hosts" in collection.config else await collection.db.execute_fn(
+            lambda conn: store.read_load_commands(conn, iiif.MAX_LOADS_READ))
+        hosts = iiif.allowed_hosts(collection.config, loads)
+        if iiif.host_allowed(f"{service}/info.json", hosts):
+            deep_zoom = {"info_url": f"{service}/info.json", "hosts": hosts}
     sheets = []
     if record["item_id"]:
-        rows = await collection.db.execute_fn(lambda conn: store.read_item_sheets(conn, record["item_id"]))
+        rows = await collection.db.execute_fn(
+            lambda conn: [display_row(row) for row in store.read_item_sheets(conn, record["item_id"])])
         sheets = [{"id": r["id"], "sheet": r["sheet"], "title": r["title"], "this": r["id"] == map_id,
-                   "map_url": urls.path(map_route(collection.name, r["id"])),
-                   "thumbnail_url": urls.path(thumbnail_route(collection.name, r["id"])) if r["has_thumbnail"]
+                   "map_url": map_path(collection.datasette, collection.name, r["id"]),
+                   "thumbnail_url": thumbnail_path(collection.datasette, collection.name, r["id"])
+                   if r["has_thumbnail"]
                    else web_url(r["thumbnail_url"])} for r in rows]
     try:
         found = await run_search(collection, SearchParams(like=map_id, k=neighbours + 1))
@@ -507,9 +514,9 @@ async def map_details(collection: Collection, map_id: int, neighbours: int = NEI
                 "contributors": citations.list_field(record["contributors"]),
                 "url": web_url(record["item_url"]), "image_url": image_url, "thumbnail_url": thumbnail_url,
                 "record_url": urls.row(collection.name, "maps", str(map_id)),
-                "map_url": urls.path(map_route(collection.name, map_id))},
+                "map_url": map_path(collection.datasette, collection.name, map_id)},
         # IIIF Image API: the viewer reads the service's info.json and asks for tiles of the full scan
-        "deep_zoom": {"info_url": f"{service}/info.json"} if service else None,
+        "deep_zoom": deep_zoom,
         "sheets": sheets,
         "neighbours": near,
         "cite": citations.citations(record, repository_name=collection.config.get("citation_repository")),

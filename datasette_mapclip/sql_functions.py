@@ -17,13 +17,22 @@ import math
 import numpy as np
 
 from . import sqlite_native, vectors
-from .images import ImageDecodeError, open_image
+from .images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_QUERY_DECODED_BYTES, ImageDecodeError, open_query_image
 from .model import ModelUnavailable
 from .query import MAX_QUERY_CHARS
 from .query_vector import text_vector
 from .store import ModelNotFound, pick_model
+from .uploads import UploadLimits
 
 log = logging.getLogger(__name__)
+
+# The widest embedding of any CLIP model (ViT-bigG: 1,280 floats) with room to spare: a longer
+# BLOB is not a vector, and is refused before it is copied or summed (one call cannot be cut short
+# by Datasette's time limit, and a 100 MB zeroblob would cost a gigabyte of memory).
+MAX_VECTOR_FLOATS = 4096
+MAX_VECTOR_BYTES = 4 * MAX_VECTOR_FLOATS
+# A text argument: the query cap in characters, at up to 4 UTF-8 bytes each (model names are short).
+MAX_TEXT_BYTES = 4 * MAX_QUERY_CHARS
 
 
 class SQLFunctionError(ValueError):
@@ -82,7 +91,9 @@ class DatabaseFunctions:
     """Text and image embedding for one database, with the model its provenance names.
 
     ``models_for()`` returns the database's ``models`` rows, ``config_for()`` the plugin
-    configuration, ``encoder_for(row, config)`` the server's shared encoder for a row."""
+    configuration, ``encoder_for(row, config)`` the server's shared encoder for a row.  None of
+    them may hold the connection the functions are registered on (``sqlite_native`` says why):
+    ``models_for`` reads the database file through a connection of its own."""
 
     def __init__(self, models_for, config_for, encoder_for):
         self.models_for = models_for
@@ -114,6 +125,10 @@ class DatabaseFunctions:
                                    "(the model reads 77 tokens)")
         return vectors.encode(text_vector(self.encoder(name), text, self.config_for()))
 
+    def max_image_bytes(self) -> int:
+        """The same cap as an uploaded image's (``max_upload_bytes``)."""
+        return UploadLimits.from_config(self.config_for()).max_bytes
+
     def embed_image(self, data, name=None) -> bytes:
         if data is None:
             raise SQLFunctionError("mapclip_embed_image: image is NULL")
@@ -123,7 +138,13 @@ class DatabaseFunctions:
             raise SQLFunctionError("mapclip_embed_image takes image bytes (a BLOB), not a number")
         encoder = self.encoder(name)
         try:
-            image = open_image(bytes(data), min_size=encoder.encoder.image_size)
+            # The same budget as an uploaded image's: a small PNG of huge dimensions is refused unread.
+            config = self.config_for()
+            image = open_query_image(bytes(data), min_size=encoder.encoder.image_size,
+                                     max_pixels=min(int(config.get("max_upload_pixels", DEFAULT_MAX_PIXELS)),
+                                                    DEFAULT_MAX_PIXELS),
+                                     max_decoded_bytes=int(config.get("max_upload_decoded_bytes",
+                                                                      DEFAULT_MAX_QUERY_DECODED_BYTES)))
         except ImageDecodeError as error:
             raise SQLFunctionError(f"mapclip_embed_image: {error}") from None
         return vectors.encode(encoder.embed_image(image))
@@ -139,12 +160,14 @@ def _arity(name: str, func, low: int, high: int, usage: str):
 
 
 def function_table(functions: DatabaseFunctions) -> dict:
-    """SQL name -> (python callable, number of args; -1 for any)."""
+    """SQL name -> (python callable, number of args (-1 for any), most bytes any one argument may have)."""
     return {
-        "mapclip_embed_text": (_arity("mapclip_embed_text", functions.embed_text, 1, 2, "(text [, model])"), -1),
-        "mapclip_embed_image": (_arity("mapclip_embed_image", functions.embed_image, 1, 2, "(image [, model])"), -1),
-        "mapclip_combine": (combine, -1),
-        "mapclip_similarity": (similarity, 2),
+        "mapclip_embed_text": (_arity("mapclip_embed_text", functions.embed_text, 1, 2, "(text [, model])"), -1,
+                               MAX_TEXT_BYTES),
+        "mapclip_embed_image": (_arity("mapclip_embed_image", functions.embed_image, 1, 2, "(image [, model])"), -1,
+                                max(functions.max_image_bytes(), MAX_TEXT_BYTES)),
+        "mapclip_combine": (combine, -1, MAX_VECTOR_BYTES),
+        "mapclip_similarity": (similarity, 2, MAX_VECTOR_BYTES),
     }
 
 
@@ -161,14 +184,25 @@ def register(conn, functions: DatabaseFunctions) -> str:
             return "native"
     except Exception as error:  # any surprise: the portable path below still works
         log.warning("mapclip: native SQL function registration failed (%s); using create_function", error)
-    for name, (func, nargs) in table.items():
-        conn.create_function(name, nargs, _python_wrapper(func), deterministic=name in DETERMINISTIC)
+    for name, (func, nargs, max_arg_bytes) in table.items():
+        conn.create_function(name, nargs, _python_wrapper(name, func, max_arg_bytes),
+                             deterministic=name in DETERMINISTIC)
     return "python"
 
 
-def _python_wrapper(func):
+def _argument_size(value) -> int:
+    if isinstance(value, str):
+        return len(value.encode("utf-8", "replace"))
+    return len(value) if isinstance(value, (bytes, bytearray, memoryview)) else 0
+
+
+def _python_wrapper(name: str, func, max_arg_bytes: int):
     def call(*args):
         try:
+            for i, value in enumerate(args):
+                size = _argument_size(value)
+                if size > max_arg_bytes:
+                    raise SQLFunctionError(f"{name}: argument {i + 1} is {size:,} bytes, limit {max_arg_bytes:,}")
             return func(*args)
         except SQLFunctionError as error:
             log.warning("mapclip: %s", error)  # Python's sqlite3 hides the message from the SQL user

@@ -17,21 +17,28 @@ What keeps it from ever crashing the process (every check happens before a point
   start with the default VFS pointer, as every ``sqlite3`` object opened without a custom VFS does;
 - SQLite itself must then name the same database file as the connection does.
 
-Per-connection state: each registered function keeps its Python callable in ``_callables`` under a
-key that SQLite hands back as user data; SQLite calls the destroy callback when the function is
-replaced or its connection closes, and that drops the entry, so the table never outgrows the open
-connections.
+Per-connection state, owned by the connection: each registration is a ``_Registration`` object
+that the connection itself keeps alive, through an ordinary ``create_function`` (pysqlite3 drops
+its reference when the connection closes or is freed).  The native functions get the address of
+their ``_NativeFunction`` entry, inside that object, as SQLite user data, and pass no destroy
+callback.  Why not a module-level table emptied by a destroy callback: the table kept every
+connection whose functions refer to it alive (Datasette 0.65 drops the ``:memory:`` connection of
+every ``/-/versions`` request unclosed: a leak any visitor could grow), and a Python destroy
+callback runs inside whatever allocation the garbage collector picked to free a connection, where
+it can clear the exception being raised ("error return without exception set") or wait for a
+thread that is shutting down.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import itertools
 import logging
 import os
 import struct
 import sys
-import threading
+import weakref
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +50,36 @@ SQLITE_TRANSIENT = ctypes.c_void_p(-1)
 POINTER_SIZE = ctypes.sizeof(ctypes.c_void_p)
 
 _FUNCTION = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_void_p))
-_DESTROY = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 
-_lock = threading.Lock()
 _keys = itertools.count(1)
-_callables: dict[int, tuple[object, type]] = {}  # key -> (python callable, exception type whose message is shown)
+_live: "weakref.WeakSet[_Registration]" = weakref.WeakSet()
 _library = None
+
+
+@dataclasses.dataclass(eq=False)
+class _NativeFunction:
+    name: str
+    func: object
+    message_error: type
+    max_arg_bytes: int
+
+
+class _Registration:
+    """One connection's native functions.  The connection holds it (as a zero-argument SQL
+    function that returns NULL), so it lives exactly as long as the connection does."""
+
+    __slots__ = ("functions", "__weakref__")
+
+    def __init__(self, functions: list[_NativeFunction]):
+        self.functions = functions
+
+    def __call__(self):
+        return None
 
 
 def registered_count() -> int:
     """How many native registrations are alive (they are released when their connection closes)."""
-    with _lock:
-        return len(_callables)
+    return sum(len(registration.functions) for registration in list(_live))
 
 
 def _sqlite_library():
@@ -71,7 +96,7 @@ def _sqlite_library():
         "sqlite3_vfs_find": (ctypes.c_void_p, [ctypes.c_char_p]),
         "sqlite3_create_function_v2": (ctypes.c_int, [
             ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
-            _FUNCTION, ctypes.c_void_p, ctypes.c_void_p, _DESTROY]),
+            _FUNCTION, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]),
         "sqlite3_user_data": (ctypes.c_void_p, [ctypes.c_void_p]),
         "sqlite3_value_type": (ctypes.c_int, [ctypes.c_void_p]),
         "sqlite3_value_bytes": (ctypes.c_int, [ctypes.c_void_p]),
@@ -140,9 +165,13 @@ def connection_handle(conn) -> int | None:
 
 
 def register(conn, functions: dict, message_error: type[BaseException], deterministic=()) -> bool:
-    """Register ``{sql name: (callable, n_args)}`` natively; False (nothing registered) if this
-    connection cannot take the native path.  Exceptions of type ``message_error`` become the SQL
-    error text as they are; any other exception is reported with its type name."""
+    """Register ``{sql name: (callable, n_args, max_arg_bytes)}`` natively; False (nothing
+    registered) if this connection cannot take the native path.  An argument longer than
+    ``max_arg_bytes`` is refused before it is read (SQLite knows a value's size without copying
+    it, even a ``zeroblob``), so one call can never copy a huge value.  Exceptions of type
+    ``message_error`` become the SQL error text as they are; any other exception is reported with
+    its type name.  The callables must not refer to ``conn``: the registry below would keep the
+    connection alive, and a connection dropped without ``close()`` would never be freed."""
     try:
         handle = connection_handle(conn)
     except Exception as error:
@@ -151,15 +180,18 @@ def register(conn, functions: dict, message_error: type[BaseException], determin
     if handle is None:
         return False
     lib = _library
-    for name, (func, nargs) in functions.items():
-        with _lock:
-            key = next(_keys)
-            _callables[key] = (func, message_error)
+    entries = {name: _NativeFunction(name, func, message_error, max_arg_bytes)
+               for name, (func, nargs, max_arg_bytes) in functions.items()}
+    registration = _Registration(list(entries.values()))
+    # First the owner, so every address handed to SQLite below stays valid while it can be called;
+    # a name of its own each time, so registering again never frees what earlier functions point to.
+    conn.create_function(f"mapclip_native_registration_{next(_keys)}", 0, registration)
+    _live.add(registration)
+    for name, (func, nargs, max_arg_bytes) in functions.items():
         flags = SQLITE_UTF8 | (SQLITE_DETERMINISTIC if name in deterministic else 0)
-        code = lib.sqlite3_create_function_v2(handle, name.encode(), nargs, flags, ctypes.c_void_p(key),
-                                              _call, None, None, _destroy)
+        code = lib.sqlite3_create_function_v2(handle, name.encode(), nargs, flags, ctypes.c_void_p(id(entries[name])),
+                                              _call, None, None, None)
         if code != SQLITE_OK:
-            # SQLite calls xDestroy itself when registration fails, which dropped the key.
             raise RuntimeError(f"sqlite3_create_function_v2({name}) returned {code}")
     return True
 
@@ -190,15 +222,23 @@ def _error(lib, context, text: str):
 def _call(context, argc, argv):
     lib = _library
     try:
-        with _lock:
-            entry = _callables.get(lib.sqlite3_user_data(context) or 0)
-        if entry is None:
-            _error(lib, context, "mapclip: this SQL function is no longer registered")
+        address = lib.sqlite3_user_data(context)
+        if not address:
+            _error(lib, context, "mapclip: this SQL function has no registration")
             return
-        func, message_error = entry
+        # The _Registration that owns this entry lives as long as the connection running this call.
+        entry = ctypes.cast(address, ctypes.py_object).value
+        name, func, message_error, max_arg_bytes = entry.name, entry.func, entry.message_error, entry.max_arg_bytes
         if argc < 0 or (argc and not argv):
             _error(lib, context, "mapclip: SQLite passed no arguments")
             return
+        for i in range(argc):
+            if lib.sqlite3_value_type(argv[i]) not in (SQLITE_BLOB, SQLITE_TEXT):
+                continue  # asking a number's size would turn it into text
+            size = lib.sqlite3_value_bytes(argv[i])
+            if size > max_arg_bytes:
+                _error(lib, context, f"{name}: argument {i + 1} is {size:,} bytes, limit {max_arg_bytes:,}")
+                return
         try:
             result = func(*[_read_value(lib, argv[i]) for i in range(argc)])
         except message_error as error:
@@ -216,18 +256,7 @@ def _call(context, argc, argv):
         _error(lib, context, f"{type(error).__name__}: {error}")
 
 
-@_DESTROY
-def _destroy(user_data, lock=_lock, callables=_callables):
-    # Bound as defaults: connections closed while the interpreter shuts down outlive module globals.
-    try:
-        with lock:
-            callables.pop(user_data or 0, None)
-    except BaseException:  # never let an exception cross the C boundary
-        pass
-
-
-# SQLite keeps pointers to these two callbacks for as long as any connection lives, and connections
-# can outlive this module's globals while the interpreter shuts down; one extra reference each
-# keeps the ctypes thunks from being freed under SQLite's feet.
-for _callback in (_call, _destroy):
-    ctypes.pythonapi.Py_IncRef(ctypes.py_object(_callback))
+# SQLite keeps a pointer to this callback for as long as any connection lives, and connections
+# can outlive this module's globals while the interpreter shuts down; one extra reference keeps
+# the ctypes thunk from being freed under SQLite's feet.
+ctypes.pythonapi.Py_IncRef(ctypes.py_object(_call))

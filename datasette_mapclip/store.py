@@ -196,8 +196,11 @@ def load_sqlite_vec(conn) -> str:
             "--enable-loadable-sqlite-extensions (python.org and Homebrew builds are)."
         )
     conn.enable_load_extension(True)
-    sqlite_vec.load(conn)
-    conn.enable_load_extension(False)
+    try:
+        sqlite_vec.load(conn)
+    finally:
+        # Whatever happened, SQL on this connection must never be able to call load_extension().
+        conn.enable_load_extension(False)
     return conn.execute("select vec_version()").fetchone()[0]
 
 
@@ -646,6 +649,32 @@ class ModelNotFound(LookupError):
 def read_models(conn) -> list[dict]:
     """Every ``models`` row, oldest first (``pick_model`` says which is the default)."""
     return [dict(row) for row in _rows(conn, "SELECT * FROM models ORDER BY id")]
+
+
+def read_load_commands(conn, limit: int = 1000) -> list[str]:
+    """The commands of the collection's loads (newest first), [] for a file without a loads table."""
+    if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'loads'").fetchone():
+        return []
+    rows = conn.execute("SELECT command FROM loads ORDER BY id DESC LIMIT ?", [limit]).fetchall()
+    return [row[0] for row in rows if isinstance(row[0], str)]
+
+
+def read_models_at(path, *, immutable: bool = False) -> list[dict]:
+    """``read_models`` through a read-only connection of its own to the file at ``path`` ([] when
+    there is no file or no ``models`` table): for callers that must not hold a connection."""
+    if not path:
+        return []
+    mode = "immutable=1" if immutable else "mode=ro"
+    try:
+        conn = stdlib_sqlite3.connect(f"{Path(path).resolve().as_uri()}?{mode}", uri=True)
+    except (stdlib_sqlite3.Error, OSError, ValueError):
+        return []
+    try:
+        return read_models(conn)
+    except stdlib_sqlite3.Error:
+        return []
+    finally:
+        conn.close()
 
 
 def pick_model(models: list[dict], name: str | None = None, *, where: str = "this collection") -> dict:

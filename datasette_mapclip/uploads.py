@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 
 from python_multipart.exceptions import MultipartParseError
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import FormParser, MultipartParser, parse_options_header
 
+from . import ids
 from .errors import UploadError
 
 DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024
@@ -69,9 +71,9 @@ def _too_large(limits: UploadLimits) -> UploadError:
 
 async def _receive_body(request, limits: UploadLimits) -> bytes:
     cap = limits.max_bytes + FORM_OVERHEAD_BYTES
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > cap:
-        raise UploadError(f"upload too large: {int(declared) / 1e6:.1f} MB, limit {limits.max_bytes / 1e6:.1f} MB", 413)
+    declared = ids.declared_length(request.headers.get("content-length", ""))
+    if declared is not None and declared > cap:
+        raise UploadError(f"upload too large: {declared / 1e6:.1f} MB, limit {limits.max_bytes / 1e6:.1f} MB", 413)
     body = bytearray()
     while True:
         message = await request.receive()
@@ -172,34 +174,181 @@ class _BodyCounter:
         return None
 
 
+# --- what Datasette 0.65's CSRF layer (asgi-csrf 0.11) does with a multipart body -----------------
+# For any method but GET, HEAD, OPTIONS and TRACE, on any path, when the request carries a cookie and
+# no "Authorization: Bearer", asgi-csrf takes the boundary as ``content_type.split(b"; boundary=")[1]``
+# and feeds the body, as it arrives, to python-multipart's FormParser until the ``csrftoken`` field
+# is complete (then it compares it) or a file part receives data (then it answers 403).  Everything
+# else that goes wrong on the way escapes as a 500: the boundary spelled any other way (IndexError,
+# or a wrong boundary and a parse error), a malformed body, bad base64 in a part, a token that is
+# not UTF-8, a file part that ends empty before the token (its stand-in file has no finalize()).
+_CSRF_UNCHECKED_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+CANONICAL_MULTIPART = "multipart/form-data; boundary=..."
+
+
+def _csrf_layer_reads_body(scope, headers: dict) -> bool:
+    return (scope["method"] not in _CSRF_UNCHECKED_METHODS and bool(headers.get(b"cookie"))
+            and not headers.get(b"authorization", b"").startswith(b"Bearer "))
+
+
+def _content_type(raw: bytes) -> tuple[bytes, bytes | None]:
+    """A Content-Type header -> (its media type, lower case; the boundary parameter or None), parsed
+    the standard way (python-multipart uses email.message): parameter names in any case, optional
+    whitespace, quoted values.  A header it cannot parse has no media type."""
+    try:
+        mime, options = parse_options_header(raw.decode("latin-1"))
+    except (ValueError, AssertionError, UnicodeError):
+        return b"", None
+    return mime.strip().lower(), options.get(b"boundary")
+
+
+def _csrf_content_type_problem(raw: bytes, boundary: bytes | None) -> str | None:
+    """Why the CSRF layer could not read this multipart content type, or None."""
+    if not boundary:
+        return "multipart/form-data without a boundary"
+    pieces = raw.split(b"; boundary=")
+    if raw.split(b";", 1)[0] != b"multipart/form-data" or len(pieces) < 2 or pieces[1] != boundary:
+        return (f"write the Content-Type header exactly as {CANONICAL_MULTIPART!r}: lower case, one space "
+                "after the semicolon, the boundary unquoted and last (Datasette's CSRF check reads it that way)")
+    return None
+
+
+class _TokenFound(Exception):
+    pass
+
+
+class _FileFirst(Exception):
+    pass
+
+
+class _Unreadable(Exception):
+    pass
+
+
+class _FileProbe:
+    """Stands in for asgi-csrf's file class: data in a file part before the token ends its reading."""
+
+    def __init__(self, file_name, field_name, config=None):
+        pass
+
+    def write(self, data):
+        raise _FileFirst
+
+    def finalize(self):  # reached only by a file part that ended without data
+        raise _Unreadable("an empty file part comes before the csrftoken field: send csrftoken first")
+
+
+class _CsrfBodyCheck:
+    """Reads a multipart body as the CSRF layer will, as far as it will, and says why it would fail
+    with an error (a 500) instead of an answer: the same parser, fed the same chunks, stopping
+    where it stops."""
+
+    def __init__(self, boundary: bytes):
+        self.done = False
+        self.parser = FormParser("multipart/form-data", self._on_field, None, boundary=boundary,
+                                 FileClass=_FileProbe)
+
+    @staticmethod
+    def _on_field(field):
+        if field.field_name == b"csrftoken":
+            try:
+                (field.value or b"").decode("utf-8")
+            except UnicodeDecodeError:
+                raise _Unreadable("the csrftoken field is not UTF-8 text") from None
+            raise _TokenFound
+
+    def feed(self, chunk: bytes) -> str | None:
+        """-> why this chunk makes the body unreadable, or None."""
+        if self.done:
+            return None
+        try:
+            self.parser.write(chunk)
+        except (_TokenFound, _FileFirst):  # the CSRF layer answers these itself
+            self.done = True
+        except _Unreadable as error:
+            self.done = True
+            return str(error)
+        except Exception as error:  # whatever the parser raises, the CSRF layer would raise
+            self.done = True
+            return f"the multipart/form-data body is malformed: {str(error)[:200] or type(error).__name__}"
+        return None
+
+
+async def _answer(scope, send, message: str, status: int = 400):
+    """The wrapper's own 4xx, in the route's format; the rest of the body is never read."""
+    if scope["path"].endswith(".json"):
+        body, content_type = json.dumps({"ok": False, "error": message, "status": status}), b"application/json"
+    else:
+        body, content_type = message, b"text/plain; charset=utf-8"
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", content_type), (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body.encode("utf-8")})
+
+
 def limit_upload_bodies(app, paths: tuple[str, ...], limits_for):
-    """ASGI middleware for POSTs to ``paths``: the body stops at the first byte past the limits.
+    """ASGI middleware: upload limits for POSTs to ``paths``, and a guard for the CSRF layer everywhere.
 
     Datasette's CSRF middleware parses a multipart body on the event loop, unbounded, before any
-    view runs; this wrapper sits outside it.  A refused body is cut short (so whatever parses it
-    next does bounded work) and the reason is left in the scope for the view to answer with."""
+    view runs; this wrapper sits outside it.  On ``paths``, a refused body is cut short (so whatever
+    parses it next does bounded work) and the reason is left in the scope for the view to answer with.
+
+    On every path (Datasette's own ``/-/logout`` too), a multipart request the CSRF layer will read
+    (it carries a cookie) is read ahead as far as that layer reads it, and one it would fail on with
+    a 500 (see above) is answered 400 here, saying why, before it gets there."""
 
     async def wrapped(scope, receive, send):
-        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].endswith(paths):
+        if scope["type"] != "http":
             return await app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
-        mime, options = parse_options_header(headers.get(b"content-type", b"").decode("latin-1"))
-        if mime != b"multipart/form-data" or not options.get(b"boundary"):
+        covered = scope["method"] == "POST" and scope["path"].endswith(paths)
+        csrf_reads = _csrf_layer_reads_body(scope, headers)
+        if not (covered or csrf_reads):
             return await app(scope, receive, send)
-        counter = _BodyCounter(options[b"boundary"], limits_for())
+        raw_type = headers.get(b"content-type", b"")
+        mime, boundary = _content_type(raw_type)
+        # (the second test is the CSRF layer's own: a header too odd to parse must not slip past)
+        if mime != b"multipart/form-data" and not (csrf_reads and raw_type.split(b";", 1)[0] == b"multipart/form-data"):
+            return await app(scope, receive, send)
+        problem = _csrf_content_type_problem(raw_type, boundary) if csrf_reads else None
+        if problem:
+            return await _answer(scope, send, problem)
+        if not boundary:  # the view says so
+            return await app(scope, receive, send)
+        counter = _BodyCounter(boundary, limits_for()) if covered else None
         refused = []  # shared by reference: middlewares below copy the scope dict
 
         async def counted_receive():
             if refused:
                 return {"type": "http.request", "body": b"", "more_body": False}
             message = await receive()
-            if message["type"] == "http.request":
+            if counter is not None and message["type"] == "http.request":
                 why = counter.add(message.get("body", b""))
                 if why:
                     refused.append(why)
                     return {"type": "http.request", "body": b"", "more_body": False}
             return message
 
-        return await app({**scope, REFUSED_KEY: refused}, counted_receive, send)
+        if covered:
+            scope = {**scope, REFUSED_KEY: refused}
+        if not csrf_reads:
+            return await app(scope, counted_receive, send)
+
+        # Read ahead (within the limits on ``paths``) as far as the CSRF layer will, then replay.
+        check, early = _CsrfBodyCheck(boundary), []
+        while not check.done:
+            message = await counted_receive()
+            early.append(message)
+            if message["type"] != "http.request":
+                break
+            problem = check.feed(message.get("body", b""))
+            if problem:
+                return await _answer(scope, send, problem)
+            if not message.get("more_body"):
+                break
+
+        async def replayed_receive():
+            return early.pop(0) if early else await counted_receive()
+
+        return await app(scope, replayed_receive, send)
 
     return wrapped

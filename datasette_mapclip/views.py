@@ -11,9 +11,11 @@ from datasette.utils.asgi import Forbidden, Response
 
 from . import about, compat, search
 from .errors import BadSearch, NotFound, SearchError, UploadError
-from .query import MAX_FEEDBACK, MAX_ID, MAX_TERMS, SearchParams
+from .ids import map_id_or_none
+from .query import MAX_FEEDBACK, MAX_TERMS, SearchParams
 from .state import plugin_config
 from .uploads import UploadLimits, read_multipart
+from .web_paths import database_from_segment
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,18 @@ async def read_search_request(datasette, request) -> tuple[search.Collection, Se
 def _first(args: dict, key: str):
     values = args.get(key)
     return values[0] if isinstance(values, list) and values else values
+
+
+def map_in_path(datasette, request) -> tuple[str, int]:
+    """(database name, map id) from a path that names one map (a thumbnail, a map's page), decoded
+    as Datasette decodes its own paths; NotFound (404) for a database or an id that cannot exist."""
+    database = database_from_segment(datasette, request.url_vars["database"])
+    if database is None:
+        raise NotFound("no such collection")
+    map_id = map_id_or_none(request.url_vars["id"])
+    if map_id is None:
+        raise NotFound("no such map: a map id is a whole number from 0 to 2**63-1, in ASCII digits")
+    return database, map_id
 
 
 def error_response(error: SearchError, as_json: bool):
@@ -223,7 +237,7 @@ async def about_page(request, datasette):
     for name in names:
         config = plugin_config(datasette, name)
         try:
-            described = await about.describe_collection(datasette, name, config)
+            described = await about.describe_collection(datasette, name, config, request.actor)
         except Exception as problem:  # a damaged provenance table: say so, never a 500
             if search.unavailable_if_interrupted(problem, datasette) is not None:
                 raise
@@ -249,13 +263,11 @@ async def about_page(request, datasette):
 @answers_503_when_cut(as_json=False)
 async def thumbnail(request, datasette):
     try:
-        map_id = int(request.url_vars["id"])
-        if map_id > MAX_ID:
-            raise NotFound("no such map")
-        data = await search.thumbnail(datasette, request.actor, request.url_vars["database"], map_id)
+        database, map_id = map_in_path(datasette, request)
+        data = await search.thumbnail(datasette, request.actor, database, map_id)
     except NotFound as error:
         return Response.text(str(error), status=error.status)
     # A thumbnail of a collection behind permissions must not sit in shared caches.
-    public = await search.can_view(datasette, None, request.url_vars["database"])
+    public = await search.can_view(datasette, None, database)
     cache = "public, max-age=86400" if public else "private, max-age=3600"
     return Response(data, content_type="image/jpeg", headers={"Cache-Control": cache})

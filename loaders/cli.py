@@ -15,6 +15,17 @@ from datasette_mapclip.images import DEFAULT_MAX_PIXELS
 from datasette_mapclip.model import DEFAULT_MODEL, DEFAULT_PRETRAINED, PRECISIONS, ModelSpec, ModelUnavailable
 from datasette_mapclip.runtime import limit_image_pixels, prefer_hub_cache_when_offline, set_torch_threads
 
+from .fetch import SAFETY_MARGIN, requests_per_minute
+from .messages import shown
+from .sources.loc import ITEM_LIMITS, SEARCH_LIMITS, limits_text
+
+# What the limiter makes of loc.gov's published limits, for help texts (derived: it cannot drift).
+SEARCH_PER_MINUTE = requests_per_minute(SEARCH_LIMITS)
+ITEM_PER_MINUTE = requests_per_minute(ITEM_LIMITS)
+LOC_PACE = (f"search pages at most {SEARCH_PER_MINUTE:.0f} a minute and item requests {ITEM_PER_MINUTE:.0f} a "
+            f"minute, evenly spaced: loc.gov's published limits ({limits_text(SEARCH_LIMITS)}; "
+            f"{limits_text(ITEM_LIMITS)}) less our {SAFETY_MARGIN:.0%} margin")
+
 
 def model_options(command):
     """--model/--pretrained/--checkpoint and the encoding knobs, on every command that embeds."""
@@ -204,11 +215,13 @@ def load_folder(db_path, folder, metadata_csv, no_thumbnails, follow_symlinks, *
     click.echo(f"{len(records)} images under {folder}", err=True)
     if report.encoding_note:
         click.echo(f"note: {report.encoding_note}", err=True)
+    for warning in report.warnings:
+        click.echo(f"warning: {warning}", err=True)
     notes = report.notes + _skipped_link_notes(report.root, report.skipped_links)
     if report.skipped_links:
-        shown = "; ".join(f"{name} ({why})" for name, why in report.skipped_links[:10])
-        shown += " ..." if len(report.skipped_links) > 10 else ""
-        click.echo(f"skipped {len(report.skipped_links)} symbolic links: {shown}", err=True)
+        listed = "; ".join(f"{shown(name)} ({why})" for name, why in report.skipped_links[:10])
+        listed += " ..." if len(report.skipped_links) > 10 else ""
+        click.echo(f"skipped {len(report.skipped_links)} symbolic links: {listed}", err=True)
     run_embedding(db_path, records, options, command=f"load folder {folder}",
                   store_thumbnails=not no_thumbnails, total=len(records), notes=notes, notes_under=report.root)
 
@@ -228,7 +241,8 @@ def _skipped_link_notes(root: str, skipped_links: list[tuple[str, str]]) -> list
 @click.option("--size", type=int, default=iiif.DEFAULT_SIZE, show_default=True,
               help="Ask the IIIF server for images that fit SIZE x SIZE (not the seed's 2000 px).")
 @click.option("--rate", type=click.FloatRange(min=0), default=200, show_default=True,
-              help="Image requests per minute, shared by all workers (loc.gov allows 200). 0: unlimited.")
+              help="Image requests per minute, shared by all workers and evenly spaced, less our "
+                   f"{SAFETY_MARGIN:.0%} margin (loc.gov allows 200). 0: unlimited.")
 @click.option("--timeout", type=float, default=30, show_default=True, help="Seconds per HTTP request.")
 @click.option("--limit", type=int, help="Stop after this many images.")
 @keep_images_option
@@ -278,8 +292,8 @@ def load_csv(db_path, file_list, size, rate, timeout, limit, keep_images, **opti
 @click.option("--size", type=int, default=iiif.DEFAULT_SIZE, show_default=True,
               help="Ask the IIIF server for images that fit SIZE x SIZE.")
 @click.option("--rate", type=click.FloatRange(min=0), default=200, show_default=True,
-              help="Image requests per minute, shared by all workers. Search pages (20/10 s, 80/min) and "
-                   "manifests (10/10 s, 200/min) keep loc.gov's published limits. 0: unlimited images.")
+              help="Image requests per minute, shared by all workers and evenly spaced, less our "
+                   f"{SAFETY_MARGIN:.0%} margin. 0: unlimited images. Manifests are item requests: {LOC_PACE}.")
 @click.option("--timeout", type=float, default=30, show_default=True, help="Seconds per HTTP request.")
 @keep_images_option
 @model_options
@@ -354,7 +368,28 @@ def import_beto(db_path, beto, beto_idx, files_csv, batch_size, quiet):
                f"in {time.perf_counter() - started:.1f} s", err=True)
 
 
-@click.command("loc-metadata")
+LOC_METADATA_HELP = f"""Fill catalogue fields (title, date, place, subjects...) from loc.gov for maps that have
+    an item id but no title (rows from `load csv` or `import-beto`).
+
+    By default it pages through a loc.gov search, 150 results a request, and matches results to
+    stored items by item id: about {round(150 * SEARCH_PER_MINUTE, -2):,.0f} items a minute, against
+    {ITEM_PER_MINUTE:.0f} a minute from the item endpoint, which is asked only for items no page returned
+    ({LOC_PACE}).
+
+    loc.gov does not page past 100,000 results of one search, so a larger search is partitioned
+    by date ranges (dates=FROM/TO): a range is split in two whenever its total passes
+    --result-cap, until every part can be paged to its end. Items without a date are in no range:
+    a search under the cap is paged whole and includes them, otherwise the item endpoint fills them.
+
+    Rerunning continues from the stored partition and page and never asks again for a page it
+    stored or an item already filled. A 429 with a long Retry-After stops the run (rerun later);
+    a page that fails after retries is noted in load_errors and the crawl goes on.
+
+    Example: mapclip loc-metadata maps.db --search "https://www.loc.gov/collections/sanborn-maps/"
+    """
+
+
+@click.command("loc-metadata", help=LOC_METADATA_HELP)
 @click.argument("db_path", type=click.Path(exists=True, dir_okay=False))
 @click.option("--api", default="https://www.loc.gov", show_default=True, help="loc.gov API base URL.")
 @click.option("--search", "search_url",
@@ -382,27 +417,7 @@ def import_beto(db_path, beto, beto_idx, files_csv, batch_size, quiet):
 @click.option("--timeout", type=float, default=30, show_default=True, help="Seconds per HTTP request.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def loc_metadata(db_path, api, search_url, method, dates, result_cap, workers, recrawl, limit, timeout, quiet):
-    """Fill catalogue fields (title, date, place, subjects...) from loc.gov for maps that have
-    an item id but no title (rows from `load csv` or `import-beto`).
-
-    By default it pages through a loc.gov search, 150 results a request at the search limits
-    (20 / 10 s, 80 / minute), and matches results to stored items by item id: about 12,000 items
-    a minute, against at most 200 a minute from the item endpoint (10 / 10 s, 200 / minute), which
-    is asked only for items no page returned.
-
-    loc.gov does not page past 100,000 results of one search, so a larger search is partitioned
-    by date ranges (dates=FROM/TO): a range is split in two whenever its total passes
-    --result-cap, until every part can be paged to its end. Items without a date are in no range:
-    a search under the cap is paged whole and includes them, otherwise the item endpoint fills them.
-
-    Rerunning continues from the stored partition and page and never asks again for a page it
-    stored or an item already filled. A 429 with a long Retry-After stops the run (rerun later);
-    a page that fails after retries is noted in load_errors and the crawl goes on.
-
-    Example: mapclip loc-metadata maps.db --search "https://www.loc.gov/collections/sanborn-maps/"
-    """
     from .fetch import Fetcher, RateLimited, RateLimiter
-    from .sources.loc import ITEM_LIMITS, SEARCH_LIMITS
     from .sources.loc_catalogue import CatalogueSummary, fill_catalogue, parse_dates
 
     try:

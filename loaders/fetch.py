@@ -7,10 +7,11 @@ import email.utils
 import json
 import threading
 import time
-from collections import deque
 from pathlib import Path
 
 import httpx
+
+from datasette_mapclip.ids import declared_length
 
 USER_AGENT = "datasette-mapclip (+https://github.com/datasette-mapclip)"
 MAX_BYTES = 64 * 1024 * 1024
@@ -24,65 +25,93 @@ class RateLimited(Exception):
     """The server said stop (HTTP 429) for longer than we are willing to wait: end the load."""
 
 
-class RateLimiter:
-    """Sliding-window limits shared by every worker thread, e.g. ``[(10, 10.0), (200, 60.0)]``.
+# Our margin on top of a server's published limits (the limits themselves stay the server's, e.g.
+# ``loaders.sources.loc.ITEM_LIMITS``).  We count requests when we send them; the server counts them
+# when they arrive, after network and scheduling delays that vary from one request to the next.  So
+# every limit is booked against a window this much longer than the published one: 10 requests per
+# 10 s are sent one per 1.1 s, and a request may arrive up to a second later than its neighbours
+# before the server could count 11 in its 10 s.  loc.gov blocks a client for 5 minutes or an hour
+# once it passes a limit; a few percent of speed is cheap against that.
+SAFETY_MARGIN = 0.1
 
-    loc.gov blocks a client for 5 minutes (burst) or an hour (crawl) once it exceeds
-    these, so every request of a load waits its turn here.
+
+def request_interval(rules, margin: float = SAFETY_MARGIN) -> float:
+    """Seconds between two requests under ``rules`` (published ``(count, seconds)`` limits) with
+    our ``margin``: the slowest rule's pace, its window stretched by the margin.
+    ``[(10, 10.0), (200, 60.0)]`` -> 1.1 s; ``[(20, 10.0), (80, 60.0)]`` -> 0.825 s."""
+    return max((float(seconds) * (1 + margin) / int(count) for count, seconds in rules if count), default=0.0)
+
+
+def requests_per_minute(rules, margin: float = SAFETY_MARGIN) -> float:
+    """The sustained rate ``rules`` are booked at (for help texts and estimates); 0 for no limit."""
+    interval = request_interval(rules, margin)
+    return 60.0 / interval if interval else 0.0
+
+
+class RateLimiter:
+    """A server's published limits, shared by every worker thread, e.g. ``[(10, 10.0), (200, 60.0)]``
+    (``rules``: at most 10 requests in any 10 s and 200 in any minute).
+
+    Requests are spaced evenly, one every ``interval`` seconds (``request_interval``: the slowest
+    rule's pace with our ``SAFETY_MARGIN``), instead of sending a window's whole allowance at once
+    and then waiting out the window.  Evenly spaced requests keep every rule (no window of a rule's
+    length holds more than its count) with room for jitter in when they arrive, where bursts at the
+    edges of the window put the server's count over the limit as soon as one request of a burst
+    arrives late (HTTP 429; loc.gov then blocks the client for 5 minutes or an hour).
     """
 
-    def __init__(self, rules, clock=None, sleep=None):
-        self.rules = [(int(count), float(seconds)) for count, seconds in rules if count]
+    def __init__(self, rules, clock=None, sleep=None, margin: float = SAFETY_MARGIN):
+        self.margin = margin
+        self.rules = rules
         self.clock = clock or time.monotonic  # looked up now, not at import: tests can run time faster
         self.sleep = sleep or time.sleep
-        self.sent = deque()
+        self.last: float | None = None  # the latest slot booked
         self.lock = threading.Lock()
         self.paused_until = 0.0
+
+    @property
+    def rules(self) -> list[tuple[int, float]]:
+        """The published limits; setting them (a new ``--rate``) sets the pace."""
+        return self._rules
+
+    @rules.setter
+    def rules(self, rules):
+        self._rules = [(int(count), float(seconds)) for count, seconds in rules if count]
+        self.interval = request_interval(self._rules, self.margin)
 
     def pause(self, seconds: float):
         """Hold every worker (after a Retry-After)."""
         with self.lock:
             self.paused_until = max(self.paused_until, self.clock() + seconds)
 
+    def _earliest(self, now: float) -> float:
+        """The first moment the next request may go (call with the lock held)."""
+        slot = max(now, self.paused_until)
+        if self.last is not None:
+            slot = max(slot, self.last + self.interval)
+        return slot
+
     def reserve(self) -> float:
         """Book the next request slot without sleeping; returns the seconds until it.
 
         What ``wait`` does with a virtual clock, for a limiter that lives in another process
         (the Ray engine's cluster-wide limiter, ``loaders.ray_engine``): slots are handed out
-        in order, never earlier than one already booked, so callers sleep on their side and
-        the limiter never blocks."""
+        in order, one ``interval`` apart, so callers sleep on their side and the limiter never
+        blocks."""
         with self.lock:
             now = self.clock()
-            slot = max(now, self.paused_until, self.sent[-1] if self.sent else now)
-            horizon = max((seconds for _, seconds in self.rules), default=0)
-            while self.sent and self.sent[0] <= now - horizon:
-                self.sent.popleft()
-            moved = True
-            while moved:
-                moved = False
-                for count, seconds in self.rules:
-                    recent = [t for t in self.sent if t > slot - seconds]
-                    if len(recent) >= count and recent[-count] + seconds > slot:
-                        slot, moved = recent[-count] + seconds, True
-            self.sent.append(slot)
+            self.last = slot = self._earliest(now)
             return slot - now
 
     def wait(self):
+        """Sleep until this thread's request may go, and book it."""
         while True:
             with self.lock:
                 now = self.clock()
-                delay = self.paused_until - now
+                delay = self._earliest(now) - now
                 if delay <= 0:
-                    horizon = max((seconds for _, seconds in self.rules), default=0)
-                    while self.sent and self.sent[0] <= now - horizon:
-                        self.sent.popleft()
-                    for count, seconds in self.rules:
-                        recent = [t for t in self.sent if t > now - seconds]
-                        if len(recent) >= count:
-                            delay = max(delay, recent[-count] + seconds - now)
-                    if delay <= 0:
-                        self.sent.append(now)
-                        return
+                    self.last = now
+                    return
             self.sleep(delay)
 
 
@@ -148,9 +177,9 @@ class Fetcher:
         self.client.close()
 
     def _read_capped(self, response: httpx.Response) -> bytes:
-        declared = response.headers.get("Content-Length", "")
-        if declared.strip().isdigit() and int(declared) > self.max_bytes:
-            raise FetchError(f"response of {int(declared)} bytes (Content-Length) exceeds the "
+        declared = declared_length(response.headers.get("Content-Length", ""))
+        if declared is not None and declared > self.max_bytes:
+            raise FetchError(f"response of {declared} bytes (Content-Length) exceeds the "
                              f"{self.max_bytes} byte cap")
         chunks, size = [], 0
         for chunk in response.iter_bytes():  # decoded: a small gzip body cannot expand past the cap

@@ -25,6 +25,7 @@ from datasette_mapclip.store import MapStore
 
 from .fetch import Fetcher, FetchError, RateLimited
 from .kept_images import KeepImages, keep_payload, read_kept
+from .messages import shown
 
 # Stages of the notes a source finds again on every run (see run_load's ``notes_under``).
 SOURCE_NOTE_STAGES = {"metadata", "source"}
@@ -51,7 +52,7 @@ class LoadSummary:
     def add_problem(self, key: str, stage: str, reason: str):
         if len(self.problems) < SHOWN_PROBLEMS:
             label = key if key.endswith(f"[{stage}]") else f"{key} ({stage})"
-            self.problems.append(f"{label}: {reason}")
+            self.problems.append(f"{shown(label, None)}: {shown(reason, None)}")  # file names and cells
 
     def line(self) -> str:
         notes = f", {self.noted} notes" if self.noted else ""

@@ -27,6 +27,7 @@ import copy
 import hashlib
 import io
 import json
+import random
 import threading
 import time
 import urllib.parse
@@ -121,6 +122,21 @@ class LocServer:
         self.holding = threading.Event()  # ... set when it arrives ...
         self.release = threading.Event()  # ... and answered (503) once this is set
         self.item_template = fixture("item_2007680728_item_attribute.json")["item"]
+        # loc.gov's rate limits as it enforces them: it counts requests as they arrive, after a
+        # network delay that varies.  ``limit`` (count, seconds): a request arriving when the last
+        # ``seconds`` already saw ``count`` is answered 429 (Retry-After: 0, so a run goes on and
+        # every overrun is counted in ``.too_many``).  Every request is counted after a random delay
+        # of up to ``jitter`` seconds (seeded).
+        self.limit: tuple[int, float] | None = None
+        self.jitter = 0.0
+        self.too_many = 0
+        self.arrivals: list[float] = []  # time.monotonic() of each request counted against ``limit``
+        self.random = random.Random(18)
+        # A request budget: past ``budget`` requests every request is answered 429 without
+        # Retry-After, which stops a load or crawl at once (as loc.gov blocks a client), so a test
+        # whose code has gone wrong fails in seconds instead of paging on at the limiter's pace.
+        self.budget: int | None = None
+        self.over_budget = 0  # requests refused for the budget
 
     # -- content --------------------------------------------------------------------
     def item_id(self, n: int) -> str:
@@ -281,6 +297,22 @@ class LocServer:
     def item_requests(self) -> list[str]:
         return [path for path in self.requests if path.startswith("/item/") and "manifest" not in path]
 
+    def counted_over_limit(self) -> bool:
+        """Count one request against ``limit`` as loc.gov would when it arrives (after the
+        jitter); True if it is one too many."""
+        with self.lock:
+            delay = self.random.uniform(0, self.jitter)
+        time.sleep(delay)
+        count, seconds = self.limit
+        with self.lock:
+            now = time.monotonic()
+            recent = sum(1 for t in self.arrivals if t > now - seconds)
+            self.arrivals.append(now)
+            if recent >= count:
+                self.too_many += 1
+                return True
+        return False
+
     # -- server ---------------------------------------------------------------------
     def start(self) -> "LocServer":
         server_ref = self
@@ -348,6 +380,12 @@ class LocServer:
             def do_GET(self):
                 server_ref.log.append((time.monotonic(), self.path))
                 server_ref.requests.append(self.path)
+                if server_ref.budget is not None and len(server_ref.requests) > server_ref.budget:
+                    with server_ref.lock:
+                        server_ref.over_budget += 1
+                    return self.send(429, "text/plain", b"request budget of this test spent")
+                if server_ref.limit is not None and server_ref.counted_over_limit():
+                    return self.send(429, "text/plain", b"too many requests", {"Retry-After": "0"})
                 parts = urllib.parse.urlsplit(self.path)
                 query = dict(urllib.parse.parse_qsl(parts.query))
                 segments = parts.path.strip("/").split("/")

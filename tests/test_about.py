@@ -212,3 +212,23 @@ async def test_a_provenance_table_that_cannot_be_read_is_reported_not_a_500(coll
     response = await ds.client.get("/-/mapclip/about")
     assert response.status_code == 200 and "could not be read" in response.text
     assert "no such column" not in response.text
+
+
+@pytest.mark.parametrize("allow", [False, ROOT])
+async def test_provenance_is_hidden_from_an_actor_who_may_not_view_the_models_table(collection, model_row, allow):
+    ds = make_datasette([str(collection[0])], metadata={"databases": {"maps": {"tables": {"models": {"allow": allow}}}}})
+    hidden = [model_row["checkpoint_sha256"], model_row["torch_version"], model_row["open_clip_version"]]
+    assert all(hidden)
+    for path in ("/-/mapclip/about?_db=maps", "/-/mapclip/about"):
+        response = await ds.client.get(path)
+        assert response.status_code == 200
+        for value in hidden:
+            assert value not in response.text, (path, value)
+        words = text_of(response.text)
+        assert model_row["name"] in words and "has not made the details of this model" in words
+        assert "Weights file fingerprint" not in words and "Software" not in words
+    # the search itself is not the models table's: it still works
+    assert (await ds.client.get("/-/mapclip/search.json?like=1")).status_code == 200
+    if allow:
+        shown = await ds.client.get("/-/mapclip/about?_db=maps", cookies=cookies(ds, ROOT))
+        assert all(value in shown.text for value in hidden)

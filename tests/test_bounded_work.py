@@ -245,3 +245,33 @@ async def test_text_queries_waiting_together_are_encoded_in_one_pass(collection,
         expected = tiny_encoder.encode_texts([query])[0]
         want = [int(ids[i]) for i in np.argsort(-(matrix @ expected))[:4]]
         assert [r["id"] for r in answer["results"]] == want, query
+
+
+# The documented cap on results per page (datasette_mapclip/query.py MAX_K), written out here so
+# that raising the constant is caught rather than followed.
+K_CAP = 200
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("route", ["/-/mapclip", "/-/mapclip/search.json", "/-/mapclip/export.csv",
+                                   "/-/mapclip/export.json"])
+@pytest.mark.parametrize("index", ["in-memory", "sqlite-vec"])
+async def test_k_is_capped_at_200_on_every_route(collection, route, index):
+    config = {} if index == "in-memory" else {"index": "off"}
+    ds = make_datasette([str(collection[0])], metadata={"plugins": {"datasette-mapclip": config}})
+    if index == "in-memory":
+        await wait_for_index(ds)
+    over = await ds.client.get(f"{route}?like=2&k={K_CAP + 1}")
+    assert over.status_code == 400, (route, over.status_code, over.text[:300])
+    assert f"k must be between 1 and {K_CAP}, got {K_CAP + 1}" in over.text
+    at_cap = await ds.client.get(f"{route}?like=2&k={K_CAP}")
+    assert at_cap.status_code == 200, (route, at_cap.status_code, at_cap.text[:300])
+    if route.endswith("search.json"):  # the whole (12-map) collection, nearest first
+        results = at_cap.json()["results"]
+        assert len(results) == 12 and results[0]["id"] == 2
+    elif route.endswith("export.json"):
+        assert len(at_cap.json()["rows"]) == 12
+    elif route.endswith("export.csv"):
+        assert len(at_cap.text.strip().splitlines()) == 13  # the header and every map
+    else:
+        assert at_cap.text.count('<li class="mapclip-card"') == 12

@@ -222,3 +222,56 @@ def test_rate_limiter_spaces_grants_across_threads():
     assert min(gaps) >= 1 / rate - 1e-3, f"{sum(g < 1 / rate - 1e-3 for g in gaps)} grants closer than 1/rate"
     # and the window held the pace: 48 grants at 100 a second span at least 0.47 s
     assert granted[-1] - granted[0] >= (threads * each - 1) / rate - 1e-3
+
+
+# -- loc.gov's limits with our margin, as a server that counts arrivals sees them ---------------
+
+class TenTimesFaster(FastTime):
+    """loc.gov's 10 requests per 10 s act as 10 per second of real time."""
+
+    speedup = 10.0
+
+
+def test_loc_metadata_stays_under_a_limit_counted_on_jittered_arrivals(tmp_path, invoke, loc_server, monkeypatch):
+    """Issue 18 (7): 60 items at the item endpoint against a stand-in that enforces 10 per 10 s on
+    arrival times, which jitter; the limiter books by its own send times.  Bursting the window's
+    whole allowance sent the 11th request exactly one window after the 1st, so any jitter made 11."""
+    from test_loc_metadata_bulk import stored_items
+
+    monkeypatch.setattr(fetch, "time", TenTimesFaster())
+    server = loc_server(items=6)
+    server.limit = (10, 1.0)  # ITEM_LIMITS' 10 / 10 s on the faster clock
+    server.jitter = 0.02
+    db = stored_items(tmp_path / "m.db", range(1, 61))
+    out = invoke(["loc-metadata", db, "--api", server.url, "--method", "item", "--quiet"]).output
+    assert server.too_many == 0, f"{server.too_many} requests answered 429 of {len(server.requests)} sent"
+    assert "60 of 60 items filled" in out, out
+    assert len(server.item_requests()) == 60
+
+
+def test_limiter_spaces_requests_evenly_with_a_margin_on_the_published_limits():
+    clock = {"now": 0.0}
+
+    def sleep(seconds):
+        clock["now"] += seconds
+
+    published = [(10, 10.0), (200, 60.0)]  # loc.gov's item endpoint
+    limiter = RateLimiter(published, clock=lambda: clock["now"], sleep=sleep)
+    assert limiter.rules == published  # the published limits stay as given; the margin is ours
+    assert fetch.request_interval(published) == pytest.approx(10.0 * (1 + fetch.SAFETY_MARGIN) / 10)
+    stamps = []
+    for _ in range(25):
+        limiter.wait()
+        stamps.append(clock["now"])
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    assert gaps == pytest.approx([1.1] * 24)  # one every 1.1 s: no burst of ten, then a wait
+    # no window of the published 10 s plus our margin holds more than the published 10
+    assert all(stamps[i + 10] - stamps[i] >= 11.0 - 1e-9 for i in range(len(stamps) - 10))
+
+    # the cluster-wide limiter's bookings (``reserve``) keep the same pace, ahead of the clock
+    clock["now"] = 1000.0
+    ahead = RateLimiter([(20, 10.0), (80, 60.0)], clock=lambda: clock["now"], sleep=sleep)
+    assert [ahead.reserve() for _ in range(4)] == pytest.approx([0, 0.825, 1.65, 2.475])  # the 80 / minute rule
+    ahead.pause(30.0)  # a Retry-After holds the next booking, which then keeps the pace after it
+    assert ahead.reserve() == pytest.approx(30.0)
+    assert ahead.reserve() == pytest.approx(30.825)

@@ -355,3 +355,51 @@ async def test_vectors_written_out_of_id_order_are_indexed_sorted(copy, monkeypa
     assert sorted_reads == [1]
     for query in ("q=relief+map&k=7", "like=4&k=6", "q=chart&year_min=1810&k=5"):
         await same_as_sqlite_vec(ds, copy, query)
+
+
+def insert_raw(path, map_id, vector):
+    """A map and its vector written with plain SQL, as a user or another tool might: no MapStore,
+    so no ``mapclip_meta`` counter moves."""
+    table = first_table(path)
+    conn = open_db(path)
+    before = conn.execute("SELECT key, value FROM mapclip_meta ORDER BY key").fetchall()
+    conn.execute("INSERT INTO maps (id, source_id, source, title, location) VALUES (?, ?, 'raw', ?, ?)",
+                 (map_id, f"raw:{map_id}", f"Raw map {map_id}", f"/raw/{map_id}.jpg"))
+    conn.execute(f"INSERT INTO [{table}] (map_id, embedding) VALUES (?, ?)", (map_id, vectors.encode(vector)))
+    conn.commit()
+    assert conn.execute("SELECT key, value FROM mapclip_meta ORDER BY key").fetchall() == before
+    conn.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("new_id", [41, 35], ids=["above-the-largest-id", "below-the-largest-id"])
+async def test_while_the_index_reads_a_plain_sql_insert_searches_say_it_is_behind(copy, monkeypatch, new_id):
+    """However long reading the change takes (here: until the gate opens), the searches in the
+    meantime either find the map added by plain SQL or say that the index is behind."""
+    ds = serve(copy, **LIVE)
+    await wait_for_index(ds)
+    await caught_up(ds)
+    old = stored_vectors(copy)
+    insert_raw(copy, 40, near(old[9], 8))  # so that 35 is below the largest id
+    await caught_up(ds, lambda index: index.row_of(40) is not None)
+    gate = threading.Event()
+    real = index_module.catch_up
+
+    def slow_catch_up(*args, **kwargs):
+        assert gate.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(index_module, "catch_up", slow_catch_up)
+    new_vector = near(old[5], 7, noise=0.001)
+    query = f"vector={vectors.encode(new_vector).hex()}&k=3"
+    insert_raw(copy, new_id, new_vector)
+    try:
+        for _ in range(3):
+            data = (await ds.client.get(f"/-/mapclip/search.json?{query}")).json()
+            assert data["searched_with"].startswith("in-memory"), data
+            assert data["results"][0]["id"] == new_id or data.get("index_behind") is True, data
+    finally:
+        gate.set()
+    await caught_up(ds, lambda index: index.row_of(new_id) is not None)
+    data = await same_as_sqlite_vec(ds, copy, query)
+    assert "index_behind" not in data and [r["id"] for r in data["results"]][:2] == [new_id, 5]

@@ -79,9 +79,12 @@ def test_jpeg_draft_decode_stays_close_to_full_decode(tiny_encoder, tmp_path):
 
 def test_metadata_csv_without_file_column_is_a_clear_error(tmp_path, invoke, model_args):
     folder = make_folder(tmp_path / "scans", 2, metadata=False)
-    (folder / "metadata.csv").write_text("filename,title\nsheet_0001.jpg,A map\n")
+    (folder / "metadata.csv").write_text("filename,title,\x1b]0;pwned\x07\nsheet_0001.jpg,A map,x\n")
     out = invoke(["load", "folder", tmp_path / "m.db", folder, *model_args], expect=1)
     assert "needs a 'file' column" in out.output and "Traceback" not in out.output
+    # the header is quoted with its control characters escaped: no terminal escape sequence
+    assert "it has: filename, title, \\x1b]0;pwned\\x07." in out.output
+    assert "\x1b" not in out.output and "\x07" not in out.output
 
 
 def _count(db_path):
@@ -145,3 +148,22 @@ def test_a_relative_folder_is_stored_as_absolute_locations(tmp_path, invoke, mod
     assert len(locations) == 3
     for location in locations:
         assert Path(location).is_absolute() and Path(location).is_file(), location
+
+
+def test_a_last_batch_of_only_undecodable_files_is_recorded_and_counted(tmp_path, invoke, model_args):
+    """Issue 18 (12a): the failures after the last full batch of good images are written by the
+    final flush, which has no image to embed; each must still be a load_errors row and counted."""
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for n in range(2):
+        draw_map(n).save(folder / f"a_good_{n}.jpg", "JPEG")  # sorted first: one full batch of 2
+    (folder / "z_empty.jpg").write_bytes(b"")
+    (folder / "z_html.png").write_bytes(b"<!DOCTYPE html><html>Forbidden</html>")
+    (folder / "z_text.tif").write_bytes(b"not a tiff at all")
+    out = invoke(["load", "folder", tmp_path / "m.db", folder, *model_args, "--batch-size", "2", "--workers", "1"])
+    assert "2 loaded, 0 skipped (already stored), 3 failed" in out.output, out.output
+    db = open_db(tmp_path / "m.db")
+    errors = {r["source_id"]: r["stage"] for r in db.execute("SELECT * FROM load_errors")}
+    assert errors == {"z_empty.jpg": "decode", "z_html.png": "decode", "z_text.tif": "decode"}
+    load = db.execute("SELECT * FROM loads").fetchone()
+    assert (load["status"], load["loaded"], load["failed"]) == ("finished", 2, 3)

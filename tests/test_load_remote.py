@@ -126,14 +126,16 @@ def test_rate_limiter_holds_every_thread_to_the_window():
     for _ in range(7):
         limiter.wait()
         stamps.append(clock["now"])
-    # 3 per 10 s, then the 5-per-minute rule holds requests 6 and 7 until t = 60
-    assert stamps == [0, 0, 0, 10, 10, 60, 60]
+    # evenly spaced at the slower rule, 5 a minute, with our margin: one every 66 / 5 = 13.2 s
+    assert stamps == pytest.approx([13.2 * i for i in range(7)])
     threads = [threading.Thread(target=limiter.wait) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert len(limiter.sent) <= 5
+    assert limiter.last >= 13.2 * 10 - 1e-9  # four more, each in its own slot, none at once
+    for count, seconds in limiter.rules:  # no window of a rule's length holds more than its count
+        assert all(stamps[i + count] - stamps[i] >= seconds for i in range(len(stamps) - count))
 
 
 def write_file_list(path, server, rows_extra=()):

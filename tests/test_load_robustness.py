@@ -119,21 +119,60 @@ def test_latin1_bytes_cp1252_cannot_decode_fall_back_to_latin1(tmp_path, invoke,
     assert maps_by_source(tmp_path / "m.db")["atlas/sheet_0000.jpg"]["title"] == "Café \x81"
 
 
-def test_an_over_long_metadata_field_is_a_clear_error_before_anything_is_written(tmp_path, invoke, model_args):
+TITLE_ESCAPE = "\x1b]0;pwned\x07"  # sets the terminal's title: must never reach the terminal as it is
+
+
+def no_control_bytes(text: str):
+    assert "\x1b" not in text and "\x07" not in text, repr(text)
+
+
+def test_an_over_long_metadata_cell_is_a_load_error_and_the_rest_loads(tmp_path, invoke, model_args):
+    """Issue 18 (9): one cell over Python csv's 131,072-character limit stopped the whole load."""
+    folder = make_folder(tmp_path / "scans", 3, metadata=False)
+    write_metadata(folder / "metadata.csv", [
+        {"file": "sheet_0001.jpg", "title": "Too long", TITLE_ESCAPE: "x" * 200_000},
+        {"file": "sheet_0002.jpg", "title": "Second sheet", TITLE_ESCAPE: ""},
+    ])
+    out = invoke(["load", "folder", tmp_path / "m.db", folder, *model_args])
+    assert "3 loaded" in out.output and "1 notes" in out.output, out.output
+    maps = maps_by_source(tmp_path / "m.db")
+    assert maps["sheet_0002.jpg"]["title"] == "Second sheet"  # the rows after it still load
+    assert maps["sheet_0001.jpg"]["title"] == "sheet 0001"  # its image too, without the row's fields
+    error = load_errors(tmp_path / "m.db")["sheet_0001.jpg [metadata]"]
+    assert error["stage"] == "metadata"
+    assert "metadata.csv line 2: the '\\x1b]0;pwned\\x07' cell has 200,000 characters" in error["reason"]
+    assert "more than the 131,072" in error["reason"]
+    assert "x" * 100 not in error["reason"] and "x" * 100 not in out.output  # the cell itself is not quoted
+    no_control_bytes(out.output)
+    no_control_bytes(error["reason"])
+
+
+def test_a_zero_byte_metadata_csv_is_no_metadata_with_a_warning(tmp_path, invoke, model_args):
     folder = make_folder(tmp_path / "scans", 2, metadata=False)
-    write_metadata(folder / "metadata.csv", [{"file": "sheet_0001.jpg", "notes": "x" * 200_000}])
-    out = invoke(["load", "folder", tmp_path / "m.db", folder, *model_args], expect=1)
-    assert "metadata.csv line 2: a field is longer than 131,072 characters" in out.output
-    assert "Traceback" not in out.output
-    assert not (tmp_path / "m.db").exists()
+    (folder / "metadata.csv").write_bytes(b"")
+    out = invoke(["load", "folder", tmp_path / "m.db", folder, *model_args])
+    assert "2 loaded" in out.output, out.output
+    warnings = [line for line in out.output.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "metadata.csv is empty" in warnings[0], out.output
+    assert maps_by_source(tmp_path / "m.db")["sheet_0001.jpg"]["title"] == "sheet 0001"
 
 
-def test_a_file_list_in_utf16_with_an_over_long_field_is_a_clear_error(tmp_path, invoke, model_args):
+def test_a_file_list_with_an_over_long_cell_loads_its_other_rows(tmp_path, invoke, model_args, loc_server):
+    server = loc_server(items=2)
+    good = f"{server.service(1)}/full/pct:100/0/default.jpg"
     path = tmp_path / "list.csv"
-    path.write_bytes(("file_url,p1_item_id\r\nhttps://x.org/iiif/a/full/pct:100/0/default.jpg,"
-                      + "y" * 140_000 + "\r\n").encode("utf-16"))
-    out = invoke(["load", "csv", tmp_path / "m.db", path, *model_args], expect=1)
-    assert "list.csv line 2: a field is longer than" in out.output and "Traceback" not in out.output
+    path.write_bytes((f"file_url,p1_item_id\r\nhttps://x.org/iiif/a/full/pct:100/0/default.jpg,{'y' * 140_000}\r\n"
+                      f"https://x.org/{TITLE_ESCAPE}.pdf#pct:,x\r\n"
+                      f"{good},http://www.loc.gov/item/testmap0001/\r\n").encode("utf-16"))
+    out = invoke(["load", "csv", tmp_path / "m.db", path, *model_args, "--rate", "0"])
+    assert "1 loaded" in out.output and "2 failed" in out.output, out.output
+    errors = load_errors(tmp_path / "m.db")
+    reason = errors[f"{path}:line 2"]["reason"]
+    assert "line 2: the 'p1_item_id' cell has 140,000 characters" in reason
+    bad_url = next(e["reason"] for e in errors.values() if "not a IIIF image URL" in e["reason"])
+    assert "\\x1b]0;pwned\\x07" in bad_url
+    no_control_bytes(out.output)
+    no_control_bytes(bad_url)
 
 
 # -- 4. symbolic links ----------------------------------------------------------------------

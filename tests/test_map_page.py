@@ -5,6 +5,7 @@ local loc.gov stand-in."""
 from __future__ import annotations
 
 import csv
+import html
 import io
 import json
 import re
@@ -60,7 +61,8 @@ async def test_the_map_json_has_the_record_deep_zoom_sheets_neighbours_and_citat
     data = response.json()
     assert data["map"]["id"] == map_id and data["map"]["title"] == title and data["map"]["item_id"] == item_id
     service = image_url.rsplit("/full/", 1)[0]
-    assert data["deep_zoom"] == {"info_url": f"{service}/info.json"}
+    assert data["deep_zoom"]["info_url"] == f"{service}/info.json"
+    assert urllib.parse.urlsplit(server.url).netloc in data["deep_zoom"]["hosts"]  # loaded from there
     sheets = data["sheets"]
     assert len(sheets) == 3 and [s["this"] for s in sheets] == [False, True, False]
     assert [s["id"] for s in sheets] == [r[0] for r in rows(db_path, "SELECT id FROM maps WHERE item_id = ? "
@@ -189,3 +191,72 @@ def test_the_viewer_is_fetched_pinned_and_checked(tmp_path):
     assert {"openseadragon.min.js", "LICENSE.txt", "VERSION"} <= set(kept)
     assert all(k in ("openseadragon.min.js", "LICENSE.txt", "VERSION") or
                (k.startswith("images/") and k.endswith(".png")) for k in kept)
+
+
+def with_image_url(db_path, folder, image_url, map_id=1):
+    copy = folder / "maps.db"
+    shutil.copy(db_path, copy)
+    store = MapStore(copy)
+    with store.transaction():
+        store.conn.execute("UPDATE maps SET image_url = ? WHERE id = ?", (image_url, map_id))
+        store.conn.execute("UPDATE maps SET image_url = ? WHERE id = 3", (LOC_IMAGE,))
+    store.close()
+    return copy
+
+
+LOC_IMAGE = "https://tile.loc.gov/image-services/iiif/service:gmd:gmd370:g3700:ct000001/full/pct:25/0/default.jpg"
+
+
+OTHER_HOST = "https://iiif.elsewhere.example/iiif/2/abc/full/pct:100/0/default.jpg"
+
+
+@pytest.mark.asyncio
+async def test_the_viewer_opens_only_image_services_on_allowed_hosts(loc_collection, tmp_path):
+    db_path, server = loc_collection
+    copy = with_image_url(db_path, tmp_path, OTHER_HOST)
+    ds = make_datasette([str(copy)], metadata={"plugins": {"datasette-mapclip": {"index": "off"}}})
+    elsewhere = await ds.client.get("/-/mapclip/map/maps/1")
+    assert elsewhere.status_code == 200
+    assert "iiif.elsewhere.example/iiif/2/abc/info.json" not in elsewhere.text
+    assert 'id="mapclip-zoom"' not in elsewhere.text and 'class="mapclip-map-thumbnail"' in elsewhere.text
+    assert (await ds.client.get("/-/mapclip/map/maps/1.json")).json()["deep_zoom"] is None
+    # a map on the host the collection was loaded from still opens, with the allowed hosts for its tiles
+    loaded = await ds.client.get("/-/mapclip/map/maps/2")
+    assert 'id="mapclip-zoom"' in loaded.text
+    hosts = json.loads(html.unescape(re.search(r"data-iiif-hosts='([^']*)'", loaded.text).group(1)))
+    assert urllib.parse.urlsplit(server.url).netloc in hosts and "loc.gov" in hosts
+    assert "iiif.elsewhere.example" not in hosts
+    # and so does one of the Library of Congress's image services
+    zoom = (await ds.client.get("/-/mapclip/map/maps/3.json")).json()["deep_zoom"]
+    assert zoom["info_url"] == "https://tile.loc.gov/image-services/iiif/service:gmd:gmd370:g3700:ct000001/info.json"
+
+
+@pytest.mark.asyncio
+async def test_the_iiif_hosts_setting_replaces_the_default_hosts(loc_collection, tmp_path):
+    db_path, server = loc_collection
+    copy = with_image_url(db_path, tmp_path, OTHER_HOST)
+    ds = make_datasette([str(copy)], metadata={"plugins": {"datasette-mapclip": {
+        "index": "off", "iiif_hosts": ["elsewhere.example"]}}})
+    allowed = (await ds.client.get("/-/mapclip/map/maps/1.json")).json()["deep_zoom"]
+    assert allowed == {"info_url": "https://iiif.elsewhere.example/iiif/2/abc/info.json", "hosts": ["elsewhere.example"]}
+    page = await ds.client.get("/-/mapclip/map/maps/1")
+    assert 'data-info-url="https://iiif.elsewhere.example/iiif/2/abc/info.json"' in page.text
+    # the stand-in the maps were loaded from is no longer allowed
+    assert (await ds.client.get("/-/mapclip/map/maps/2.json")).json()["deep_zoom"] is None
+
+
+@pytest.mark.parametrize("url,allowed,expected", [
+    ("https://tile.loc.gov/x/info.json", ["loc.gov"], True),
+    ("https://loc.gov.evil.example/x/info.json", ["loc.gov"], False),
+    ("https://evilloc.gov/x/info.json", ["loc.gov"], False),
+    ("http://127.0.0.1:8182/x/info.json", ["127.0.0.1:8182"], True),
+    ("http://127.0.0.1:9999/x/info.json", ["127.0.0.1:8182"], False),
+    ("https://images.example.org:443/x/info.json", ["images.example.org"], True),
+    ("https://user@elsewhere.example/x/info.json", ["loc.gov"], False),
+    ("javascript:alert(1)//loc.gov", ["loc.gov"], False),
+    ("https://tile.loc.gov:99999/x", ["loc.gov"], False),
+])
+def test_host_allowed(url, allowed, expected):
+    from datasette_mapclip import iiif
+
+    assert iiif.host_allowed(url, allowed) is expected

@@ -112,3 +112,34 @@ async def test_hidden_vector_tables_are_added_per_collection_only(collections):
         assert ds.metadata(database="secret")["allow"] == ROOT
     tables = (await ds.client.get("/maps.json")).json()["tables"]
     assert all(t["hidden"] for t in tables if t["name"].startswith("map_vectors"))
+
+
+SEARCH_ACTION = "Search these maps by image or text"
+
+
+def maps_table_allow(allow):
+    return {"databases": {"secret": {"tables": {"maps": {"allow": allow}}}}}
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("allow, may, may_not", [
+    ({"id": "alice"}, [{"id": "alice"}], [None, {"id": "bob"}]),
+    (False, [], [None, {"id": "alice"}]),
+], ids=["maps-allow-alice", "maps-allow-false"])
+async def test_the_database_action_follows_the_maps_table_permission(collections, allow, may, may_not):
+    """The database page stays open (view-database is allowed), but the search action is offered
+    only to an actor who may view the collection's ``maps`` table."""
+    ds = datasette(collections, maps_table_allow(allow))
+    link = 'href="/-/mapclip?_db=secret"'
+    for actor in may + may_not:
+        page = await ds.client.get("/secret", cookies=cookies(ds, actor))
+        assert page.status_code == 200, (actor, page.status_code)  # the database itself is visible
+        maps_page = await ds.client.get("/secret/maps", cookies=cookies(ds, actor))
+        offered = SEARCH_ACTION in page.text
+        assert offered == (actor in may), (actor, allow)
+        assert (link in page.text) == offered
+        # the action agrees with what Datasette itself decides for the table
+        assert (maps_page.status_code == 200) == offered, (actor, maps_page.status_code)
+    # the public copy offers it to everyone, anonymous visitors included
+    public = await ds.client.get("/maps")
+    assert SEARCH_ACTION in public.text and 'href="/-/mapclip?_db=maps"' in public.text

@@ -273,9 +273,9 @@ async def test_upload_searches_by_any_image_and_redirects_to_a_shareable_url(ds,
     location = response.headers["location"]
     assert "vector=" in location
     data = (await ds.client.get(location.replace("/-/mapclip?", "/-/mapclip/search.json?"))).json()
-    from datasette_mapclip.images import open_image
+    from datasette_mapclip.images import open_query_image
 
-    query = tiny_encoder.encode_images([open_image(jpeg(picture), min_size=tiny_encoder.image_size)])[0]
+    query = tiny_encoder.encode_images([open_query_image(jpeg(picture), min_size=tiny_encoder.image_size)])[0]
     want, _ = expected_order(matrix, ids, query, 20)
     assert [r["id"] for r in data["results"]] == want
     shared = await ds.client.get(location)

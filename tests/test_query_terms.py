@@ -264,3 +264,106 @@ async def test_results_link_to_their_map_page_and_offer_the_exports(ds):
     export = re.search(r'href="(/-/mapclip/export\.csv\?[^"]+)"', page).group(1).replace("&amp;", "&")
     table = (await ds.client.get(export)).text.splitlines()
     assert [line.split(",")[1] for line in table[1:]] == cards
+
+
+# The slider at weights other than 0 (where swapping the text and image weights changes the query),
+# with a stored map (like), a vector (what an uploaded image becomes) or a posted image, alone and
+# with further terms and feedback.  (name, image kind, slider, further terms, more rows, fewer rows)
+SLIDER_CASES = [
+    ("like-0.5", "like", 0.5, [], [], []),
+    ("like--0.6", "like", -0.6, [], [], []),
+    ("vector-0.5", "vector", 0.5, [], [], []),
+    ("vector--0.6", "vector", -0.6, [], [], []),
+    ("upload-0.5", "upload", 0.5, [], [], []),
+    ("like--0.6-terms-feedback", "like", -0.6, [("colour", -0.5)], [4, 17], [8]),
+    ("vector-0.5-terms-feedback", "vector", 0.5, [("map", 11, 0.4), ("roads", 0.3)], [6], [13]),
+]
+
+
+def slider_query(text, image, slider, extra, more, fewer, *, swapped=False):
+    """The query the search should run, from the vectors alone (the arithmetic written out again)."""
+    text_weight, image_weight = (1 + slider) / 2, (1 - slider) / 2
+    if swapped:
+        text_weight, image_weight = image_weight, text_weight
+    query = unit(text_weight * unit(text) + image_weight * unit(image) + sum(w * unit(v) for v, w in extra))
+    if more or fewer:
+        query = unit(query_vector.FEEDBACK_QUERY * query
+                     + (query_vector.FEEDBACK_MORE * np.mean(more, axis=0) if more else 0)
+                     - (query_vector.FEEDBACK_FEWER * np.mean(fewer, axis=0) if fewer else 0))
+    return query
+
+
+async def run_reported_sql(ds, data):
+    """The reported ``sql`` with its ``params``, run through Datasette's own SQL API."""
+    from conftest import query_json_path
+
+    response = await ds.client.get(query_json_path(data["database"]) + "?" + urllib.parse.urlencode(
+        {"sql": data["sql"], **{k: str(v) for k, v in data["params"].items()}, "_shape": "array"}),
+        follow_redirects=True)
+    assert response.status_code == 200, response.text[:500]
+    return [r["id"] for r in response.json()]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("name, image_kind, slider, terms, more_rows, fewer_rows", SLIDER_CASES,
+                         ids=[case[0] for case in SLIDER_CASES])
+async def test_the_reported_sql_weighs_text_and_image_as_the_search_does(ds, stored, tiny_encoder, name, image_kind,
+                                                                         slider, terms, more_rows, fewer_rows):
+    import html
+
+    from test_plugin import jpeg, multipart
+
+    from conftest import draw_map
+    from datasette_mapclip.images import open_image
+
+    ids, matrix = stored
+    text = tiny_encoder.encode_texts(["county map"])[0]
+    pairs = [("q", "county map"), ("weight", str(slider)), ("k", "10")]
+    picture = None
+    if image_kind == "like":
+        image = matrix[2]
+        pairs.append(("like", int(ids[2])))
+    elif image_kind == "vector":
+        image = unit(matrix[5] + 0.3 * matrix[9])
+        pairs.append(("vector", vectors.encode(image).hex()))
+    else:
+        picture = jpeg(draw_map(777))
+        image = tiny_encoder.encode_images([open_image(picture, min_size=tiny_encoder.image_size)])[0]
+    extra = []
+    for term in terms:
+        if term[0] == "map":
+            extra.append((matrix[term[1]], term[2]))
+            pairs += [("term", f"map:{int(ids[term[1]])}"), ("term_weight", str(term[2]))]
+        else:
+            extra.append((tiny_encoder.encode_texts([term[0]])[0], term[1]))
+            pairs += [("term", term[0]), ("term_weight", str(term[1]))]
+    if more_rows:
+        pairs.append(("more", ",".join(str(int(ids[i])) for i in more_rows)))
+    if fewer_rows:
+        pairs.append(("fewer", ",".join(str(int(ids[i])) for i in fewer_rows)))
+    more, fewer = [matrix[i] for i in more_rows], [matrix[i] for i in fewer_rows]
+    want, _ = expected_order(matrix, ids, slider_query(text, image, slider, extra, more, fewer), 10)
+    swapped, _ = expected_order(matrix, ids, slider_query(text, image, slider, extra, more, fewer, swapped=True), 10)
+    assert swapped != want  # the case tells the two weights apart
+
+    if picture is None:
+        response = await search(ds, pairs)
+    else:
+        body, content_type = multipart(dict(pairs), picture)
+        response = await ds.client.post("/-/mapclip/search.json", content=body,
+                                        headers={"content-type": content_type})
+    assert response.status_code == 200, response.text[:500]
+    data = response.json()
+    assert [r["id"] for r in data["results"]] == want
+    assert await run_reported_sql(ds, data) == want  # the sql key, run as it stands
+    assert await sql_ids(ds, data) == want  # and the sql_url, followed
+    if picture is None:  # the page's "View and edit the SQL" link
+        page = await ds.client.get("/-/mapclip?" + urllib.parse.urlencode(pairs))
+        assert page.status_code == 200
+        cards = [int(i) for i in re.findall(r'<li class="mapclip-card" data-id="(\d+)">', page.text)]
+        assert cards == want
+        href = html.unescape(re.search(r'<a href="([^"]+)">View and edit the SQL</a>', page.text).group(1))
+        link = urllib.parse.urlsplit(href)
+        rows = (await ds.client.get(link.path + ".json?" + link.query + "&_shape=array",
+                                    follow_redirects=True)).json()
+        assert [r["id"] for r in rows] == want

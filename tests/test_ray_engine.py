@@ -93,6 +93,26 @@ def test_a_loc_load_through_ray_equals_the_local_pipeline(ray_cluster, tmp_path,
     assert ray_cluster.get(limits.reserve.remote("127.0.0.1:1", ((1, 60.0),))) == 0.0  # alive, answering
 
 
+def test_the_same_file_twice_in_one_ray_run_is_one_map_and_one_request(ray_cluster, tmp_path, invoke, model_args,
+                                                                      loc_server):
+    """Issue 18 (12b): as the local engine does, a file listed twice (and once more at another
+    size: the same canonical image) is embedded once, from one request."""
+    import csv
+
+    server = loc_server()
+    image = f"{server.service(1)}/full/pct:100/0/default.jpg"
+    path = tmp_path / "list.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file_url", "resource_url", "segment_num", "p1_item_id", "file_count"])
+        for url in (image, image, image.replace("pct:100", "pct:25")):
+            writer.writerow([url, "r1", "0", "https://www.loc.gov/item/testmap0001/", "1"])
+    out = invoke(["load", "csv", tmp_path / "ray.db", path, "--rate", "0", *model_args, "--engine", "ray"])
+    assert "1 loaded, 2 skipped" in out.output, out.output
+    assert open_db(tmp_path / "ray.db").execute("SELECT count(*) FROM maps").fetchone()[0] == 1
+    assert sum(p.startswith("/iiif/") for p in server.requests) == 1, server.requests  # one request
+
+
 def test_the_rate_limit_toward_a_host_holds_across_every_worker(ray_cluster, loc_server):
     """Two fetch tasks in two worker processes fetch from one host under a 1-per-0.25 s limit:
     the server sees the requests spaced as one client's would be, not two clients'."""
@@ -244,12 +264,13 @@ def test_every_load_option_has_help():
 
 def test_reserved_slots_follow_every_rule_in_order():
     """The cluster limiter's booking (RateLimiter.reserve): slots as ``wait`` would grant them,
-    handed out without sleeping, never before a slot already booked, after any pause."""
+    handed out without sleeping, evenly spaced at the slowest rule with our margin (3 per 10 s:
+    one every 11 / 3 s), never before a slot already booked, after any pause."""
     from loaders.fetch import RateLimiter
 
     clock = {"now": 100.0}
     limiter = RateLimiter([(2, 1.0), (3, 10.0)], clock=lambda: clock["now"])
-    assert [limiter.reserve() for _ in range(6)] == [0.0, 0.0, 1.0, 10.0, 10.0, 11.0]
+    assert [limiter.reserve() for _ in range(6)] == pytest.approx([i * 11 / 3 for i in range(6)])
     clock["now"] = 200.0
     limiter.pause(5.0)
     assert limiter.reserve() == 5.0

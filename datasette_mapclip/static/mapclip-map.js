@@ -1,24 +1,89 @@
 // A map's page: the deep-zoom viewer over the image's IIIF service (OpenSeadragon, served from
-// this plugin's own static files).
+// this plugin's own static files).  The page names the service's info.json only when its host is
+// one the publisher allows (the iiif_hosts setting); tiles come from the host that info.json names
+// in its "id", so the info.json is read here first and the viewer opens it only when that host is
+// allowed too.
 document.addEventListener("DOMContentLoaded", function () {
   var element = document.getElementById("mapclip-zoom");
   if (!element || typeof OpenSeadragon === "undefined") {
     return;
   }
-  var viewer = OpenSeadragon({
-    element: element,
-    prefixUrl: element.dataset.prefixUrl,
-    tileSources: element.dataset.infoUrl,
-    showNavigator: true,
-    navigatorPosition: "BOTTOM_RIGHT",
-    maxZoomPixelRatio: 2,
-    crossOriginPolicy: false
+  var hosts = [];
+  try {
+    hosts = JSON.parse(element.dataset.iiifHosts || "[]");
+  } catch (error) {
+    hosts = [];
+  }
+  var defaultPorts = {"http:": "80", "https:": "443"};
+
+  // The same rule as iiif.host_allowed: "example.org" allows it and its subdomains on any port,
+  // "example.org:8182" that host on that port only.
+  function allowed(url) {
+    var parsed;
+    try {
+      parsed = new URL(url, window.location.href);
+    } catch (error) {
+      return false;
+    }
+    if (!(parsed.protocol in defaultPorts) || !parsed.hostname) {
+      return false;
+    }
+    var host = parsed.hostname.toLowerCase();
+    var port = parsed.port && parsed.port !== defaultPorts[parsed.protocol] ? parsed.port : "";
+    var hostPort = port ? host + ":" + port : host;
+    return hosts.some(function (entry) {
+      entry = String(entry).trim().toLowerCase().replace(/\.$/, "");
+      if (!entry) {
+        return false;
+      }
+      if (entry.indexOf(":") >= 0) {
+        return hostPort === entry;
+      }
+      return host === entry || host.slice(-(entry.length + 1)) === "." + entry;
+    });
+  }
+
+  function failed(message, state) {
+    element.dataset.state = state || "failed";
+    var note = document.createElement("p");
+    note.className = "mapclip-zoom-failed";
+    note.textContent = message;
+    element.appendChild(note);
+  }
+
+  var infoUrl = element.dataset.infoUrl;
+  if (!allowed(infoUrl)) {
+    failed("This image service is not one this site allows: see the full image link below.", "refused");
+    return;
+  }
+  fetch(infoUrl, {credentials: "omit"}).then(function (response) {
+    if (!response.ok) {
+      throw new Error("info.json answered " + response.status);
+    }
+    return response.json();
+  }).then(function (info) {
+    var tiles = info && (info.id || info["@id"]);
+    if (typeof tiles !== "string" || !allowed(tiles)) {
+      failed("The image service sends its tiles from a host this site does not allow: see the full image link below.",
+             "refused");
+      return;
+    }
+    var viewer = OpenSeadragon({
+      element: element,
+      prefixUrl: element.dataset.prefixUrl,
+      tileSources: info,
+      showNavigator: true,
+      navigatorPosition: "BOTTOM_RIGHT",
+      maxZoomPixelRatio: 2,
+      crossOriginPolicy: false
+    });
+    viewer.addHandler("open", function () { element.dataset.state = "open"; });
+    viewer.addHandler("open-failed", function () {
+      failed("The image service did not answer: see the full image link below.");
+    });
+    viewer.addHandler("tile-loaded", function () { element.dataset.tiles = String(Number(element.dataset.tiles || 0) + 1); });
+    window.mapclipViewer = viewer;
+  }).catch(function () {
+    failed("The image service did not answer: see the full image link below.");
   });
-  viewer.addHandler("open", function () { element.dataset.state = "open"; });
-  viewer.addHandler("open-failed", function () {
-    element.dataset.state = "failed";
-    element.insertAdjacentHTML("beforeend", '<p class="mapclip-zoom-failed">The image service did not answer: see the full image link below.</p>');
-  });
-  viewer.addHandler("tile-loaded", function () { element.dataset.tiles = String(Number(element.dataset.tiles || 0) + 1); });
-  window.mapclipViewer = viewer;
 });

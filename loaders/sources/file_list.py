@@ -11,12 +11,14 @@ import codecs
 import csv
 import io
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from datasette_mapclip import iiif
 from datasette_mapclip.records import SHEET_RANGE, FieldError, MapRecord, parse_whole_number
+
+from ..messages import shown
 
 REQUIRED_COLUMNS = ("file_url", "resource_url", "segment_num", "p1_item_id", "file_count")
 _ITEM_ID = re.compile(r"/item/([^/?#]+)")
@@ -67,21 +69,53 @@ def read_csv_text(path) -> tuple[str, str | None]:
     return decode_csv_bytes(Path(path).read_bytes(), Path(path).name)
 
 
-def csv_rows(text: str, name: str) -> Iterator[tuple[int, dict]]:
-    """(line number, row) pairs of ``csv.DictReader``, with its errors (a field over Python's
-    131,072-character limit, say) turned into a CsvTextError that names the line."""
+# Python csv's default field_size_limit, kept as our limit on one cell: longer is no catalogue
+# value (most often a quote left open, which runs on over the lines after it).
+FIELD_LIMIT = 131_072
+
+
+def csv_rows(text: str, name: str, on_bad_row: Callable[[int, dict, str], None] | None = None
+             ) -> Iterator[tuple[int, dict]]:
+    """(line number, row) pairs of ``csv.DictReader``; a csv error (a NUL byte, say) becomes a
+    CsvTextError that names the line.
+
+    A row with a cell over ``FIELD_LIMIT`` characters is not yielded: ``on_bad_row(line, row,
+    reason)`` is told (the caller records it as a load error, and the rest of the file loads);
+    without ``on_bad_row`` it is a CsvTextError.  The csv module's own limit (the same number)
+    would stop the reader at such a cell, and with it the whole load, so it is lifted to the
+    text's length while a row is read: the text is in memory already, and no cell can be longer."""
     reader = csv.DictReader(io.StringIO(text, newline=""))
-    try:
-        for row in reader:
+    lifted = max(FIELD_LIMIT, len(text)) + 1
+    while True:
+        limit = csv.field_size_limit(lifted)
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as error:
+            line = reader.line_num + 1  # the record that failed starts after the last line read
+            raise CsvTextError(f"{name} line {line}: {error}. Nothing was written.") from None
+        finally:
+            csv.field_size_limit(limit)
+        long = [(column, len(value)) for column, value in _cells(row) if len(value) > FIELD_LIMIT]
+        if not long:
             yield reader.line_num, row
-    except csv.Error as error:
-        line = reader.line_num + 1  # the record that failed starts after the last line read
-        if "field larger than field limit" in str(error):
-            raise CsvTextError(
-                f"{name} line {line}: a field is longer than {csv.field_size_limit():,} characters "
-                f"(Python's csv limit). A catalogue CSV holds short fields; check the file is the right one "
-                f"and that every quote is closed. Nothing was written.") from None
-        raise CsvTextError(f"{name} line {line}: {error}. Nothing was written.") from None
+            continue
+        column, length = long[0]
+        reason = (f"line {reader.line_num}: the '{shown(column, 40)}' cell has {length:,} characters, more than the "
+                  f"{FIELD_LIMIT:,} a catalogue cell may hold (is a quote left open?)")
+        if on_bad_row is None:
+            raise CsvTextError(f"{name} {reason}. Nothing was written.")
+        on_bad_row(reader.line_num, row, f"{reason}; row not loaded")
+
+
+def _cells(row: dict) -> Iterator[tuple[str, str]]:
+    """(column, value) of a DictReader row, the cells past the header's columns included."""
+    for column, value in row.items():
+        if column is None:  # more cells than header columns
+            yield from (("(extra cell)", extra) for extra in value or [])
+        elif value is not None:
+            yield column, value
 
 
 def csv_header(text: str, name: str) -> list[str]:
@@ -119,9 +153,15 @@ def read_file_list(path: str, *, size: int = iiif.DEFAULT_SIZE, stats: FileListS
         if missing:
             raise FileListError(
                 f"{path} is not a seed file list: no {', '.join(missing)} column. "
-                f"Expected columns: {', '.join(REQUIRED_COLUMNS)}; found: {', '.join(fieldnames) or 'none'}"
+                f"Expected columns: {', '.join(REQUIRED_COLUMNS)}; "
+                f"found: {', '.join(shown(name, 40) for name in fieldnames) or 'none'}"
             )
-        yield from _file_list_records(csv_rows(text, path), fieldnames, path, size, stats)
+        def too_long(line_number, row, reason):
+            stats.rows += 1
+            stats.bad_rows.append((MapRecord(source_id=f"{path}:line {line_number}", location="", source="csv"),
+                                   reason))
+
+        yield from _file_list_records(csv_rows(text, path, too_long), fieldnames, path, size, stats)
     except (CsvTextError, OSError) as error:
         raise FileListError(str(error)) from None
 
@@ -139,7 +179,7 @@ def _file_list_records(rows, fieldnames, path, size, stats) -> Iterator[MapRecor
         if not file_url:
             problems.append("no file_url")
         elif not iiif.is_iiif_image(file_url):
-            problems.append(f"file_url is not a IIIF image URL: {file_url[:100]}")
+            problems.append(f"file_url is not a IIIF image URL: {shown(file_url)}")
         sheet = None
         try:
             index = parse_whole_number(segment, name="segment_num", low=SHEET_RANGE[0], high=SHEET_RANGE[1] - 1)

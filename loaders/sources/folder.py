@@ -18,6 +18,7 @@ from datasette_mapclip.records import (
     parse_whole_number,
 )
 
+from ..messages import shown
 from .file_list import CsvTextError, csv_header, csv_rows, read_csv_text
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".gif", ".webp"}
@@ -40,6 +41,7 @@ class FolderReport:
     root: str | None = None  # the folder, resolved: where its notes' locations lie
     skipped_links: list[tuple[str, str]] = field(default_factory=list)  # (name in the folder, why)
     encoding_note: str | None = None
+    warnings: list[str] = field(default_factory=list)  # one line each, for the terminal
 
 
 def _is_inside(path: Path, folder: Path) -> bool:
@@ -95,25 +97,37 @@ def image_files(folder: Path, *, follow_symlinks: bool = False, skipped_links: l
     return sorted(found)
 
 
-def read_metadata(csv_path: Path, report: FolderReport | None = None) -> dict[str, tuple[int, dict]]:
+def read_metadata(csv_path: Path, report: FolderReport | None = None,
+                  bad_rows: list[tuple[int, dict, str]] | None = None) -> dict[str, tuple[int, dict]]:
     """``file`` (path relative to the folder) -> (CSV line, catalogue fields).  Unknown columns are
-    ignored.  The encoding assumed for a non-UTF-8 file goes to ``report.encoding_note``."""
+    ignored.  The encoding assumed for a non-UTF-8 file goes to ``report.encoding_note``.
+
+    A row that cannot be a catalogue row (a cell over ``FIELD_LIMIT`` characters) goes to
+    ``bad_rows`` as (line, row, reason) and the rest is read; an empty file is no metadata, with
+    a warning in ``report.warnings``.  A file that is no catalogue at all (no ``file`` column,
+    not CSV) is a MetadataError."""
+    report = report if report is not None else FolderReport()
+    bad_rows = bad_rows if bad_rows is not None else []
     try:
         text, encoding_note = read_csv_text(csv_path)
+        if not text.strip():
+            report.warnings.append(f"{shown(csv_path, None)} is empty: the images load without catalogue fields")
+            return {}
         fieldnames = csv_header(text, str(csv_path))
         if "file" not in fieldnames:
             raise MetadataError(
                 f"{csv_path} needs a 'file' column (the image path relative to the folder); "
-                f"it has: {', '.join(fieldnames) or 'no header'}. "
+                f"it has: {', '.join(shown(name, 40) for name in fieldnames) or 'no header'}. "
                 f"Optional columns: {', '.join(METADATA_COLUMNS[1:])}"
             )
-        rows = {row["file"].strip(): (line, row) for line, row in csv_rows(text, str(csv_path)) if row.get("file")}
+        rows = {row["file"].strip(): (line, row)
+                for line, row in csv_rows(text, str(csv_path), lambda *bad: bad_rows.append(bad))
+                if row.get("file")}
     except CsvTextError as error:
         raise MetadataError(str(error)) from None
     except OSError as error:
         raise MetadataError(f"cannot read {csv_path}: {error.strerror or error}") from None
-    if report is not None:
-        report.encoding_note = encoding_note
+    report.encoding_note = encoding_note
     return rows
 
 
@@ -150,8 +164,17 @@ def folder_records(folder: str | Path, metadata_csv: str | Path | None = None, *
     report.root = str(folder)
     if metadata_csv is None and (folder / "metadata.csv").exists():
         metadata_csv = folder / "metadata.csv"
-    metadata = read_metadata(Path(metadata_csv), report) if metadata_csv else {}
+    bad_rows: list[tuple[int, dict, str]] = []
+    metadata = read_metadata(Path(metadata_csv), report, bad_rows) if metadata_csv else {}
     csv_name = Path(metadata_csv).name if metadata_csv else None
+    for line, row, reason in bad_rows:  # its image (if any) loads without the row's fields
+        file = (row.get("file") or "").strip()
+        if file and len(file) <= 4096:
+            key, location = note_key(displayable(file), "metadata"), str(folder / file)
+        else:
+            key, location = f"{csv_name} line {line} [metadata]", str(metadata_csv)
+        report.notes.append(LoadNote(key, "metadata", f"{csv_name} {reason}", location=displayable(location),
+                                     source="folder"))
     for path in image_files(folder, follow_symlinks=follow_symlinks, skipped_links=report.skipped_links):
         relative = path.relative_to(folder).as_posix()
         name = displayable(relative)

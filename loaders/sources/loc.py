@@ -3,6 +3,8 @@ and catalogue metadata for rows that arrived without it (the seed's file list, b
 
 loc.gov's published limits (no key): search/collection 20 requests / 10 s and 80 / minute;
 item 10 / 10 s and 200 / minute.  Exceeding them blocks the client for 5 minutes or an hour.
+``SEARCH_LIMITS`` and ``ITEM_LIMITS`` are those published numbers; the limiter books them with our
+own safety margin and evenly spaced (``loaders.fetch.SAFETY_MARGIN``, ``request_interval``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from datasette_mapclip.records import MapRecord, parse_year
 from ..fetch import Fetcher, FetchError, RateLimiter, per_minute
 from .file_list import https, item_id_from_url
 
-SEARCH_LIMITS = [(20, 10.0), (80, 60.0)]
+SEARCH_LIMITS = [(20, 10.0), (80, 60.0)]  # loc.gov's published limits, (requests, seconds)
 ITEM_LIMITS = [(10, 10.0), (200, 60.0)]
 PAGE_SIZE = 100
 LOC_API = "https://www.loc.gov"
@@ -173,6 +175,11 @@ class LocSearch:
                     yield _record(fields, result, item_id, item_url, number, iiif.from_service(service), self.size)
                 return
         yield _record(fields, result, item_id, item_url, 1, image, self.size)
+
+
+def limits_text(rules) -> str:
+    """``[(10, 10.0), (200, 60.0)]`` -> ``"10 / 10 s, 200 / minute"`` (published limits, for help texts)."""
+    return ", ".join(f"{count} / minute" if seconds == 60 else f"{count} / {seconds:g} s" for count, seconds in rules)
 
 
 def limiters(image_rate: float | None) -> dict[str, RateLimiter]:

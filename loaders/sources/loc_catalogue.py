@@ -1,9 +1,10 @@
 """Catalogue fields for many stored items at once, from loc.gov search pages (``mapclip loc-metadata``).
 
-The item endpoint answers one item per request at 200 requests a minute: ~47 hours for the
-paper's 562,842 maps.  A search or collection page carries the same catalogue fields for up to
-150 items per request at 80 requests a minute, so paging through the search the items belong to
-is ~60x faster.  Results are matched to stored items by item id; items no page returned are
+The item endpoint answers one item per request, and loc.gov's limits for it (10 / 10 s, 200 /
+minute) allow 60 a minute: ~156 hours for the paper's 562,842 maps.  A search or collection page
+carries the same catalogue fields for up to 150 items per request at 80 requests a minute, so
+paging through the search the items belong to is ~200x faster.  (The limiter sends both ~10%
+slower than these published limits: ``loaders.fetch.SAFETY_MARGIN``.)  Results are matched to stored items by item id; items no page returned are
 asked for one by one at the item endpoint afterwards (``loc.fill_metadata``).
 
 loc.gov facts this relies on (https://www.loc.gov/apis/json-and-yaml/ and its requests and
@@ -16,7 +17,8 @@ search-results pages; shared fixture search_results_sanborn_maps.json):
 - ``pagination.of`` is the number of results of the search;
 - paging past 100,000 results of one search is not supported;
 - published limits: collections, format and search endpoints 20 / 10 s and 80 / minute;
-  item and resource endpoints 200 / minute (an HTTP 429 means stop and wait).
+  item and resource endpoints 10 / 10 s and 200 / minute (``loc.ITEM_LIMITS``; an HTTP 429 means
+  stop and wait).
 
 Partitions.  A search with more results than the cap is split into date ranges: the year range
 in two halves, and each half again while its ``pagination.of`` passes the cap, so every part can
@@ -41,7 +43,7 @@ from dataclasses import dataclass
 
 from datasette_mapclip.records import MapRecord
 
-from ..fetch import Fetcher, FetchError, RateLimited
+from ..fetch import Fetcher, FetchError, RateLimited, request_interval
 from .file_list import item_id_from_url
 from .loc import ITEM_LIMITS, SEARCH_LIMITS, catalogue_fields, fill_metadata
 
@@ -55,13 +57,8 @@ PAGING_PARAMETERS = ("fo", "c", "sp", "at", "dates")
 SANBORN_ITEM = re.compile(r"^sanborn\d")
 
 
-def seconds_per_request(rules) -> float:
-    """A limiter's sustained pace: its slowest rule (``[(20, 10.0), (80, 60.0)]`` -> 0.75 s)."""
-    return max((seconds / count for count, seconds in rules), default=0.0)
-
-
-SEARCH_SECONDS = seconds_per_request(SEARCH_LIMITS)
-ITEM_SECONDS = seconds_per_request(ITEM_LIMITS)
+SEARCH_SECONDS = request_interval(SEARCH_LIMITS)  # as the limiter spaces them, margin included
+ITEM_SECONDS = request_interval(ITEM_LIMITS)
 
 
 def default_years() -> tuple[int, int]:

@@ -1,0 +1,145 @@
+"""The connections the plugin prepares: freed when Datasette drops them unclosed, extension loading
+off whatever happens, sqlite-vec only where a collection needs it, and SQL function arguments
+capped before they are read."""
+
+from __future__ import annotations
+
+import gc
+import sqlite3
+import tracemalloc
+from unittest import mock
+
+import numpy as np
+import pytest
+
+from conftest import load_collection, make_datasette
+
+HUGE = 100_000_000  # bytes: a zeroblob costs SQLite nothing until someone reads it
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory, model_args):
+    db_path, _ = load_collection(tmp_path_factory, model_args, 6)
+    plain = tmp_path_factory.mktemp("plain") / "plain.db"
+    with sqlite3.connect(plain) as conn:
+        conn.execute("create table notes (id integer primary key, text text)")
+    return db_path, plain
+
+
+def prepared(ds, name):
+    """A connection to a served database, opened and prepared by Datasette's hooks, that nothing but
+    the caller holds (``Database.connect()`` keeps its own list of connections, to close them)."""
+    from datasette.utils.sqlite import sqlite3 as datasette_sqlite3
+
+    conn = datasette_sqlite3.connect(str(ds.databases[name].path), check_same_thread=False)
+    ds._prepare_connection(conn, name)
+    return conn
+
+
+def test_connections_dropped_without_close_are_freed(collection):
+    from datasette_mapclip import sqlite_native
+
+    db_path, plain = collection
+    ds = make_datasette([str(db_path), str(plain)])
+    gc.collect()
+    before = sqlite_native.registered_count()
+    for name in ("maps", "plain"):
+        for _ in range(30):
+            conn = prepared(ds, name)
+            assert conn.execute("select mapclip_similarity(x'0000803f', x'0000803f')").fetchone()[0] == 1.0
+            del conn  # dropped, as Datasette drops its /-/versions connection
+    gc.collect()
+    assert sqlite_native.registered_count() == before
+
+
+async def test_anonymous_versions_requests_leave_nothing_behind(collection):
+    from datasette_mapclip import sqlite_native
+
+    db_path, _ = collection
+    ds = make_datasette([str(db_path)])
+    await ds.invoke_startup()
+    for _ in range(3):  # the thread pool's own connections are opened once and kept: not a leak
+        await ds.client.get("/maps.json")
+    gc.collect()
+    before = sqlite_native.registered_count()
+    for _ in range(60):
+        response = await ds.client.get("/-/versions.json")
+        assert response.status_code == 200
+    gc.collect()
+    assert sqlite_native.registered_count() <= before
+
+
+def test_extension_loading_stays_off_when_sqlite_vec_fails_to_load(collection, monkeypatch):
+    import sqlite_vec
+
+    def broken(conn):
+        conn.load_extension("/nonexistent/vec0")
+
+    monkeypatch.setattr(sqlite_vec, "load", broken)
+    db_path, _ = collection
+    conn = prepared(make_datasette([str(db_path)]), "maps")
+    with pytest.raises(Exception, match="not authorized"):
+        conn.execute("select load_extension('/nonexistent/anything')")
+
+
+def test_extension_loading_is_off_after_sqlite_vec_loads(collection):
+    db_path, _ = collection
+    conn = prepared(make_datasette([str(db_path)]), "maps")
+    assert conn.execute("select vec_version()").fetchone()[0]
+    with pytest.raises(Exception, match="not authorized"):
+        conn.execute("select load_extension('/nonexistent/anything')")
+
+
+def test_sqlite_vec_goes_only_into_collections(collection):
+    db_path, plain = collection
+    ds = make_datasette([str(db_path), str(plain)])
+    assert prepared(ds, "maps").execute("select vec_version()").fetchone()[0]
+    with pytest.raises(Exception, match="no such function: vec_version"):
+        prepared(ds, "plain").execute("select vec_version()")
+    # As Datasette's own suite checks: a database that is not a collection sees no extension calls.
+    connection = mock.Mock()
+    ds._prepare_connection(connection, "data")
+    assert connection.enable_load_extension.mock_calls == []
+    assert connection.load_extension.mock_calls == []
+
+
+OVERSIZED = [
+    ("select mapclip_similarity(zeroblob(:n), zeroblob(:n))", "mapclip_similarity: argument 1"),
+    ("select mapclip_similarity(x'0000803f', zeroblob(:n))", "mapclip_similarity: argument 2"),
+    ("select mapclip_combine(zeroblob(:n), 1)", "mapclip_combine: argument 1"),
+    ("select mapclip_embed_text(cast(zeroblob(:n) as text))", "mapclip_embed_text: argument 1"),
+    ("select mapclip_embed_image(zeroblob(:n))", "mapclip_embed_image: argument 1"),
+]
+
+
+@pytest.mark.parametrize("sql,message", OVERSIZED)
+def test_oversized_arguments_are_refused_before_they_are_read(collection, sql, message):
+    db_path, _ = collection
+    conn = prepared(make_datasette([str(db_path)]), "maps")
+    tracemalloc.start()
+    try:
+        with pytest.raises(Exception, match=message + r" is 100,000,000 bytes, limit"):
+            conn.execute(sql, {"n": HUGE}).fetchone()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000  # the value was never copied into Python
+
+
+def test_vectors_longer_than_any_model_are_refused_on_both_paths(collection):
+    from test_architecture import _functions
+
+    from datasette_mapclip.sql_functions import MAX_VECTOR_FLOATS, register
+
+    db_path, _ = collection
+    native = prepared(make_datasette([str(db_path)]), "maps")
+    python = sqlite3.connect(":memory:")
+    assert register(python, _functions()) == "python"
+    longest = np.ones(MAX_VECTOR_FLOATS, "<f4").tobytes()
+    too_long = np.ones(MAX_VECTOR_FLOATS + 1, "<f4").tobytes()
+    for conn in (native, python):
+        assert conn.execute("select mapclip_similarity(?, ?)", (longest, longest)).fetchone()[0] == pytest.approx(1.0)
+        with pytest.raises(Exception):
+            conn.execute("select mapclip_similarity(?, ?)", (too_long, too_long)).fetchone()
+    with pytest.raises(Exception, match="bytes, limit"):  # the native path says why
+        native.execute("select mapclip_similarity(?, ?)", (too_long, too_long)).fetchone()
