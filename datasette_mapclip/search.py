@@ -370,7 +370,7 @@ async def run_search(collection: Collection, params: SearchParams) -> dict:
         raise BadSearch("this collection has no full-text index (maps_fts), so filter cannot be used")
     place_index = "maps_place" in text_indexes
     plan = search_sql.plan(params, model, place_index=place_index)
-    index = collection.index()
+    index = await asyncio.to_thread(collection.index)  # it may read SQLite: never on the event loop
     behind = bool(getattr(index, "behind", False))
     # a map the index does not hold yet (just added) is read from the database
     query = await build_query_vector(collection, params, index if index is not None and not behind else None)
