@@ -103,9 +103,10 @@ bench-search-curve: install
 	$(PY) bench/search_bench.py --rows 2000000 --queries 100 --filter-queries 20 --output bench/results/search-2m.md
 	$(PY) bench/search_summary.py
 
-# Load and soak (~5 min once its collection is built): bench/results/soak.md
+# Load and soak (~5 min once its collection is built), then every read route for 10 min: bench/results/soak.md
 bench-soak: install
 	$(PY) bench/soak_bench.py
+	$(PY) bench/read_routes_soak.py
 
 # Datasette's own test suite with this plugin registered, run outside the repository (~10 min)
 check-datasette-suite: install

@@ -394,6 +394,10 @@ def main():
     lines += ["", "RSS growth counts as growth when it is over 5% of the RSS after the warm-up. A dropped connection",
               "for a hostile request is the HTTP server refusing it before Datasette sees it (uvicorn closes",
               "the connection on a request line past its limit); 5xx counts every answer in both phases."]
+    from read_routes_soak import SECTION_START  # that script's section of the same file is kept
+
+    if args.output.exists() and SECTION_START in args.output.read_text():
+        lines += ["", SECTION_START + args.output.read_text().split(SECTION_START, 1)[1].rstrip("\n")]
     write_report(args.output, lines)
 
 

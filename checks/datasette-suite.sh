@@ -18,6 +18,7 @@
 #   MAIN_VENV        the project's venv (default: <repo>/.venv)
 #   WORK             work folder outside the repository (default: $TMPDIR/mapclip-datasette-suite)
 #   DATASETTE_VERSION  (default: the version installed in MAIN_VENV)
+#                    (1.0a41: MAIN_VENV=.venv-datasette-1.0, the overlay venv `make install-datasette-1.0` builds)
 #   DATASETTE_GIT    a git dir or URL of simonw/datasette (default: /work/.mirror/simonw+datasette/repo
 #                    if present, else https://github.com/simonw/datasette.git)
 #   MAPCLIP_REF      a git ref of this repository to test instead of the working tree (e.g. HEAD)
@@ -61,7 +62,10 @@ if [ ! -f "$SUITE/tests/conftest.py" ]; then
   fi
   BRANCH=$(echo "$VERSION" | cut -d. -f1,2).x
   if git -C "$GITDIR" rev-parse -q --verify "refs/tags/$VERSION" >/dev/null; then REF=$VERSION
-  else REF=$BRANCH; fi
+  elif git -C "$GITDIR" rev-parse -q --verify "$BRANCH" >/dev/null; then REF=$BRANCH
+  else  # the nearest earlier tag (an alpha newer than the git copy: 1.0a41 -> 1.0a37)
+    REF=$( (git -C "$GITDIR" tag; echo "$VERSION") | sort -V | grep -B1 -x -F "$VERSION" | head -n 1)
+  fi
   echo "support files from $GITDIR at $REF ($(git -C "$GITDIR" rev-parse --short "$REF"))"
   rm -rf "$WORK/git-$REF" && mkdir -p "$WORK/git-$REF"
   git -C "$GITDIR" archive "$REF" tests docs pytest.ini | tar x -C "$WORK/git-$REF"
@@ -80,13 +84,21 @@ if [ ! -x "$WORK/.venv/bin/python" ]; then
   "$BASE_PY" -m venv "$WORK/.venv"
   OWN_SITE=$("$WORK/.venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
   echo "import site; site.addsitedir('$SITE')" > "$OWN_SITE/zz_project_venv.pth"
-  EXTRAS=$("$PY" - "$SUITE/setup.py" <<'EOF'
-import ast, sys
-tree = ast.parse(open(sys.argv[1]).read())
-for node in ast.walk(tree):
-    if isinstance(node, ast.keyword) and node.arg == "extras_require":
-        extras = ast.literal_eval(node.value)
-        print(" ".join(repr(r) for r in extras["test"] if not r.startswith(("pytest>", "pytest=", "pytest<"))))
+  # Datasette's test requirements: setup.py's "test" extra (0.65), or pyproject.toml's "dev"
+  # dependency group (1.0 alphas) less its documentation and formatting tools.
+  EXTRAS=$("$PY" - "$SUITE" <<'EOF'
+import ast, os, re, sys
+suite = sys.argv[1]
+if os.path.exists(os.path.join(suite, "setup.py")):
+    tree = ast.parse(open(os.path.join(suite, "setup.py")).read())
+    requirements = next(ast.literal_eval(node.value)["test"] for node in ast.walk(tree)
+                        if isinstance(node, ast.keyword) and node.arg == "extras_require")
+else:
+    import tomllib
+    requirements = tomllib.load(open(os.path.join(suite, "pyproject.toml"), "rb"))["dependency-groups"]["dev"]
+    docs = re.compile(r"(sphinx|furo|myst-parser|codespell|black|blacken-docs|ruff|cogapp)\b", re.I)
+    requirements = [r for r in requirements if isinstance(r, str) and not docs.match(r)]
+print(" ".join(repr(r) for r in requirements if not re.match(r"pytest\s*[<>=]", r)))
 EOF
 )
   eval "\"$WORK/.venv/bin/pip\" install -q $EXTRAS"

@@ -751,7 +751,7 @@ def text_indexes(conn) -> frozenset[str]:
 # The columns of a search result; the SQL shown to users selects the same ones.
 RESULT_COLUMNS = (
     "maps.id, maps.title, maps.date, maps.year, maps.place, maps.item_id, maps.sheet, "
-    "maps.item_url, maps.image_url, maps.thumbnail_url, maps.thumbnail IS NOT NULL AS has_thumbnail"
+    "maps.item_url, maps.image_url, maps.thumbnail_url, typeof(maps.thumbnail) = 'blob' AS has_thumbnail"
 )
 
 
@@ -766,7 +766,7 @@ def read_result_rows(conn, map_ids) -> dict[int, dict]:
 
 def read_map_summary(conn, map_id: int) -> dict | None:
     """id, title, thumbnail_url and whether a thumbnail is stored: the "more like this" header."""
-    rows = _rows(conn, "SELECT id, title, thumbnail_url, thumbnail IS NOT NULL AS has_thumbnail FROM maps WHERE id = ?",
+    rows = _rows(conn, "SELECT id, title, thumbnail_url, typeof(thumbnail) = 'blob' AS has_thumbnail FROM maps WHERE id = ?",
                  [int(map_id)])
     return rows[0] if rows else None
 
@@ -774,7 +774,7 @@ def read_map_summary(conn, map_id: int) -> dict | None:
 # A map's page: every catalogue field, and whether a thumbnail is stored (not the bytes).
 MAP_RECORD_COLUMNS = ("id, source_id, source, item_id, sheet, title, date, year, place, subjects, contributors, "
                       "notes, format, item_url, image_url, thumbnail_url, width, height, "
-                      "thumbnail IS NOT NULL AS has_thumbnail")
+                      "typeof(thumbnail) = 'blob' AS has_thumbnail")
 MAX_SHEETS_LISTED = 500  # an atlas of many sheets lists this many on each sheet's page
 
 
@@ -785,12 +785,13 @@ def read_map_record(conn, map_id: int) -> dict | None:
 
 def read_item_sheets(conn, item_id: str, limit: int = MAX_SHEETS_LISTED) -> list[dict]:
     """The sheets of one catalogue item (an atlas, a Sanborn volume) in sheet order, up to ``limit``."""
-    return _rows(conn, "SELECT id, sheet, title, thumbnail_url, thumbnail IS NOT NULL AS has_thumbnail FROM maps "
+    return _rows(conn, "SELECT id, sheet, title, thumbnail_url, typeof(thumbnail) = 'blob' AS has_thumbnail FROM maps "
                        "WHERE item_id = ? ORDER BY sheet, id LIMIT ?", [item_id, int(limit)])
 
 
 def read_thumbnail(conn, map_id: int) -> bytes | None:
-    row = conn.execute("SELECT thumbnail FROM maps WHERE id = ?", [int(map_id)]).fetchone()
+    # only a BLOB is a picture: another tool may have written any type into the column
+    row = conn.execute("SELECT thumbnail FROM maps WHERE id = ? AND typeof(thumbnail) = 'blob'", [int(map_id)]).fetchone()
     return row[0] if row else None
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import urllib.parse
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import FormParser, MultipartParser, parse_options_header
@@ -285,6 +286,41 @@ async def _answer(scope, send, message: str, status: int = 400):
     await send({"type": "http.response.body", "body": body.encode("utf-8")})
 
 
+def _urlencoded_problem(body: bytes) -> str | None:
+    """Why the CSRF layer could not read this form body (it decodes it as UTF-8 and compares the
+    token with ``secrets.compare_digest``, which takes ASCII only), or None."""
+    try:
+        fields = urllib.parse.parse_qsl(body.decode("utf-8"))
+    except UnicodeDecodeError:
+        return "the form body is not UTF-8"
+    except ValueError as error:
+        return f"the form body cannot be read: {error}"
+    if any(name == "csrftoken" and not value.isascii() for name, value in fields):
+        return "the csrftoken field holds characters a token never has"
+    return None
+
+
+async def _guard_urlencoded(app, scope, receive, send):
+    """A form body the CSRF layer reads whole: read it first, answer 400 where that layer would fail."""
+    early, body = [], b""
+    while True:
+        message = await receive()
+        early.append(message)
+        if message["type"] != "http.request":
+            break
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    problem = _urlencoded_problem(body)
+    if problem:
+        return await _answer(scope, send, problem)
+
+    async def replayed_receive():
+        return early.pop(0) if early else await receive()
+
+    return await app(scope, replayed_receive, send)
+
+
 def limit_upload_bodies(app, paths: tuple[str, ...], limits_for):
     """ASGI middleware: upload limits for POSTs to ``paths``, and a guard for the CSRF layer everywhere.
 
@@ -305,6 +341,8 @@ def limit_upload_bodies(app, paths: tuple[str, ...], limits_for):
         if not (covered or csrf_reads):
             return await app(scope, receive, send)
         raw_type = headers.get(b"content-type", b"")
+        if csrf_reads and raw_type.split(b";", 1)[0] == b"application/x-www-form-urlencoded":
+            return await _guard_urlencoded(app, scope, receive, send)
         mime, boundary = _content_type(raw_type)
         # (the second test is the CSRF layer's own: a header too odd to parse must not slip past)
         if mime != b"multipart/form-data" and not (csrf_reads and raw_type.split(b";", 1)[0] == b"multipart/form-data"):

@@ -125,3 +125,85 @@ def test_any_body_and_content_type_never_give_5xx(served, body, content_type):
     headers = {"content-type": content_type.encode("utf-8", "surrogatepass")}  # raw bytes, as a client may send
     for route in ("/-/mapclip/search.json", "/-/mapclip"):
         assert_answered(request(served, "post", route, content=body, headers=headers))
+
+
+# -- ids: digits of other scripts ("²".isdigit() is true, int("²") fails; int() reads Arabic-Indic
+# digits), and digit strings longer than any id (and than int()'s 4,300-digit limit)
+odd_digits = st.text(alphabet=st.sampled_from("0123456789²³¹١٢٣۴५๖０𝟗"), min_size=1, max_size=30)
+long_digits = st.integers(min_value=20, max_value=6000).map(lambda n: "9" * n)
+odd_ids = st.one_of(odd_digits, long_digits, numbers)
+ID_PARAMETERS = st.sampled_from(["like", "more", "fewer", "term", "k", "page", "year_min", "year_max"])
+
+
+@PROPERTY
+@given(ID_PARAMETERS, odd_ids, st.sampled_from(["/-/mapclip/search.json", "/-/mapclip", "/-/mapclip/export.csv"]))
+def test_odd_ids_in_parameters_never_give_5xx(served, name, value, route):
+    value = f"map:{value}" if name == "term" else value
+    assert_answered(request(served, "get", route + "?" + urllib.parse.urlencode({"q": "a map", name: value})))
+
+
+@PROPERTY
+@given(odd_ids, st.sampled_from(["", ".json", ".bib", ".csl.json", ".txt"]))
+def test_odd_ids_in_paths_never_give_5xx(served, map_id, suffix):
+    quoted = urllib.parse.quote(map_id, safe="")
+    assert_answered(request(served, "get", f"/-/mapclip/map/maps/{quoted}{suffix}"))
+    assert_answered(request(served, "get", f"/-/mapclip/thumbnail/maps/{quoted}.jpg"))
+
+
+# -- rows another tool edited: any column of a map, any type SQLite will store there
+MAP_COLUMNS = ["sheet", "title", "date", "year", "place", "subjects", "contributors", "notes", "format", "item_url",
+               "image_url", "location", "thumbnail_url", "thumbnail", "width", "height", "loaded_at", "source"]
+cell_values = st.one_of(st.none(), st.integers(min_value=-2**63, max_value=2**63 - 1), st.floats(allow_nan=False),
+                        st.text(max_size=40), st.binary(max_size=40),
+                        st.sampled_from(["two", "abc", "", "1e999", "javascript:alert(1)", b"\xff\xfe", b"\x00"]))
+
+
+@pytest.fixture(scope="module")
+def edited(tmp_path_factory, model_args):
+    db_path, _ = load_collection(tmp_path_factory, model_args, 6)
+    loop = asyncio.new_event_loop()
+    yield db_path, make_datasette([str(db_path)]), loop
+    loop.close()
+
+
+@settings(PROPERTY, max_examples=60)
+@given(st.sampled_from(MAP_COLUMNS), cell_values)
+def test_rows_of_any_type_never_give_5xx(edited, column, value):
+    from datasette_mapclip.store import sqlite3_module
+
+    db_path, ds, loop = edited
+    conn = sqlite3_module().connect(str(db_path))
+    try:
+        conn.execute(f"UPDATE maps SET [{column}] = ? WHERE id = 3", (value,))
+        conn.commit()
+    finally:
+        conn.close()
+    paths = [f"/-/mapclip/map/maps/3{suffix}" for suffix in ("", ".json", ".bib", ".csl.json", ".txt")]
+    paths += ["/-/mapclip/thumbnail/maps/3.jpg", "/-/mapclip?like=3", "/-/mapclip/search.json?like=3",
+              "/-/mapclip/export.csv?like=3", "/-/mapclip/export.json?like=3"]
+    for path in paths:
+        assert_answered(loop.run_until_complete(ds.client.get(path)))
+
+
+# -- multipart headers the CSRF layer cannot read, sent with its cookie (Datasette's own routes too)
+boundary_names = st.sampled_from(["boundary", "BOUNDARY", "Boundary", "charset", ""])
+separators = st.sampled_from(["; ", ";", " ;  ", ";\t", ",", ""])
+content_type_variants = st.one_of(
+    st.tuples(st.sampled_from(["multipart/form-data", "Multipart/Form-Data", "multipart/mixed"]), separators,
+              boundary_names, st.sampled_from(["=zz", '="zz"', "=", "", "=zz; x=y"])).map("".join),
+    content_types)
+
+
+@PROPERTY
+@given(content_type_variants, st.binary(max_size=300), st.booleans(),
+       st.sampled_from(["/-/mapclip", "/-/mapclip/search.json", "/-/logout"]),
+       st.sampled_from(["abc", "\u00e9t\u00e9", "", "a b"]))
+def test_multipart_variants_with_the_csrf_cookie_never_give_5xx(served, content_type, payload, empty_file_first, route,
+                                                                cookie):
+    body = b"--zz\r\n"
+    if empty_file_first:
+        body += b'Content-Disposition: form-data; name="image"; filename=""\r\n\r\n\r\n--zz\r\n'
+    body += b'Content-Disposition: form-data; name="csrftoken"\r\n\r\n' + payload + b"\r\n--zz--\r\n"
+    headers = {"content-type": content_type.encode("utf-8", "surrogatepass"),
+               "cookie": f"ds_csrftoken={cookie}".encode()}
+    assert_answered(request(served, "post", route, content=body, headers=headers))
