@@ -35,7 +35,6 @@ def prepare_connection(conn, database, datasette):
 HIDDEN_TABLES = ("map_vectors", "mapclip_meta")
 
 
-@hookimpl
 def get_metadata(datasette):
     # vec0 tables and their shadow tables ("map_vectors_<model>..."): their table pages answer
     # 400 on Datasette 0.65 and mean nothing to a reader; Datasette hides every table whose
@@ -49,6 +48,12 @@ def get_metadata(datasette):
         if not name.startswith("_") and store.file_is_collection(db.path)
     }
     return {"databases": databases} if databases else {}
+
+
+if compat.has_hook("get_metadata"):  # Datasette 0.65 (1.0: compat.hide_tables at start-up)
+    get_metadata = hookimpl(get_metadata)
+else:
+    del get_metadata
 
 
 @hookimpl

@@ -25,6 +25,14 @@ except ImportError:  # Datasette 0.65.x
 DATASETTE_1 = TableResource is not None
 
 
+def has_hook(name: str) -> bool:
+    """Whether this Datasette declares a plugin hook (1.0 dropped ``get_metadata``: a plugin that
+    still implements it is reported as implementing a hook that does not exist)."""
+    from datasette import hookspecs
+
+    return hasattr(hookspecs, name)
+
+
 async def _ready(datasette) -> None:
     """1.0 registers its permission actions at start-up: a check made before it (a hook called
     from code that never started the server, as tests do) would fail with "Unknown action"."""
