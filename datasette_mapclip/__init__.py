@@ -6,6 +6,7 @@ import urllib.parse
 from datasette import hookimpl
 
 from . import compat, map_views, search, store, views
+from .settings import settings_of
 from .sql_functions import DatabaseFunctions, register
 from .state import plugin_config, state_for
 from .uploads import UploadLimits, limit_upload_bodies
@@ -60,7 +61,7 @@ else:
 def startup(datasette):
     # The server process is Datasette's; the plugin sets only what its configuration names.
     config = plugin_config(datasette)
-    search.set_work_threads(config.get("threads", 1), int(config.get("scan_threads", 1)))
+    search.set_work_threads(config.threads, config.scan_threads)
 
     async def build_indexes():
         # Index every collection's default model in the background, and load its model in the model
@@ -76,7 +77,7 @@ def startup(datasette):
                 log.warning("mapclip: collection %s is not indexed at start-up: %s", name, error)
                 continue
             collection.index()
-            if collection.config.get("preload_model", True):
+            if settings_of(collection.config).preload_model:
                 search.preload_model(collection)
 
     return build_indexes

@@ -29,6 +29,7 @@ import numpy as np
 from .model import ClipEncoder, ModelSpec, ModelUnavailable, file_sha256, import_open_clip, load_encoder
 from .provenance import is_sha256, recorded_file_name, remembered_checkpoints
 from .runtime import prefer_hub_cache_when_offline
+from .settings import settings_of
 
 
 class SharedEncoder:
@@ -81,9 +82,7 @@ class SharedEncoder:
 def configured_checkpoint(model_row: dict, config: dict) -> str | None:
     """The ``checkpoints:`` entry for a model: keyed by its name, its SHA-256 (with or without
     ``sha256:``) or the SHA-256's first 12 hex digits, in that order of preference."""
-    configured = config.get("checkpoints") or {}
-    if not isinstance(configured, dict):
-        raise ModelUnavailable("plugins.datasette-mapclip.checkpoints must map model names or SHA-256s to files")
+    configured = settings_of(config).checkpoints or {}
     digest = (model_row.get("checkpoint_sha256") or "").lower()
     for key in (model_row["name"], digest, f"sha256:{digest}", digest[:12], f"sha256:{digest[:12]}"):
         value = configured.get(key)
@@ -167,7 +166,7 @@ class EncoderCache:
                 self._failures[key] = (time.monotonic(), message)
                 raise ModelUnavailable(message) from None
             self._failures.pop(key, None)
-            self._encoders[key] = SharedEncoder(loaded, int(config.get("text_cache_size", 4096)))
+            self._encoders[key] = SharedEncoder(loaded, settings_of(config).text_cache_size)
             return self._encoders[key]
 
     @staticmethod
@@ -180,7 +179,7 @@ class EncoderCache:
         if not checkpoint:
             prefer_hub_cache_when_offline()
         spec = ModelSpec(model_row["architecture"], None if checkpoint else model_row.get("pretrained"), checkpoint)
-        loaded = load_encoder(spec, precision=config.get("precision", "fp32"),
+        loaded = load_encoder(spec, precision=settings_of(config).precision,
                               checkpoint_sha256=model_row.get("checkpoint_sha256") if checkpoint else None)
         if loaded.dim != model_row["dim"]:
             raise ModelUnavailable(f"it gives {loaded.dim}-d vectors, the database holds {model_row['dim']}-d")

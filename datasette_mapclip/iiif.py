@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 import urllib.parse
 
+from .settings import settings_of
+
 # {service}/{region}/{size}/{rotation}/{quality}.{format}  (IIIF Image API 2 and 3)
 _IIIF_IMAGE = re.compile(
     r"^(?P<service>https?://.+?)/(?P<region>full|square|\d+,\d+,\d+,\d+|pct:[\d.,]+)/"
@@ -106,11 +108,9 @@ def host_allowed(url: str | None, allowed) -> bool:
 def allowed_hosts(config: dict, load_commands=()) -> list[str]:
     """The IIIF image hosts a map's page may open: the ``iiif_hosts`` setting (a list of hosts), else
     the defaults above."""
-    configured = config.get("iiif_hosts")
-    if isinstance(configured, str):
-        configured = [configured]
-    if isinstance(configured, (list, tuple)):
-        return [str(entry).strip() for entry in configured if str(entry).strip()]
+    configured = settings_of(config).iiif_hosts
+    if configured is not None:
+        return configured
     hosts = list(DEFAULT_IIIF_DOMAINS)
     for command in load_commands:
         for url in _LOADED_URL.findall(command or ""):

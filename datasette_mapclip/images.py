@@ -15,13 +15,15 @@ import warnings
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
+from .settings import DECLARED
+
 # Pillow's own error threshold (2 x its warning limit); LoC master TIFFs reach ~100 Mpx.
 # open_image enforces its ``max_pixels`` itself, from the header, before any pixel is decoded;
 # Pillow's global limit stays as the process's owner set it (runtime.limit_image_pixels).
 DEFAULT_MAX_PIXELS = 178_956_970
 # What decoding one query image may take (open_query_image): 64 MiB holds a 16 Mpx RGB(A) PNG or TIFF
 # (Pillow keeps RGB in 4 bytes a pixel); JPEGs are decoded in draft mode, at 1/8 scale for big ones.
-DEFAULT_MAX_QUERY_DECODED_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_QUERY_DECODED_BYTES = DECLARED["max_upload_decoded_bytes"].default
 
 
 class ImageDecodeError(ValueError):

@@ -51,24 +51,22 @@ from pathlib import Path
 
 import numpy as np
 
+from .settings import DECLARED, settings_of
 from .store import read_vector_counters
 
 log = logging.getLogger(__name__)
 
-INT8_MIN_ROWS = 50_000
-DEFAULT_RERANK = 256
+INT8_MIN_ROWS = DECLARED["int8_min_rows"].default
+DEFAULT_RERANK = DECLARED["rerank"].default
 # A filter that leaves at most this many maps is answered by scoring them all exactly (a gather of
 # their float32 rows); a broader one by the int8 scan with the rest masked out, then re-scoring.
-EXACT_SUBSET_ROWS = 50_000
-# How often (seconds, at most) a search checks whether the vectors changed, and how often the
-# background thread verifies the rowids' count and sum (writes made outside MapStore).
-CHECK_INTERVAL = 0.5
-VERIFY_INTERVAL = 2.0
-# Past this many maps added since the base was built (or this share of the base), or this many
-# deleted, the base is compacted.
+EXACT_SUBSET_ROWS = DECLARED["exact_subset_rows"].default
+# (How often a search checks whether the vectors changed, and how often their whole state is read
+# after a write: the index_check_interval and index_verify_interval settings.)
+# Past this many maps added since the base was built (or this share of the base; the
+# index_delta_rows setting), or index_removed_rows deleted, the base is compacted.
 DELTA_ROWS = 20_000
 DELTA_SHARE = 0.05
-REMOVED_ROWS = 2_000
 # Backoff after a failed build, so a broken database is not reread on every search.
 RETRY_AFTER = 10.0
 CACHE_FORMAT = 2
@@ -459,7 +457,7 @@ def _read_vectors_of(conn, vector_table: str, dim: int, map_ids: np.ndarray) -> 
 
 def cache_folder(db_path: str, vector_table: str, config: dict) -> Path:
     """The one cache folder of a (database file, vector table): ``index_dir`` or beside the file."""
-    folder = Path(config.get("index_dir") or Path(db_path).parent)
+    folder = Path(settings_of(config).index_dir or Path(db_path).parent)
     return folder / f"{Path(db_path).name}.{vector_table}.mapclip-index"
 
 
@@ -521,8 +519,8 @@ def _read_cache(folder: Path):
 
 
 def _options(config: dict) -> dict:
-    return {"int8_min_rows": int(config.get("int8_min_rows", INT8_MIN_ROWS)),
-            "rerank": int(config.get("rerank", DEFAULT_RERANK))}
+    settings = settings_of(config)
+    return {"int8_min_rows": settings.int8_min_rows, "rerank": settings.rerank}
 
 
 def _new_base(db_path: str, model: dict, config: dict, ids: np.ndarray, rows_between, matrix,
@@ -600,11 +598,11 @@ def catch_up(db_path: str, model: dict, config: dict, index: VectorIndex | None 
             index = _cached_base(conn, db_path, model, config)
         if index is not None:
             base = len(index.ids)
-            limit = int(config.get("index_delta_rows", max(DELTA_ROWS, DELTA_SHARE * base)))
+            limit = settings_of(config).index_delta_rows or int(max(DELTA_ROWS, DELTA_SHARE * base))
             # past half the base, one sequential read of every vector beats that many lookups
             followed = _follow(conn, table, dim, index, state, max(limit, base // 2))
             if followed is not None:
-                removed_limit = int(config.get("index_removed_rows", REMOVED_ROWS))
+                removed_limit = settings_of(config).index_removed_rows
                 if len(followed.added_ids) <= limit and followed.removed_count <= removed_limit:
                     return followed
                 ids, rows_between = followed.compacted()
@@ -680,6 +678,7 @@ class LiveIndex:
 
     def __init__(self, db_path: str, model: dict, config: dict):
         self.db_path, self.model, self.config = db_path, dict(model), dict(config)
+        self.settings = settings_of(config)
         self.lock = threading.Lock()
         self.index: VectorIndex | None = None
         self.latest: tuple | None = None    # the newest quick state seen
@@ -692,8 +691,8 @@ class LiveIndex:
         self.builds = 0  # catch-ups that produced a new index (for tests and benchmarks)
         self._behind: tuple | None = None
 
-    def _setting(self, name: str, default: float) -> float:
-        return float(self.config.get(name, default))
+    def _setting(self, name: str) -> float:
+        return float(self.settings[name])
 
     def _quick(self):
         """The quick state through a read-only connection of our own (None if it cannot be read)."""
@@ -725,7 +724,7 @@ class LiveIndex:
         """Runs SQLite (off the event loop: search.py calls it in a thread)."""
         now = time.monotonic()
         with self.lock:
-            if now - self.checked_at >= self._setting("index_check_interval", CHECK_INTERVAL):
+            if now - self.checked_at >= self._setting("index_check_interval"):
                 self.checked_at = now
                 stat = _file_stat(self.db_path)
                 # the file's size and times gate the SQL check; a slow re-check covers a write the
@@ -745,7 +744,7 @@ class LiveIndex:
             lagging = index is not None and self.latest is not None and index.state is not None \
                 and self.latest != index.state.quick()
             if not lagging and index is not None and index.state is not None and self.unverified_since is not None:
-                if now - self.verified_at >= self._setting("index_verify_interval", VERIFY_INTERVAL):
+                if now - self.verified_at >= self._setting("index_verify_interval"):
                     # ~35 ms at 562,842 rows, at most once a verify interval, only after a write
                     self.verified_at = now
                     full = self._full()
@@ -834,7 +833,8 @@ class IndexRegistry:
 
     @staticmethod
     def key(db_path: str, model: dict, config: dict) -> tuple:
-        return (os.path.abspath(db_path), model["vector_table"], config.get("int8_min_rows"), config.get("rerank"))
+        settings = settings_of(config)
+        return (os.path.abspath(db_path), model["vector_table"], settings.int8_min_rows, settings.rerank)
 
     @property
     def indexes(self) -> dict:
@@ -850,6 +850,6 @@ class IndexRegistry:
 
     def for_model(self, db_path: str | None, model: dict, config: dict) -> VectorIndex | None:
         """The newest index of this model's vectors, or None before the first one is ready (or when off)."""
-        if not db_path or config.get("index", "auto") == "off":
+        if not db_path or settings_of(config).index == "off":
             return None
         return self.live_for(db_path, model, config).current()

@@ -11,11 +11,12 @@ from __future__ import annotations
 import numpy as np
 
 from . import vectors
+from .settings import settings_of
 
 
 def prompt(text: str, config: dict) -> str:
     """The text the model reads: the plugin's ``prompt_template`` ("a {} map") around the query."""
-    template = config.get("prompt_template") or "{}"
+    template = settings_of(config).prompt_template or "{}"
     return template.replace("{}", text) if "{}" in template else f"{template} {text}"
 
 

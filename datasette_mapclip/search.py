@@ -26,13 +26,13 @@ from datasette.utils.asgi import Forbidden
 
 from . import citations, compat, iiif, query_vector, search_sql, store, vectors
 from .errors import BadSearch, NotFound, SearchUnavailable, UploadError
-from .images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_QUERY_DECODED_BYTES, ImageDecodeError, open_query_image
-from .index import EXACT_SUBSET_ROWS
+from .images import DEFAULT_MAX_PIXELS, ImageDecodeError, open_query_image
 from .links import web_url
 from .model import ModelUnavailable
 from .query import VEC0_MAX_K, SearchParams
 from .records import display_row
 from .runtime import set_faiss_threads, set_torch_threads
+from .settings import settings_of
 from .state import plugin_config, state_for
 from .web_paths import map_path, thumbnail_path
 
@@ -44,9 +44,7 @@ MODEL = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=
 # Index scans (numpy, GIL released) and image decoding: work that needs no model.
 INDEX = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mapclip-index-scan")
 DECODE = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mapclip-decode")
-DEFAULT_MAX_UPLOAD_PIXELS = 50_000_000
 # A filtered search first checks this many of the collection's nearest maps against the filter.
-FILTER_POOL = 512
 
 
 async def _run_in(executor, fn, *args):
@@ -81,7 +79,7 @@ class TextBatcher:
         for collection, text, future in batch:
             if future.set_running_or_notify_cancel():  # False: the request went away
                 key = (collection.model["name"], collection.model.get("checkpoint_sha256"),
-                       collection.config.get("prompt_template"))
+                       settings_of(collection.config).prompt_template)
                 groups.setdefault(key, []).append((collection, text, future))
         for items in groups.values():
             collection = items[0][0]
@@ -300,7 +298,7 @@ async def _filtered_with_index(collection: Collection, index, query: np.ndarray,
     against the filter first (a broad filter keeps enough of them); when too few pass, every map the
     filter selects is searched (``VectorIndex.search_among``).  The filters are the same SQL conditions
     the reported sqlite-vec query applies, so both answer the same maps."""
-    pool = max(int(collection.config.get("filter_pool", FILTER_POOL)), 4 * need)
+    pool = max(settings_of(collection.config).filter_pool, 4 * need)
     ids, scores = await _run_in(INDEX, index.search, query, pool)
     # The nearest few first: a broad filter passes enough of them, and each check costs (a
     # full-text condition ~30 us per map); the rest of the pool only when too few passed.
@@ -320,7 +318,7 @@ async def _filtered_with_index(collection: Collection, index, query: np.ndarray,
     sql_params = {}
     allowed = np.fromiter((row[0] for row in await _filter_sql(
         collection, search_sql.matching_ids_sql(params, sql_params, place_index=place_index), sql_params)), np.int64)
-    exact_up_to = int(collection.config.get("exact_subset_rows", EXACT_SUBSET_ROWS))
+    exact_up_to = settings_of(collection.config).exact_subset_rows
     ids, scores = await _run_in(INDEX, index.search_among, query, need, allowed, exact_up_to)
     way = "filter's maps scored exactly" if index.exact or len(allowed) <= exact_up_to else "filter's maps scanned"
     return ids, scores, way
@@ -407,8 +405,9 @@ async def run_search(collection: Collection, params: SearchParams) -> dict:
 
 async def embed_upload(collection: Collection, data: bytes) -> bytes:
     """An uploaded image -> its query vector (hex in the URL from then on)."""
-    max_pixels = min(int(collection.config.get("max_upload_pixels", DEFAULT_MAX_UPLOAD_PIXELS)), DEFAULT_MAX_PIXELS)
-    max_decoded_bytes = int(collection.config.get("max_upload_decoded_bytes", DEFAULT_MAX_QUERY_DECODED_BYTES))
+    settings = settings_of(collection.config)
+    max_pixels = min(settings.max_upload_pixels, DEFAULT_MAX_PIXELS)
+    max_decoded_bytes = settings.max_upload_decoded_bytes
 
     # Decoded (and refused) before the model is asked for: a bad upload never queues behind model work.
     min_size = collection.model.get("image_size") or 224
@@ -486,7 +485,7 @@ async def map_details(collection: Collection, map_id: int, neighbours: int = NEI
     if service:
         # Only an image service the publisher allows: the viewer fetches its info.json, then tiles
         # from the host that info.json names (mapclip-map.js checks that one against the same list).
-        loads = [] if "iiif_hosts" in collection.config else await collection.db.execute_fn(
+        loads = [] if settings_of(collection.config).iiif_hosts is not None else await collection.db.execute_fn(
             lambda conn: store.read_load_commands(conn, iiif.MAX_LOADS_READ))
         hosts = iiif.allowed_hosts(collection.config, loads)
         if iiif.host_allowed(f"{service}/info.json", hosts):
@@ -519,5 +518,5 @@ async def map_details(collection: Collection, map_id: int, neighbours: int = NEI
         "deep_zoom": deep_zoom,
         "sheets": sheets,
         "neighbours": near,
-        "cite": citations.citations(record, repository_name=collection.config.get("citation_repository")),
+        "cite": citations.citations(record, repository_name=settings_of(collection.config).citation_repository),
     }

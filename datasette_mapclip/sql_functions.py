@@ -17,10 +17,11 @@ import math
 import numpy as np
 
 from . import sqlite_native, vectors
-from .images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_QUERY_DECODED_BYTES, ImageDecodeError, open_query_image
+from .images import DEFAULT_MAX_PIXELS, ImageDecodeError, open_query_image
 from .model import ModelUnavailable
 from .query import MAX_QUERY_CHARS
 from .query_vector import text_vector
+from .settings import settings_of
 from .store import ModelNotFound, pick_model
 from .uploads import UploadLimits
 
@@ -139,12 +140,10 @@ class DatabaseFunctions:
         encoder = self.encoder(name)
         try:
             # The same budget as an uploaded image's: a small PNG of huge dimensions is refused unread.
-            config = self.config_for()
+            settings = settings_of(self.config_for())
             image = open_query_image(bytes(data), min_size=encoder.encoder.image_size,
-                                     max_pixels=min(int(config.get("max_upload_pixels", DEFAULT_MAX_PIXELS)),
-                                                    DEFAULT_MAX_PIXELS),
-                                     max_decoded_bytes=int(config.get("max_upload_decoded_bytes",
-                                                                      DEFAULT_MAX_QUERY_DECODED_BYTES)))
+                                     max_pixels=min(settings.max_upload_pixels, DEFAULT_MAX_PIXELS),
+                                     max_decoded_bytes=settings.max_upload_decoded_bytes)
         except ImageDecodeError as error:
             raise SQLFunctionError(f"mapclip_embed_image: {error}") from None
         return vectors.encode(encoder.embed_image(image))

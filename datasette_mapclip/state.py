@@ -13,6 +13,7 @@ import weakref
 from . import compat
 from .encoders import EncoderCache
 from .index import IndexRegistry
+from .settings import Settings
 
 PLUGIN = "datasette-mapclip"
 
@@ -33,6 +34,8 @@ def state_for(datasette) -> PluginState:
     return state
 
 
-def plugin_config(datasette, database: str | None = None) -> dict:
-    """``plugins: datasette-mapclip:`` from metadata (per database where given)."""
-    return compat.plugin_config(datasette, PLUGIN, database=database) or {}
+def plugin_config(datasette, database: str | None = None) -> Settings:
+    """``plugins: datasette-mapclip:`` from metadata (per database where given), every declared
+    setting present and of its declared type (settings.py)."""
+    return Settings(compat.plugin_config(datasette, PLUGIN, database=database) or {},
+                    where=f"{PLUGIN} ({database})" if database else PLUGIN)

@@ -19,8 +19,9 @@ from python_multipart.multipart import FormParser, MultipartParser, parse_option
 
 from . import ids
 from .errors import UploadError
+from .settings import DECLARED, settings_of
 
-DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024
+DEFAULT_MAX_UPLOAD_BYTES = DECLARED["max_upload_bytes"].default
 # Room for the form's own fields and the multipart framing around the image.
 FORM_OVERHEAD_BYTES = 64 * 1024
 # Where limit_upload_bodies leaves the reason it cut a body short, for the view to answer with.
@@ -38,7 +39,7 @@ class UploadLimits:
 
     @classmethod
     def from_config(cls, config: dict) -> "UploadLimits":
-        return cls(max_bytes=int(config.get("max_upload_bytes", DEFAULT_MAX_UPLOAD_BYTES)))
+        return cls(max_bytes=settings_of(config).max_upload_bytes)
 
 
 async def read_multipart(request, limits: UploadLimits = UploadLimits()) -> tuple[dict, dict]:

@@ -148,8 +148,9 @@ def test_vectors_longer_than_any_model_are_refused_on_both_paths(collection):
 def test_every_hook_the_plugin_implements_exists_in_this_datasette():
     """Datasette 1.0 has no get_metadata hook: implementing it anyway fails Datasette's own suite
     (its check that every implemented hook is a documented one)."""
-    import datasette_mapclip
     from datasette import hookspecs
+
+    import datasette_mapclip
 
     implemented = [name for name in dir(datasette_mapclip)
                    if hasattr(getattr(datasette_mapclip, name), "datasette_impl")]
