@@ -51,8 +51,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import store
 from .settings import DECLARED, settings_of
-from .store import read_vector_counters
 
 log = logging.getLogger(__name__)
 
@@ -396,10 +396,7 @@ class VectorIndex:
         rows, ids = rows[order], ids[order]
         return ids, lambda start, stop: self._gather(rows[start:stop])
 
-    # -- sidecar cache of the float32 vectors (kept for callers of the earlier layout) -----------
-    def save(self, folder: Path):
-        _save_cache(Path(folder), self.ids, lambda start, stop: np.asarray(self.matrix[start:stop]), self.state)
-
+    # -- sidecar cache of the float32 vectors -----------------------------------------------------
     @classmethod
     def load(cls, folder: Path, **options) -> "VectorIndex":
         found = _read_cache(Path(folder))
@@ -415,27 +412,20 @@ class VectorIndex:
 
 def quick_state(conn, vector_table: str) -> tuple:
     """The cheap part of the state (two small reads and one b-tree descent): ``VectorState.quick()``."""
-    version, rewrites = read_vector_counters(conn, vector_table)
-    max_id = conn.execute(f"SELECT max(rowid) FROM [{vector_table}_rowids]").fetchone()[0]
-    return (version, rewrites, int(max_id or 0))
+    version, rewrites = store.read_vector_counters(conn, vector_table)
+    return (version, rewrites, store.read_vector_max_id(conn, vector_table))
 
 
 def read_state(conn, vector_table: str) -> VectorState:
     """The whole state: the counters, and the rowids' count, largest and sum (a scan of the small
     rowids table, ~35 ms at 562,842 rows: run in the background)."""
-    version, rewrites = read_vector_counters(conn, vector_table)
-    count, max_id, id_sum = conn.execute(
-        f"SELECT count(*), max(rowid), total(rowid) FROM [{vector_table}_rowids]").fetchone()
-    return VectorState(version, rewrites, int(max_id or 0), int(count), float(id_sum))
+    version, rewrites = store.read_vector_counters(conn, vector_table)
+    count, max_id, id_sum = store.read_vector_id_stats(conn, vector_table)
+    return VectorState(version, rewrites, max_id, count, id_sum)
 
 
 def _read_ids(conn, vector_table: str, above: int | None = None) -> np.ndarray:
-    sql = f"SELECT rowid FROM [{vector_table}_rowids]"
-    params = ()
-    if above is not None:
-        sql += " WHERE rowid > ?"
-        params = (int(above),)
-    return np.fromiter((row[0] for row in conn.execute(sql + " ORDER BY rowid", params)), np.int64)
+    return np.fromiter(store.iter_vector_ids(conn, vector_table, above), np.int64)
 
 
 def _read_vectors_of(conn, vector_table: str, dim: int, map_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -444,10 +434,10 @@ def _read_vectors_of(conn, vector_table: str, dim: int, map_ids: np.ndarray) -> 
 
     found, rows = [], []
     for map_id in np.asarray(map_ids, np.int64).tolist():
-        row = conn.execute(f"SELECT embedding FROM [{vector_table}] WHERE map_id = ?", (map_id,)).fetchone()
-        if row is not None:
+        blob = store.read_vector_blob(conn, vector_table, map_id)
+        if blob is not None:
             found.append(map_id)
-            rows.append(row[0])
+            rows.append(blob)
     if not rows:
         return _empty(dim)
     return np.array(found, np.int64), np.frombuffer(b"".join(rows), vectors.FLOAT32_LE).reshape(-1, dim).astype(np.float32)
@@ -634,14 +624,14 @@ class _RowsInOrder:
     every vector in a temporary b-tree first, in the server's own memory (1.16 GB at 562,842)."""
 
     def __init__(self, conn, vector_table: str, dim: int, ids: np.ndarray):
-        self.conn, self.sql, self.dim, self.ids = conn, f"SELECT map_id, embedding FROM [{vector_table}]", dim, ids
+        self.conn, self.vector_table, self.dim, self.ids = conn, vector_table, dim, ids
         self.cursor, self.position = None, 0
 
     def __call__(self, start: int, stop: int) -> np.ndarray:
         from . import vectors
 
         if self.cursor is None or start < self.position:
-            self.cursor, self.position = self.conn.execute(self.sql), 0
+            self.cursor, self.position = store.scan_vectors(self.conn, self.vector_table), 0
         while self.position < start:
             self.position += len(self.cursor.fetchmany(min(20_000, start - self.position)) or [0] * (start - self.position))
         rows = self.cursor.fetchmany(stop - start)

@@ -9,8 +9,8 @@ from datasette.utils.asgi import Response
 
 from . import citations, search, vendor
 from .errors import BadSearch, NotFound, SearchError
-from .query import SearchParams
-from .views import _first, answers_503_when_cut, error_response, map_in_path
+from .query import SearchParams, first_value
+from .views import answers_503_when_cut, error_response, map_in_path
 from .web_paths import attachment
 
 CITATION_FILES = {
@@ -67,7 +67,7 @@ async def export_results(request, datasette):
         params = SearchParams.from_args(args)
         if not params.has_query:
             raise BadSearch("give the search's own parameters (q, like, vector, term, more): export the results of a search")
-        database = _first(args, "_db")
+        database = first_value(args, "_db")
         collection = await search.open_collection(datasette, request.actor, database, params.model)
         data = await search.run_search(collection, params)
     except SearchError as error:

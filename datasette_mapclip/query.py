@@ -115,13 +115,14 @@ def _getlist(args, name: str) -> list[str]:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def _first(args, name: str):
+def first_value(args, name: str):
+    """The first value of an argument (Datasette's MultiParams, a form's dict, or a dict of lists)."""
     values = _getlist(args, name)
     return values[0] if values else None
 
 
 def _ids(args, name: str) -> tuple[int, ...]:
-    raw = (_first(args, name) or "").strip()
+    raw = (first_value(args, name) or "").strip()
     if not raw:
         return ()
     parts = [p.strip() for p in raw.split(",") if p.strip()]
@@ -159,9 +160,9 @@ class SearchParams:
     def from_args(cls, args) -> "SearchParams":
         """``args``: Datasette's ``request.args`` (repeated ``term``s kept), or a plain dict."""
         if hasattr(args, "getlist"):
-            single = {key: _first(args, key) for key in args.keys()}
+            single = {key: first_value(args, key) for key in args.keys()}
         else:
-            single = {key: (_first(args, key) if isinstance(value, (list, tuple)) else value)
+            single = {key: (first_value(args, key) if isinstance(value, (list, tuple)) else value)
                       for key, value in args.items()}
         params = cls._from_single(single)
         params.terms = _terms(args)

@@ -733,10 +733,6 @@ def _file_is_collection(path: str, mtime_ns: int, size: int) -> bool:
         conn.close()
 
 
-def has_full_text_index(conn) -> bool:
-    return conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'maps_fts'").fetchone() is not None
-
-
 def has_place_index(conn) -> bool:
     """Whether this file has the trigram index of places (files written before it do not)."""
     return conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'maps_place'").fetchone() is not None
@@ -799,6 +795,44 @@ def read_stored_vector(conn, model: dict, map_id: int) -> np.ndarray | None:
     """One map's stored vector for a model ("more like this"), or None."""
     row = conn.execute(f"SELECT embedding FROM [{model['vector_table']}] WHERE map_id = ?", [int(map_id)]).fetchone()
     return None if row is None else vectors.decode(row[0])
+
+
+# -- a vector table read directly (the in-memory index; sqlite-vec's rowids shadow table is an
+# ordinary table whose rowid is the map id: small, and cheap to count and sum) --------------------
+
+def read_vector_max_id(conn, vector_table: str) -> int:
+    """The largest map id with a vector (one b-tree descent)."""
+    return int(conn.execute(f"SELECT max(rowid) FROM [{vector_table}_rowids]").fetchone()[0] or 0)
+
+
+def read_vector_id_stats(conn, vector_table: str) -> tuple[int, int, float]:
+    """(count, largest, sum) of the map ids with a vector: a scan of the rowids table (~35 ms at 562,842)."""
+    count, max_id, id_sum = conn.execute(
+        f"SELECT count(*), max(rowid), total(rowid) FROM [{vector_table}_rowids]").fetchone()
+    return int(count), int(max_id or 0), float(id_sum)
+
+
+def iter_vector_ids(conn, vector_table: str, above: int | None = None) -> Iterator[int]:
+    """The map ids with a vector, ascending (those above ``above`` only, when given)."""
+    sql = f"SELECT rowid FROM [{vector_table}_rowids]"
+    params: tuple = ()
+    if above is not None:
+        sql += " WHERE rowid > ?"
+        params = (int(above),)
+    return (row[0] for row in conn.execute(sql + " ORDER BY rowid", params))
+
+
+def read_vector_blob(conn, vector_table: str, map_id: int) -> bytes | None:
+    """One map's stored vector BLOB (a point lookup), or None."""
+    row = conn.execute(f"SELECT embedding FROM [{vector_table}] WHERE map_id = ?", (int(map_id),)).fetchone()
+    return None if row is None else row[0]
+
+
+def scan_vectors(conn, vector_table: str):
+    """A cursor over (map id, vector BLOB) of every row, in the vec0 table's own order (map id
+    order: its chunks fill in rowid order).  No ``ORDER BY``: SQLite would sort every vector in a
+    temporary b-tree first, in the reader's own memory (1.16 GB at 562,842)."""
+    return conn.execute(f"SELECT map_id, embedding FROM [{vector_table}]")
 
 
 def read_vector_counters(conn, vector_table: str) -> tuple[int, int]:

@@ -12,7 +12,7 @@ from datasette.utils.asgi import Forbidden, Response
 from . import about, compat, search
 from .errors import BadSearch, NotFound, SearchError, UploadError
 from .ids import map_id_or_none
-from .query import MAX_FEEDBACK, MAX_TERMS, SearchParams
+from .query import MAX_FEEDBACK, MAX_TERMS, SearchParams, first_value
 from .state import plugin_config
 from .uploads import UploadLimits, read_multipart
 from .web_paths import database_from_segment
@@ -30,7 +30,7 @@ async def read_search_request(datasette, request) -> tuple[search.Collection, Se
     upload = None
     if request.method == "POST":
         # No body is read for an actor who may not search here.
-        await search.ensure_can_upload(datasette, request.actor, _first(args, "_db"))
+        await search.ensure_can_upload(datasette, request.actor, first_value(args, "_db"))
         fields, files = await read_multipart(request, UploadLimits.from_config(plugin_config(datasette)))
         args.update({k: v for k, v in fields.items() if k != "csrftoken"})
         filename, data = files.get("image", (None, b""))
@@ -38,15 +38,10 @@ async def read_search_request(datasette, request) -> tuple[search.Collection, Se
             raise UploadError("the uploaded file is empty (0 bytes)")
         upload = data or None
     params = SearchParams.from_args(args)
-    collection = await search.open_collection(datasette, request.actor, _first(args, "_db") or None, params.model)
+    collection = await search.open_collection(datasette, request.actor, first_value(args, "_db") or None, params.model)
     if upload:
         params.vector = await search.embed_upload(collection, upload)
     return collection, params
-
-
-def _first(args: dict, key: str):
-    values = args.get(key)
-    return values[0] if isinstance(values, list) and values else values
 
 
 def map_in_path(datasette, request) -> tuple[str, int]:

@@ -189,7 +189,7 @@ def run_load(
             return
         matrix = encoder.encode_image_tensors(torch.stack([p.pixels for p in batch])) if batch else []
         keep_files(keep, batch)
-        _write(store, model, batch, matrix, errors, store_thumbnails, summary)
+        write_prepared(store, model, batch, matrix, errors, store_thumbnails, summary)
         bar.update(len(batch) + len(errors))
         bar.set_postfix(failed=summary.failed, refresh=False)
         batch.clear()
@@ -213,11 +213,11 @@ def run_load(
                                          kept_path=store.kept_image_path(record.source_id),
                                          keep_size=keep.size if keep else None))
             while len(in_flight) >= window or (in_flight and in_flight[0].done()):
-                _collect(in_flight.popleft().result(), batch, errors)
+                collect_prepared(in_flight.popleft().result(), batch, errors)
                 if len(batch) >= batch_size:
                     flush()
         while in_flight:
-            _collect(in_flight.popleft().result(), batch, errors)
+            collect_prepared(in_flight.popleft().result(), batch, errors)
             if len(batch) >= batch_size:
                 flush()
         flush()
@@ -232,7 +232,7 @@ def run_load(
             future.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
-        _write_notes(store, notes or [], summary, notes_under)
+        write_notes(store, notes or [], summary, notes_under)
         summary.seconds = time.perf_counter() - started
         store.finish_load(load_id, summary.status, summary.loaded, summary.skipped, summary.failed)
     return summary
@@ -260,7 +260,7 @@ def keep_files(keep: KeepImages | None, batch: list[Prepared]):
         prepared.keep = None
 
 
-def _collect(prepared: Prepared, batch: list, errors: list):
+def collect_prepared(prepared: Prepared, batch: list, errors: list):
     unsafe = unsafe_url_problems(prepared.record)
     if unsafe:
         prepared.notes.append(("links", "; ".join(unsafe)))
@@ -277,7 +277,7 @@ def _note_rows(prepared: list[Prepared]) -> list[tuple]:
     return rows
 
 
-def _write(store: MapStore, model: dict, batch: list[Prepared], matrix, errors: list[Prepared],
+def write_prepared(store: MapStore, model: dict, batch: list[Prepared], matrix, errors: list[Prepared],
            store_thumbnails: bool, summary: LoadSummary):
     """One transaction for the batch; if it fails, map by map, so one bad record (a value SQLite
     refuses) becomes a load error instead of sinking the batch and the run."""
@@ -321,7 +321,7 @@ def _write_rows(store: MapStore, model: dict, batch: list[Prepared], matrix, err
     )
 
 
-def _write_notes(store: MapStore, notes: list[LoadNote], summary: LoadSummary, notes_under: str | None):
+def write_notes(store: MapStore, notes: list[LoadNote], summary: LoadSummary, notes_under: str | None):
     """The source's notes (metadata values left out, skipped links...), in one transaction."""
     if not notes and not notes_under:
         return

@@ -9,7 +9,7 @@ What stays the same as ``loaders.pipeline.run_load`` (it is the same code wherev
 records come from the same sources, each chunk is prepared by the pipeline's own ``prepare``
 (so the pixels are the same), the model actors run ``ClipEncoder.encode_image_tensors`` on the
 same numeric path (fp16 on a GPU; int8 checked against fp32, or fp32, on a CPU), and the driver
-writes through ``pipeline._write``: each map once (source ids already stored are skipped before
+writes through ``pipeline.write_prepared``: each map once (source ids already stored are skipped before
 anything is sent), ``load_errors`` rows for failures, notes, kept images, progress bar and summary.
 
 Why Ray core (tasks and actors) rather than Ray Data: a loc.gov search is a lazy, rate-limited
@@ -50,11 +50,11 @@ from .pipeline import (
     KeepError,
     LoadSummary,
     Prepared,
-    _collect,
-    _write,
-    _write_notes,
+    collect_prepared,
     keep_files,
     prepare,
+    write_notes,
+    write_prepared,
 )
 
 INSTALL_HINT = ("The Ray engine needs Ray. Install it with: pip install 'datasette-mapclip[ray]' "
@@ -575,7 +575,7 @@ def _drive(engine: RayEngine, store: MapStore, records, described: dict, *, fetc
         batch: list[Prepared] = []
         errors: list[Prepared] = []
         for p in prepared:
-            _collect(p, batch, errors)
+            collect_prepared(p, batch, errors)
         matrix = []
         if batch:
             try:
@@ -590,7 +590,7 @@ def _drive(engine: RayEngine, store: MapStore, records, described: dict, *, fetc
                 errors.extend(batch)
                 batch, matrix = [], []
         keep_files(keep, batch)
-        _write(store, model, batch, matrix, errors, store_thumbnails, summary)
+        write_prepared(store, model, batch, matrix, errors, store_thumbnails, summary)
         bar.update(len(batch) + len(errors))
         bar.set_postfix(failed=summary.failed, refresh=False)
         store.touch_load(load_id)
@@ -637,7 +637,7 @@ def _drive(engine: RayEngine, store: MapStore, records, described: dict, *, fetc
                 except Exception:  # finished or gone
                     pass
         bar.close()
-        _write_notes(store, notes or [], summary, notes_under)
+        write_notes(store, notes or [], summary, notes_under)
         summary.seconds = time.perf_counter() - started
         store.finish_load(load_id, summary.status, summary.loaded, summary.skipped, summary.failed)
     return summary

@@ -86,6 +86,9 @@ def test_importing_every_module_changes_no_process_wide_setting():
 OWN_TABLES = ("maps", "maps_fts", "items", "models", "load_errors", "loads", "mapclip_meta")
 SQL_ON_OWN_TABLE = re.compile(
     r"\b(FROM|INTO|UPDATE|JOIN|TABLE)\s+\[?(" + "|".join(OWN_TABLES) + r")\b(?!\.)", re.IGNORECASE)
+# an f-string of SQL (its keywords in capitals, as this project writes SQL) naming a table at run time
+SQL_TABLE_SLOT = re.compile(r"\b(FROM|INTO|UPDATE|JOIN|TABLE)\s+\[?$")
+SQL_START = re.compile(r"^\s*(SELECT|INSERT|UPDATE|DELETE|CREATE|DROP|ALTER|WITH|REPLACE)\b")
 # The store owns the schema; search_sql builds the search SQL that is shown to users.
 SQL_OWNERS = {"datasette_mapclip/store.py", "datasette_mapclip/search_sql.py"}
 
@@ -100,6 +103,13 @@ def test_sql_on_the_projects_own_tables_lives_in_the_store():
             for node in ast.walk(ast.parse(path.read_text())):
                 if isinstance(node, ast.Constant) and isinstance(node.value, str) and SQL_ON_OWN_TABLE.search(node.value):
                     offenders.append(f"{name}:{node.lineno}: {node.value.strip()[:60]!r}")
+                # a table named at run time (the vector tables, sqlite-vec's shadow tables)
+                if isinstance(node, ast.JoinedStr) and isinstance(node.values[0], ast.Constant) \
+                        and SQL_START.match(str(node.values[0].value)) and any(
+                        isinstance(part, ast.Constant) and SQL_TABLE_SLOT.search(part.value)
+                        and isinstance(following, ast.FormattedValue)
+                        for part, following in zip(node.values, node.values[1:])):
+                    offenders.append(f"{name}:{node.lineno}: {ast.unparse(node)[:60]!r}")
     assert not offenders, "SQL on the project's tables outside the store:\n" + "\n".join(offenders)
 
 
@@ -203,3 +213,17 @@ def test_a_changed_database_leaves_one_index_cache(tmp_path, tiny_encoder):
         assert len(caches) == 1, caches
     assert caches[0] == index.cache_folder(str(db_path), model["vector_table"], config).name
     store.close()
+
+
+def test_no_module_imports_another_modules_private_names():
+    """A name starting with "_" belongs to its module: another module that needs it needs a public
+    name (the Ray engine once imported the local pipeline's private helpers)."""
+    found = []
+    for package in PACKAGES:
+        for path in modules_of(package):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.module != "__future__" and (
+                        node.level or (node.module or "").split(".")[0] in PACKAGES):
+                    found += [f"{path.relative_to(REPO)}: {alias.name}" for alias in node.names
+                              if alias.name.startswith("_") and not alias.name.startswith("__")]
+    assert found == []
