@@ -28,9 +28,10 @@ def prepare_connection(conn, database, datasette):
             log.warning("mapclip: sqlite-vec could not be loaded for database %s: %s", database, error)
     # Nothing registered may refer to conn (see sqlite_native): the models are read through a
     # connection of their own, so a connection Datasette drops unclosed is still freed.
+    state = state_for(datasette)
     register(conn, DatabaseFunctions(lambda: store.read_models_at(path, immutable=immutable),
                                      lambda: plugin_config(datasette, database),
-                                     state_for(datasette).encoders.get))
+                                     state.encoders.get, state.workers.in_model_thread))
 
 
 HIDDEN_TABLES = ("map_vectors", "mapclip_meta")
@@ -61,7 +62,7 @@ else:
 def startup(datasette):
     # The server process is Datasette's; the plugin sets only what its configuration names.
     config = plugin_config(datasette)
-    search.set_work_threads(config.threads, config.scan_threads)
+    search.set_work_threads(datasette, config.threads, config.scan_threads)
 
     async def build_indexes():
         # Index every collection's default model in the background, and load its model in the model

@@ -5,8 +5,8 @@
       -> nearest maps (the in-memory index when it is ready and no filter applies, else sqlite-vec)
       -> results with links
 
-Model work (encoding text or an uploaded image) runs in one model thread (``MODEL``) and index
-scans in another (``INDEX``), never on the event loop and never inside a database thread, so a
+Model work (encoding text or an uploaded image) runs in the server's one model thread and index
+scans in another (workers.py), never on the event loop and never inside a database thread, so a
 "more like this" or a stored-vector search never waits behind text encoding.  Every failure
 leaves here as an ``errors.SearchError`` with its status.
 """
@@ -14,10 +14,8 @@ leaves here as an ``errors.SearchError`` with its status.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import dataclasses
 import logging
-import queue
 import urllib.parse
 
 import numpy as np
@@ -31,70 +29,19 @@ from .links import web_url
 from .model import ModelUnavailable
 from .query import VEC0_MAX_K, SearchParams
 from .records import display_row
-from .runtime import set_faiss_threads, set_torch_threads
 from .settings import settings_of
 from .state import plugin_config, state_for
 from .web_paths import map_path, thumbnail_path
+from .workers import Workers
 
 log = logging.getLogger(__name__)
-
-# One thread for the model, shared by the whole process: torch keeps an OpenMP pool per calling
-# thread, and pools left spinning by other threads slow the next query.
-MODEL = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mapclip-model")
-# Index scans (numpy, GIL released) and image decoding: work that needs no model.
-INDEX = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mapclip-index-scan")
-DECODE = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mapclip-decode")
-# A filtered search first checks this many of the collection's nearest maps against the filter.
-
 
 async def _run_in(executor, fn, *args):
     return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
 
 
-class TextBatcher:
-    """Text queries that wait for the model thread together are encoded together: one forward pass
-    for all of them (32 short queries cost a few single ones), so concurrent text searches share the
-    model instead of queueing one by one behind it."""
-
-    max_batch = 32
-
-    def __init__(self):
-        self.waiting: queue.SimpleQueue = queue.SimpleQueue()
-
-    async def vector(self, collection: "Collection", text: str) -> np.ndarray:
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        self.waiting.put((collection, text, future))
-        MODEL.submit(self._drain)
-        return await asyncio.wrap_future(future)
-
-    def _drain(self):
-        """In the model thread: everything waiting now, grouped by model and prompt template."""
-        batch = []
-        while len(batch) < self.max_batch:
-            try:
-                batch.append(self.waiting.get_nowait())
-            except queue.Empty:
-                break
-        groups: dict[tuple, list] = {}
-        for collection, text, future in batch:
-            if future.set_running_or_notify_cancel():  # False: the request went away
-                key = (collection.model["name"], collection.model.get("checkpoint_sha256"),
-                       settings_of(collection.config).prompt_template)
-                groups.setdefault(key, []).append((collection, text, future))
-        for items in groups.values():
-            collection = items[0][0]
-            try:
-                found = query_vector.text_vectors(collection.encoder(), [text for _, text, _ in items],
-                                                  collection.config)
-            except Exception as error:  # ModelUnavailable and the like: each request answers it
-                for _, _, future in items:
-                    future.set_exception(error)
-                continue
-            for (_, _, future), vector in zip(items, found):
-                future.set_result(vector)
-
-
-TEXT_BATCHES = TextBatcher()
+def _workers(collection) -> Workers:
+    return state_for(collection.datasette).workers
 
 
 @dataclasses.dataclass
@@ -120,15 +67,9 @@ class Collection:
         return state_for(self.datasette).indexes.for_model(self.db.path, self.model, self.config)
 
 
-def set_work_threads(threads: int | None, scan_threads: int = 1):
-    """CPU threads for the plugin's work, set in the threads that do it (torch and faiss keep the
-    count per thread): torch's for the model and decode threads, not on the event loop, where
-    importing torch (~1.5 s) would hold up the server's start; faiss's for the index scans, one by
-    default: a single query's scan is no faster on two (16 vs 18 ms at 562,842 maps), and a second
-    OpenMP thread takes a core from the model thread under load."""
-    for pool in (MODEL, DECODE):
-        pool.submit(set_torch_threads, threads)
-    INDEX.submit(set_faiss_threads, scan_threads)
+def set_work_threads(datasette, threads: int, scan_threads: int = 1):
+    """This server's CPU threads for the model, decoding and index scans (workers.py)."""
+    state_for(datasette).workers.set_threads(threads, scan_threads)
 
 
 def preload_model(collection: Collection):
@@ -140,7 +81,7 @@ def preload_model(collection: Collection):
         except ModelUnavailable as error:
             log.warning("mapclip: the model of %s could not be loaded at start-up: %s", collection.name, error)
 
-    MODEL.submit(load)
+    _workers(collection).model.submit(load)
 
 
 async def holds_collection(datasette, name: str) -> bool:
@@ -247,7 +188,7 @@ async def build_query_vector(collection: Collection, params: SearchParams, index
     stored = await _stored_vectors(collection, stored_ids, index) if stored_ids else {}
     try:
         texts = [t.value for t in terms if t.kind == "text"]
-        found = iter(await asyncio.gather(*(TEXT_BATCHES.vector(collection, text) for text in texts)))
+        found = iter(await asyncio.gather(*(_workers(collection).text.vector(collection, text) for text in texts)))
         weighted = []
         for term in terms:
             vector = (next(found) if term.kind == "text" else stored[term.value] if term.kind == "map"
@@ -265,7 +206,7 @@ async def _stored_vectors(collection: Collection, map_ids: list[int], index=None
     """Stored maps' vectors by id, from the index where it holds them (no SQLite read), else the file."""
     found = {}
     if index is not None:
-        found = await _run_in(INDEX, lambda: {i: v for i in set(map_ids) if (v := index.vector_of(i)) is not None})
+        found = await _run_in(_workers(collection).index, lambda: {i: v for i in set(map_ids) if (v := index.vector_of(i)) is not None})
     missing = [i for i in dict.fromkeys(map_ids) if i not in found]
     if missing:
         read = await collection.db.execute_fn(
@@ -284,7 +225,7 @@ async def _nearest_with_index(collection: Collection, index, query: np.ndarray, 
     if params.has_filters:
         ids, scores, way = await _filtered_with_index(collection, index, query, params, need, place_index)
     else:
-        ids, scores = await _run_in(INDEX, index.search, query, need)
+        ids, scores = await _run_in(_workers(collection).index, index.search, query, need)
     skip = params.k * (params.page - 1)
     ids, scores = ids[skip:], scores[skip:]
     rows = await collection.db.execute_fn(
@@ -299,7 +240,7 @@ async def _filtered_with_index(collection: Collection, index, query: np.ndarray,
     filter selects is searched (``VectorIndex.search_among``).  The filters are the same SQL conditions
     the reported sqlite-vec query applies, so both answer the same maps."""
     pool = max(settings_of(collection.config).filter_pool, 4 * need)
-    ids, scores = await _run_in(INDEX, index.search, query, pool)
+    ids, scores = await _run_in(_workers(collection).index, index.search, query, pool)
     # The nearest few first: a broad filter passes enough of them, and each check costs (a
     # full-text condition ~30 us per map); the rest of the pool only when too few passed.
     passing: set = set()
@@ -319,7 +260,7 @@ async def _filtered_with_index(collection: Collection, index, query: np.ndarray,
     allowed = np.fromiter((row[0] for row in await _filter_sql(
         collection, search_sql.matching_ids_sql(params, sql_params, place_index=place_index), sql_params)), np.int64)
     exact_up_to = settings_of(collection.config).exact_subset_rows
-    ids, scores = await _run_in(INDEX, index.search_among, query, need, allowed, exact_up_to)
+    ids, scores = await _run_in(_workers(collection).index, index.search_among, query, need, allowed, exact_up_to)
     way = "filter's maps scored exactly" if index.exact or len(allowed) <= exact_up_to else "filter's maps scanned"
     return ids, scores, way
 
@@ -412,10 +353,10 @@ async def embed_upload(collection: Collection, data: bytes) -> bytes:
     # Decoded (and refused) before the model is asked for: a bad upload never queues behind model work.
     min_size = collection.model.get("image_size") or 224
     try:
-        image = await _run_in(DECODE, lambda: open_query_image(data, min_size=min_size, max_pixels=max_pixels,
+        image = await _run_in(_workers(collection).decode, lambda: open_query_image(data, min_size=min_size, max_pixels=max_pixels,
                                                                max_decoded_bytes=max_decoded_bytes))
-        encoder = await _run_in(MODEL, collection.encoder)
-        return vectors.encode(await _run_in(MODEL, encoder.embed_image, image))
+        encoder = await _run_in(_workers(collection).model, collection.encoder)
+        return vectors.encode(await _run_in(_workers(collection).model, encoder.embed_image, image))
     except ImageDecodeError as error:
         raise UploadError(f"the upload is not a usable image: {error}") from None
     except ModelUnavailable as error:

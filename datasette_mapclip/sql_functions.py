@@ -92,14 +92,17 @@ class DatabaseFunctions:
     """Text and image embedding for one database, with the model its provenance names.
 
     ``models_for()`` returns the database's ``models`` rows, ``config_for()`` the plugin
-    configuration, ``encoder_for(row, config)`` the server's shared encoder for a row.  None of
+    configuration, ``encoder_for(row, config)`` the server's shared encoder for a row, and
+    ``run_model(fn)`` runs model work where the server runs it (its one model thread, as the search
+    route does; directly where there is no server).  None of
     them may hold the connection the functions are registered on (``sqlite_native`` says why):
     ``models_for`` reads the database file through a connection of its own."""
 
-    def __init__(self, models_for, config_for, encoder_for):
+    def __init__(self, models_for, config_for, encoder_for, run_model=lambda fn: fn()):
         self.models_for = models_for
         self.config_for = config_for
         self.encoder_for = encoder_for
+        self.run_model = run_model
 
     def model_row(self, name=None) -> dict:
         try:
@@ -124,7 +127,8 @@ class DatabaseFunctions:
         if len(text) > MAX_QUERY_CHARS:
             raise SQLFunctionError(f"mapclip_embed_text: text is {len(text)} characters, limit {MAX_QUERY_CHARS} "
                                    "(the model reads 77 tokens)")
-        return vectors.encode(text_vector(self.encoder(name), text, self.config_for()))
+        config = self.config_for()
+        return vectors.encode(self.run_model(lambda: text_vector(self.encoder(name), text, config)))
 
     def max_image_bytes(self) -> int:
         """The same cap as an uploaded image's (``max_upload_bytes``)."""
@@ -146,7 +150,7 @@ class DatabaseFunctions:
                                      max_decoded_bytes=settings.max_upload_decoded_bytes)
         except ImageDecodeError as error:
             raise SQLFunctionError(f"mapclip_embed_image: {error}") from None
-        return vectors.encode(encoder.embed_image(image))
+        return vectors.encode(self.run_model(lambda: encoder.embed_image(image)))
 
 
 def _arity(name: str, func, low: int, high: int, usage: str):

@@ -1,7 +1,7 @@
 """What one Datasette server holds for this plugin, and its configuration.
 
-Each ``Datasette`` instance gets its own encoders (with their remembered load failures) and its
-own vector indexes, created on first use and released with the instance; nothing is a module-level
+Each ``Datasette`` instance gets its own encoders (with their remembered load failures), its
+own vector indexes and its own worker threads, created on first use and released with the instance; nothing is a module-level
 global that one server (or one test) could leak into another.
 """
 
@@ -14,6 +14,7 @@ from . import compat
 from .encoders import EncoderCache
 from .index import IndexRegistry
 from .settings import Settings
+from .workers import Workers
 
 PLUGIN = "datasette-mapclip"
 
@@ -22,6 +23,7 @@ PLUGIN = "datasette-mapclip"
 class PluginState:
     encoders: EncoderCache = dataclasses.field(default_factory=EncoderCache)
     indexes: IndexRegistry = dataclasses.field(default_factory=IndexRegistry)
+    workers: Workers = dataclasses.field(default_factory=Workers)
 
 
 _states: "weakref.WeakKeyDictionary[object, PluginState]" = weakref.WeakKeyDictionary()

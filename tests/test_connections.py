@@ -12,7 +12,7 @@ from unittest import mock
 import numpy as np
 import pytest
 
-from conftest import load_collection, make_datasette
+from conftest import load_collection, make_datasette, query_json_path
 
 HUGE = 100_000_000  # bytes: a zeroblob costs SQLite nothing until someone reads it
 
@@ -66,7 +66,9 @@ async def test_anonymous_versions_requests_leave_nothing_behind(collection):
         response = await ds.client.get("/-/versions.json")
         assert response.status_code == 200
     gc.collect()
-    assert sqlite_native.registered_count() <= before
+    # A leak keeps each request's four registrations (240); the count is the process's, so a few
+    # connections that other servers' background threads hold open meanwhile are allowed.
+    assert sqlite_native.registered_count() - before < 40
 
 
 def test_extension_loading_stays_off_when_sqlite_vec_fails_to_load(collection, monkeypatch):
@@ -156,3 +158,27 @@ def test_every_hook_the_plugin_implements_exists_in_this_datasette():
                    if hasattr(getattr(datasette_mapclip, name), "datasette_impl")]
     assert "prepare_connection" in implemented and "register_routes" in implemented
     assert [name for name in implemented if not hasattr(hookspecs, name)] == []
+
+
+async def test_sql_functions_run_the_model_in_the_servers_model_thread(collection, monkeypatch):
+    """As the search route does: never in Datasette's SQL threads, where a second torch pool would
+    compete with the model thread's."""
+    import threading
+
+    from datasette_mapclip.encoders import SharedEncoder
+
+    seen = []
+    real = SharedEncoder.embed_text
+
+    def spy(self, text):
+        seen.append(threading.current_thread().name)
+        return real(self, text)
+
+    monkeypatch.setattr(SharedEncoder, "embed_text", spy)
+    db_path, _ = collection
+    ds = make_datasette([str(db_path)])
+    response = await ds.client.get(query_json_path("maps") + "?sql=select+length(mapclip_embed_text('a+map'))+as+n"
+                                   "&_shape=array", follow_redirects=True)
+    assert response.status_code == 200, response.text
+    assert response.json()[0]["n"] > 0
+    assert seen and all(name.startswith("mapclip-model") for name in seen), seen

@@ -48,18 +48,22 @@ async def test_the_threads_settings_reach_the_threads_that_do_the_work(collectio
     import faiss
     import torch
 
-    from datasette_mapclip import search
+    from datasette_mapclip.state import state_for
 
     ds = make_datasette([str(collection[0])], metadata={"plugins": {"datasette-mapclip": {
         "threads": threads, "preload_model": False}}})
     await ds.invoke_startup()
-    for pool in (search.MODEL, search.DECODE):
+    workers = state_for(ds).workers
+    for pool in (workers.model, workers.decode):
         assert pool.submit(torch.get_num_threads).result(timeout=20) == threads
-    assert search.INDEX.submit(faiss.omp_get_max_threads).result(timeout=20) == 1
-    ds = make_datasette([str(collection[0])], metadata={"plugins": {"datasette-mapclip": {
-        "scan_threads": 2, "preload_model": False}}})
-    await ds.invoke_startup()
-    assert search.INDEX.submit(faiss.omp_get_max_threads).result(timeout=20) == 2
+    assert workers.index.submit(faiss.omp_get_max_threads).result(timeout=20) == 1
+    other = make_datasette([str(collection[0])], metadata={"plugins": {"datasette-mapclip": {
+        "scan_threads": 2, "threads": 3 - threads, "preload_model": False}}})
+    await other.invoke_startup()
+    assert state_for(other).workers.index.submit(faiss.omp_get_max_threads).result(timeout=20) == 2
+    # each server's threads are its own: the second one's start-up left the first one's alone
+    assert workers.index.submit(faiss.omp_get_max_threads).result(timeout=20) == 1
+    assert workers.model.submit(torch.get_num_threads).result(timeout=20) == threads
 
 
 def foreign_database(path, make_broken_collection=None) -> str:
