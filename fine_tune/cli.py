@@ -14,7 +14,7 @@ import sys
 
 import click
 
-from datasette_mapclip.model import DEFAULT_MODEL, DEFAULT_PRETRAINED, PRECISIONS
+from datasette_mapclip.model import DEFAULT_MODEL, DEFAULT_PRETRAINED
 
 from .captions import FIELDS, TEMPLATES
 from .dataset import DEFAULT_FRACTIONS
@@ -148,6 +148,15 @@ def evaluate_command(dataset_dir, checkpoint, model_name, base_model, base_pretr
     click.echo(f"written: {', '.join(results['files'])}", err=True)
 
 
+def _encoding_options(command):
+    """--device, --precision, --threads, --batch-size, --workers and --quiet, as the load commands have them."""
+    from loaders.cli import ENCODING_OPTIONS, quiet_option
+
+    for option in reversed([*ENCODING_OPTIONS, quiet_option]):
+        command = option(command)
+    return command
+
+
 def _engine_options(command):
     """--engine, --ray-address, --actors and --keep-images, as the load commands have them."""
     from loaders.cli import engine_option_list, keep_images_option
@@ -165,15 +174,7 @@ def _engine_options(command):
               help="Architecture of --checkpoint (default: read from training.json beside it).")
 @click.option("--default", "make_default", is_flag=True,
               help="Make the new model the collection's default for search.")
-@click.option("--device", help="torch device; default cuda if available, else cpu.")
-@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
-              help="auto: fp16 on CUDA; int8 image tower on CPU when it stays within 0.999 cosine of fp32.")
-@click.option("--threads", type=int, help="CPU threads for the model (default: all cores).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
-              help="Images per model call and per transaction (on GPUs try 256).")
-@click.option("--workers", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Threads reading and decoding images (--engine ray: threads per fetch task).")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_encoding_options
 @_engine_options
 def register_command(db_path, checkpoint, model_name, make_default, device, precision, threads, batch_size,
                      workers, quiet, engine, ray_address, actors, keep_images):

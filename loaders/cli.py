@@ -27,6 +27,23 @@ LOC_PACE = (f"search pages at most {SEARCH_PER_MINUTE:.0f} a minute and item req
             f"{limits_text(ITEM_LIMITS)}) less our {SAFETY_MARGIN:.0%} margin")
 
 
+# The encoding options every command that embeds takes (loads here, `fine-tune register`), declared
+# once; each is a click decorator that can be applied to any number of commands.
+device_option = click.option("--device", help="torch device; default cuda if available, else cpu.")
+precision_option = click.option(
+    "--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+    help="auto: fp16 on CUDA; int8 image tower on CPU, checked against fp32 (min cosine 0.999) on the "
+         "first batch, fp32 if it drifts.")
+threads_option = click.option("--threads", type=int, default=None, help="CPU threads for the model (default: all cores).")
+batch_size_option = click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+                                 help="Images per model call and per transaction (on GPUs try 256).")
+workers_option = click.option("--workers", type=click.IntRange(min=1), default=4, show_default=True,
+                              help="Threads fetching (or reading) and decoding images (--engine ray: threads per "
+                                   "fetch task).")
+quiet_option = click.option("--quiet", is_flag=True, help="No progress bar.")
+ENCODING_OPTIONS = [device_option, precision_option, threads_option, batch_size_option, workers_option]
+
+
 def model_options(command):
     """--model/--pretrained/--checkpoint and the encoding knobs, on every command that embeds."""
     options = [
@@ -36,19 +53,10 @@ def model_options(command):
                      help="open_clip pretrained tag; 'openai' is what the paper used."),
         click.option("--checkpoint", type=click.Path(dir_okay=False),
                      help="A local weights file (state_dict) for --model; overrides --pretrained."),
-        click.option("--device", help="torch device; default cuda if available, else cpu."),
-        click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
-                     help="auto: fp16 on CUDA; int8 image tower on CPU, checked against fp32 "
-                          "(min cosine 0.999) on the first batch, fp32 if it drifts."),
-        click.option("--threads", type=int, default=None,
-                     help="CPU threads for the model (default: all cores)."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
-                     help="Images per model call and per transaction (on GPUs try 256)."),
-        click.option("--workers", type=click.IntRange(min=1), default=4, show_default=True,
-                     help="Threads fetching and decoding images (--engine ray: threads per fetch task)."),
+        *ENCODING_OPTIONS,
         click.option("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, show_default=True,
                      help="Refuse images with more pixels (decompression bombs)."),
-        click.option("--quiet", is_flag=True, help="No progress bar."),
+        quiet_option,
     ] + engine_option_list()
     for option in reversed(options):
         command = option(command)

@@ -37,3 +37,25 @@ def test_info_and_export_vectors(tmp_path, invoke, model_args):
     assert data["embedding"].shape == (4, 64) and data["embedding"].dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(data["embedding"], axis=1), 1, atol=1e-5)
     assert sorted(data["map_id"].tolist()) == [1, 2, 3, 4]
+
+
+def test_every_command_that_embeds_takes_the_same_encoding_options():
+    """Declared once (loaders/cli.py): the loads and `fine-tune register` take the same --device,
+    --precision, --threads, --batch-size, --workers and engine options, with the same defaults."""
+    import click
+
+    from datasette_mapclip.cli import cli
+
+    def options(*path):
+        command, context = cli, click.Context(cli)
+        for name in path:
+            command = command.get_command(context, name)
+        return {param.name: (param.type.name, param.default, param.help) for param in command.params
+                if param.name in ("device", "precision", "threads", "batch_size", "workers", "quiet", "engine",
+                                  "ray_address", "actors")}
+
+    embedding = [("load", "folder"), ("load", "csv"), ("load", "loc"), ("fine-tune", "register")]
+    reference = options(*embedding[0])
+    assert len(reference) == 9
+    for path in embedding[1:]:
+        assert options(*path) == reference, path
