@@ -330,7 +330,10 @@ class LocServer:
                 for key, value in (headers or {}).items():
                     self.send_header(key, value)
                 self.end_headers()
-                self.wfile.write(body)
+                try:
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client went away (a browser cancels tiles it no longer shows)
 
             def stream(self, status, content_type, chunks, mode):
                 """Send an oversized body: 'huge' with Content-Length, 'chunked' (HTTP/1.1) or
