@@ -1,7 +1,6 @@
 """datasette-mapclip: CLIP search over map collections. Only Datasette hooks live here."""
 
 import logging
-import urllib.parse
 
 from datasette import hookimpl
 
@@ -10,6 +9,7 @@ from .settings import settings_of
 from .sql_functions import DatabaseFunctions, register
 from .state import plugin_config, state_for
 from .uploads import UploadLimits, limit_upload_bodies
+from .web_paths import MapclipUrls
 
 log = logging.getLogger(__name__)
 
@@ -86,18 +86,9 @@ def startup(datasette):
 
 @hookimpl
 def register_routes():
-    from . import web_paths
+    from . import views, web_paths
 
-    return [
-        (r"^/-/mapclip$", views.mapclip_page),
-        (r"^/-/mapclip/about$", views.about_page),
-        (r"^/-/mapclip/search\.json$", views.search_json),
-        # A database as Datasette's own paths name it (tilde-encoded route), a map id in ASCII digits.
-        (rf"^/-/mapclip/thumbnail/{web_paths.DATABASE}/{web_paths.MAP_ID}\.jpg$", views.thumbnail),
-        (rf"^/-/mapclip/map/{web_paths.DATABASE}/{web_paths.MAP_ID}(?P<format>\.json|\.bib|\.csl\.json|\.txt)?$",
-         map_views.map_page),
-        (r"^/-/mapclip/export\.(?P<format>csv|json)$", map_views.export_results),
-    ]
+    return web_paths.routes(views, map_views)
 
 
 @hookimpl
@@ -115,7 +106,7 @@ def menu_links(datasette, actor):
         # Only where this actor has something to search (asked on every page: stop at the first).
         for name in datasette.databases:
             if await search.is_visible_collection(datasette, actor, name):
-                return [{"href": datasette.urls.path("/-/mapclip"), "label": "Map search"}]
+                return [{"href": MapclipUrls(datasette).page(), "label": "Map search"}]
         return []
 
     return inner
@@ -125,7 +116,7 @@ def menu_links(datasette, actor):
 def database_actions(datasette, actor, database):
     async def inner():
         if await search.is_visible_collection(datasette, actor, database):
-            return [{"href": datasette.urls.path("/-/mapclip?" + urllib.parse.urlencode({"_db": database})), "label": "Search these maps by image or text"}]
+            return [{"href": MapclipUrls(datasette).page(database=database), "label": "Search these maps by image or text"}]
         return []
 
     return inner

@@ -9,7 +9,6 @@ configuration; the templates escape all of it, and only http(s) URLs (``search.w
 from __future__ import annotations
 
 import logging
-import urllib.parse
 
 from datasette.utils.asgi import Forbidden
 
@@ -17,6 +16,7 @@ from . import compat, store
 from .ids import map_id_or_none
 from .query import SearchParams
 from .search import map_summary, web_url
+from .web_paths import MapclipUrls
 
 log = logging.getLogger(__name__)
 
@@ -178,9 +178,8 @@ def example_map_id(config: dict) -> int | None:
 async def examples(datasette, collection, config: dict) -> dict:
     """The search page's example links: text queries, and "maps like this one" for ``example_map``
     (only when that map is in the collection).  Empty when the configuration names none."""
-    db_arg = {"_db": collection.name}
-    base = datasette.urls.path("/-/mapclip") + "?"
-    queries = [{"text": q, "url": base + SearchParams(q=q).query_string() + "&" + urllib.parse.urlencode(db_arg)}
+    urls = MapclipUrls(datasette)
+    queries = [{"text": q, "url": urls.page(SearchParams(q=q).query_string(), collection.name)}
                for q in example_queries(config)]
     example = None
     map_id = example_map_id(config)
@@ -193,6 +192,6 @@ async def examples(datasette, collection, config: dict) -> dict:
         if row:
             example = {"id": map_id, "title": _text(row.get("title")) or f"map {map_id}",
                        "thumbnail_url": row.get("thumbnail_url"),
-                       "url": base + SearchParams(like=map_id).query_string() + "&" + urllib.parse.urlencode(db_arg)}
+                       "url": urls.page(SearchParams(like=map_id).query_string(), collection.name)}
     return {"queries": queries, "map": example}
 

@@ -11,7 +11,7 @@ from . import citations, search, vendor
 from .errors import BadSearch, NotFound, SearchError
 from .query import SearchParams, first_value
 from .views import answers_503_when_cut, error_response, map_in_path
-from .web_paths import attachment
+from .web_paths import MapclipUrls, attachment
 
 CITATION_FILES = {
     ".bib": ("application/x-bibtex; charset=utf-8", lambda cite: cite["bibtex"]),
@@ -35,7 +35,8 @@ async def map_page(request, datasette):
     except SearchError as error:
         if not as_json and not suffix:
             return Response.html(await datasette.render_template(
-                "mapclip_map.html", {"error": str(error), "details": None}, request=request), status=error.status)
+                "mapclip_map.html", {"error": str(error), "details": None, "search_url": MapclipUrls(datasette).page()},
+                request=request), status=error.status)
         return error_response(error, as_json=as_json)
     if as_json:
         return Response.json({"ok": True, **details}, default=str)
@@ -52,7 +53,9 @@ async def map_page(request, datasette):
         "viewer_script": datasette.urls.static_plugins("datasette-mapclip", vendor.OPENSEADRAGON_SCRIPT)
         if viewer else None,
         "viewer_images": datasette.urls.static_plugins("datasette-mapclip", vendor.OPENSEADRAGON_IMAGES),
-        "search_url": datasette.urls.path("/-/mapclip"),
+        "search_url": MapclipUrls(datasette).page(),
+        "like_url": MapclipUrls(datasette).page(SearchParams(like=details["map"]["id"]).query_string(),
+                                                details["database"]),
     }, request=request)
     return Response.html(page)
 

@@ -31,7 +31,7 @@ from .query import VEC0_MAX_K, SearchParams
 from .records import display_row
 from .settings import settings_of
 from .state import plugin_config, state_for
-from .web_paths import map_path, thumbnail_path
+from .web_paths import MapclipUrls
 from .workers import Workers
 
 log = logging.getLogger(__name__)
@@ -323,7 +323,6 @@ async def run_search(collection: Collection, params: SearchParams) -> dict:
         searched_with = "sqlite-vec"
     results = [shape_result(row, database, datasette) for row in rows]
     more = len(results) == params.k and params.k * (params.page + 1) <= VEC0_MAX_K
-    base = datasette.urls.path("/-/mapclip/search.json")
     sql_url = compat.query_url(datasette, database) + "?" + urllib.parse.urlencode(
         {"sql": plan.sql, **{k: str(v) for k, v in plan.params.items()}})
     answer = {
@@ -335,7 +334,7 @@ async def run_search(collection: Collection, params: SearchParams) -> dict:
         "params": plan.params,
         "sql_url": sql_url,
         "results": results,
-        "next": f"{base}?{params.query_string(page=params.page + 1)}&_db={urllib.parse.quote(database)}" if more else None,
+        "next": MapclipUrls(datasette).search_json(params.query_string(page=params.page + 1), database) if more else None,
     }
     if behind:  # the database holds vector changes the index is still reading
         answer["index_behind"] = True
@@ -367,7 +366,7 @@ async def map_summary(collection: Collection, map_id: int) -> dict | None:
     """The "more like this" header: a map's title and thumbnail link."""
     row = await collection.db.execute_fn(lambda conn: display_row(store.read_map_summary(conn, map_id)))
     if row:
-        row["thumbnail_url"] = (thumbnail_path(collection.datasette, collection.name, map_id)
+        row["thumbnail_url"] = (MapclipUrls(collection.datasette).thumbnail(collection.name, map_id)
                                 if row["has_thumbnail"] else web_url(row["thumbnail_url"]))
     return row
 
@@ -388,7 +387,7 @@ def shape_result(row: dict, database: str, datasette) -> dict:
     map_id = row["id"]
     thumbnail_url = web_url(row["thumbnail_url"])
     if row["has_thumbnail"]:
-        thumbnail_url = thumbnail_path(datasette, database, map_id)
+        thumbnail_url = MapclipUrls(datasette).thumbnail(database, map_id)
     image_url = web_url(row["image_url"])
     record_url = urls.row(database, "maps", str(map_id))
     return {
@@ -404,7 +403,7 @@ def shape_result(row: dict, database: str, datasette) -> dict:
         "image_url": image_url or thumbnail_url,
         "url": web_url(row["item_url"]) or record_url,
         "record_url": record_url,
-        "map_url": map_path(datasette, database, map_id),
+        "map_url": MapclipUrls(datasette).map(database, map_id),
     }
 
 
@@ -418,7 +417,7 @@ async def map_details(collection: Collection, map_id: int, neighbours: int = NEI
     if record is None:
         raise NotFound(f"no map {map_id} in this collection")
     urls = collection.datasette.urls
-    thumbnail_url = (thumbnail_path(collection.datasette, collection.name, map_id) if record["has_thumbnail"]
+    thumbnail_url = (MapclipUrls(collection.datasette).thumbnail(collection.name, map_id) if record["has_thumbnail"]
                      else web_url(record["thumbnail_url"]))
     image_url = web_url(record["image_url"])
     service = iiif.service_url(image_url) if image_url else None
@@ -436,8 +435,8 @@ async def map_details(collection: Collection, map_id: int, neighbours: int = NEI
         rows = await collection.db.execute_fn(
             lambda conn: [display_row(row) for row in store.read_item_sheets(conn, record["item_id"])])
         sheets = [{"id": r["id"], "sheet": r["sheet"], "title": r["title"], "this": r["id"] == map_id,
-                   "map_url": map_path(collection.datasette, collection.name, r["id"]),
-                   "thumbnail_url": thumbnail_path(collection.datasette, collection.name, r["id"])
+                   "map_url": MapclipUrls(collection.datasette).map(collection.name, r["id"]),
+                   "thumbnail_url": MapclipUrls(collection.datasette).thumbnail(collection.name, r["id"])
                    if r["has_thumbnail"]
                    else web_url(r["thumbnail_url"])} for r in rows]
     try:
@@ -454,7 +453,7 @@ async def map_details(collection: Collection, map_id: int, neighbours: int = NEI
                 "contributors": citations.list_field(record["contributors"]),
                 "url": web_url(record["item_url"]), "image_url": image_url, "thumbnail_url": thumbnail_url,
                 "record_url": urls.row(collection.name, "maps", str(map_id)),
-                "map_url": map_path(collection.datasette, collection.name, map_id)},
+                "map_url": MapclipUrls(collection.datasette).map(collection.name, map_id)},
         # IIIF Image API: the viewer reads the service's info.json and asks for tiles of the full scan
         "deep_zoom": deep_zoom,
         "sheets": sheets,

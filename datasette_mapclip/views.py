@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import logging
 import re
-import urllib.parse
 
 from datasette.utils.asgi import Forbidden, Response
 
@@ -15,12 +14,12 @@ from .ids import map_id_or_none
 from .query import MAX_FEEDBACK, MAX_TERMS, SearchParams, first_value
 from .state import plugin_config
 from .uploads import UploadLimits, read_multipart
-from .web_paths import database_from_segment
+from .web_paths import MapclipUrls, database_from_segment
 
 log = logging.getLogger(__name__)
 
 # The routes that take an upload (their POSTs pass through uploads.limit_upload_bodies).
-UPLOAD_PATHS = ("/-/mapclip", "/-/mapclip/search.json")
+UPLOAD_PATHS = (MapclipUrls.PAGE, MapclipUrls.SEARCH_JSON)
 
 
 async def read_search_request(datasette, request) -> tuple[search.Collection, SearchParams]:
@@ -141,8 +140,7 @@ def marked(params: SearchParams, kind: str, map_id: int) -> dict:
 
 
 def about_url(datasette, database: str | None) -> str:
-    path = datasette.urls.path("/-/mapclip/about")
-    return path + (f"?_db={urllib.parse.quote(database)}" if database else "")
+    return MapclipUrls(datasette).about(database)
 
 
 @answers_503_when_cut(as_json=False)
@@ -157,8 +155,7 @@ async def mapclip_page(request, datasette):
         collection, params = await read_search_request(datasette, request)
         if request.method == "POST":
             # Post/redirect/get: the uploaded image becomes a shareable URL.
-            return Response.redirect(datasette.urls.path("/-/mapclip") + "?" + params.query_string()
-                                     + f"&_db={urllib.parse.quote(collection.name)}")
+            return Response.redirect(MapclipUrls(datasette).page(params.query_string(), collection.name))
         if params.has_query:
             data = await search.run_search(collection, params)
     except SearchError as problem:
@@ -175,7 +172,7 @@ async def mapclip_page(request, datasette):
         if params.like is not None:
             like_row = await search.map_summary(collection, params.like)
         examples = await about.examples(datasette, collection, collection.config)
-    db_arg = f"&_db={urllib.parse.quote(database)}" if database else ""
+    urls = MapclipUrls(datasette)
     page = await datasette.render_template(
         "mapclip.html",
         {
@@ -190,13 +187,12 @@ async def mapclip_page(request, datasette):
             "examples": examples,
             "max_terms": MAX_TERMS,
             "about_url": about_url(datasette, database),
-            "json_url": datasette.urls.path("/-/mapclip/search.json") + "?" + params.query_string() + db_arg,
-            "page_url": lambda **changes: datasette.urls.path("/-/mapclip") + "?" + params.query_string(**changes)
-                        + db_arg,
-            "mark_url": lambda kind, map_id: datasette.urls.path("/-/mapclip") + "?" + params.query_string(
-                page=1, **marked(params, kind, map_id)) + db_arg,
-            "export_url": lambda extension: datasette.urls.path(f"/-/mapclip/export.{extension}") + "?"
-                          + params.query_string() + db_arg,
+            "form_url": urls.page(),
+            "json_url": urls.search_json(params.query_string(), database),
+            "page_url": lambda **changes: urls.page(params.query_string(**changes), database),
+            "mark_url": lambda kind, map_id: urls.page(params.query_string(page=1, **marked(params, kind, map_id)),
+                                                       database),
+            "export_url": lambda extension: urls.export(extension, params.query_string(), database),
         },
         request=request,
     )
@@ -239,15 +235,14 @@ async def about_page(request, datasette):
             log.warning("mapclip: the models of %s could not be read: %s", name, problem)
             described = await about.unreadable_collection(datasette, name)
         collections.append({**described,
-                            "search_url": datasette.urls.path("/-/mapclip") + f"?_db={urllib.parse.quote(name)}",
+                            "search_url": MapclipUrls(datasette).page(database=name),
                             "report": about.report_channels(config)})
     page = await datasette.render_template(
         "mapclip_about.html",
         {
             "collections": collections,
             "error": error,
-            "search_url": datasette.urls.path("/-/mapclip") + (f"?_db={urllib.parse.quote(wanted)}"
-                                                               if wanted and collections else ""),
+            "search_url": MapclipUrls(datasette).page(database=wanted if wanted and collections else None),
             "reports": unique_channels([c["report"] for c in collections] + [about.report_channels(plugin_config(datasette))]),
         },
         request=request,

@@ -34,14 +34,60 @@ def database_from_segment(datasette, segment: str) -> str | None:
     return name if name in datasette.databases else None
 
 
-def thumbnail_path(datasette, database: str, map_id: int) -> str:
-    """A stored thumbnail's URL on this server (Datasette's base_url applied)."""
-    return datasette.urls.path(f"/-/mapclip/thumbnail/{database_segment(datasette, database)}/{int(map_id)}.jpg")
+class MapclipUrls:
+    """Every URL of the plugin's own pages, built here and nowhere else (as Datasette's ``Urls``
+    builds its own), with Datasette's ``base_url`` applied.  ``query`` is a search's query string
+    (``SearchParams.query_string()``); ``database`` adds ``_db``."""
+
+    PAGE = "/-/mapclip"
+    SEARCH_JSON = "/-/mapclip/search.json"
+    ABOUT = "/-/mapclip/about"
+    EXPORT = "/-/mapclip/export"     # .csv, .json
+    MAP = "/-/mapclip/map"           # /<database>/<id>[.json|.bib|.csl.json|.txt]
+    THUMBNAIL = "/-/mapclip/thumbnail"  # /<database>/<id>.jpg
+
+    def __init__(self, datasette):
+        self.datasette = datasette
+
+    def _url(self, path: str, query: str = "", database: str | None = None) -> str:
+        parts = [part for part in (query, urllib.parse.urlencode({"_db": database}) if database else "") if part]
+        return self.datasette.urls.path(path) + ("?" + "&".join(parts) if parts else "")
+
+    def page(self, query: str = "", database: str | None = None) -> str:
+        return self._url(self.PAGE, query, database)
+
+    def search_json(self, query: str = "", database: str | None = None) -> str:
+        return self._url(self.SEARCH_JSON, query, database)
+
+    def about(self, database: str | None = None) -> str:
+        return self._url(self.ABOUT, "", database)
+
+    def export(self, extension: str, query: str = "", database: str | None = None) -> str:
+        return self._url(f"{self.EXPORT}.{extension}", query, database)
+
+    def map(self, database: str, map_id: int) -> str:
+        """A map's own page."""
+        return self._url(f"{self.MAP}/{database_segment(self.datasette, database)}/{int(map_id)}")
+
+    def thumbnail(self, database: str, map_id: int) -> str:
+        """A stored thumbnail."""
+        return self._url(f"{self.THUMBNAIL}/{database_segment(self.datasette, database)}/{int(map_id)}.jpg")
 
 
-def map_path(datasette, database: str, map_id: int) -> str:
-    """A map's own page on this server (Datasette's base_url applied)."""
-    return datasette.urls.path(f"/-/mapclip/map/{database_segment(datasette, database)}/{int(map_id)}")
+def routes(views, map_views) -> list[tuple[str, object]]:
+    """The plugin's routes, from the same paths the URLs above are built from."""
+    def at(path: str) -> str:
+        return "^" + re.escape(path)
+
+    urls = MapclipUrls
+    return [
+        (at(urls.PAGE) + "$", views.mapclip_page),
+        (at(urls.ABOUT) + "$", views.about_page),
+        (at(urls.SEARCH_JSON) + "$", views.search_json),
+        (at(urls.THUMBNAIL) + rf"/{DATABASE}/{MAP_ID}\.jpg$", views.thumbnail),
+        (at(urls.MAP) + rf"/{DATABASE}/{MAP_ID}(?P<format>\.json|\.bib|\.csl\.json|\.txt)?$", map_views.map_page),
+        (at(urls.EXPORT) + r"\.(?P<format>csv|json)$", map_views.export_results),
+    ]
 
 
 def attachment(filename: str) -> str:

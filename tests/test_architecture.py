@@ -227,3 +227,20 @@ def test_no_module_imports_another_modules_private_names():
                     found += [f"{path.relative_to(REPO)}: {alias.name}" for alias in node.names
                               if alias.name.startswith("_") and not alias.name.startswith("__")]
     assert found == []
+
+
+def test_the_plugins_urls_are_built_in_one_place():
+    """Every path of the plugin's pages comes from web_paths.MapclipUrls (routes included): no
+    module or template writes one itself."""
+    found = []
+    for path in modules_of("datasette_mapclip"):
+        if path.name == "web_paths.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and "/-/mapclip" in node.value \
+                    and not node.value.lstrip().startswith(("``", "The ", "A ")) and "\n" not in node.value:
+                found.append(f"{path.relative_to(REPO)}:{node.lineno}: {node.value[:60]!r}")
+    for template in (REPO / "datasette_mapclip" / "templates").glob("*.html"):
+        if "/-/mapclip" in template.read_text():
+            found.append(str(template.relative_to(REPO)))
+    assert found == []
