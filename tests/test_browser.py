@@ -330,8 +330,11 @@ def test_keyboard_examples_and_the_searching_state(server, browser):
     # By keyboard alone: Enter in the box searches, Tab walks the form then the results in reading order,
     # and the focused element shows a visible ring.
     page.goto(url + "/-/mapclip")
+    # the page puts focus in the box once it has loaded; typing before that (a busy machine) loses keys
+    page.wait_for_function("() => document.activeElement && document.activeElement.name === 'q'")
     page.keyboard.type("nautical chart")
     navigating(page, lambda: page.keyboard.press("Enter"))
+    assert page.input_value("input[name=q]") == "nautical chart"
     assert result_ids(page) == api_ids(url, "q=nautical+chart")
     order = []
     for _ in range(40):
