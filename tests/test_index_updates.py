@@ -175,11 +175,9 @@ async def test_deleted_maps_leave_the_live_index(copy):
     await same_as_sqlite_vec(ds, copy, "q=roads&k=5&year_min=1800")
 
 
-@pytest.mark.asyncio
-async def test_while_catching_up_the_previous_index_answers_and_says_so(copy, monkeypatch):
-    ds = serve(copy, **LIVE)
-    await wait_for_index(ds)
-    first = await caught_up(ds)
+def hold_catch_up(monkeypatch) -> threading.Event:
+    """Every catch-up of the live index waits until the returned gate is set (a large collection's
+    read, stood in for)."""
     gate = threading.Event()
     real = index_module.catch_up
 
@@ -188,6 +186,15 @@ async def test_while_catching_up_the_previous_index_answers_and_says_so(copy, mo
         return real(*args, **kwargs)
 
     monkeypatch.setattr(index_module, "catch_up", slow_catch_up)
+    return gate
+
+
+@pytest.mark.asyncio
+async def test_while_catching_up_the_previous_index_answers_and_says_so(copy, monkeypatch):
+    ds = serve(copy, **LIVE)
+    await wait_for_index(ds)
+    first = await caught_up(ds)
+    gate = hold_catch_up(monkeypatch)
     old = stored_vectors(copy)
     [new_id] = add_maps(copy, [near(old[4], 4, noise=0.001)])
     try:
@@ -382,14 +389,7 @@ async def test_while_the_index_reads_a_plain_sql_insert_searches_say_it_is_behin
     old = stored_vectors(copy)
     insert_raw(copy, 40, near(old[9], 8))  # so that 35 is below the largest id
     await caught_up(ds, lambda index: index.row_of(40) is not None)
-    gate = threading.Event()
-    real = index_module.catch_up
-
-    def slow_catch_up(*args, **kwargs):
-        assert gate.wait(30)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(index_module, "catch_up", slow_catch_up)
+    gate = hold_catch_up(monkeypatch)
     new_vector = near(old[5], 7, noise=0.001)
     query = f"vector={vectors.encode(new_vector).hex()}&k=3"
     insert_raw(copy, new_id, new_vector)
