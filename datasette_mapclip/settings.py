@@ -112,7 +112,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("exact_subset_rows", 50_000, _positive_int,
             "a filter selecting at most this many maps scores them all exactly"),
     Setting("index_delta_rows", None, _positive_int,
-            "maps added since the index's base before it is rebuilt (default: 20,000 or 5% of the base)"),
+            "maps added since the index's base before it is rebuilt (default: the larger of 20,000 and 5% of the base)"),
     Setting("index_removed_rows", 2_000, _positive_int, "maps deleted since the index's base before it is rebuilt"),
     Setting("index_check_interval", 0.5, _seconds, "seconds between two checks of the file for new vectors"),
     Setting("index_verify_interval", 2.0, _seconds,
