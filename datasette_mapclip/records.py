@@ -8,7 +8,7 @@ import re
 import urllib.parse
 from dataclasses import dataclass, field, fields
 
-from .ids import NumberError, whole_number
+from .ids import MAX_ID, NumberError, whole_number
 
 # Catalogue dates look like "1886-06", "[ca. 1750]", "between 1980 and 2006", "c1910";
 # the first plausible year is what a range filter needs.
@@ -78,7 +78,7 @@ def decode_list(text) -> list[str]:
 # -- values a source could not trust as given ---------------------------------------------
 
 # SQLite INTEGER is 64-bit signed; a larger Python int makes the whole batch's INSERT fail.
-SQLITE_MAX_INTEGER = 2**63 - 1
+SQLITE_MAX_INTEGER = MAX_ID
 YEAR_RANGE = (-9999, 9999)
 SHEET_RANGE = (0, 1_000_000)
 
@@ -183,7 +183,8 @@ def note_key(source_id: str, stage: str) -> str:
 # -- rows as the pages show them ----------------------------------------------------------
 
 # SQLite keeps whatever another tool writes into a column (text in ``year``, a BLOB in ``title``);
-# every ``maps`` row read for display passes through ``display_row`` so templates, citations and
+# every ``maps`` row read for display passes through ``display_row`` (the store's readers apply it;
+# the search SQL's rows get it in search.py) so templates, citations and
 # JSON see one type per column.
 DISPLAY_INTEGER_COLUMNS = ("id", "year", "sheet", "width", "height")
 DISPLAY_TEXT_COLUMNS = ("source_id", "source", "item_id", "title", "date", "place", "subjects", "contributors",

@@ -229,7 +229,7 @@ async def _nearest_with_index(collection: Collection, index, query: np.ndarray, 
     skip = params.k * (params.page - 1)
     ids, scores = ids[skip:], scores[skip:]
     rows = await collection.db.execute_fn(
-        lambda conn: {i: display_row(row) for i, row in store.read_result_rows(conn, ids).items()})
+        lambda conn: store.read_result_rows(conn, ids))
     return [{**rows[int(i)], "similarity": float(s)} for i, s in zip(ids, scores) if int(i) in rows], way
 
 
@@ -364,7 +364,7 @@ async def embed_upload(collection: Collection, data: bytes) -> bytes:
 
 async def map_summary(collection: Collection, map_id: int) -> dict | None:
     """The "more like this" header: a map's title and thumbnail link."""
-    row = await collection.db.execute_fn(lambda conn: display_row(store.read_map_summary(conn, map_id)))
+    row = await collection.db.execute_fn(lambda conn: store.read_map_summary(conn, map_id))
     if row:
         row["thumbnail_url"] = (MapclipUrls(collection.datasette).thumbnail(collection.name, map_id)
                                 if row["has_thumbnail"] else web_url(row["thumbnail_url"]))
@@ -413,7 +413,7 @@ NEIGHBOURS = 12  # the strip of nearest maps on a map's page
 async def map_details(collection: Collection, map_id: int, neighbours: int = NEIGHBOURS) -> dict:
     """A map's page, as data: its catalogue record, the deep-zoom source where the image is IIIF,
     the other sheets of its item, its nearest neighbours and its citations."""
-    record = await collection.db.execute_fn(lambda conn: display_row(store.read_map_record(conn, map_id)))
+    record = await collection.db.execute_fn(lambda conn: store.read_map_record(conn, map_id))
     if record is None:
         raise NotFound(f"no map {map_id} in this collection")
     urls = collection.datasette.urls
@@ -433,7 +433,7 @@ async def map_details(collection: Collection, map_id: int, neighbours: int = NEI
     sheets = []
     if record["item_id"]:
         rows = await collection.db.execute_fn(
-            lambda conn: [display_row(row) for row in store.read_item_sheets(conn, record["item_id"])])
+            lambda conn: store.read_item_sheets(conn, record["item_id"]))
         sheets = [{"id": r["id"], "sheet": r["sheet"], "title": r["title"], "this": r["id"] == map_id,
                    "map_url": MapclipUrls(collection.datasette).map(collection.name, r["id"]),
                    "thumbnail_url": MapclipUrls(collection.datasette).thumbnail(collection.name, r["id"])

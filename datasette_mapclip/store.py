@@ -34,7 +34,7 @@ import numpy as np
 
 from . import vectors
 from .provenance import recorded_file_name, remember_checkpoint, row_provenance
-from .records import LIST_FIELDS, RECORD_FIELDS, LoadNote, MapRecord, decode_list, displayable, encode_list
+from .records import LIST_FIELDS, RECORD_FIELDS, LoadNote, MapRecord, decode_list, display_row, displayable, encode_list
 
 SCHEMA_VERSION = 1
 MAPS_TABLE = "maps"  # the table whose Datasette permissions decide who may search a collection
@@ -757,14 +757,14 @@ def read_result_rows(conn, map_ids) -> dict[int, dict]:
     if not ids:
         return {}
     sql = f"SELECT {RESULT_COLUMNS} FROM maps WHERE id IN ({', '.join('?' * len(ids))})"
-    return {row["id"]: row for row in _rows(conn, sql, ids)}
+    return {row["id"]: row for row in map(display_row, _rows(conn, sql, ids))}
 
 
 def read_map_summary(conn, map_id: int) -> dict | None:
     """id, title, thumbnail_url and whether a thumbnail is stored: the "more like this" header."""
     rows = _rows(conn, "SELECT id, title, thumbnail_url, typeof(thumbnail) = 'blob' AS has_thumbnail FROM maps WHERE id = ?",
                  [int(map_id)])
-    return rows[0] if rows else None
+    return display_row(rows[0]) if rows else None
 
 
 # A map's page: every catalogue field, and whether a thumbnail is stored (not the bytes).
@@ -776,13 +776,14 @@ MAX_SHEETS_LISTED = 500  # an atlas of many sheets lists this many on each sheet
 
 def read_map_record(conn, map_id: int) -> dict | None:
     rows = _rows(conn, f"SELECT {MAP_RECORD_COLUMNS} FROM maps WHERE id = ?", [int(map_id)])
-    return rows[0] if rows else None
+    return display_row(rows[0]) if rows else None
 
 
 def read_item_sheets(conn, item_id: str, limit: int = MAX_SHEETS_LISTED) -> list[dict]:
     """The sheets of one catalogue item (an atlas, a Sanborn volume) in sheet order, up to ``limit``."""
-    return _rows(conn, "SELECT id, sheet, title, thumbnail_url, typeof(thumbnail) = 'blob' AS has_thumbnail FROM maps "
-                       "WHERE item_id = ? ORDER BY sheet, id LIMIT ?", [item_id, int(limit)])
+    return [display_row(row) for row in _rows(
+        conn, "SELECT id, sheet, title, thumbnail_url, typeof(thumbnail) = 'blob' AS has_thumbnail FROM maps "
+              "WHERE item_id = ? ORDER BY sheet, id LIMIT ?", [item_id, int(limit)])]
 
 
 def read_thumbnail(conn, map_id: int) -> bytes | None:

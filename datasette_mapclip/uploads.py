@@ -315,11 +315,15 @@ async def _guard_urlencoded(app, scope, receive, send):
     problem = _urlencoded_problem(body)
     if problem:
         return await _answer(scope, send, problem)
+    return await app(scope, _replaying(early, receive), send)
 
+
+def _replaying(early: list, receive):
+    """``receive`` for the app behind: the messages read ahead first, then the rest as it comes."""
     async def replayed_receive():
         return early.pop(0) if early else await receive()
 
-    return await app(scope, replayed_receive, send)
+    return replayed_receive
 
 
 def limit_upload_bodies(app, paths: tuple[str, ...], limits_for):
@@ -385,9 +389,6 @@ def limit_upload_bodies(app, paths: tuple[str, ...], limits_for):
             if not message.get("more_body"):
                 break
 
-        async def replayed_receive():
-            return early.pop(0) if early else await counted_receive()
-
-        return await app(scope, replayed_receive, send)
+        return await app(scope, _replaying(early, counted_receive), send)
 
     return wrapped
