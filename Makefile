@@ -31,8 +31,8 @@ $(VENV)/.installed: setup.py ruff.toml
 # OpenSeadragon, the map page's deep-zoom viewer: fetched pinned from the npm registry and checked
 # against its published SHA-512 (not committed: it is not our code); the wheel packages it.
 VIEWER := datasette_mapclip/static/vendor/openseadragon/VERSION
-$(VIEWER): datasette_mapclip/vendor.py | $(VENV)/.installed
-	$(PY) -m datasette_mapclip.vendor
+$(VIEWER): datasette_mapclip/web/vendor.py | $(VENV)/.installed
+	$(PY) -m datasette_mapclip.web.vendor
 
 install: $(VENV)/.installed $(VIEWER)
 

@@ -10,10 +10,10 @@ RAY = ["ray>=2.40,<3"]  # tested with 2.60
 
 class BuildWithViewer(build_py):
     """The wheel carries OpenSeadragon, the map page's viewer: fetched pinned from the npm registry
-    (datasette_mapclip/vendor.py, loaded by path: the package's dependencies may not be installed yet)."""
+    (datasette_mapclip/web/vendor.py, loaded by path: the package's dependencies may not be installed yet)."""
 
     def run(self):
-        spec = importlib.util.spec_from_file_location("mapclip_vendor", os.path.join(HERE, "datasette_mapclip", "vendor.py"))
+        spec = importlib.util.spec_from_file_location("mapclip_vendor", os.path.join(HERE, "datasette_mapclip", "web", "vendor.py"))
         vendor = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(vendor)
         if not vendor.openseadragon_present():
@@ -22,7 +22,7 @@ class BuildWithViewer(build_py):
             except (OSError, vendor.VendorError) as error:
                 if not getattr(self, "editable_mode", False):
                     raise
-                print(f"warning: OpenSeadragon not fetched ({error}); run python -m datasette_mapclip.vendor")
+                print(f"warning: OpenSeadragon not fetched ({error}); run python -m datasette_mapclip.web.vendor")
         super().run()
 
 
@@ -42,8 +42,9 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["datasette_mapclip", "loaders", "loaders.sources", "fine_tune", "fine_tune.demo"],
-    package_data={"datasette_mapclip": ["model_configs/*.json", "templates/*", "static/*",
+    packages=["datasette_mapclip", "datasette_mapclip.model", "datasette_mapclip.search", "datasette_mapclip.store",
+              "datasette_mapclip.web", "loaders", "loaders.sources", "fine_tune", "fine_tune.demo"],
+    package_data={"datasette_mapclip": ["model/model_configs/*.json", "templates/*", "static/*",
                                         "static/vendor/openseadragon/*", "static/vendor/openseadragon/images/*"]},
     cmdclass={"build_py": BuildWithViewer},
     install_requires=[

@@ -49,10 +49,10 @@ from search_bench import (  # noqa: E402
     write_report,
 )
 
-from datasette_mapclip.index import quick_state, read_state  # noqa: E402
-from datasette_mapclip.records import MapRecord  # noqa: E402
+from datasette_mapclip.search.index import quick_state, read_state  # noqa: E402
 from datasette_mapclip.store import MapStore, connect  # noqa: E402
-from datasette_mapclip.vectors import normalise  # noqa: E402
+from datasette_mapclip.store.records import MapRecord  # noqa: E402
+from datasette_mapclip.store.vectors import normalise  # noqa: E402
 
 
 class MutableServer(Server):
@@ -121,7 +121,7 @@ def main():
     pristine = args.db or args.cache / f"changing-{args.rows}.db"
     if not pristine.exists():
 
-        from datasette_mapclip.model import ModelSpec, load_encoder
+        from datasette_mapclip.model.clip import ModelSpec, load_encoder
 
         checkpoint = random_checkpoint(args.cache)
         encoder = load_encoder(ModelSpec("ViT-B-32", None, str(checkpoint)), precision="fp32")

@@ -94,8 +94,8 @@ def checkpoint(cache: Path) -> str:
 def phase_model_only(ckpt: str, paths: list[Path], batches: list[int], seconds: float) -> list[dict]:
     import torch
 
-    from datasette_mapclip.images import open_image
-    from datasette_mapclip.model import ModelSpec, load_encoder
+    from datasette_mapclip.model.clip import ModelSpec, load_encoder
+    from datasette_mapclip.model.images import open_image
 
     encoder = load_encoder(ModelSpec("ViT-B-32", None, ckpt), device="cuda", precision="fp16")
     sample = torch.stack([encoder.preprocess(open_image(p.read_bytes(), min_size=224)) for p in paths[:64]])
@@ -118,7 +118,7 @@ def phase_model_only(ckpt: str, paths: list[Path], batches: list[int], seconds: 
 def phase_decode_only(paths: list[Path], threads: int) -> dict:
     import ray
 
-    from datasette_mapclip.model import import_open_clip
+    from datasette_mapclip.model.clip import import_open_clip
     from loaders.ray_engine import CHUNK, FetchSettings, Preprocessor, prepare_chunk, warm_up
     from loaders.sources.folder import folder_records
 
@@ -142,7 +142,7 @@ def phase_decode_only(paths: list[Path], threads: int) -> dict:
 
 
 def phase_end_to_end(ckpt: str, paths: list[Path], batch: int, threads: int, tmp: Path) -> dict:
-    from datasette_mapclip.model import ModelSpec
+    from datasette_mapclip.model.clip import ModelSpec
     from datasette_mapclip.store import MapStore
     from loaders.ray_engine import RayOptions, run_ray_load
     from loaders.sources.folder import folder_records

@@ -225,7 +225,7 @@ def wait_for_quiet(max_wait: float, threshold: float = 0.1):
 
 def load(params: dict, precision: str):
     """The product's model path: ``load_encoder(ModelSpec(arch, None, checkpoint))``."""
-    from datasette_mapclip.model import ModelSpec, load_encoder
+    from datasette_mapclip.model.clip import ModelSpec, load_encoder
     from datasette_mapclip.runtime import set_torch_threads
 
     set_torch_threads(params.get("threads"))
@@ -242,7 +242,7 @@ def records(params: dict) -> list:
 
 def prepared_pixels(encoder, recs: list, store_thumbnail: bool = True):
     """The exact tensors the pipeline makes (its own ``prepare``: draft decode, preprocess)."""
-    from datasette_mapclip.images import DEFAULT_MAX_PIXELS
+    from datasette_mapclip.model.images import DEFAULT_MAX_PIXELS
     from loaders.fetch import Fetcher
     from loaders.pipeline import prepare
 

@@ -30,8 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from datasette_mapclip.records import MapRecord  # noqa: E402
 from datasette_mapclip.store import MapStore  # noqa: E402
+from datasette_mapclip.store.records import MapRecord  # noqa: E402
 from loaders.fetch import Fetcher, RateLimiter  # noqa: E402
 from loaders.sources.loc_catalogue import PAGE_SIZE, RESULT_CAP, fill_catalogue  # noqa: E402
 from loc_server import LocServer  # noqa: E402

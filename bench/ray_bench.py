@@ -190,7 +190,7 @@ def phase_local(params: dict) -> dict:
 
 
 def phase_ray(params: dict) -> dict:
-    from datasette_mapclip.model import ModelSpec
+    from datasette_mapclip.model.clip import ModelSpec
     from loaders.ray_engine import RayOptions, run_ray_load
 
     started = time.perf_counter()
@@ -217,8 +217,8 @@ def phase_ray_data(params: dict) -> dict:
     import numpy as np
     import torch
 
-    from datasette_mapclip.images import DEFAULT_MAX_PIXELS
-    from datasette_mapclip.model import import_open_clip
+    from datasette_mapclip.model.clip import import_open_clip
+    from datasette_mapclip.model.images import DEFAULT_MAX_PIXELS
     from loaders.fetch import Fetcher
     from loaders.pipeline import LoadSummary, prepare
     from loaders.ray_engine import Preprocessor, _yield_whole_worker_to_the_model
@@ -245,7 +245,7 @@ def phase_ray_data(params: dict) -> dict:
 
         class Embed:
             def __init__(self):
-                from datasette_mapclip.model import ModelSpec, load_encoder
+                from datasette_mapclip.model.clip import ModelSpec, load_encoder
 
                 torch.set_num_threads(threads or os.cpu_count())
                 self.encoder = load_encoder(ModelSpec(lb.ARCHITECTURE, None, checkpoint), precision="auto")
@@ -257,7 +257,7 @@ def phase_ray_data(params: dict) -> dict:
         dataset = (ray.data.from_items([{"index": i} for i in range(len(recs))])
                    .map_batches(prep, batch_size=16, num_cpus=1)
                    .map_batches(Embed, batch_size=params["batch_size"], concurrency=1, num_cpus=1))
-        from datasette_mapclip.model import ModelSpec
+        from datasette_mapclip.model.clip import ModelSpec
 
         spec = ModelSpec(lb.ARCHITECTURE, None, checkpoint)
         provenance = {"name": f"{spec.architecture}/{spec.weights_label()}", "architecture": spec.architecture,

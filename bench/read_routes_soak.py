@@ -129,7 +129,7 @@ def main():
     import httpx
     import torch
 
-    from datasette_mapclip.model import ModelSpec, load_encoder
+    from datasette_mapclip.model.clip import ModelSpec, load_encoder
     from datasette_mapclip.runtime import set_torch_threads
 
     args.cache.mkdir(parents=True, exist_ok=True)

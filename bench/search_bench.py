@@ -39,11 +39,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from datasette_mapclip.model import ModelSpec, load_encoder  # noqa: E402
-from datasette_mapclip.records import MapRecord  # noqa: E402
+from datasette_mapclip.model.clip import ModelSpec, load_encoder  # noqa: E402
 from datasette_mapclip.runtime import set_torch_threads  # noqa: E402
 from datasette_mapclip.store import MapStore  # noqa: E402
-from datasette_mapclip.vectors import normalise  # noqa: E402
+from datasette_mapclip.store.records import MapRecord  # noqa: E402
+from datasette_mapclip.store.vectors import normalise  # noqa: E402
 
 KINDS = ["relief map", "nautical chart", "city street plan", "political map", "fire insurance map",
          "geological map", "county land ownership map", "railroad map", "bird's-eye view", "military map",
@@ -131,8 +131,8 @@ def build_database(path: Path, encoder, rows: int, clusters: int):
 
 def filtered_truth(db: Path, ids: np.ndarray, matrix: np.ndarray, query_vectors: np.ndarray, filters: dict) -> list:
     """The exact filtered top 10 of each query: the filter's own SQL conditions in SQLite, then numpy."""
-    from datasette_mapclip import search_sql
-    from datasette_mapclip.query import SearchParams
+    from datasette_mapclip.search import sql as search_sql
+    from datasette_mapclip.search.query import SearchParams
     from datasette_mapclip.store import connect
 
     sql_params: dict = {}

@@ -54,7 +54,7 @@ from search_bench import (  # noqa: E402
     write_report,
 )
 
-from datasette_mapclip.model import ModelSpec, load_encoder  # noqa: E402
+from datasette_mapclip.model.clip import ModelSpec, load_encoder  # noqa: E402
 from datasette_mapclip.runtime import set_torch_threads  # noqa: E402
 
 MIX = [("text", 0.5), ("like", 0.3), ("upload", 0.2)]

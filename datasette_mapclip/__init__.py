@@ -4,12 +4,14 @@ import logging
 
 from datasette import hookimpl
 
-from . import compat, map_views, search, store, views
+from . import store
+from .search import service as search
+from .search.sql_functions import DatabaseFunctions, register
 from .settings import settings_of
-from .sql_functions import DatabaseFunctions, register
-from .state import plugin_config, state_for
-from .uploads import UploadLimits, limit_upload_bodies
-from .web_paths import MapclipUrls
+from .web import compat, map_views, views
+from .web.state import plugin_config, state_for
+from .web.uploads import UploadLimits, limit_upload_bodies
+from .web.urls import MapclipUrls
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +88,8 @@ def startup(datasette):
 
 @hookimpl
 def register_routes():
-    from . import views, web_paths
+    from .web import urls as web_paths
+    from .web import views
 
     return web_paths.routes(views, map_views)
 

@@ -14,7 +14,7 @@ import sys
 
 import click
 
-from datasette_mapclip.model import DEFAULT_MODEL, DEFAULT_PRETRAINED
+from datasette_mapclip.model.clip import DEFAULT_MODEL, DEFAULT_PRETRAINED
 
 from .captions import FIELDS, TEMPLATES
 from .dataset import DEFAULT_FRACTIONS
@@ -184,8 +184,8 @@ def register_command(db_path, checkpoint, model_name, make_default, device, prec
 
     Example: mapclip fine-tune register maps.db --checkpoint run/best.pt --default
     """
-    from datasette_mapclip import iiif
-    from datasette_mapclip.model import ModelSpec, ModelUnavailable, load_encoder
+    from datasette_mapclip.model import iiif
+    from datasette_mapclip.model.clip import ModelSpec, ModelUnavailable, load_encoder
     from datasette_mapclip.runtime import set_torch_threads
     from datasette_mapclip.store import ExtensionsUnavailable, MapStore
     from loaders.cli import keep_images_or_exit, ray_engine_or_exit, spec_or_exit

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from datasette_mapclip.model import (
+from datasette_mapclip.model.clip import (
     ClipEncoder,
     ModelSpec,
     ModelUnavailable,

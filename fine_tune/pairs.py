@@ -2,7 +2,7 @@
 
 Why: decoding a JPEG costs far more than a tiny model's forward pass, and a fine-tuning set
 (the demo's 300 images, the paper's ~10,000) is read every epoch.  Images are decoded with
-``datasette_mapclip.images.open_image`` (the loaders' own safe decoder), shrunk to just above
+``datasette_mapclip.model.images.open_image`` (the loaders' own safe decoder), shrunk to just above
 the model's input size and kept in RAM when they fit; pixels are then scaled and normalised
 exactly once, by open_clip's transform (the seed rescaled them twice and trained on
 near-black images).
@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 from PIL import Image
 
-from datasette_mapclip.images import ImageDecodeError, open_image
+from datasette_mapclip.model.images import ImageDecodeError, open_image
 
 from .dataset import Pair
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from datasette_mapclip.model import ModelUnavailable, import_open_clip, pick_device
+from datasette_mapclip.model.clip import ModelUnavailable, import_open_clip, pick_device
 
 from . import checkpoints
 from .dataset import DatasetError, read_description, read_split

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import click
 
-from datasette_mapclip import iiif
 from datasette_mapclip.cli import open_store
-from datasette_mapclip.images import DEFAULT_MAX_PIXELS
-from datasette_mapclip.model import DEFAULT_MODEL, DEFAULT_PRETRAINED, PRECISIONS, ModelSpec, ModelUnavailable
+from datasette_mapclip.model import iiif
+from datasette_mapclip.model.clip import DEFAULT_MODEL, DEFAULT_PRETRAINED, PRECISIONS, ModelSpec, ModelUnavailable
+from datasette_mapclip.model.images import DEFAULT_MAX_PIXELS
 from datasette_mapclip.runtime import limit_image_pixels, prefer_hub_cache_when_offline, set_torch_threads
 
 from .fetch import SAFETY_MARGIN, requests_per_minute
@@ -112,7 +112,7 @@ def ray_options_from(options: dict):
 
 def spec_or_exit(model_name, pretrained, checkpoint) -> ModelSpec:
     """The model the options name, checked on this machine before a Ray cluster is asked to load it."""
-    from datasette_mapclip.model import import_open_clip
+    from datasette_mapclip.model.clip import import_open_clip
 
     spec = ModelSpec.from_options(model_name, pretrained, checkpoint)
     if spec.checkpoint and not Path(spec.checkpoint).is_file():
@@ -136,7 +136,7 @@ def ray_engine_or_exit():
 
 def load_encoder_or_exit(model_name, pretrained, checkpoint, device, precision, threads):
     """The encoder the options name, with this process's torch threads and hub access set for it."""
-    from datasette_mapclip.model import load_encoder
+    from datasette_mapclip.model.clip import load_encoder
 
     spec = ModelSpec.from_options(model_name, pretrained, checkpoint)
     set_torch_threads(threads)
@@ -235,7 +235,7 @@ def load_folder(db_path, folder, metadata_csv, no_thumbnails, follow_symlinks, *
 
 
 def _skipped_link_notes(root: str, skipped_links: list[tuple[str, str]]) -> list:
-    from datasette_mapclip.records import LoadNote
+    from datasette_mapclip.store.records import LoadNote
 
     # Keyed by the link's name (its source_id if loaded); located at the link, never its target.
     return [LoadNote(name, "source", f"not loaded: {why}", location=str(Path(root) / name),
@@ -350,7 +350,7 @@ def import_beto(db_path, beto, beto_idx, files_csv, batch_size, quiet):
     """
     from tqdm import tqdm
 
-    from datasette_mapclip.vectors import normalise
+    from datasette_mapclip.store.vectors import normalise
 
     from .sources.beto import BETO_PROVENANCE, BetoError, beto_records, files_lookup, read_beto
 

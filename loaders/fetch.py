@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from datasette_mapclip.ids import declared_length
+from datasette_mapclip.store.ids import declared_length
 
 USER_AGENT = "datasette-mapclip (+https://github.com/datasette-mapclip)"
 MAX_BYTES = 64 * 1024 * 1024

@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from datasette_mapclip import iiif
+from datasette_mapclip.model import iiif
 
 # Formats kept as sent; anything else (TIFF, a huge download) becomes a JPEG derivative.
 _EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif"}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datasette_mapclip.records import displayable
+from datasette_mapclip.store.records import displayable
 
 
 def shown(text, limit: int | None = 100) -> str:

@@ -18,10 +18,10 @@ from collections.abc import Iterable
 
 from tqdm import tqdm
 
-from datasette_mapclip.images import DEFAULT_MAX_PIXELS, ImageDecodeError, open_image, thumbnail_jpeg
-from datasette_mapclip.model import ClipEncoder
-from datasette_mapclip.records import LoadNote, MapRecord, note_key, storable, unsafe_url_problems
+from datasette_mapclip.model.clip import ClipEncoder
+from datasette_mapclip.model.images import DEFAULT_MAX_PIXELS, ImageDecodeError, open_image, thumbnail_jpeg
 from datasette_mapclip.store import MapStore
+from datasette_mapclip.store.records import LoadNote, MapRecord, note_key, storable, unsafe_url_problems
 
 from .fetch import Fetcher, FetchError, RateLimited
 from .kept_images import KeepImages, keep_payload, read_kept

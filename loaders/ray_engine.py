@@ -38,10 +38,10 @@ import urllib.parse
 from collections.abc import Iterable
 from pathlib import Path
 
-from datasette_mapclip.images import DEFAULT_MAX_PIXELS
-from datasette_mapclip.model import ModelSpec
-from datasette_mapclip.records import LoadNote, MapRecord
+from datasette_mapclip.model.clip import ModelSpec
+from datasette_mapclip.model.images import DEFAULT_MAX_PIXELS
 from datasette_mapclip.store import MapStore
+from datasette_mapclip.store.records import LoadNote, MapRecord
 
 from .fetch import Fetcher, RateLimited, RateLimiter
 from .kept_images import KeepImages, read_kept
@@ -300,7 +300,7 @@ class ModelActor:
                  checkpoint_sha256: str | None = None, checkpoint_bytes=None):
         import torch
 
-        from datasette_mapclip.model import ModelUnavailable, load_encoder
+        from datasette_mapclip.model.clip import ModelUnavailable, load_encoder
         from datasette_mapclip.runtime import prefer_hub_cache_when_offline
 
         self.error = None
@@ -349,7 +349,7 @@ def _local_checkpoint(path: str, sha256: str | None, checkpoint_bytes) -> str:
     import hashlib
     import tempfile
 
-    from datasette_mapclip.model import ModelUnavailable, file_sha256
+    from datasette_mapclip.model.clip import ModelUnavailable, file_sha256
 
     here = Path(path).is_file()
     if here and (sha256 is None or file_sha256(path) == sha256):

@@ -15,14 +15,14 @@ from PIL import Image, ImageDraw
 
 from loc_server import LocServer
 
-TINY_MODEL = "mapclip-tiny"  # datasette_mapclip/model_configs/mapclip-tiny.json
+TINY_MODEL = "mapclip-tiny"  # datasette_mapclip/model/model_configs/mapclip-tiny.json
 
 
 def save_tiny_checkpoint(path: Path, seed: int) -> Path:
     """A seeded random mapclip-tiny state_dict saved like any user checkpoint."""
     import torch
 
-    from datasette_mapclip.model import import_open_clip
+    from datasette_mapclip.model.clip import import_open_clip
 
     torch.manual_seed(seed)
     model, _, _ = import_open_clip().create_model_and_transforms(TINY_MODEL, pretrained=None)
@@ -32,7 +32,7 @@ def save_tiny_checkpoint(path: Path, seed: int) -> Path:
 
 @pytest.fixture(scope="session", autouse=True)
 def checkpoint_registry(tmp_path_factory) -> Path:
-    """The checkpoints loaders remember (datasette_mapclip/provenance.py) go to this session's own
+    """The checkpoints loaders remember (datasette_mapclip/model/provenance.py) go to this session's own
     registry, never the user's ~/.cache; subprocesses inherit it."""
     path = tmp_path_factory.mktemp("checkpoint-registry")
     os.environ["MAPCLIP_CHECKPOINT_REGISTRY"] = str(path)
@@ -62,7 +62,7 @@ def model_args(tiny_checkpoint) -> list[str]:
 
 @pytest.fixture(scope="session")
 def tiny_encoder(tiny_checkpoint):
-    from datasette_mapclip.model import ModelSpec, load_encoder
+    from datasette_mapclip.model.clip import ModelSpec, load_encoder
 
     return load_encoder(ModelSpec(TINY_MODEL, None, tiny_checkpoint), precision="fp32")
 

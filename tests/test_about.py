@@ -200,7 +200,7 @@ def test_about_page_never_answers_5xx(served, args):
 
 
 async def test_a_provenance_table_that_cannot_be_read_is_reported_not_a_500(collection, monkeypatch):
-    from datasette_mapclip import about
+    from datasette_mapclip.web import about
 
     ds = make_datasette([str(collection[0])])
     assert (await ds.client.get("/-/mapclip/about")).status_code == 200

@@ -11,8 +11,9 @@ import pytest
 from test_plugin import jpeg, multipart, wait_for_index
 
 from conftest import SAME_ORIGIN, csrf_cookies, draw_map, load_collection, make_datasette
-from datasette_mapclip import query_vector, uploads
-from datasette_mapclip.uploads import UploadLimits, limit_upload_bodies
+from datasette_mapclip.search import query_vector
+from datasette_mapclip.web import uploads
+from datasette_mapclip.web.uploads import UploadLimits, limit_upload_bodies
 
 
 @pytest.fixture(scope="module")
@@ -247,7 +248,7 @@ async def test_text_queries_waiting_together_are_encoded_in_one_pass(collection,
         assert [r["id"] for r in answer["results"]] == want, query
 
 
-# The documented cap on results per page (datasette_mapclip/query.py MAX_K), written out here so
+# The documented cap on results per page (datasette_mapclip/search/query.py MAX_K), written out here so
 # that raising the constant is caught rather than followed.
 K_CAP = 200
 

@@ -37,7 +37,7 @@ def prepared(ds, name):
 
 
 def test_connections_dropped_without_close_are_freed(collection):
-    from datasette_mapclip import sqlite_native
+    from datasette_mapclip.search import sqlite_native
 
     db_path, plain = collection
     ds = make_datasette([str(db_path), str(plain)])
@@ -53,7 +53,7 @@ def test_connections_dropped_without_close_are_freed(collection):
 
 
 async def test_anonymous_versions_requests_leave_nothing_behind(collection):
-    from datasette_mapclip import sqlite_native
+    from datasette_mapclip.search import sqlite_native
 
     db_path, _ = collection
     ds = make_datasette([str(db_path)])
@@ -131,7 +131,7 @@ def test_oversized_arguments_are_refused_before_they_are_read(collection, sql, m
 def test_vectors_longer_than_any_model_are_refused_on_both_paths(collection):
     from test_architecture import _functions
 
-    from datasette_mapclip.sql_functions import MAX_VECTOR_FLOATS, register
+    from datasette_mapclip.search.sql_functions import MAX_VECTOR_FLOATS, register
 
     db_path, _ = collection
     native = prepared(make_datasette([str(db_path)]), "maps")
@@ -165,7 +165,7 @@ async def test_sql_functions_run_the_model_in_the_servers_model_thread(collectio
     compete with the model thread's."""
     import threading
 
-    from datasette_mapclip.encoders import SharedEncoder
+    from datasette_mapclip.model.encoders import SharedEncoder
 
     seen = []
     real = SharedEncoder.embed_text

@@ -172,7 +172,7 @@ def test_loss_applies_the_learned_scale_once():
 def test_train_writes_checkpoints_and_log_and_learns(trained):
     import torch
 
-    from datasette_mapclip.model import import_open_clip
+    from datasette_mapclip.model.clip import import_open_clip
 
     log = read_csv(trained / "train_log.csv")
     assert [int(r["epoch"]) for r in log] == [1, 2, 3]
@@ -287,7 +287,7 @@ def registered(collection, trained, tmp_path, invoke):
 async def test_register_adds_a_searchable_model(registered, trained):
     from datasette.app import Datasette
 
-    from datasette_mapclip.model import file_sha256
+    from datasette_mapclip.model.clip import file_sha256
     from datasette_mapclip.store import MapStore
 
     db_path, result = registered
@@ -331,7 +331,7 @@ def tiny_model(checkpoint, logit_scale=None):
     """(model, eval transform, tokenizer) of mapclip-tiny from a checkpoint, with exp(logit_scale) set."""
     import torch
 
-    from datasette_mapclip.model import import_open_clip
+    from datasette_mapclip.model.clip import import_open_clip
 
     open_clip = import_open_clip()
     model, _, transform = open_clip.create_model_and_transforms(TINY_MODEL, pretrained=str(checkpoint))
@@ -496,7 +496,7 @@ def test_evaluate_scores_exactly_the_models_it_names(pairs_dir, trained, tiny_ch
 def test_evaluate_base_of_a_run_from_scratch_is_its_seeded_initialisation(pairs_dir, other_checkpoint, tmp_path):
     """A run with no starting weights (pretrained none, or None from Python) is compared with
     the random initialisation it started from, never with downloaded 'openai' weights."""
-    from datasette_mapclip.model import import_open_clip
+    from datasette_mapclip.model.clip import import_open_clip
     from fine_tune.dataset import read_split
     from fine_tune.evaluate import evaluate
     from fine_tune.train import seed_everything

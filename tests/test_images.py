@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from conftest import draw_map
-from datasette_mapclip.images import ImageDecodeError, open_image
+from datasette_mapclip.model.images import ImageDecodeError, open_image
 
 
 def encoded(image, fmt, **kwargs):
@@ -89,7 +89,7 @@ def test_non_image_reasons_name_the_kind_and_never_quote_the_bytes(data, kind):
 
 
 def test_pillow_messages_that_quote_header_bytes_are_cleaned():
-    from datasette_mapclip.images import _decode_error
+    from datasette_mapclip.model.images import _decode_error
 
     error = _decode_error(SyntaxError("not a TIFF file (header b'II*\\x00SECRET' not valid)"), "TIFF")
     assert "SECRET" not in str(error) and "<bytes>" in str(error)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from datasette_mapclip.index import VectorIndex, _save_cache
+from datasette_mapclip.search.index import VectorIndex, _save_cache
 
 
 def mapping_rss_kb(path) -> int:

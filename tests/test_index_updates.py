@@ -11,11 +11,11 @@ import pytest
 from test_plugin import wait_for_index
 
 from conftest import load_collection, make_datasette, open_db
-from datasette_mapclip import index as index_module
-from datasette_mapclip import search, vectors
-from datasette_mapclip.records import MapRecord
-from datasette_mapclip.state import state_for
-from datasette_mapclip.store import MapStore
+from datasette_mapclip.search import index as index_module
+from datasette_mapclip.search import service as search
+from datasette_mapclip.store import MapStore, vectors
+from datasette_mapclip.store.records import MapRecord
+from datasette_mapclip.web.state import state_for
 
 # int8 scan from 10 maps (so the cache is written), and every search checks the database.
 LIVE = {"int8_min_rows": 10, "index_check_interval": 0, "index_verify_interval": 0}

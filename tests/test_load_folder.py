@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from conftest import draw_map, make_folder, open_db
-from datasette_mapclip.images import open_image
+from datasette_mapclip.model.images import open_image
 from datasette_mapclip.store import MapStore
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import open_db
-from datasette_mapclip import iiif
+from datasette_mapclip.model import iiif
 from datasette_mapclip.store import MapStore
 from loaders.fetch import Fetcher, FetchError, RateLimiter
 from loaders.sources.loc import catalogue_fields, search_url

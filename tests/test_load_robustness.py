@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from conftest import draw_map, make_folder, open_db
-from datasette_mapclip.records import MapRecord
 from datasette_mapclip.store import MapStore
+from datasette_mapclip.store.records import MapRecord
 
 
 def maps_by_source(db_path) -> dict:

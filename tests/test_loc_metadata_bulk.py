@@ -12,8 +12,8 @@ from click.testing import CliRunner
 
 from conftest import open_db
 from datasette_mapclip.cli import cli
-from datasette_mapclip.records import MapRecord
 from datasette_mapclip.store import MapStore
+from datasette_mapclip.store.records import MapRecord
 from loaders import fetch
 from loaders.fetch import Fetcher, RateLimiter
 from loaders.sources.loc_catalogue import base_search, derive_search, fill_catalogue, halves, page_url, parse_dates

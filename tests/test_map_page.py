@@ -15,8 +15,8 @@ import urllib.parse
 import pytest
 
 from conftest import make_datasette
-from datasette_mapclip import vendor
 from datasette_mapclip.store import MapStore
+from datasette_mapclip.web import vendor
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +176,7 @@ def test_the_viewer_is_fetched_pinned_and_checked(tmp_path):
     only the viewer, its images and its licence."""
     import tarfile
 
-    assert vendor.openseadragon_present(), "run: python -m datasette_mapclip.vendor (make install does)"
+    assert vendor.openseadragon_present(), "run: python -m datasette_mapclip.web.vendor (make install does)"
     forged = io.BytesIO()
     with tarfile.open(fileobj=forged, mode="w:gz") as archive:
         data = b"alert('not openseadragon')"
@@ -257,6 +257,6 @@ async def test_the_iiif_hosts_setting_replaces_the_default_hosts(loc_collection,
     ("https://tile.loc.gov:99999/x", ["loc.gov"], False),
 ])
 def test_host_allowed(url, allowed, expected):
-    from datasette_mapclip import iiif
+    from datasette_mapclip.model import iiif
 
     assert iiif.host_allowed(url, allowed) is expected

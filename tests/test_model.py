@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import TINY_MODEL, draw_map
-from datasette_mapclip.model import ModelSpec, ModelUnavailable, load_encoder
+from datasette_mapclip.model.clip import ModelSpec, ModelUnavailable, load_encoder
 
 
 def test_encoder_outputs_unit_vectors_for_images_and_text(tiny_encoder):
@@ -72,7 +72,7 @@ def test_missing_weights_offline_give_advice_not_a_traceback(tmp_path):
 
 
 def test_trimmed_text_encoding_equals_open_clip_encode_text(tiny_encoder):
-    from datasette_mapclip.model import encode_text_trimmed
+    from datasette_mapclip.model.clip import encode_text_trimmed
 
     texts = ["nautical chart", "a hand-coloured county map of Vermont from 1850 with roads and rivers", "x"]
     tokens = tiny_encoder.tokenizer(texts)
@@ -84,7 +84,7 @@ def test_trimmed_text_encoding_equals_open_clip_encode_text(tiny_encoder):
 
 
 def test_int8_that_drifts_falls_back_to_fp32(tiny_checkpoint, tiny_encoder, monkeypatch):
-    import datasette_mapclip.model as model_module
+    import datasette_mapclip.model.clip as model_module
 
     monkeypatch.setattr(model_module, "MIN_COSINE_TO_FP32", 1.000001)  # no int8 output can pass this
     int8 = load_encoder(ModelSpec(TINY_MODEL, None, tiny_checkpoint), precision="int8")
@@ -102,7 +102,7 @@ def test_loading_weights_skips_random_initialisation_and_changes_no_number(tiny_
     second of ViT-B-32's start-up), and the loaded model encodes exactly as one built the usual way."""
     import contextlib
 
-    from datasette_mapclip import model as model_module
+    from datasette_mapclip.model import clip as model_module
 
     spec = ModelSpec("mapclip-tiny", None, tiny_checkpoint)
     draws = {"uniform_": 0, "normal_": 0}  # every random fill of torch.nn.init ends in one of these
@@ -170,7 +170,7 @@ def test_skipping_random_weights_touches_only_the_thread_that_loads_a_checkpoint
     weights were never drawn)."""
     from torch.nn import init
 
-    from datasette_mapclip.model import weights_come_later
+    from datasette_mapclip.model.clip import weights_come_later
 
     def meanwhile():  # a model built here while the loader is inside weights_come_later
         return torch.nn.Linear(64, 64), init.normal_(torch.zeros(64)).abs().sum().item()
@@ -187,7 +187,7 @@ def test_memory_mapping_checkpoints_touches_only_the_thread_that_loads_one(tmp_p
     asked: an old-format file (which cannot be mapped) still loads, and a zip file is read, not mapped.
     (The plugin does not use torch's own switch, ``config.load.mmap``: thread-local on torch 2.14,
     and nothing here depends on which torch that is.)"""
-    from datasette_mapclip.model import checkpoint_memory_mapped
+    from datasette_mapclip.model.clip import checkpoint_memory_mapped
 
     zipped, old_format = tmp_path / "zipped.pt", tmp_path / "old-format.pt"
     torch.save({"w": torch.ones(4096)}, zipped)

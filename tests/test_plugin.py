@@ -17,8 +17,7 @@ from conftest import (
     make_datasette,
     open_db,
 )
-from datasette_mapclip import vectors
-from datasette_mapclip.store import MapStore
+from datasette_mapclip.store import MapStore, vectors
 
 
 @pytest.fixture(scope="module")
@@ -273,7 +272,7 @@ async def test_upload_searches_by_any_image_and_redirects_to_a_shareable_url(ds,
     location = response.headers["location"]
     assert "vector=" in location
     data = (await ds.client.get(location.replace("/-/mapclip?", "/-/mapclip/search.json?"))).json()
-    from datasette_mapclip.images import open_query_image
+    from datasette_mapclip.model.images import open_query_image
 
     query = tiny_encoder.encode_images([open_query_image(jpeg(picture), min_size=tiny_encoder.image_size)])[0]
     want, _ = expected_order(matrix, ids, query, 20)
@@ -435,7 +434,7 @@ async def test_published_metadata_yml_canned_queries_and_hidden_tables(tmp_path)
 async def wait_for_index(ds, database="maps"):
     import asyncio
 
-    from datasette_mapclip import search
+    from datasette_mapclip.search import service as search
 
     collection = await search.open_collection(ds, None, database)
     for _ in range(200):
@@ -516,7 +515,7 @@ async def test_place_filter_through_the_trigram_index_means_exactly_like(collect
     (tmp_path / "indexed").mkdir()
     (tmp_path / "older").mkdir()
     indexed = changed_copy(collection, tmp_path / "indexed" / "maps.db", sql)
-    older = changed_copy(collection, tmp_path / "older" / "maps.db", sql + "DROP TABLE maps_place;")
+    older = changed_copy(collection, tmp_path / "older" / "maps.db", sql + "DROP TABLE maps_place; DELETE FROM mapclip_meta WHERE key LIKE 'migration:%';")
     conn = open_db(older)
     want = {row[0] for row in conn.execute("SELECT id FROM maps WHERE place LIKE '%' || ? || '%'", (place,))}
     conn.close()
@@ -538,7 +537,7 @@ async def test_place_filter_through_the_trigram_index_means_exactly_like(collect
 
 
 def test_int8_scan_with_exact_rescoring_finds_the_exact_top_k():
-    from datasette_mapclip.index import VectorIndex
+    from datasette_mapclip.search.index import VectorIndex
 
     rng = np.random.default_rng(0)
     centers = vectors.normalise(rng.standard_normal((50, 64)))

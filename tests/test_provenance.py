@@ -1,6 +1,6 @@
 """Where a model's weights are found: a ``models`` row records the checkpoint's SHA-256 and file
 name, never the loading machine's directory; a server finds the weights by hash, through the
-``checkpoints:`` configuration or this machine's checkpoint registry (datasette_mapclip/provenance.py)."""
+``checkpoints:`` configuration or this machine's checkpoint registry (datasette_mapclip/model/provenance.py)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_MODEL, load_collection, make_datasette, save_tiny_checkpoint
-from datasette_mapclip.encoders import resolve_checkpoint
-from datasette_mapclip.model import ModelUnavailable, file_sha256
-from datasette_mapclip.provenance import (
+from datasette_mapclip.model.clip import ModelUnavailable, file_sha256
+from datasette_mapclip.model.encoders import resolve_checkpoint
+from datasette_mapclip.model.provenance import (
     REGISTRY_ENV,
     recorded_file_name,
     remember_checkpoint,
@@ -125,7 +125,7 @@ def test_a_path_recorded_in_the_database_is_never_opened(tiny_checkpoint, monkey
     served on the loading machine): a database does not name files for the server to open."""
     row = row_for(tiny_checkpoint, path_recorded=str(Path(tiny_checkpoint).resolve()))
     opened = []
-    monkeypatch.setattr("datasette_mapclip.encoders.file_sha256", lambda path: opened.append(path) or "0" * 64)
+    monkeypatch.setattr("datasette_mapclip.model.encoders.file_sha256", lambda path: opened.append(path) or "0" * 64)
     with pytest.raises(ModelUnavailable, match="were not found on this server") as raised:
         resolve_checkpoint(row, {})
     assert opened == [] and "tried: nothing" in str(raised.value)
@@ -180,6 +180,8 @@ def test_old_databases_lose_the_directory_when_a_loader_opens_them(tmp_path, tin
     store = MapStore(tmp_path / "old.db")
     row = store.register_model(tiny_encoder.provenance())
     store.conn.execute("UPDATE models SET checkpoint_path = ?", (str(Path(tiny_checkpoint).resolve()),))
+    # a file from before the migration: it has no record of it
+    store.conn.execute("DELETE FROM mapclip_meta WHERE key = 'migration:checkpoint-file-names-only'")
     store.close()
     shutil.rmtree(tmp_path / "registry", ignore_errors=True)
     reopened = MapStore(tmp_path / "old.db")

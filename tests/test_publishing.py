@@ -289,11 +289,11 @@ def test_each_image_installs_the_plugin_from_its_build_context(publishing, conte
         assert Path(dist["at"]).resolve().is_relative_to(venv.resolve()), dist["at"]
         assert ["datasette", "mapclip", "datasette_mapclip"] in dist["plugins"]
         assert dist["version"] == meta["version"]
-        package_data = [str(p.relative_to(ROOT)) for folder in ("templates", "static", "model_configs")
+        package_data = [str(p.relative_to(ROOT)) for folder in ("templates", "static", "model/model_configs")
                         for p in (ROOT / "datasette_mapclip" / folder).iterdir() if p.is_file()]
         missing = sorted(set(package_data) - set(dist["files"]))
         assert not missing, f"the wheel lacks package data the plugin serves: {missing}"
-        modules = {str(p.relative_to(ROOT)) for p in (ROOT / "datasette_mapclip").glob("*.py")}
+        modules = {str(p.relative_to(ROOT)) for p in (ROOT / "datasette_mapclip").rglob("*.py")}
         assert not modules - set(dist["files"]), sorted(modules - set(dist["files"]))
 
 

@@ -12,9 +12,9 @@ import pytest
 from test_plugin import SEARCH_PATHS, expected_order, wait_for_index
 
 from conftest import SAME_ORIGIN, csrf_cookies, load_collection, make_datasette
-from datasette_mapclip import query_vector, vectors
-from datasette_mapclip.query import MAX_FEEDBACK, MAX_TERMS, QueryTerm, SearchParams
-from datasette_mapclip.store import MapStore
+from datasette_mapclip.search import query_vector
+from datasette_mapclip.search.query import MAX_FEEDBACK, MAX_TERMS, QueryTerm, SearchParams
+from datasette_mapclip.store import MapStore, vectors
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +189,7 @@ async def test_an_uploaded_image_minus_a_word_posted_from_the_form(ds, stored, t
     import re
 
     from conftest import draw_map
-    from datasette_mapclip.images import open_image
+    from datasette_mapclip.model.images import open_image
 
     ids, matrix = stored
     picture = io.BytesIO()
@@ -245,7 +245,7 @@ async def test_one_click_marks_a_result_for_feedback_and_a_second_click_undoes_i
 
 
 def test_a_mark_moves_a_map_between_more_and_fewer_and_keeps_the_latest_marks():
-    from datasette_mapclip.views import marked
+    from datasette_mapclip.web.views import marked
 
     params = SearchParams.from_args({"q": "x", "more": "1,2", "fewer": "3"})
     assert marked(params, "more", 3) == {"more": (1, 2, 3), "fewer": ()}
@@ -314,7 +314,7 @@ async def test_the_reported_sql_weighs_text_and_image_as_the_search_does(ds, sto
     from test_plugin import jpeg, multipart
 
     from conftest import draw_map
-    from datasette_mapclip.images import open_image
+    from datasette_mapclip.model.images import open_image
 
     ids, matrix = stored
     text = tiny_encoder.encode_texts(["county map"])[0]

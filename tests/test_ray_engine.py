@@ -116,7 +116,7 @@ def test_the_same_file_twice_in_one_ray_run_is_one_map_and_one_request(ray_clust
 def test_the_rate_limit_toward_a_host_holds_across_every_worker(ray_cluster, loc_server):
     """Two fetch tasks in two worker processes fetch from one host under a 1-per-0.25 s limit:
     the server sees the requests spaced as one client's would be, not two clients'."""
-    from datasette_mapclip.records import MapRecord
+    from datasette_mapclip.store.records import MapRecord
     from loaders.ray_engine import FetchSettings, Preprocessor, host_limits_actor, prepare_chunk
 
     server = loc_server(items=8)
@@ -149,7 +149,7 @@ def test_the_rate_limit_toward_a_host_holds_across_every_worker(ray_cluster, loc
 
 def test_a_model_actor_killed_mid_load_is_restarted_and_every_image_lands_once(ray_cluster, tmp_path,
                                                                                 tiny_checkpoint):
-    from datasette_mapclip.model import ModelSpec
+    from datasette_mapclip.model.clip import ModelSpec
     from loaders.ray_engine import NAMESPACE, RayOptions, run_ray_load
     from loaders.sources.folder import folder_records
 

@@ -70,7 +70,7 @@ def test_values_take_their_declared_types_and_bad_ones_fall_back(caplog):
 
 
 def test_the_precision_setting_offers_what_the_model_runs_at():
-    from datasette_mapclip.model import PRECISIONS
+    from datasette_mapclip.model.clip import PRECISIONS
     from datasette_mapclip.settings import DECLARED, Settings
 
     for precision in PRECISIONS:

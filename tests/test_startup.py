@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from conftest import load_collection, make_datasette
-from datasette_mapclip.state import state_for
+from datasette_mapclip.web.state import state_for
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ async def test_the_threads_settings_reach_the_threads_that_do_the_work(collectio
     import faiss
     import torch
 
-    from datasette_mapclip.state import state_for
+    from datasette_mapclip.web.state import state_for
 
     ds = make_datasette([str(collection[0])], metadata={"plugins": {"datasette-mapclip": {
         "threads": threads, "preload_model": False}}})

@@ -3,9 +3,8 @@ import struct
 import numpy as np
 import pytest
 
-from datasette_mapclip import vectors
-from datasette_mapclip.records import MapRecord, parse_year
-from datasette_mapclip.store import MapStore
+from datasette_mapclip.store import MapStore, vectors
+from datasette_mapclip.store.records import MapRecord, parse_year
 
 PROVENANCE = {"name": "test/unit", "architecture": "test", "dim": 4}
 
@@ -157,3 +156,16 @@ def test_loads_of_an_older_database_gain_the_run_columns(tmp_path):
     store = MapStore(tmp_path / "old.db")
     store.finish_load(store.start_load("load again", None), "finished", 1, 0, 0)
     assert [r[0] for r in store.conn.execute("SELECT status FROM loads ORDER BY id")] == ["killed", "finished"]
+
+
+def test_named_migrations_run_once_per_file_and_are_recorded(tmp_path):
+    from datasette_mapclip.store import MIGRATIONS, applied_migrations, connect, prepare_schema
+
+    store = MapStore(tmp_path / "maps.db")
+    assert applied_migrations(store.conn) == {name for name, _ in MIGRATIONS}
+    store.close()
+    conn = connect(tmp_path / "maps.db")
+    assert prepare_schema(conn) == []  # nothing runs twice
+    conn.execute("DELETE FROM mapclip_meta WHERE key = 'migration:load-liveness-columns'")
+    assert prepare_schema(conn) == ["load-liveness-columns"]
+    conn.close()

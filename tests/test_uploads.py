@@ -15,7 +15,7 @@ from PIL import ExifTags, Image
 from test_plugin import jpeg
 
 from conftest import SAME_ORIGIN, draw_map, load_collection, make_datasette
-from datasette_mapclip.views import UPLOAD_PATHS
+from datasette_mapclip.web.views import UPLOAD_PATHS
 
 # The plugin's upload routes, and Datasette's own logout: the CSRF layer reads every one of them.
 CSRF_PATHS = [*UPLOAD_PATHS, "/-/logout"]
@@ -156,7 +156,7 @@ def pillow_allocations(fn):
 
 
 def test_decoding_holds_one_full_size_copy_of_the_image():
-    from datasette_mapclip.images import open_image
+    from datasette_mapclip.model.images import open_image
 
     data = png(draw_map(11, (3000, 3000)))  # 36 MB decoded (Pillow keeps RGB in 4 bytes a pixel)
     image, allocated = pillow_allocations(lambda: open_image(data, min_size=224))
@@ -165,7 +165,7 @@ def test_decoding_holds_one_full_size_copy_of_the_image():
 
 
 def test_a_query_image_over_the_decode_budget_is_refused_before_any_pixel_is_decoded():
-    from datasette_mapclip.images import ImageDecodeError, open_query_image
+    from datasette_mapclip.model.images import ImageDecodeError, open_query_image
 
     data = png(draw_map(12, (1600, 1200)))  # 7.7 MB decoded
     with pytest.raises(ImageDecodeError) as refused:
@@ -182,7 +182,7 @@ def test_a_query_image_over_the_decode_budget_is_refused_before_any_pixel_is_dec
 
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "P", "I;16", "L"])
 def test_a_query_image_is_reduced_to_about_the_model_size_right_after_decoding(mode):
-    from datasette_mapclip.images import open_image, open_query_image
+    from datasette_mapclip.model.images import open_image, open_query_image
 
     picture = draw_map(13, (2000, 1500))
     data = png(picture.convert("I;16") if mode == "I;16" else picture.convert(mode))
@@ -193,7 +193,7 @@ def test_a_query_image_is_reduced_to_about_the_model_size_right_after_decoding(m
 
 
 def test_a_turned_query_image_is_turned_after_it_is_reduced():
-    from datasette_mapclip.images import open_image, open_query_image
+    from datasette_mapclip.model.images import open_image, open_query_image
 
     exif = Image.Exif()
     exif[ExifTags.Base.Orientation] = 6  # turned 90 degrees clockwise to view

@@ -97,7 +97,7 @@ def random_start(workdir: Path) -> Path:
         return checkpoint
     import torch
 
-    from datasette_mapclip.model import import_open_clip
+    from datasette_mapclip.model.clip import import_open_clip
 
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     open_clip = import_open_clip()
@@ -108,7 +108,7 @@ def random_start(workdir: Path) -> Path:
 
 
 def tiny_encoder(checkpoint: Path):
-    from datasette_mapclip.model import ModelSpec, load_encoder
+    from datasette_mapclip.model.clip import ModelSpec, load_encoder
 
     return load_encoder(ModelSpec(DEMO_MODEL, None, str(checkpoint)), precision="fp32")
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from datasette_mapclip import iiif
-from datasette_mapclip.records import SHEET_RANGE, FieldError, MapRecord, parse_whole_number
+from datasette_mapclip.model import iiif
+from datasette_mapclip.store.records import SHEET_RANGE, FieldError, MapRecord, parse_whole_number
 
 from .file_list import CsvTextError, csv_rows, https, item_id_from_url, read_csv_text
 

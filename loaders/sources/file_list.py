@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from datasette_mapclip import iiif
-from datasette_mapclip.records import SHEET_RANGE, FieldError, MapRecord, parse_whole_number
+from datasette_mapclip.model import iiif
+from datasette_mapclip.store.records import SHEET_RANGE, FieldError, MapRecord, parse_whole_number
 
 from ..messages import shown
 

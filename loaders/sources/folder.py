@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from datasette_mapclip.records import (
+from datasette_mapclip.store.records import (
     SHEET_RANGE,
     YEAR_RANGE,
     FieldError,

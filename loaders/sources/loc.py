@@ -12,8 +12,8 @@ from __future__ import annotations
 import urllib.parse
 from collections.abc import Iterator
 
-from datasette_mapclip import iiif
-from datasette_mapclip.records import MapRecord, parse_year
+from datasette_mapclip.model import iiif
+from datasette_mapclip.store.records import MapRecord, parse_year
 
 from ..fetch import Fetcher, FetchError, RateLimiter, per_minute
 from .file_list import https, item_id_from_url

@@ -41,7 +41,7 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
-from datasette_mapclip.records import MapRecord
+from datasette_mapclip.store.records import MapRecord
 
 from ..fetch import Fetcher, FetchError, RateLimited, request_interval
 from .file_list import item_id_from_url

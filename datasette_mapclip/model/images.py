@@ -15,7 +15,7 @@ import warnings
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from .settings import DECLARED
+from ..settings import DECLARED
 
 # Pillow's own error threshold (2 x its warning limit); LoC master TIFFs reach ~100 Mpx.
 # open_image enforces its ``max_pixels`` itself, from the header, before any pixel is decoded;

@@ -8,13 +8,14 @@ import re
 
 from datasette.utils.asgi import Forbidden, Response
 
-from . import about, compat, search
-from .errors import BadSearch, NotFound, SearchError, UploadError
-from .ids import map_id_or_none
-from .query import MAX_FEEDBACK, MAX_TERMS, SearchParams, first_value
+from ..search import service as search
+from ..search.errors import BadSearch, NotFound, SearchError, UploadError
+from ..search.query import MAX_FEEDBACK, MAX_TERMS, SearchParams, first_value
+from ..store.ids import map_id_or_none
+from . import about, compat
 from .state import plugin_config
 from .uploads import UploadLimits, read_multipart
-from .web_paths import MapclipUrls, database_from_segment
+from .urls import MapclipUrls, database_from_segment
 
 log = logging.getLogger(__name__)
 

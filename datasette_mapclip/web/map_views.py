@@ -7,11 +7,12 @@ import json
 
 from datasette.utils.asgi import Response
 
-from . import citations, search, vendor
-from .errors import BadSearch, NotFound, SearchError
-from .query import SearchParams, first_value
+from ..search import service as search
+from ..search.errors import BadSearch, NotFound, SearchError
+from ..search.query import SearchParams, first_value
+from . import citations, vendor
+from .urls import MapclipUrls, attachment
 from .views import answers_503_when_cut, error_response, map_in_path
-from .web_paths import MapclipUrls, attachment
 
 CITATION_FILES = {
     ".bib": ("application/x-bibtex; charset=utf-8", lambda cite: cite["bibtex"]),

@@ -12,11 +12,12 @@ import logging
 
 from datasette.utils.asgi import Forbidden
 
-from . import compat, store
-from .ids import map_id_or_none
-from .query import SearchParams
-from .search import map_summary, web_url
-from .web_paths import MapclipUrls
+from .. import store
+from ..search.query import SearchParams
+from ..search.service import map_summary, web_url
+from ..store.ids import map_id_or_none
+from . import compat
+from .urls import MapclipUrls
 
 log = logging.getLogger(__name__)
 

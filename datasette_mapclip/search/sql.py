@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..store import RESULT_COLUMNS
 from . import query_vector
 from .query import SearchParams
-from .store import RESULT_COLUMNS
 
 
 @dataclasses.dataclass

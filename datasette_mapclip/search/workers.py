@@ -19,9 +19,9 @@ import queue
 
 import numpy as np
 
+from ..runtime import set_faiss_threads, set_torch_threads
+from ..settings import settings_of
 from . import query_vector
-from .runtime import set_faiss_threads, set_torch_threads
-from .settings import settings_of
 
 
 class TextBatcher:

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .model import ClipEncoder, ModelSpec, ModelUnavailable, file_sha256, import_open_clip, load_encoder
+from ..runtime import prefer_hub_cache_when_offline
+from ..settings import settings_of
+from .clip import ClipEncoder, ModelSpec, ModelUnavailable, file_sha256, import_open_clip, load_encoder
 from .provenance import is_sha256, recorded_file_name, remembered_checkpoints
-from .runtime import prefer_hub_cache_when_offline
-from .settings import settings_of
 
 
 class SharedEncoder:

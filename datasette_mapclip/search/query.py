@@ -21,8 +21,8 @@ import dataclasses
 import math
 import urllib.parse
 
+from ..store.ids import MAX_ID, NumberError, map_id, whole_number
 from .errors import BadSearch
-from .ids import MAX_ID, NumberError, map_id, whole_number
 
 DEFAULT_K = 20
 MAX_K = 200

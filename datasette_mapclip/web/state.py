@@ -10,11 +10,11 @@ from __future__ import annotations
 import dataclasses
 import weakref
 
+from ..model.encoders import EncoderCache
+from ..search.index import IndexRegistry
+from ..search.workers import Workers
+from ..settings import Settings
 from . import compat
-from .encoders import EncoderCache
-from .index import IndexRegistry
-from .settings import Settings
-from .workers import Workers
 
 PLUGIN = "datasette-mapclip"
 

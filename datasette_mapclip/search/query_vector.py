@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import vectors
-from .settings import settings_of
+from ..settings import settings_of
+from ..store import vectors
 
 
 def prompt(text: str, config: dict) -> str:

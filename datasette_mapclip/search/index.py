@@ -51,8 +51,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import store
-from .settings import DECLARED, settings_of
+from .. import store
+from ..settings import DECLARED, settings_of
 
 log = logging.getLogger(__name__)
 
@@ -430,7 +430,7 @@ def _read_ids(conn, vector_table: str, above: int | None = None) -> np.ndarray:
 
 def _read_vectors_of(conn, vector_table: str, dim: int, map_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The vectors of these map ids (point lookups), leaving out ids that have none."""
-    from . import vectors
+    from ..store import vectors
 
     found, rows = [], []
     for map_id in np.asarray(map_ids, np.int64).tolist():
@@ -575,7 +575,7 @@ def catch_up(db_path: str, model: dict, config: dict, index: VectorIndex | None 
     """An index holding the database's current vectors: ``index`` itself when nothing changed, else
     ``index`` (or the cached base) plus what changed, compacted when that grew large; a base built
     from the database only when no earlier one can be followed."""
-    from .store import connect, read_vectors
+    from ..store import connect, read_vectors
 
     table, dim = model["vector_table"], int(model["dim"])
     conn = connect(db_path)
@@ -628,7 +628,7 @@ class _RowsInOrder:
         self.cursor, self.position = None, 0
 
     def __call__(self, start: int, stop: int) -> np.ndarray:
-        from . import vectors
+        from ..store import vectors
 
         if self.cursor is None or start < self.position:
             self.cursor, self.position = store.scan_vectors(self.conn, self.vector_table), 0

@@ -16,14 +16,14 @@ import math
 
 import numpy as np
 
-from . import sqlite_native, vectors
-from .images import DEFAULT_MAX_PIXELS, ImageDecodeError, open_query_image
-from .model import ModelUnavailable
+from ..model.clip import ModelUnavailable
+from ..model.images import DEFAULT_MAX_PIXELS, ImageDecodeError, open_query_image
+from ..settings import settings_of
+from ..store import ModelNotFound, pick_model, vectors
+from ..web.uploads import UploadLimits
+from . import sqlite_native
 from .query import MAX_QUERY_CHARS
 from .query_vector import text_vector
-from .settings import settings_of
-from .store import ModelNotFound, pick_model
-from .uploads import UploadLimits
 
 log = logging.getLogger(__name__)
 

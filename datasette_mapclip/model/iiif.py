@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import urllib.parse
 
-from .settings import settings_of
+from ..settings import settings_of
 
 # {service}/{region}/{size}/{rotation}/{quality}.{format}  (IIIF Image API 2 and 3)
 _IIIF_IMAGE = re.compile(

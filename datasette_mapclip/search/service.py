@@ -22,16 +22,21 @@ import numpy as np
 from datasette.database import QueryInterrupted
 from datasette.utils.asgi import Forbidden
 
-from . import citations, compat, iiif, query_vector, search_sql, store, vectors
+from .. import store
+from ..model import iiif
+from ..model.clip import ModelUnavailable
+from ..model.images import DEFAULT_MAX_PIXELS, ImageDecodeError, open_query_image
+from ..settings import settings_of
+from ..store import vectors
+from ..store.records import display_row
+from ..web import citations, compat
+from ..web.links import web_url
+from ..web.state import plugin_config, state_for
+from ..web.urls import MapclipUrls
+from . import query_vector
+from . import sql as search_sql
 from .errors import BadSearch, NotFound, SearchUnavailable, UploadError
-from .images import DEFAULT_MAX_PIXELS, ImageDecodeError, open_query_image
-from .links import web_url
-from .model import ModelUnavailable
 from .query import VEC0_MAX_K, SearchParams
-from .records import display_row
-from .settings import settings_of
-from .state import plugin_config, state_for
-from .web_paths import MapclipUrls
 from .workers import Workers
 
 log = logging.getLogger(__name__)

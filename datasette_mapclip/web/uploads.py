@@ -17,9 +17,9 @@ import urllib.parse
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import FormParser, MultipartParser, parse_options_header
 
-from . import ids
-from .errors import UploadError
-from .settings import DECLARED, settings_of
+from ..search.errors import UploadError
+from ..settings import DECLARED, settings_of
+from ..store import ids
 
 DEFAULT_MAX_UPLOAD_BYTES = DECLARED["max_upload_bytes"].default
 # Room for the form's own fields and the multipart framing around the image.

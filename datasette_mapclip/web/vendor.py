@@ -6,8 +6,8 @@ registry, checks it against the registry's published SHA-512, and unpacks the vi
 images and its licence into ``static/vendor/openseadragon/`` (packaged into the wheel from
 there).  Visitors' browsers then load it from the site itself, never from a third-party host.
 
-    python -m datasette_mapclip.vendor          # fetch it (make install and setup.py's build do)
-    python -m datasette_mapclip.vendor --check  # exit 1 if it is missing
+    python -m datasette_mapclip.web.vendor          # fetch it (make install and setup.py's build do)
+    python -m datasette_mapclip.web.vendor --check  # exit 1 if it is missing
 
 This module imports nothing of the plugin, so ``setup.py`` can load it before the package's
 dependencies are installed.
@@ -28,7 +28,7 @@ OPENSEADRAGON_URL = f"https://registry.npmjs.org/openseadragon/-/openseadragon-{
 # The npm registry's "integrity" of that tarball (dist.integrity), so a changed file is refused.
 OPENSEADRAGON_INTEGRITY = ("sha512-g4iKe2q8B642SaBT3+x4ZF3/8b1TxPPydyjmtrOLgDrlYWMKd9ZXM+1Cb/xa9DVySkvs/"
                            "7l6HR1nHKfD5F3Tsw==")
-STATIC = Path(__file__).resolve().parent / "static"
+STATIC = Path(__file__).resolve().parent.parent / "static"  # the package's static folder (Datasette serves it)
 OPENSEADRAGON_DIR = STATIC / "vendor" / "openseadragon"
 # What the page needs, relative to the plugin's static folder (Datasette serves it under
 # /-/static-plugins/datasette-mapclip/).

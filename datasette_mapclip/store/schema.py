@@ -1,0 +1,326 @@
+"""The schema of a collection file, its named migrations, and how a connection to one is opened.
+
+Tables
+  items        one row per catalogue item (an atlas, a Sanborn volume, a single map)
+  maps         one row per embedded image (a map sheet) with its catalogue fields and
+               ``location`` (where its pixels were read: URL or local path, for re-embedding)
+  maps_fts     FTS5 index over the text fields of ``maps`` (Datasette uses it for ``_search``)
+  maps_place   FTS5 trigram index of ``maps.place``: a ``place LIKE '%...%'`` filter finds its maps
+               through it instead of reading every row
+  models       provenance: which open_clip model made which vector table
+  map_vectors_<slug>  a ``vec0`` table per model: ``map_id`` -> unit float32 embedding
+  load_errors  images that could not be fetched, decoded or embedded, with a readable reason;
+               and notes a load leaves for the publisher (stage ``metadata``, ``pages``, ``source``)
+  loads        one row per loader run: command, counts, start and end, and which process ran it
+  kept_images  where a load kept each fetched image (``--keep-images``), for re-embedding offline
+
+Each batch of maps is written with its vectors in one transaction, so an interrupted load
+leaves only whole batches behind and a rerun skips exactly what is already stored.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import sqlite3 as stdlib_sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+from ..model.provenance import recorded_file_name, remember_checkpoint
+
+MAPS_TABLE = "maps"  # the table whose Datasette permissions decide who may search a collection
+# SQLite's result code for a statement cut by sqlite3_interrupt (a server's time limit)
+SQLITE_INTERRUPT = 9
+TEXT_FIELDS = ("title", "date", "place", "subjects", "contributors", "notes", "format")
+
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS mapclip_meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS items (
+    item_id TEXT PRIMARY KEY,
+    title TEXT,
+    item_url TEXT,
+    source TEXT,
+    sheet_count INTEGER
+);
+CREATE TABLE IF NOT EXISTS maps (
+    id INTEGER PRIMARY KEY,
+    source_id TEXT NOT NULL UNIQUE,
+    source TEXT,
+    item_id TEXT REFERENCES items(item_id),
+    sheet INTEGER,
+    title TEXT,
+    date TEXT,
+    year INTEGER,
+    place TEXT,
+    subjects TEXT,
+    contributors TEXT,
+    notes TEXT,
+    format TEXT,
+    item_url TEXT,
+    image_url TEXT,
+    location TEXT,
+    thumbnail_url TEXT,
+    thumbnail BLOB,
+    width INTEGER,
+    height INTEGER,
+    loaded_at TEXT
+);
+CREATE INDEX IF NOT EXISTS maps_item_sheet ON maps(item_id, sheet);
+CREATE INDEX IF NOT EXISTS maps_year ON maps(year);
+CREATE VIRTUAL TABLE IF NOT EXISTS maps_fts USING fts5(
+    {", ".join(TEXT_FIELDS)}, content='maps', content_rowid='id'
+);
+CREATE TRIGGER IF NOT EXISTS maps_ai AFTER INSERT ON maps BEGIN
+    INSERT INTO maps_fts(rowid, {", ".join(TEXT_FIELDS)}) VALUES (new.id, {", ".join("new." + f for f in TEXT_FIELDS)});
+END;
+CREATE TRIGGER IF NOT EXISTS maps_ad AFTER DELETE ON maps BEGIN
+    INSERT INTO maps_fts(maps_fts, rowid, {", ".join(TEXT_FIELDS)}) VALUES ('delete', old.id, {", ".join("old." + f for f in TEXT_FIELDS)});
+END;
+CREATE TRIGGER IF NOT EXISTS maps_au AFTER UPDATE ON maps BEGIN
+    INSERT INTO maps_fts(maps_fts, rowid, {", ".join(TEXT_FIELDS)}) VALUES ('delete', old.id, {", ".join("old." + f for f in TEXT_FIELDS)});
+    INSERT INTO maps_fts(rowid, {", ".join(TEXT_FIELDS)}) VALUES (new.id, {", ".join("new." + f for f in TEXT_FIELDS)});
+END;
+CREATE VIRTUAL TABLE IF NOT EXISTS maps_place USING fts5(
+    place, content='maps', content_rowid='id', tokenize='trigram'
+);
+CREATE TRIGGER IF NOT EXISTS maps_place_ai AFTER INSERT ON maps BEGIN
+    INSERT INTO maps_place(rowid, place) VALUES (new.id, new.place);
+END;
+CREATE TRIGGER IF NOT EXISTS maps_place_ad AFTER DELETE ON maps BEGIN
+    INSERT INTO maps_place(maps_place, rowid, place) VALUES ('delete', old.id, old.place);
+END;
+CREATE TRIGGER IF NOT EXISTS maps_place_au AFTER UPDATE OF place ON maps BEGIN
+    INSERT INTO maps_place(maps_place, rowid, place) VALUES ('delete', old.id, old.place);
+    INSERT INTO maps_place(rowid, place) VALUES (new.id, new.place);
+END;
+CREATE TABLE IF NOT EXISTS models (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    architecture TEXT NOT NULL,
+    pretrained TEXT,
+    checkpoint_path TEXT,
+    checkpoint_sha256 TEXT,
+    dim INTEGER NOT NULL,
+    image_size INTEGER,
+    vector_table TEXT NOT NULL UNIQUE,
+    open_clip_version TEXT,
+    torch_version TEXT,
+    sqlite_vec_version TEXT,
+    precision TEXT,
+    created_at TEXT,
+    is_default INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS load_errors (
+    id INTEGER PRIMARY KEY,
+    source_id TEXT NOT NULL UNIQUE,
+    source TEXT,
+    location TEXT,
+    stage TEXT,
+    reason TEXT,
+    attempts INTEGER NOT NULL DEFAULT 1,
+    first_seen TEXT,
+    last_seen TEXT
+);
+CREATE TABLE IF NOT EXISTS loads (
+    id INTEGER PRIMARY KEY,
+    command TEXT,
+    model TEXT,
+    started_at TEXT,
+    finished_at TEXT,
+    status TEXT,
+    loaded INTEGER,
+    skipped INTEGER,
+    failed INTEGER,
+    pid INTEGER,
+    host TEXT,
+    updated_at TEXT,
+    message TEXT
+);
+CREATE TABLE IF NOT EXISTS kept_images (
+    source_id TEXT PRIMARY KEY,
+    root TEXT NOT NULL,
+    path TEXT NOT NULL,
+    bytes INTEGER,
+    kept_at TEXT
+);
+"""
+
+
+# Columns added to ``loads`` after its first release, added to older databases on open.
+LOAD_RUN_COLUMNS = {"pid": "INTEGER", "host": "TEXT", "updated_at": "TEXT", "message": "TEXT"}
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def sqlite3_module():
+    """A sqlite3 that can load extensions: pysqlite3 where installed (as Datasette does)."""
+    try:
+        import pysqlite3.dbapi2 as sqlite3  # type: ignore
+    except ImportError:
+        import sqlite3
+    return sqlite3
+
+
+class ExtensionsUnavailable(RuntimeError):
+    pass
+
+
+def load_sqlite_vec(conn) -> str:
+    """Load sqlite-vec into a connection and return its version."""
+    import sqlite_vec
+
+    if not hasattr(conn, "enable_load_extension"):
+        raise ExtensionsUnavailable(
+            "this Python's sqlite3 cannot load extensions, which sqlite-vec needs. "
+            "Fix: pip install pysqlite3-binary (Linux x86_64), or use a Python built with "
+            "--enable-loadable-sqlite-extensions (python.org and Homebrew builds are)."
+        )
+    conn.enable_load_extension(True)
+    try:
+        sqlite_vec.load(conn)
+    finally:
+        # Whatever happened, SQL on this connection must never be able to call load_extension().
+        conn.enable_load_extension(False)
+    return conn.execute("select vec_version()").fetchone()[0]
+
+
+def connect(path: str | Path):
+    sqlite3 = sqlite3_module()
+    conn = sqlite3.connect(str(path), timeout=30, isolation_level=None, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    load_sqlite_vec(conn)
+    return conn
+
+
+def vector_meta_keys(vector_table: str) -> tuple[str, str]:
+    """The ``mapclip_meta`` keys of a vector table's change counters: every vector write, and
+    writes that replaced a stored vector (read by the in-memory index)."""
+    return f"vectors_version:{vector_table}", f"vectors_rewritten:{vector_table}"
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+
+
+# Columns that make ``maps`` and ``models`` ours: another program's database may well have tables
+# of those names (a game's levels, a GIS project's layers), and the plugin must leave it alone.
+COLLECTION_COLUMNS = {
+    "maps": {"id", "source_id"},
+    "models": {"id", "name", "architecture", "dim", "vector_table", "is_default"},
+}
+
+
+def is_collection(conn) -> bool:
+    """Whether a database holds a mapclip collection (``maps`` and ``models`` tables with our columns)."""
+    for table, needed in COLLECTION_COLUMNS.items():
+        columns = {row[0] for row in conn.execute("SELECT name FROM pragma_table_info(?)", (table,))}
+        if not needed <= columns:
+            return False
+    return True
+
+
+def file_is_collection(path) -> bool:
+    """``is_collection`` for a database file, cached while the file is unchanged (cheap enough to
+    ask on every Datasette metadata lookup)."""
+    if not path:
+        return False
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return False
+    return _file_is_collection(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+def _file_is_collection(path: str, mtime_ns: int, size: int) -> bool:
+    try:
+        conn = stdlib_sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True)
+    except stdlib_sqlite3.Error:
+        return False
+    try:
+        return is_collection(conn)
+    except stdlib_sqlite3.Error:
+        return False
+    finally:
+        conn.close()
+
+
+def has_place_index(conn) -> bool:
+    """Whether this file has the trigram index of places (files written before it do not)."""
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'maps_place'").fetchone() is not None
+
+
+def text_indexes(conn) -> frozenset[str]:
+    """Which of the optional text indexes (``maps_fts``, ``maps_place``) this file has."""
+    return frozenset(row[0] for row in conn.execute(
+        "SELECT name FROM sqlite_master WHERE name IN ('maps_fts', 'maps_place')"))
+
+
+# -- named migrations ---------------------------------------------------------------
+# SCHEMA above is the current shape, created with IF NOT EXISTS on every open.  What CREATE cannot
+# do for a file made by an older version is a named migration: each runs once per file, in order,
+# and is recorded in mapclip_meta as ``migration:<name>``.  A new file runs them all (each a no-op
+# there).  Migrations never delete a user's rows.
+
+def _index_existing_places(conn, tables_before: set[str]):
+    """maps_place arrived after the first release: index the places an older file already holds."""
+    if "maps_place" not in tables_before:
+        conn.execute("INSERT INTO maps_place(maps_place) VALUES ('rebuild')")
+
+
+def _add_load_liveness_columns(conn, tables_before: set[str]):
+    """Which process runs a load (pid, host, last write): added to ``loads`` after its first release."""
+    present = {row[1] for row in conn.execute("PRAGMA table_info(loads)")}
+    for name, kind in LOAD_RUN_COLUMNS.items():
+        if name not in present:
+            conn.execute(f"ALTER TABLE loads ADD COLUMN {name} {kind}")
+
+
+def _keep_checkpoint_file_names_only(conn, tables_before: set[str]):
+    """Files from before ``provenance.py`` recorded the loading machine's checkpoint path: keep its
+    file name only, and remember the path (by hash) in this machine's checkpoint registry."""
+    rows = conn.execute(
+        "SELECT id, checkpoint_path, checkpoint_sha256 FROM models "
+        "WHERE checkpoint_path LIKE '%/%' OR checkpoint_path LIKE '%\\%'").fetchall()
+    for model_id, path, digest in rows:
+        if digest:
+            remember_checkpoint(path, digest)
+        conn.execute("UPDATE models SET checkpoint_path = ? WHERE id = ?", (recorded_file_name(path), model_id))
+
+
+MIGRATIONS: tuple[tuple[str, Callable], ...] = (
+    ("index-existing-places", _index_existing_places),
+    ("load-liveness-columns", _add_load_liveness_columns),
+    ("checkpoint-file-names-only", _keep_checkpoint_file_names_only),
+)
+MIGRATION_KEY = "migration:"
+
+
+def applied_migrations(conn) -> set[str]:
+    return {key[len(MIGRATION_KEY):] for (key,) in conn.execute(
+        "SELECT key FROM mapclip_meta WHERE key LIKE 'migration:%'")}
+
+
+def prepare_schema(conn) -> list[str]:
+    """Create what is missing and run the migrations this file has not had; returns their names."""
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    tables_before = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    conn.executescript(SCHEMA)
+    done = applied_migrations(conn)
+    applied = []
+    for name, migrate in MIGRATIONS:
+        if name in done:
+            continue
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            migrate(conn, tables_before)
+            conn.execute("INSERT OR REPLACE INTO mapclip_meta(key, value) VALUES (?, ?)", (MIGRATION_KEY + name, now()))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        applied.append(name)
+    return applied
