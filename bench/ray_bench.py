@@ -220,7 +220,8 @@ def phase_ray_data(params: dict) -> dict:
     from datasette_mapclip.model.clip import import_open_clip
     from datasette_mapclip.model.images import DEFAULT_MAX_PIXELS
     from loaders.fetch import Fetcher
-    from loaders.pipeline import LoadSummary, prepare
+    from loaders.load_run import LoadSummary
+    from loaders.pipeline import prepare
     from loaders.ray_engine import Preprocessor, _yield_whole_worker_to_the_model
 
     started = time.perf_counter()

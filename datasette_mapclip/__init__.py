@@ -5,11 +5,11 @@ import logging
 from datasette import hookimpl
 
 from . import store
-from .search import service as search
+from .search import service
 from .search.sql_functions import DatabaseFunctions, register
 from .settings import settings_of
 from .web import compat, map_views, views
-from .web.state import plugin_config, state_for
+from .web.state import collections_of, plugin_config, state_for
 from .web.uploads import UploadLimits, limit_upload_bodies
 from .web.urls import MapclipUrls
 
@@ -64,16 +64,17 @@ else:
 def startup(datasette):
     # The server process is Datasette's; the plugin sets only what its configuration names.
     config = plugin_config(datasette)
-    search.set_work_threads(datasette, config.threads, config.scan_threads)
+    state_for(datasette).set_threads(config.threads, config.scan_threads)
 
     async def build_indexes():
         # Index every collection's default model in the background, and load its model in the model
         # thread meanwhile, so the first searches are fast; until an index is ready, searches go
         # through sqlite-vec.
-        for name in await search.all_collection_names(datasette):
+        collections = collections_of(datasette)
+        for name in await collections.names():
             await compat.hide_tables(datasette, name, HIDDEN_TABLES)
             try:
-                collection = await search.load_collection(datasette, name)
+                collection = await collections.load(name)
             except store.ModelNotFound:
                 continue  # no embeddings yet
             except Exception as error:  # one unreadable collection must not stop the server's start
@@ -81,7 +82,7 @@ def startup(datasette):
                 continue
             collection.index()
             if settings_of(collection.config).preload_model:
-                search.preload_model(collection)
+                service.preload_model(collection)
 
     return build_indexes
 
@@ -108,7 +109,7 @@ def menu_links(datasette, actor):
     async def inner():
         # Only where this actor has something to search (asked on every page: stop at the first).
         for name in datasette.databases:
-            if await search.is_visible_collection(datasette, actor, name):
+            if await collections_of(datasette).is_visible(actor, name):
                 return [{"href": MapclipUrls(datasette).page(), "label": "Map search"}]
         return []
 
@@ -118,7 +119,7 @@ def menu_links(datasette, actor):
 @hookimpl
 def database_actions(datasette, actor, database):
     async def inner():
-        if await search.is_visible_collection(datasette, actor, database):
+        if await collections_of(datasette).is_visible(actor, database):
             return [{"href": MapclipUrls(datasette).page(database=database), "label": "Search these maps by image or text"}]
         return []
 

@@ -57,7 +57,7 @@ def info(db_path):
     counts = store.counts()
     click.echo(f"{counts['maps']} maps in {counts['items']} items, {counts['load_errors']} load errors")
     for model in store.models():
-        default = " (default)" if model["is_default"] else ""
+        default = " (default)" if model.is_default else ""
         click.echo(f"model {model['name']}{default}: {store.vector_count(model)} vectors of {model['dim']} floats "
                    f"in {model['vector_table']}, open_clip {model['open_clip_version']}, "
                    f"sqlite-vec {model['sqlite_vec_version']}")

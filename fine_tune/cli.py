@@ -225,6 +225,6 @@ def register_command(db_path, checkpoint, model_name, make_default, device, prec
         click.echo(f"{missing} maps have no stored location and were not re-embedded", err=True)
     if summary.status != "finished":
         sys.exit(130 if summary.status == "interrupted" else 2)
-    default = " (default)" if model["is_default"] else ""
+    default = " (default)" if model.is_default else ""
     click.echo(f"registered {model['name']}{default} in {model['vector_table']}; "
                f"search it with model={model['name']}", err=True)

@@ -31,6 +31,7 @@ from datasette_mapclip.model.clip import (
 from . import checkpoints
 from .chart import bar_chart
 from .dataset import SPLITS, DatasetError, read_split
+from .kinds import KINDS
 from .metrics import KS, precision_at_k, retrieval_metrics
 from .pairs import ImageSource, load_all
 from .train import NO_PRETRAINED, seed_everything
@@ -102,8 +103,6 @@ def find_kinds(image_paths: list[str]) -> list[str | None]:
 
 def kind_queries(kinds) -> dict[str, str]:
     """kind key -> the plain query a person would type for it."""
-    from .demo.maps import KINDS
-
     return {kind: KINDS.get(kind, kind.replace("_", " ")) for kind in sorted({k for k in kinds if k})}
 
 

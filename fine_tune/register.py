@@ -27,24 +27,24 @@ def register(store: MapStore, encoder=None, *, default: bool = False, batch_size
     ``keep`` keeps the ones that still had to be downloaded.  ``engine="ray"`` runs the embedding
     on a Ray cluster (``loaders.ray_engine``) with the model ``spec`` loaded in its actors
     (``device``, ``precision``); ``echo`` gets its one-line description of the cluster."""
+    from loaders.load_run import LoadOptions
+
     records, missing = store.stored_records()
+    name = f"{spec.architecture}/{spec.weights_label()}" if engine == "ray" else encoder.name
+    load_options = LoadOptions(command=f"fine-tune register {name}", batch_size=batch_size, workers=workers,
+                               store_thumbnails=False, total=len(records), progress=progress, keep=keep)
     if engine == "ray":
         from loaders.ray_engine import run_ray_load
 
-        name = f"{spec.architecture}/{spec.weights_label()}"
-        summary = run_ray_load(store, spec, records, options=ray_options, device=device, precision=precision,
-                               command=f"fine-tune register {name}", batch_size=batch_size, workers=workers,
-                               store_thumbnails=False, total=len(records), progress=progress, keep=keep, echo=echo)
+        summary = run_ray_load(store, spec, records, load_options, options=ray_options, device=device,
+                               precision=precision, echo=echo)
     else:
         from loaders.pipeline import run_load
 
-        name = encoder.name
-        summary = run_load(store, encoder, records, command=f"fine-tune register {name}",
-                           batch_size=batch_size, workers=workers, store_thumbnails=False, total=len(records),
-                           progress=progress, keep=keep)
+        summary = run_load(store, encoder, records, load_options)
     model = store.model(name)
     if default and summary.status == "finished":
-        store.set_default_model(model["name"])
+        store.set_default_model(model.name)
         model = store.model(name)
     return summary, model, missing
 

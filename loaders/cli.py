@@ -150,20 +150,22 @@ def load_encoder_or_exit(model_name, pretrained, checkpoint, device, precision, 
 
 def run_embedding(db_path, records, options, *, command, fetcher=None, store_thumbnails=False, total=None, after=None,
                   notes=None, notes_under=None, keep=None):
+    from .load_run import LoadOptions
     from .pipeline import run_load
 
     limit_image_pixels(options["max_pixels"])
+    load_options = LoadOptions(fetcher=fetcher, command=command, batch_size=options["batch_size"],
+                               workers=options["workers"], store_thumbnails=store_thumbnails,
+                               max_pixels=options["max_pixels"], total=total, progress=not options["quiet"],
+                               notes=notes, notes_under=notes_under, keep=keep)
     if options.get("engine") == "ray":
         ray_engine = ray_engine_or_exit()
         spec = spec_or_exit(options["model_name"], options["pretrained"], options["checkpoint"])
         store = open_store(db_path)
         try:
             summary = ray_engine.run_ray_load(
-                store, spec, records, options=ray_options_from(options), device=options["device"],
-                precision=options["precision"], fetcher=fetcher, command=command, batch_size=options["batch_size"],
-                workers=options["workers"], store_thumbnails=store_thumbnails, max_pixels=options["max_pixels"],
-                total=total, progress=not options["quiet"], notes=notes, notes_under=notes_under, keep=keep,
-                echo=lambda line: click.echo(f"{line}, database {db_path}", err=True))
+                store, spec, records, load_options, options=ray_options_from(options), device=options["device"],
+                precision=options["precision"], echo=lambda line: click.echo(f"{line}, database {db_path}", err=True))
         except ray_engine.RayUnavailable as error:
             raise click.ClickException(str(error))
     else:
@@ -171,11 +173,7 @@ def run_embedding(db_path, records, options, *, command, fetcher=None, store_thu
                                        options["device"], options["precision"], options["threads"])
         store = open_store(db_path)
         click.echo(f"model {encoder.name} ({encoder.precision} on {encoder.device}), database {db_path}", err=True)
-        summary = run_load(
-            store, encoder, records, fetcher=fetcher, command=command, batch_size=options["batch_size"],
-            workers=options["workers"], store_thumbnails=store_thumbnails, max_pixels=options["max_pixels"],
-            total=total, progress=not options["quiet"], notes=notes, notes_under=notes_under, keep=keep,
-        )
+        summary = run_load(store, encoder, records, load_options)
     if after:
         after(store, summary)
     click.echo(summary.line(), err=True)
@@ -365,7 +363,7 @@ def import_beto(db_path, beto, beto_idx, files_csv, batch_size, quiet):
     done = store.embedded_source_ids(model)
     todo = [i for i, record in enumerate(records) if record.source_id not in done]
     started = time.perf_counter()
-    load_id = store.start_load(f"import-beto {beto}", model["name"])
+    load_id = store.start_load(f"import-beto {beto}", model.name)
     with tqdm(total=len(todo), unit="vec", desc="importing", disable=quiet) as bar:
         for start in range(0, len(todo), batch_size):
             rows = todo[start:start + batch_size]

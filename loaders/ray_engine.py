@@ -5,11 +5,11 @@
       Ray actors (GPU or CPU pool): embed the pixels of a batch           -> vectors
     driver: one writer, ``MapStore`` exactly as the local pipeline writes (one transaction a batch)
 
-What stays the same as ``loaders.pipeline.run_load`` (it is the same code wherever it can be):
-records come from the same sources, each chunk is prepared by the pipeline's own ``prepare``
+What stays the same as the local engine (it is the same code wherever it can be): the run around
+both is ``load_run.run``; records come from the same sources, each chunk is prepared by the pipeline's own ``prepare``
 (so the pixels are the same), the model actors run ``ClipEncoder.encode_image_tensors`` on the
 same numeric path (fp16 on a GPU; int8 checked against fp32, or fp32, on a CPU), and the driver
-writes through ``pipeline.write_prepared``: each map once (source ids already stored are skipped before
+writes through ``load_run.BatchWriter``: each map once (source ids already stored are skipped before
 anything is sent), ``load_errors`` rows for failures, notes, kept images, progress bar and summary.
 
 Why Ray core (tasks and actors) rather than Ray Data: a loc.gov search is a lazy, rate-limited
@@ -39,23 +39,13 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from datasette_mapclip.model.clip import ModelSpec
-from datasette_mapclip.model.images import DEFAULT_MAX_PIXELS
 from datasette_mapclip.store import MapStore
-from datasette_mapclip.store.records import LoadNote, MapRecord
+from datasette_mapclip.store.records import MapRecord
 
 from .fetch import Fetcher, RateLimited, RateLimiter
-from .kept_images import KeepImages, read_kept
-from .pipeline import (
-    LOADER_NICE,
-    KeepError,
-    LoadSummary,
-    Prepared,
-    collect_prepared,
-    keep_files,
-    prepare,
-    write_notes,
-    write_prepared,
-)
+from .kept_images import read_kept
+from .load_run import LoadOptions, LoadSummary, Prepared, collect_prepared, run
+from .pipeline import LOADER_NICE, prepare
 
 INSTALL_HINT = ("The Ray engine needs Ray. Install it with: pip install 'datasette-mapclip[ray]' "
                 "(or: pip install 'ray>=2.40'), then run the same command again.")
@@ -486,37 +476,114 @@ class RayEngine:
             self.started_ray = False
 
 
-def run_ray_load(
-    store: MapStore,
-    spec: ModelSpec,
-    records: Iterable[MapRecord],
-    *,
-    options: RayOptions | None = None,
-    device: str | None = None,
-    precision: str = "auto",
-    fetcher: Fetcher | None = None,
-    command: str = "load",
-    batch_size: int = 32,
-    workers: int = 4,
-    store_thumbnails: bool = False,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    total: int | None = None,
-    progress: bool = True,
-    notes: list[LoadNote] | None = None,
-    notes_under: str | None = None,
-    keep: KeepImages | None = None,
-    echo=None,
-) -> LoadSummary:
-    """``run_load`` on a Ray cluster; same arguments, same database, same summary.
+class RayEmbedding:
+    """The Ray engine for ``load_run.run``: fetch tasks prepare chunks of records anywhere on the
+    cluster, model actors embed each batch, and the driver hands batches back as they finish, with
+    a bounded number in flight."""
+
+    label = " (ray)"
+    stop_errors = (ClusterFailure,)
+
+    def __init__(self, engine: RayEngine, described: dict):
+        self.engine, self.described = engine, described
+
+    def provenance(self):
+        return self.described["provenance"], self.described["precision"]
+
+    def embed(self, records, writer, options: LoadOptions):
+        engine, described, ray = self.engine, self.described, self.engine.ray
+        settings = FetchSettings.from_fetcher(options.fetcher)
+        limiter_actor = host_limits_actor(ray) if settings.rules else None
+        preprocessor = ray.put(Preprocessor(described["image_size"], described["transform"]))
+        # A whole CPU per fetch task, not a fraction.  Tried on 2 cores (bench/ray_bench.py) with
+        # num_cpus=0.5: 19 img/s against 28, the first batch 5 s late, because Ray started new worker
+        # processes during the load (each importing torch beside the model) instead of keeping the
+        # warmed ones (it keeps about one idle worker per CPU; a cluster would see the same churn).
+        # Decoding is not what limits there anyway: a 16-image chunk takes ~0.15 s of a free core.
+        task = ray.remote(prepare_chunk).options(num_cpus=1, num_returns=2, max_retries=3)
+        batch_size = options.batch_size
+        chunk = max(1, min(engine.options.chunk, batch_size))
+        chunks_per_batch = math.ceil(batch_size / chunk)
+        cpus = described["cluster"]["cpus"]
+        window = max(2 * len(engine.actors) + 2, math.ceil(2 * cpus / chunks_per_batch), 4)  # batches in flight
+        jobs: dict = {}  # vectors ref -> _Job
+        busy = [0] * len(engine.actors)
+        keep_size = options.keep.size if options.keep else None
+
+        def submit(items):
+            chunks = [items[i:i + chunk] for i in range(0, len(items), chunk)]
+            refs = [task.remote(part, preprocessor, settings, limiter_actor, store_thumbnail=options.store_thumbnails,
+                                max_pixels=options.max_pixels, keep_size=keep_size, threads=options.workers)
+                    for part in chunks]
+            index = busy.index(min(busy))
+            busy[index] += 1
+            vectors_ref = engine.actors[index].embed.remote(*[pixels for _, pixels in refs])
+            jobs[vectors_ref] = _Job(chunks, [meta for meta, _ in refs], index)
+
+        def collect(vectors_ref):
+            job = jobs.pop(vectors_ref)
+            busy[job.actor_index] -= 1
+            prepared = _gather(ray, job)
+            batch: list[Prepared] = []
+            errors: list[Prepared] = []
+            for p in prepared:
+                collect_prepared(p, batch, errors)
+            matrix = []
+            if batch:
+                try:
+                    matrix, _precision = ray.get(vectors_ref)
+                except ray.exceptions.ActorDiedError as error:  # restarts are unlimited: it is gone for good
+                    raise ClusterFailure(f"a model actor died and could not be restarted ({_reason(error)}). Run the "
+                                         "same command again: it resumes where it stopped.") from None
+                except ray.exceptions.RayError as error:
+                    reason = f"embedding failed on the cluster: {_reason(error)}"
+                    for p in batch:
+                        p.stage, p.error = "embed", reason
+                    errors.extend(batch)
+                    batch, matrix = [], []
+            writer.write(batch, matrix, errors)
+
+        def collect_ready(block: bool):
+            if not jobs:
+                return
+            ready, _ = ray.wait(list(jobs), num_returns=1 if block else len(jobs), timeout=None if block else 0,
+                                fetch_local=False)
+            for ref in ready:
+                collect(ref)
+
+        pending: list = []
+        try:
+            for record in records:
+                pending.append((record, read_kept(writer.kept_path(record.source_id))))
+                if len(pending) >= batch_size:
+                    submit(pending)
+                    pending = []
+                    collect_ready(block=False)
+                    while len(jobs) >= window:
+                        collect_ready(block=True)
+            if pending:
+                submit(pending)
+            while jobs:
+                collect_ready(block=True)
+        finally:
+            for vectors_ref, job in jobs.items():
+                for ref in (*job.meta_refs, vectors_ref):
+                    try:
+                        ray.cancel(ref, force=False)
+                    except Exception:  # finished or gone
+                        pass
+
+
+def run_ray_load(store: MapStore, spec: ModelSpec, records: Iterable[MapRecord],
+                 load_options: LoadOptions | None = None, *, options: RayOptions | None = None,
+                 device: str | None = None, precision: str = "auto", echo=None, **more_options) -> LoadSummary:
+    """``pipeline.run_load`` on a Ray cluster: the same run (``load_run.run``), database and summary;
+    ``load_options``, or keyword arguments as ``load_run.LoadOptions``.
 
     ``fetcher``: the command's image fetcher; workers build the same one from its settings, with
     its limiter's rules enforced cluster-wide per host.  ``workers``: threads per fetch task.
     ``echo``: called with one line describing the cluster and the model actors."""
-    from tqdm import tqdm
-
-    options = options or RayOptions()
-    engine = RayEngine(options).connect()
-    ray = engine.ray
+    engine = RayEngine(options or RayOptions()).connect()
     try:
         described = engine.start_actors(spec, device, precision)
         if echo:
@@ -524,123 +591,9 @@ def run_ray_load(
             echo(f"model {described['provenance']['name']} ({described['precision']} on {described['device']}) in "
                  f"{described['actors']} Ray actor(s) on a cluster of {cluster['nodes']} node(s), "
                  f"{cluster['cpus']:.0f} CPUs, {cluster['gpus']:.0f} GPUs")
-        return _drive(engine, store, records, described, fetcher=fetcher, command=command, batch_size=batch_size,
-                      workers=workers, store_thumbnails=store_thumbnails, max_pixels=max_pixels, total=total,
-                      progress=progress, notes=notes, notes_under=notes_under, keep=keep, tqdm=tqdm, ray=ray)
+        return run(store, RayEmbedding(engine, described), records, load_options or LoadOptions(**more_options))
     finally:
         engine.close()
-
-
-def _drive(engine: RayEngine, store: MapStore, records, described: dict, *, fetcher, command, batch_size, workers,
-           store_thumbnails, max_pixels, total, progress, notes, notes_under, keep, tqdm, ray) -> LoadSummary:
-    options = engine.options
-    model = store.register_model(described["provenance"], precision=described["precision"])
-    done = store.embedded_source_ids(model)
-    load_id = store.start_load(f"{command} (ray)", model["name"])
-    summary = LoadSummary()
-    started = time.perf_counter()
-    bar = tqdm(total=total, unit="img", desc="embedding (ray)", disable=not progress, dynamic_ncols=True)
-
-    settings = FetchSettings.from_fetcher(fetcher)
-    limiter_actor = host_limits_actor(ray) if settings.rules else None
-    preprocessor = ray.put(Preprocessor(described["image_size"], described["transform"]))
-    # A whole CPU per fetch task, not a fraction.  Tried on 2 cores (bench/ray_bench.py) with
-    # num_cpus=0.5: 19 img/s against 28, the first batch 5 s late, because Ray started new worker
-    # processes during the load (each importing torch beside the model) instead of keeping the
-    # warmed ones (it keeps about one idle worker per CPU; a cluster would see the same churn).
-    # Decoding is not what limits there anyway: a 16-image chunk takes ~0.15 s of a free core.
-    task = ray.remote(prepare_chunk).options(num_cpus=1, num_returns=2, max_retries=3)
-    chunk = max(1, min(options.chunk, batch_size))
-    chunks_per_batch = math.ceil(batch_size / chunk)
-    cpus = described["cluster"]["cpus"]
-    window = max(2 * len(engine.actors) + 2, math.ceil(2 * cpus / chunks_per_batch), 4)  # batches in flight
-    jobs: dict = {}  # vectors ref -> _Job
-    busy = [0] * len(engine.actors)
-    keep_size = keep.size if keep else None
-
-    def submit(items):
-        chunks = [items[i:i + chunk] for i in range(0, len(items), chunk)]
-        refs = [task.remote(part, preprocessor, settings, limiter_actor, store_thumbnail=store_thumbnails,
-                            max_pixels=max_pixels, keep_size=keep_size, threads=workers)
-                for part in chunks]
-        index = busy.index(min(busy))
-        busy[index] += 1
-        vectors_ref = engine.actors[index].embed.remote(*[pixels for _, pixels in refs])
-        jobs[vectors_ref] = _Job(chunks, [meta for meta, _ in refs], index)
-
-    def collect(vectors_ref):
-        job = jobs.pop(vectors_ref)
-        busy[job.actor_index] -= 1
-        prepared = _gather(ray, job)
-        batch: list[Prepared] = []
-        errors: list[Prepared] = []
-        for p in prepared:
-            collect_prepared(p, batch, errors)
-        matrix = []
-        if batch:
-            try:
-                matrix, _precision = ray.get(vectors_ref)
-            except ray.exceptions.ActorDiedError as error:  # restarts are unlimited: it is gone for good
-                raise ClusterFailure(f"a model actor died and could not be restarted ({_reason(error)}). Run the "
-                                     "same command again: it resumes where it stopped.") from None
-            except ray.exceptions.RayError as error:
-                reason = f"embedding failed on the cluster: {_reason(error)}"
-                for p in batch:
-                    p.stage, p.error = "embed", reason
-                errors.extend(batch)
-                batch, matrix = [], []
-        keep_files(keep, batch)
-        write_prepared(store, model, batch, matrix, errors, store_thumbnails, summary)
-        bar.update(len(batch) + len(errors))
-        bar.set_postfix(failed=summary.failed, refresh=False)
-        store.touch_load(load_id)
-
-    def collect_ready(block: bool):
-        if not jobs:
-            return
-        ready, _ = ray.wait(list(jobs), num_returns=1 if block else len(jobs), timeout=None if block else 0,
-                            fetch_local=False)
-        for ref in ready:
-            collect(ref)
-
-    pending: list = []
-    seen: set[str] = set()
-    try:
-        for record in records:
-            if record.source_id in done or record.source_id in seen:
-                summary.skipped += 1
-                bar.update(1)
-                continue
-            seen.add(record.source_id)
-            pending.append((record, read_kept(store.kept_image_path(record.source_id))))
-            if len(pending) >= batch_size:
-                submit(pending)
-                pending = []
-                collect_ready(block=False)
-                while len(jobs) >= window:
-                    collect_ready(block=True)
-        if pending:
-            submit(pending)
-        while jobs:
-            collect_ready(block=True)
-    except KeyboardInterrupt:
-        summary.status = "interrupted"
-        summary.message = "Run the same command again to finish: stored maps are skipped, nothing is embedded twice."
-    except (RateLimited, KeepError, ClusterFailure) as error:
-        summary.status = "stopped"
-        summary.message = str(error)
-    finally:
-        for vectors_ref, job in jobs.items():
-            for ref in (*job.meta_refs, vectors_ref):
-                try:
-                    ray.cancel(ref, force=False)
-                except Exception:  # finished or gone
-                    pass
-        bar.close()
-        write_notes(store, notes or [], summary, notes_under)
-        summary.seconds = time.perf_counter() - started
-        store.finish_load(load_id, summary.status, summary.loaded, summary.skipped, summary.failed)
-    return summary
 
 
 def _gather(ray, job: _Job) -> list[Prepared]:

@@ -245,3 +245,72 @@ def test_the_plugins_urls_are_built_in_one_place():
         if "/-/mapclip" in template.read_text():
             found.append(str(template.relative_to(REPO)))
     assert found == []
+
+
+# The core's layers: web -> search -> store and model; store may read model/provenance.py (what a
+# models row says), model imports none of the others.  Datasette is the web layer's alone, so the
+# search service runs for the CLI and Python with no server.
+LAYERS = {
+    "model": {"store", "search", "web"},
+    "store": {"search", "web"},
+    "search": {"web"},
+}
+
+
+def core_imports(path: Path) -> set[str]:
+    """The core's folders a module imports (relative imports resolved)."""
+    parts = path.relative_to(REPO / "datasette_mapclip").parts
+    package = list(parts[:-1]) if parts[-1] != "__init__.py" else list(parts[:-1])
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[:len(package) - (node.level - 1)] if node.level > 1 else package
+                module = base + (node.module.split(".") if node.module else [])
+                names = [module + [alias.name] for alias in node.names] if not node.module else [module]
+            elif node.module and node.module.startswith("datasette_mapclip"):
+                names = [node.module.split(".")[1:]]
+        elif isinstance(node, ast.Import):
+            names = [a.name.split(".")[1:] for a in node.names if a.name.startswith("datasette_mapclip.")]
+        found |= {name[0] for name in names if name}
+    return found
+
+
+@pytest.mark.parametrize("layer", sorted(LAYERS))
+def test_the_cores_layers_import_downwards_only(layer):
+    offenders = {}
+    for path in sorted((REPO / "datasette_mapclip" / layer).rglob("*.py")):
+        upward = core_imports(path) & LAYERS[layer]
+        if upward:
+            offenders[str(path.relative_to(REPO))] = sorted(upward)
+    assert not offenders, f"{layer}/ imports from layers above it: {offenders}"
+
+
+@pytest.mark.parametrize("layer", ["model", "store", "search"])
+def test_only_the_web_layer_imports_datasette(layer):
+    offenders = [str(path.relative_to(REPO)) for path in sorted((REPO / "datasette_mapclip" / layer).rglob("*.py"))
+                 if "datasette" in imported_packages(path)]
+    assert not offenders
+
+
+def test_fine_tuning_does_not_import_its_demo():
+    """The demo uses fine-tuning; fine-tuning never reaches up into the demo."""
+    offenders = []
+    for path in modules_of("fine_tune"):
+        if "demo" in path.relative_to(REPO / "fine_tune").parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (
+                    (node.level and (node.module or "").split(".")[0] == "demo")
+                    or (not node.level and (node.module or "").startswith("fine_tune.demo"))):
+                offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not offenders
+
+
+def test_the_architecture_page_names_every_module():
+    page = (REPO / "docs" / "architecture.md").read_text()
+    missing = [str(path.relative_to(REPO)) for package in PACKAGES for path in modules_of(package)
+               if path.name not in ("__init__.py", "__main__.py")
+               and not re.search(rf"\b{re.escape(path.stem)}(\.py)?\b", page)]
+    assert not missing, f"docs/architecture.md does not name: {missing}"

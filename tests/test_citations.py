@@ -7,7 +7,7 @@ import datetime
 import io
 import json
 
-from datasette_mapclip.web import citations
+from datasette_mapclip.search import citations
 
 DAY = datetime.date(2026, 11, 28)
 SANBORN = {

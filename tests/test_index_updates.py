@@ -12,10 +12,9 @@ from test_plugin import wait_for_index
 
 from conftest import load_collection, make_datasette, open_db
 from datasette_mapclip.search import index as index_module
-from datasette_mapclip.search import service as search
 from datasette_mapclip.store import MapStore, vectors
 from datasette_mapclip.store.records import MapRecord
-from datasette_mapclip.web.state import state_for
+from datasette_mapclip.web.state import collections_of, state_for
 
 # int8 scan from 10 maps (so the cache is written), and every search checks the database.
 LIVE = {"int8_min_rows": 10, "index_check_interval": 0, "index_verify_interval": 0}
@@ -38,7 +37,7 @@ def serve(path, **config):
 
 
 async def live_of(ds):
-    collection = await search.open_collection(ds, None, "maps")
+    collection = await collections_of(ds).open(None, "maps")
     return state_for(ds).indexes.live_for(collection.db.path, collection.model, collection.config), collection
 
 

@@ -434,9 +434,9 @@ async def test_published_metadata_yml_canned_queries_and_hidden_tables(tmp_path)
 async def wait_for_index(ds, database="maps"):
     import asyncio
 
-    from datasette_mapclip.search import service as search
+    from datasette_mapclip.web.state import collections_of
 
-    collection = await search.open_collection(ds, None, database)
+    collection = await collections_of(ds).open(None, database)
     for _ in range(200):
         found = collection.index()
         if found is not None:

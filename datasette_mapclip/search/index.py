@@ -53,6 +53,7 @@ import numpy as np
 
 from .. import store
 from ..settings import DECLARED, settings_of
+from ..store.model_rows import ModelRow
 
 log = logging.getLogger(__name__)
 
@@ -518,7 +519,7 @@ def _new_base(db_path: str, model: dict, config: dict, ids: np.ndarray, rows_bet
     """An index of a new base; through the cache (written, then memory-mapped) when it is big enough."""
     options = _options(config)
     if len(ids) >= options["int8_min_rows"]:  # small collections reread in milliseconds: no file
-        folder = cache_folder(db_path, model["vector_table"], config)
+        folder = cache_folder(db_path, model.vector_table, config)
         try:
             _save_cache(folder, ids, rows_between, state)
             found = _read_cache(folder)
@@ -528,7 +529,7 @@ def _new_base(db_path: str, model: dict, config: dict, ids: np.ndarray, rows_bet
             log.warning("mapclip: cannot cache the index at %s (%s); it is rebuilt at each start", folder, error)
     if matrix is None:
         matrix = np.concatenate([rows_between(start, min(start + 50_000, len(ids)))
-                                 for start in range(0, len(ids), 50_000)]) if len(ids) else _empty(int(model["dim"]))[1]
+                                 for start in range(0, len(ids), 50_000)]) if len(ids) else _empty(int(model.dim))[1]
     index = VectorIndex.build(ids, matrix, **options)
     index.state = state
     return index
@@ -536,14 +537,14 @@ def _new_base(db_path: str, model: dict, config: dict, ids: np.ndarray, rows_bet
 
 def _cached_base(conn, db_path: str, model: dict, config: dict) -> VectorIndex | None:
     """The cached base, if it is one of this database's earlier states (checked on sample vectors)."""
-    found = _read_cache(cache_folder(db_path, model["vector_table"], config))
+    found = _read_cache(cache_folder(db_path, model.vector_table, config))
     if found is None:
         return None
     ids, matrix, state, scanner_file = found
-    if state is None or matrix.shape[1] != int(model["dim"]) or not len(ids):
+    if state is None or matrix.shape[1] != int(model.dim) or not len(ids):
         return None
     sample = np.unique(np.linspace(0, len(ids) - 1, min(16, len(ids))).astype(np.int64))
-    stored_ids, stored = _read_vectors_of(conn, model["vector_table"], int(model["dim"]), ids[sample])
+    stored_ids, stored = _read_vectors_of(conn, model.vector_table, int(model.dim), ids[sample])
     rows = sample[np.isin(ids[sample], stored_ids)]
     if not len(rows) or not np.array_equal(np.asarray(matrix[rows]), stored):
         return None  # another database under the same name
@@ -577,7 +578,7 @@ def catch_up(db_path: str, model: dict, config: dict, index: VectorIndex | None 
     from the database only when no earlier one can be followed."""
     from ..store import connect, read_vectors
 
-    table, dim = model["vector_table"], int(model["dim"])
+    table, dim = model.vector_table, int(model.dim)
     conn = connect(db_path)
     try:
         conn.execute("BEGIN")  # one read snapshot: the state and the vectors read agree
@@ -667,7 +668,7 @@ class LiveIndex:
     database already holds vector changes it lacks, or None before the first index exists."""
 
     def __init__(self, db_path: str, model: dict, config: dict):
-        self.db_path, self.model, self.config = db_path, dict(model), dict(config)
+        self.db_path, self.model, self.config = db_path, ModelRow.from_row(model), dict(config)
         self.settings = settings_of(config)
         self.lock = threading.Lock()
         self.index: VectorIndex | None = None
@@ -692,7 +693,7 @@ class LiveIndex:
 
                 uri = "file:" + urllib.parse.quote(os.path.abspath(self.db_path)) + "?mode=ro"
                 self.conn = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=0.05)
-            return quick_state(self.conn, self.model["vector_table"])
+            return quick_state(self.conn, self.model.vector_table)
         except Exception as error:
             log.debug("mapclip: cannot check %s: %s", self.db_path, error)
             if self.conn is not None:
@@ -705,7 +706,7 @@ class LiveIndex:
         if self._quick() is None:  # opens the connection, or says it cannot
             return None
         try:
-            return read_state(self.conn, self.model["vector_table"])
+            return read_state(self.conn, self.model.vector_table)
         except Exception as error:
             log.debug("mapclip: cannot check %s: %s", self.db_path, error)
             return None
@@ -776,7 +777,7 @@ class LiveIndex:
                     if new is not index:
                         self.builds += 1
                         log.info("mapclip: index of %s %s ready (%d vectors, %d changes since its base, %.2f s)",
-                                 self.db_path, self.model["vector_table"], len(new), new.changes,
+                                 self.db_path, self.model.vector_table, len(new), new.changes,
                                  time.perf_counter() - started)
                     self.index = new
                     self.verified_at = verify_started
@@ -824,7 +825,7 @@ class IndexRegistry:
     @staticmethod
     def key(db_path: str, model: dict, config: dict) -> tuple:
         settings = settings_of(config)
-        return (os.path.abspath(db_path), model["vector_table"], settings.int8_min_rows, settings.rerank)
+        return (os.path.abspath(db_path), model.vector_table, settings.int8_min_rows, settings.rerank)
 
     @property
     def indexes(self) -> dict:

@@ -1,11 +1,17 @@
-"""The search service: the one answer to "run this search", for the page and the JSON API.
+"""The search service: the one answer to "run this search", for the web pages, the CLI and Python.
 
     collection (which database, which model)
       -> query vector (text through the model, an uploaded image's vector, a stored map's vector)
       -> nearest maps (the in-memory index when it is ready and no filter applies, else sqlite-vec)
       -> results with links
 
-Model work (encoding text or an uploaded image) runs in the server's one model thread and index
+It needs no Datasette object: a ``Collection`` is a database handle (anything with Datasette's async
+``execute`` and ``execute_fn``: a Datasette ``Database`` or ``local.FileDatabase``), the models read
+from it, the settings, the resources that run the work (``resources.SearchResources``) and the
+``Links`` its answers carry.  The web layer (web/collections.py) checks permissions and builds one
+per request; ``local.py`` builds one for a file.
+
+Model work (encoding text or an uploaded image) runs in the resources' one model thread and index
 scans in another (workers.py), never on the event loop and never inside a database thread, so a
 "more like this" or a stored-vector search never waits behind text encoding.  Every failure
 leaves here as an ``errors.SearchError`` with its status.
@@ -16,65 +22,110 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import urllib.parse
+from typing import Protocol
 
 import numpy as np
-from datasette.database import QueryInterrupted
-from datasette.utils.asgi import Forbidden
 
 from .. import store
 from ..model import iiif
 from ..model.clip import ModelUnavailable
 from ..model.images import DEFAULT_MAX_PIXELS, ImageDecodeError, open_query_image
-from ..settings import settings_of
+from ..settings import Settings, settings_of
 from ..store import vectors
 from ..store.records import display_row
-from ..web import citations, compat
-from ..web.links import web_url
-from ..web.state import plugin_config, state_for
-from ..web.urls import MapclipUrls
-from . import query_vector
+from . import citations, query_vector
 from . import sql as search_sql
 from .errors import BadSearch, NotFound, SearchUnavailable, UploadError
+from .links import web_url
 from .query import VEC0_MAX_K, SearchParams
-from .workers import Workers
+from .resources import SearchResources
 
 log = logging.getLogger(__name__)
 
+
+class Interrupted(Exception):
+    """A statement cut by the time limit of whoever runs the database (a Datasette server's
+    ``sql_time_limit_ms``); database adapters raise it so the service can answer 503."""
+
+
+class Links(Protocol):
+    """The URLs an answer carries.  A server has pages for a map, its stored thumbnail, its row and
+    the search's SQL; a file searched from Python or the command line has none (each method None)."""
+
+    def thumbnail(self, map_id: int) -> str | None: ...
+    def map(self, map_id: int) -> str | None: ...
+    def record(self, map_id: int) -> str | None: ...
+    def sql(self, sql: str, params: dict) -> str | None: ...
+    def next_page(self, params: SearchParams) -> str | None: ...
+
+
+class NoLinks:
+    """Links for a file with no server in front of it."""
+
+    def thumbnail(self, map_id):
+        return None
+
+    def map(self, map_id):
+        return None
+
+    def record(self, map_id):
+        return None
+
+    def sql(self, sql, params):
+        return None
+
+    def next_page(self, params):
+        return None
+
+
 async def _run_in(executor, fn, *args):
     return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
-
-
-def _workers(collection) -> Workers:
-    return state_for(collection.datasette).workers
 
 
 @dataclasses.dataclass
 class Collection:
     """One database holding maps, and the model a search of it uses."""
 
-    datasette: object
     name: str
+    db: object  # async execute(sql, params) and execute_fn(fn), as Datasette's Database has
+    path: str | None  # the file (the in-memory index keys its cache by it); None in memory
     models: list[dict]
     model: dict
-    config: dict
+    config: Settings
+    resources: SearchResources
+    links: Links = dataclasses.field(default_factory=NoLinks)
+    time_limit_ms: int | None = None
 
     @property
-    def db(self):
-        return self.datasette.get_database(self.name)
+    def workers(self):
+        return self.resources.workers
 
     def encoder(self):
         """The shared encoder of this collection's model (ModelUnavailable if it cannot be had)."""
-        return state_for(self.datasette).encoders.get(self.model, self.config)
+        return self.resources.encoders.get(self.model, self.config)
 
     def index(self):
         """The in-memory index of this model's vectors, or None while it is built (or off)."""
-        return state_for(self.datasette).indexes.for_model(self.db.path, self.model, self.config)
+        return self.resources.indexes.for_model(self.path, self.model, self.config)
 
 
-def set_work_threads(datasette, threads: int, scan_threads: int = 1):
-    """This server's CPU threads for the model, decoding and index scans (workers.py)."""
-    state_for(datasette).workers.set_threads(threads, scan_threads)
+async def open_collection(name: str, db, path: str | None, config: Settings, resources: SearchResources, *,
+                          model_name: str | None = None, links: Links | None = None,
+                          time_limit_ms: int | None = None) -> Collection:
+    """A collection with its models read and one chosen (``store.ModelNotFound`` if none fits).
+    Permissions are the caller's: the web layer checks them before it calls this."""
+    try:
+        models = await db.execute_fn(store.read_models)
+        model = store.pick_model(models, model_name)
+    except store.ModelNotFound:
+        raise
+    except Exception as error:
+        if cut := unavailable_if_interrupted(error, time_limit_ms):
+            raise cut from None
+        # The file's own rows are at fault (written by hand or by a broken tool), not the request.
+        raise SearchUnavailable(f"collection {name!r} cannot be searched: its models table cannot be read "
+                                f"({type(error).__name__}: {error})") from None
+    return Collection(name, db, path, models, model, config, resources, links or NoLinks(), time_limit_ms)
 
 
 def preload_model(collection: Collection):
@@ -86,100 +137,28 @@ def preload_model(collection: Collection):
         except ModelUnavailable as error:
             log.warning("mapclip: the model of %s could not be loaded at start-up: %s", collection.name, error)
 
-    _workers(collection).model.submit(load)
+    collection.workers.model.submit(load)
 
 
-async def holds_collection(datasette, name: str) -> bool:
-    """Whether a served database (not Datasette's internal ones) holds a mapclip collection."""
-    db = datasette.databases.get(name)
-    return db is not None and not name.startswith("_") and await db.execute_fn(store.is_collection)
+def unavailable_if_interrupted(error: Exception, time_limit_ms: int | None) -> SearchUnavailable | None:
+    """A statement cut by the time limit (an adapter's ``Interrupted``, or SQLite's own
+    SQLITE_INTERRUPT code, wherever it surfaces) -> the 503 that says so."""
+    if isinstance(error, Interrupted) or getattr(error, "sqlite_errorcode", None) == store.SQLITE_INTERRUPT:
+        return SearchUnavailable(too_slow_message(time_limit_ms))
+    return None
 
 
-async def all_collection_names(datasette) -> list[str]:
-    """Databases that hold a mapclip collection, in Datasette's order, whoever is asking."""
-    return [name for name in list(datasette.databases) if await holds_collection(datasette, name)]
-
-
-async def ensure_can_view(datasette, actor, database: str):
-    """Datasette's own checks for the collection's ``maps`` table, as its table page makes them
-    (view-table, then view-database, then view-instance; the first decision wins).  Raises
-    Datasette's ``Forbidden``, which Datasette answers with its 403."""
-    await compat.ensure_view_table(datasette, actor, database, store.MAPS_TABLE)
-
-
-async def can_view(datasette, actor, database: str) -> bool:
-    try:
-        await ensure_can_view(datasette, actor, database)
-        return True
-    except Forbidden:
-        return False
-
-
-async def is_visible_collection(datasette, actor, name: str) -> bool:
-    """Whether one database is a collection this actor may view (without looking at the others)."""
-    return await holds_collection(datasette, name) and await can_view(datasette, actor, name)
-
-
-async def collection_names(datasette, actor) -> list[str]:
-    """The collections this actor may view, in Datasette's order."""
-    return [name for name in await all_collection_names(datasette) if await can_view(datasette, actor, name)]
-
-
-async def ensure_can_upload(datasette, actor, wanted: str | None):
-    """Checked before an upload's body is read: the collection named in the URL, or (when the form
-    names it) some collection, must be one this actor may view; else Datasette's 403."""
-    await compat.ensure_view_instance(datasette, actor)
-    names = await all_collection_names(datasette)
-    if wanted in names:
-        await ensure_can_view(datasette, actor, wanted)
-    elif names and not await collection_names(datasette, actor):
-        raise Forbidden("no collection here that you may view")
-
-
-async def open_collection(datasette, actor, wanted: str | None, model_name: str | None = None) -> Collection:
-    """The collection a request names (``_db``) or the first one the actor may view, with its model.
-
-    A collection the actor may not view answers Datasette's 403, as its database page does."""
-    await compat.ensure_view_instance(datasette, actor)
-    if wanted:
-        if wanted not in await all_collection_names(datasette):
-            names = await collection_names(datasette, actor)
-            raise BadSearch(f"no mapclip collection named {wanted!r}; collections: {', '.join(names) or 'none'}")
-        await ensure_can_view(datasette, actor, wanted)
-        name = wanted
-    else:
-        names = await collection_names(datasette, actor)
-        if not names:
-            raise BadSearch("no database here holds a mapclip collection you can view")
-        name = names[0]
-    try:
-        return await load_collection(datasette, name, model_name)
-    except store.ModelNotFound as error:
-        raise BadSearch(str(error)) from None
-
-
-async def load_collection(datasette, name: str, model_name: str | None = None) -> Collection:
-    """A collection with its models read and one chosen (ModelNotFound if none fits); no permission
-    check: callers that answer a request use ``open_collection``."""
-    try:
-        models = await datasette.get_database(name).execute_fn(store.read_models)
-        model = store.pick_model(models, model_name)
-    except store.ModelNotFound:
-        raise
-    except Exception as error:
-        if unavailable_if_interrupted(error, datasette):
-            raise
-        # The file's own rows are at fault (written by hand or by a broken tool), not the request.
-        raise SearchUnavailable(f"collection {name!r} cannot be searched: its models table cannot be read "
-                                f"({type(error).__name__}: {error})") from None
-    return Collection(datasette, name, models, model, plugin_config(datasette, name))
+def too_slow_message(time_limit_ms: int | None) -> str:
+    limit = f"this server's {time_limit_ms} ms" if time_limit_ms else "the time"
+    return (f"the search took longer than {limit} limit: narrow it with filters, "
+            "or ask the publisher to raise sql_time_limit_ms")
 
 
 def check_vector(params: SearchParams, model: dict):
     given = [("vector", params.vector)] if params.vector is not None else []
     given += [(f"image term {i + 1}", t.value) for i, t in enumerate(t for t in params.terms if t.kind == "image")]
     for name, blob in given:
-        if len(blob) != 4 * model["dim"]:
+        if len(blob) != 4 * model.dim:
             raise BadSearch(f"{name} has {len(blob) // 4} floats; model {model['name']} uses {model['dim']}")
         if not np.isfinite(vectors.decode(blob)).all():
             raise BadSearch(f"{name} contains NaN or infinite values")
@@ -193,7 +172,7 @@ async def build_query_vector(collection: Collection, params: SearchParams, index
     stored = await _stored_vectors(collection, stored_ids, index) if stored_ids else {}
     try:
         texts = [t.value for t in terms if t.kind == "text"]
-        found = iter(await asyncio.gather(*(_workers(collection).text.vector(collection, text) for text in texts)))
+        found = iter(await asyncio.gather(*(collection.workers.text.vector(collection, text) for text in texts)))
         weighted = []
         for term in terms:
             vector = (next(found) if term.kind == "text" else stored[term.value] if term.kind == "map"
@@ -211,7 +190,8 @@ async def _stored_vectors(collection: Collection, map_ids: list[int], index=None
     """Stored maps' vectors by id, from the index where it holds them (no SQLite read), else the file."""
     found = {}
     if index is not None:
-        found = await _run_in(_workers(collection).index, lambda: {i: v for i in set(map_ids) if (v := index.vector_of(i)) is not None})
+        found = await _run_in(collection.workers.index,
+                              lambda: {i: v for i in set(map_ids) if (v := index.vector_of(i)) is not None})
     missing = [i for i in dict.fromkeys(map_ids) if i not in found]
     if missing:
         read = await collection.db.execute_fn(
@@ -230,7 +210,7 @@ async def _nearest_with_index(collection: Collection, index, query: np.ndarray, 
     if params.has_filters:
         ids, scores, way = await _filtered_with_index(collection, index, query, params, need, place_index)
     else:
-        ids, scores = await _run_in(_workers(collection).index, index.search, query, need)
+        ids, scores = await _run_in(collection.workers.index, index.search, query, need)
     skip = params.k * (params.page - 1)
     ids, scores = ids[skip:], scores[skip:]
     rows = await collection.db.execute_fn(
@@ -245,7 +225,7 @@ async def _filtered_with_index(collection: Collection, index, query: np.ndarray,
     filter selects is searched (``VectorIndex.search_among``).  The filters are the same SQL conditions
     the reported sqlite-vec query applies, so both answer the same maps."""
     pool = max(settings_of(collection.config).filter_pool, 4 * need)
-    ids, scores = await _run_in(_workers(collection).index, index.search, query, pool)
+    ids, scores = await _run_in(collection.workers.index, index.search, query, pool)
     # The nearest few first: a broad filter passes enough of them, and each check costs (a
     # full-text condition ~30 us per map); the rest of the pool only when too few passed.
     passing: set = set()
@@ -265,32 +245,19 @@ async def _filtered_with_index(collection: Collection, index, query: np.ndarray,
     allowed = np.fromiter((row[0] for row in await _filter_sql(
         collection, search_sql.matching_ids_sql(params, sql_params, place_index=place_index), sql_params)), np.int64)
     exact_up_to = settings_of(collection.config).exact_subset_rows
-    ids, scores = await _run_in(_workers(collection).index, index.search_among, query, need, allowed, exact_up_to)
+    ids, scores = await _run_in(collection.workers.index, index.search_among, query, need, allowed, exact_up_to)
     way = "filter's maps scored exactly" if index.exact or len(allowed) <= exact_up_to else "filter's maps scanned"
     return ids, scores, way
 
 
 async def _filter_sql(collection: Collection, sql: str, sql_params: dict):
-    """Run a filter's SQL within the server's time limit (its own 503 when cut)."""
+    """Run a filter's SQL within the database's time limit (its own 503 when cut)."""
     try:
         return await collection.db.execute(sql, sql_params, log_sql_errors=False)
     except Exception as error:
-        if cut := unavailable_if_interrupted(error, collection.datasette):
+        if cut := unavailable_if_interrupted(error, collection.time_limit_ms):
             raise cut from None
         raise BadSearch(f"the filter could not run: {error}") from None
-
-
-def unavailable_if_interrupted(error: Exception, datasette) -> SearchUnavailable | None:
-    """Any SQLite statement of a request cut by the server's time limit (Datasette's QueryInterrupted,
-    or SQLite's own SQLITE_INTERRUPT code, wherever it surfaces) -> the 503 that says so."""
-    if isinstance(error, QueryInterrupted) or getattr(error, "sqlite_errorcode", None) == store.SQLITE_INTERRUPT:
-        return SearchUnavailable(too_slow_message(datasette))
-    return None
-
-
-def too_slow_message(datasette) -> str:
-    return (f"the search took longer than this server's {datasette.setting('sql_time_limit_ms')} ms "
-            "limit: narrow it with filters, or ask the publisher to raise sql_time_limit_ms")
 
 
 async def _nearest_with_sqlite_vec(collection: Collection, plan: search_sql.SearchPlan, query: np.ndarray) -> list[dict]:
@@ -298,7 +265,7 @@ async def _nearest_with_sqlite_vec(collection: Collection, plan: search_sql.Sear
         rows = await collection.db.execute(plan.run_sql, {**plan.run_params, "query_vector": vectors.encode(query)},
                                            log_sql_errors=False)
     except Exception as error:  # sqlite errors: typed by SQLite's own error code
-        if cut := unavailable_if_interrupted(error, collection.datasette):
+        if cut := unavailable_if_interrupted(error, collection.time_limit_ms):
             raise cut from None
         log.warning("mapclip: search SQL failed: %s", error)
         raise BadSearch(f"the search could not run: {error}") from None
@@ -306,8 +273,8 @@ async def _nearest_with_sqlite_vec(collection: Collection, plan: search_sql.Sear
 
 
 async def run_search(collection: Collection, params: SearchParams) -> dict:
-    """Run one search; the answer is what ``search.json`` returns (the page renders the same)."""
-    datasette, database, model = collection.datasette, collection.name, collection.model
+    """Run one search; the answer is what ``search.json`` returns (the page and the CLI show the same)."""
+    model = collection.model
     check_vector(params, model)
     text_indexes = await collection.db.execute_fn(store.text_indexes) if params.has_filters else frozenset()
     if params.filter and "maps_fts" not in text_indexes:
@@ -326,20 +293,18 @@ async def run_search(collection: Collection, params: SearchParams) -> dict:
     else:
         rows = await _nearest_with_sqlite_vec(collection, plan, query)
         searched_with = "sqlite-vec"
-    results = [shape_result(row, database, datasette) for row in rows]
+    results = [shape_result(row, collection.links) for row in rows]
     more = len(results) == params.k and params.k * (params.page + 1) <= VEC0_MAX_K
-    sql_url = compat.query_url(datasette, database) + "?" + urllib.parse.urlencode(
-        {"sql": plan.sql, **{k: str(v) for k, v in plan.params.items()}})
     answer = {
-        "database": database,
-        "model": model["name"],
+        "database": collection.name,
+        "model": model.name,
         "searched_with": searched_with,
         "models": [m["name"] for m in collection.models],
         "sql": plan.sql,
         "params": plan.params,
-        "sql_url": sql_url,
+        "sql_url": collection.links.sql(plan.sql, plan.params),
         "results": results,
-        "next": MapclipUrls(datasette).search_json(params.query_string(page=params.page + 1), database) if more else None,
+        "next": collection.links.next_page(params) if more else None,
     }
     if behind:  # the database holds vector changes the index is still reading
         answer["index_behind"] = True
@@ -355,46 +320,37 @@ async def embed_upload(collection: Collection, data: bytes) -> bytes:
     max_decoded_bytes = settings.max_upload_decoded_bytes
 
     # Decoded (and refused) before the model is asked for: a bad upload never queues behind model work.
-    min_size = collection.model.get("image_size") or 224
+    min_size = collection.model.image_size or 224
+    workers = collection.workers
     try:
-        image = await _run_in(_workers(collection).decode, lambda: open_query_image(data, min_size=min_size, max_pixels=max_pixels,
-                                                               max_decoded_bytes=max_decoded_bytes))
-        encoder = await _run_in(_workers(collection).model, collection.encoder)
-        return vectors.encode(await _run_in(_workers(collection).model, encoder.embed_image, image))
+        image = await _run_in(workers.decode, lambda: open_query_image(data, min_size=min_size, max_pixels=max_pixels,
+                                                                       max_decoded_bytes=max_decoded_bytes))
+        encoder = await _run_in(workers.model, collection.encoder)
+        return vectors.encode(await _run_in(workers.model, encoder.embed_image, image))
     except ImageDecodeError as error:
         raise UploadError(f"the upload is not a usable image: {error}") from None
     except ModelUnavailable as error:
         raise SearchUnavailable(str(error)) from None
 
 
+def _thumbnail_url(links: Links, row: dict) -> str | None:
+    """A stored thumbnail where the server serves one, else the catalogue's thumbnail URL."""
+    return (links.thumbnail(row["id"]) if row["has_thumbnail"] else None) or web_url(row["thumbnail_url"])
+
+
 async def map_summary(collection: Collection, map_id: int) -> dict | None:
     """The "more like this" header: a map's title and thumbnail link."""
     row = await collection.db.execute_fn(lambda conn: store.read_map_summary(conn, map_id))
     if row:
-        row["thumbnail_url"] = (MapclipUrls(collection.datasette).thumbnail(collection.name, map_id)
-                                if row["has_thumbnail"] else web_url(row["thumbnail_url"]))
+        row["thumbnail_url"] = _thumbnail_url(collection.links, row)
     return row
 
 
-async def thumbnail(datasette, actor, database: str, map_id: int) -> bytes:
-    if not await holds_collection(datasette, database):
-        raise NotFound("no such collection")
-    await ensure_can_view(datasette, actor, database)
-    data = await datasette.get_database(database).execute_fn(lambda conn: store.read_thumbnail(conn, map_id))
-    if data is None:
-        raise NotFound("no thumbnail for that map")
-    return data
-
-
-def shape_result(row: dict, database: str, datasette) -> dict:
+def shape_result(row: dict, links: Links) -> dict:
     """A result as the API gives it: links for the catalogue record, thumbnail and full image."""
-    urls = datasette.urls
     map_id = row["id"]
-    thumbnail_url = web_url(row["thumbnail_url"])
-    if row["has_thumbnail"]:
-        thumbnail_url = MapclipUrls(datasette).thumbnail(database, map_id)
-    image_url = web_url(row["image_url"])
-    record_url = urls.row(database, "maps", str(map_id))
+    thumbnail_url = _thumbnail_url(links, row)
+    record_url = links.record(map_id)
     return {
         "id": map_id,
         "title": row["title"],
@@ -405,10 +361,10 @@ def shape_result(row: dict, database: str, datasette) -> dict:
         "sheet": row["sheet"],
         "similarity": round(float(row["similarity"]), 4),
         "thumbnail_url": thumbnail_url,
-        "image_url": image_url or thumbnail_url,
+        "image_url": web_url(row["image_url"]) or thumbnail_url,
         "url": web_url(row["item_url"]) or record_url,
         "record_url": record_url,
-        "map_url": MapclipUrls(datasette).map(database, map_id),
+        "map_url": links.map(map_id),
     }
 
 
@@ -421,9 +377,7 @@ async def map_details(collection: Collection, map_id: int, neighbours: int = NEI
     record = await collection.db.execute_fn(lambda conn: store.read_map_record(conn, map_id))
     if record is None:
         raise NotFound(f"no map {map_id} in this collection")
-    urls = collection.datasette.urls
-    thumbnail_url = (MapclipUrls(collection.datasette).thumbnail(collection.name, map_id) if record["has_thumbnail"]
-                     else web_url(record["thumbnail_url"]))
+    links = collection.links
     image_url = web_url(record["image_url"])
     service = iiif.service_url(image_url) if image_url else None
     deep_zoom = None
@@ -440,10 +394,7 @@ async def map_details(collection: Collection, map_id: int, neighbours: int = NEI
         rows = await collection.db.execute_fn(
             lambda conn: store.read_item_sheets(conn, record["item_id"]))
         sheets = [{"id": r["id"], "sheet": r["sheet"], "title": r["title"], "this": r["id"] == map_id,
-                   "map_url": MapclipUrls(collection.datasette).map(collection.name, r["id"]),
-                   "thumbnail_url": MapclipUrls(collection.datasette).thumbnail(collection.name, r["id"])
-                   if r["has_thumbnail"]
-                   else web_url(r["thumbnail_url"])} for r in rows]
+                   "map_url": links.map(r["id"]), "thumbnail_url": _thumbnail_url(links, r)} for r in rows]
     try:
         found = await run_search(collection, SearchParams(like=map_id, k=neighbours + 1))
         near = [r for r in found["results"] if r["id"] != map_id][:neighbours]
@@ -453,12 +404,12 @@ async def map_details(collection: Collection, map_id: int, neighbours: int = NEI
                                          "sheet", "source", "width", "height")}
     return {
         "database": collection.name,
-        "model": collection.model["name"],
+        "model": collection.model.name,
         "map": {**shown, "subjects": citations.list_field(record["subjects"]),
                 "contributors": citations.list_field(record["contributors"]),
-                "url": web_url(record["item_url"]), "image_url": image_url, "thumbnail_url": thumbnail_url,
-                "record_url": urls.row(collection.name, "maps", str(map_id)),
-                "map_url": MapclipUrls(collection.datasette).map(collection.name, map_id)},
+                "url": web_url(record["item_url"]), "image_url": image_url,
+                "thumbnail_url": _thumbnail_url(links, record),
+                "record_url": links.record(map_id), "map_url": links.map(map_id)},
         # IIIF Image API: the viewer reads the service's info.json and asks for tiles of the full scan
         "deep_zoom": deep_zoom,
         "sheets": sheets,

@@ -87,7 +87,7 @@ def fts_query(text: str) -> str:
 
 def query_vector_sql(params: SearchParams, model: dict, sql_params: dict) -> str:
     """The SQL expression of the query vector: readable, and runnable in Datasette as it stands."""
-    table = model["vector_table"]
+    table = model.vector_table
     model_arg = ", :model" if params.model else ""
     if params.model:
         sql_params["model"] = params.model
@@ -165,8 +165,8 @@ def plan(params: SearchParams, model: dict, *, place_index: bool = False) -> Sea
     filters = filter_clause(params, filter_params, place_index=place_index)
     paging = {"k": params.k * params.page, "limit": params.k, "offset": params.k * (params.page - 1)}
     return SearchPlan(
-        sql=knn_sql(model["vector_table"], vector_sql, filters),
+        sql=knn_sql(model.vector_table, vector_sql, filters),
         params={**shown_params, **filter_params, **paging},
-        run_sql=knn_sql(model["vector_table"], ":query_vector", filters),
+        run_sql=knn_sql(model.vector_table, ":query_vector", filters),
         run_params={**filter_params, **paging},
     )

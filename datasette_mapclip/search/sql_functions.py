@@ -20,7 +20,6 @@ from ..model.clip import ModelUnavailable
 from ..model.images import DEFAULT_MAX_PIXELS, ImageDecodeError, open_query_image
 from ..settings import settings_of
 from ..store import ModelNotFound, pick_model, vectors
-from ..web.uploads import UploadLimits
 from . import sqlite_native
 from .query import MAX_QUERY_CHARS
 from .query_vector import text_vector
@@ -132,7 +131,7 @@ class DatabaseFunctions:
 
     def max_image_bytes(self) -> int:
         """The same cap as an uploaded image's (``max_upload_bytes``)."""
-        return UploadLimits.from_config(self.config_for()).max_bytes
+        return settings_of(self.config_for()).max_upload_bytes
 
     def embed_image(self, data, name=None) -> bytes:
         if data is None:

@@ -53,7 +53,7 @@ class TextBatcher:
         groups: dict[tuple, list] = {}
         for collection, text, future in batch:
             if future.set_running_or_notify_cancel():  # False: the request went away
-                key = (collection.model["name"], collection.model.get("checkpoint_sha256"),
+                key = (collection.model.name, collection.model.get("checkpoint_sha256"),
                        settings_of(collection.config).prompt_template)
                 groups.setdefault(key, []).append((collection, text, future))
         for items in groups.values():
@@ -85,6 +85,10 @@ class Workers:
         for pool in (self.model, self.decode):
             pool.submit(set_torch_threads, threads)
         self.index.submit(set_faiss_threads, scan_threads)
+
+    def shutdown(self):
+        for pool in (self.model, self.index, self.decode):
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def in_model_thread(self, fn):
         """Run ``fn`` in the model thread and wait for it (from a thread that is not the event

@@ -6,6 +6,7 @@
     runs.py        whether a load run is alive
     catalogue.py   the loc.gov catalogue crawl's progress
     records.py     MapRecord, the shape of one sheet; display_row, a row as pages show it
+    model_rows.py  ModelRow, one models row typed
     vectors.py     float32 BLOBs
     ids.py         map ids from requests
 
@@ -14,6 +15,7 @@ This module re-exports the names the other parts use.
 """
 
 from .map_store import MapStore
+from .model_rows import MODEL_COLUMNS, ModelRow
 from .reads import (
     MAP_RECORD_COLUMNS,
     MAX_SHEETS_LISTED,

@@ -16,6 +16,7 @@ import numpy as np
 from ..model.provenance import row_provenance
 from . import vectors
 from .catalogue import CatalogueCrawl
+from .model_rows import ModelRow
 from .reads import pick_model, read_models, read_vectors
 from .records import LIST_FIELDS, RECORD_FIELDS, LoadNote, MapRecord, decode_list, displayable, encode_list
 from .runs import STALE_LOAD_SECONDS, host_id, why_load_is_dead
@@ -39,7 +40,7 @@ class MapStore(CatalogueCrawl):
         return _Transaction(self.conn)
 
     # -- models -------------------------------------------------------------------
-    def register_model(self, provenance: dict, precision: str | None = None) -> dict:
+    def register_model(self, provenance: dict, precision: str | None = None) -> ModelRow:
         """Get or create the ``models`` row (and its vec0 table) for an encoder's provenance.
 
         The row keeps the checkpoint's SHA-256 and file name, never its directory on this
@@ -49,7 +50,7 @@ class MapStore(CatalogueCrawl):
         if row:
             if row["dim"] != provenance["dim"]:
                 raise ValueError(f"model {provenance['name']} is recorded with dim {row['dim']}, not {provenance['dim']}")
-            return dict(row)
+            return ModelRow.from_row(row)
         table = "map_vectors_" + slug(provenance["name"])
         with self.transaction():
             self.conn.execute(
@@ -68,13 +69,13 @@ class MapStore(CatalogueCrawl):
                     provenance.get("torch_version"), self.sqlite_vec_version, precision, now(), is_default,
                 ),
             )
-        return dict(self.conn.execute("SELECT * FROM models WHERE name = ?", (provenance["name"],)).fetchone())
+        return ModelRow.from_row(self.conn.execute("SELECT * FROM models WHERE name = ?", (provenance["name"],)).fetchone())
 
-    def models(self) -> list[dict]:
+    def models(self) -> list[ModelRow]:
         """Every ``models`` row, oldest first."""
         return read_models(self.conn)
 
-    def model(self, name: str | None = None) -> dict:
+    def model(self, name: str | None = None) -> ModelRow:
         """A model by name, or the default one (ModelNotFound if there is none)."""
         return pick_model(self.models(), name, where=self.path)
 
@@ -130,7 +131,7 @@ class MapStore(CatalogueCrawl):
         return row[0]
 
     def write_vector(self, model: dict, map_id: int, vector: np.ndarray):
-        table = model["vector_table"]
+        table = model.vector_table
         # vec0 rejects INSERT OR REPLACE: delete, then insert.
         replaced = self.conn.execute(f"DELETE FROM [{table}] WHERE map_id = ?", (map_id,)).rowcount > 0
         self.conn.execute(f"INSERT INTO [{table}] (map_id, embedding) VALUES (?, ?)", (map_id, vectors.encode(vector)))
@@ -138,7 +139,7 @@ class MapStore(CatalogueCrawl):
 
     def delete_vectors(self, model: dict, map_ids: Iterable[int]) -> int:
         """Delete maps' vectors of one model (their catalogue rows stay); returns how many were deleted."""
-        table, deleted = model["vector_table"], 0
+        table, deleted = model.vector_table, 0
         with self.transaction():
             for map_id in map_ids:
                 deleted += max(self.conn.execute(f"DELETE FROM [{table}] WHERE map_id = ?", (int(map_id),)).rowcount, 0)
@@ -305,7 +306,7 @@ class MapStore(CatalogueCrawl):
     def vectors(self, model_name: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Every stored vector of a model as ``(map_ids, matrix)``: int64 (N,) and float32 (N, dim)."""
         model = self.model(model_name)
-        return read_vectors(self.conn, model["vector_table"], int(model["dim"]))
+        return read_vectors(self.conn, model.vector_table, int(model.dim))
 
     def counts(self) -> dict:
         return {

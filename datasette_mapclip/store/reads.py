@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from . import vectors
+from .model_rows import ModelRow
 from .records import LIST_FIELDS, decode_list, display_row
 from .schema import vector_meta_keys
 
@@ -24,9 +25,9 @@ class ModelNotFound(LookupError):
     """No such model in a collection (or no model at all yet)."""
 
 
-def read_models(conn) -> list[dict]:
+def read_models(conn) -> list[ModelRow]:
     """Every ``models`` row, oldest first (``pick_model`` says which is the default)."""
-    return [dict(row) for row in rows_of(conn, "SELECT * FROM models ORDER BY id")]
+    return [ModelRow.from_row(row) for row in rows_of(conn, "SELECT * FROM models ORDER BY id")]
 
 
 def read_load_commands(conn, limit: int = 1000) -> list[str]:
@@ -37,7 +38,7 @@ def read_load_commands(conn, limit: int = 1000) -> list[str]:
     return [row[0] for row in rows if isinstance(row[0], str)]
 
 
-def read_models_at(path, *, immutable: bool = False) -> list[dict]:
+def read_models_at(path, *, immutable: bool = False) -> list[ModelRow]:
     """``read_models`` through a read-only connection of its own to the file at ``path`` ([] when
     there is no file or no ``models`` table): for callers that must not hold a connection."""
     if not path:
@@ -55,7 +56,7 @@ def read_models_at(path, *, immutable: bool = False) -> list[dict]:
         conn.close()
 
 
-def pick_model(models: list[dict], name: str | None = None, *, where: str = "this collection") -> dict:
+def pick_model(models: list[ModelRow], name: str | None = None, *, where: str = "this collection") -> ModelRow:
     """The one rule for which model answers: the named one, else the default (``is_default``,
     then the oldest).  ``models`` as ``read_models`` returns them."""
     if not models:
@@ -63,7 +64,7 @@ def pick_model(models: list[dict], name: str | None = None, *, where: str = "thi
     if name is None:
         return sorted(models, key=lambda m: (-int(m["is_default"]), m["id"]))[0]
     for model in models:
-        if model["name"] == name:
+        if model.name == name:
             return model
     raise ModelNotFound(f"no model {name!r} in {where}; models: {', '.join(m['name'] for m in models)}")
 

@@ -21,6 +21,7 @@ leaves only whole batches behind and a rerun skips exactly what is already store
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import re
 import sqlite3 as stdlib_sqlite3
@@ -234,6 +235,7 @@ def file_is_collection(path) -> bool:
     return _file_is_collection(str(path), stat.st_mtime_ns, stat.st_size)
 
 
+@functools.lru_cache(maxsize=256)
 def _file_is_collection(path: str, mtime_ns: int, size: int) -> bool:
     try:
         conn = stdlib_sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True)

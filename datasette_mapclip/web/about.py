@@ -3,7 +3,7 @@ weights came from, what it was and was not trained on, its known weaknesses, wha
 to report a problem) and the search page's optional example links.
 
 Everything here is read from the database's own provenance (the ``models`` table) and the plugin's
-configuration; the templates escape all of it, and only http(s) URLs (``search.web_url``) become links.
+configuration; the templates escape all of it, and only http(s) URLs (``search/links.web_url``) become links.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import logging
 from datasette.utils.asgi import Forbidden
 
 from .. import store
+from ..search.links import web_url
 from ..search.query import SearchParams
-from ..search.service import map_summary, web_url
+from ..search.service import map_summary
 from ..store.ids import map_id_or_none
 from . import compat
 from .urls import MapclipUrls

@@ -7,10 +7,11 @@ import json
 
 from datasette.utils.asgi import Response
 
-from ..search import service as search
+from ..search import citations, service
 from ..search.errors import BadSearch, NotFound, SearchError
 from ..search.query import SearchParams, first_value
-from . import citations, vendor
+from . import vendor
+from .state import collections_of
 from .urls import MapclipUrls, attachment
 from .views import answers_503_when_cut, error_response, map_in_path
 
@@ -28,11 +29,11 @@ async def map_page(request, datasette):
     as_json = suffix == ".json"
     try:
         database, map_id = map_in_path(datasette, request)
-        if not await search.holds_collection(datasette, database):
+        if not await collections_of(datasette).holds(database):
             raise NotFound("no such collection")
-        collection = await search.open_collection(datasette, request.actor, database,
-                                                  (request.args.get("model") or "").strip() or None)
-        details = await search.map_details(collection, map_id)
+        collection = await collections_of(datasette).open(request.actor, database,
+                                                         (request.args.get("model") or "").strip() or None)
+        details = await service.map_details(collection, map_id)
     except SearchError as error:
         if not as_json and not suffix:
             return Response.html(await datasette.render_template(
@@ -72,8 +73,8 @@ async def export_results(request, datasette):
         if not params.has_query:
             raise BadSearch("give the search's own parameters (q, like, vector, term, more): export the results of a search")
         database = first_value(args, "_db")
-        collection = await search.open_collection(datasette, request.actor, database, params.model)
-        data = await search.run_search(collection, params)
+        collection = await collections_of(datasette).open(request.actor, database, params.model)
+        data = await service.run_search(collection, params)
     except SearchError as error:
         return error_response(error, as_json=not as_csv)
     rows = citations.export_rows(data["results"], first_rank=params.k * (params.page - 1) + 1)

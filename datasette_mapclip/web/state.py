@@ -1,8 +1,9 @@
 """What one Datasette server holds for this plugin, and its configuration.
 
-Each ``Datasette`` instance gets its own encoders (with their remembered load failures), its
-own vector indexes and its own worker threads, created on first use and released with the instance; nothing is a module-level
-global that one server (or one test) could leak into another.
+Each ``Datasette`` instance gets its own search resources (encoders with their remembered load
+failures, vector indexes, worker threads) and its own collection owner, created on first use and
+released with the instance; nothing is a module-level global that one server (or one test) could
+leak into another.
 """
 
 from __future__ import annotations
@@ -10,20 +11,17 @@ from __future__ import annotations
 import dataclasses
 import weakref
 
-from ..model.encoders import EncoderCache
-from ..search.index import IndexRegistry
-from ..search.workers import Workers
+from ..search.resources import SearchResources
 from ..settings import Settings
 from . import compat
+from .collections import Collections
 
 PLUGIN = "datasette-mapclip"
 
 
 @dataclasses.dataclass
-class PluginState:
-    encoders: EncoderCache = dataclasses.field(default_factory=EncoderCache)
-    indexes: IndexRegistry = dataclasses.field(default_factory=IndexRegistry)
-    workers: Workers = dataclasses.field(default_factory=Workers)
+class PluginState(SearchResources):
+    collections: Collections | None = None
 
 
 _states: "weakref.WeakKeyDictionary[object, PluginState]" = weakref.WeakKeyDictionary()
@@ -32,8 +30,14 @@ _states: "weakref.WeakKeyDictionary[object, PluginState]" = weakref.WeakKeyDicti
 def state_for(datasette) -> PluginState:
     state = _states.get(datasette)
     if state is None:
-        state = _states.setdefault(datasette, PluginState())
+        state = PluginState()
+        state.collections = Collections(datasette, state, plugin_config)
+        state = _states.setdefault(datasette, state)
     return state
+
+
+def collections_of(datasette) -> Collections:
+    return state_for(datasette).collections
 
 
 def plugin_config(datasette, database: str | None = None) -> Settings:

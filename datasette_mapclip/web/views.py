@@ -8,12 +8,14 @@ import re
 
 from datasette.utils.asgi import Forbidden, Response
 
-from ..search import service as search
+from .. import store
+from ..search import service
 from ..search.errors import BadSearch, NotFound, SearchError, UploadError
 from ..search.query import MAX_FEEDBACK, MAX_TERMS, SearchParams, first_value
 from ..store.ids import map_id_or_none
 from . import about, compat
-from .state import plugin_config
+from .collections import too_slow_message, unavailable_if_interrupted
+from .state import collections_of, plugin_config
 from .uploads import UploadLimits, read_multipart
 from .urls import MapclipUrls, database_from_segment
 
@@ -23,14 +25,15 @@ log = logging.getLogger(__name__)
 UPLOAD_PATHS = (MapclipUrls.PAGE, MapclipUrls.SEARCH_JSON)
 
 
-async def read_search_request(datasette, request) -> tuple[search.Collection, SearchParams]:
+async def read_search_request(datasette, request) -> tuple[service.Collection, SearchParams]:
     """GET args, or a POSTed form with an optional image -> (collection, params)."""
     # Repeated arguments (``term``, ``term_weight``) keep every value, in order.
     args = {key: request.args.getlist(key) for key in request.args.keys()}
-    upload = None
+    collections = collections_of(datasette)
+    upload = chosen = None
     if request.method == "POST":
         # No body is read for an actor who may not search here.
-        await search.ensure_can_upload(datasette, request.actor, first_value(args, "_db"))
+        chosen = await collections.choose_before_upload(request.actor, first_value(args, "_db"))
         fields, files = await read_multipart(request, UploadLimits.from_config(plugin_config(datasette)))
         args.update({k: v for k, v in fields.items() if k != "csrftoken"})
         filename, data = files.get("image", (None, b""))
@@ -38,9 +41,16 @@ async def read_search_request(datasette, request) -> tuple[search.Collection, Se
             raise UploadError("the uploaded file is empty (0 bytes)")
         upload = data or None
     params = SearchParams.from_args(args)
-    collection = await search.open_collection(datasette, request.actor, first_value(args, "_db") or None, params.model)
+    wanted = first_value(args, "_db") or None
+    if chosen is not None and wanted in (None, chosen):  # permission was checked before the body was read
+        try:
+            collection = await collections.load(chosen, params.model)
+        except store.ModelNotFound as error:
+            raise BadSearch(str(error)) from None
+    else:
+        collection = await collections.open(request.actor, wanted, params.model)
     if upload:
-        params.vector = await search.embed_upload(collection, upload)
+        params.vector = await service.embed_upload(collection, upload)
     return collection, params
 
 
@@ -80,7 +90,7 @@ def answers_503_when_cut(as_json: bool):
             try:
                 return await view(request, datasette)
             except Exception as error:
-                problem = search.unavailable_if_interrupted(error, datasette)
+                problem = unavailable_if_interrupted(error, datasette)
                 if problem is None:
                     raise
                 return error_response(problem, as_json=as_json)
@@ -94,7 +104,7 @@ async def search_json(request, datasette):
         collection, params = await read_search_request(datasette, request)
         if not params.has_query:
             raise BadSearch("give q (text), like (a map id), vector, or POST an image")
-        data = await search.run_search(collection, params)
+        data = await service.run_search(collection, params)
     except SearchError as error:
         return error_response(error, as_json=True)
     except Forbidden as error:  # Datasette's permission checks; the same 403, as JSON
@@ -119,7 +129,7 @@ def visitor_message(message: str, status: int, datasette) -> str:
     """An error as the public page shows it: a visitor's own mistake as it was; the server's problems
     (a model that cannot be loaded, advice for the operator) in plain words.  The time limit's 503
     says what a visitor can do, and stays."""
-    operator = OPERATOR_ADVICE.search(message) or (status == 503 and message != search.too_slow_message(datasette))
+    operator = OPERATOR_ADVICE.search(message) or (status == 503 and message != too_slow_message(datasette))
     if not operator:
         return message
     log.warning("mapclip: a search page answered %s: %s", status, message)
@@ -158,11 +168,11 @@ async def mapclip_page(request, datasette):
             # Post/redirect/get: the uploaded image becomes a shareable URL.
             return Response.redirect(MapclipUrls(datasette).page(params.query_string(), collection.name))
         if params.has_query:
-            data = await search.run_search(collection, params)
+            data = await service.run_search(collection, params)
     except SearchError as problem:
         error, status, headers = visitor_message(str(problem), problem.status, datasette), problem.status, closing_headers(problem)
     except Exception as problem:  # a statement cut by the time limit, wherever it ran
-        cut = search.unavailable_if_interrupted(problem, datasette)
+        cut = unavailable_if_interrupted(problem, datasette)
         if cut is None:
             raise
         error, status = str(cut), cut.status
@@ -171,7 +181,7 @@ async def mapclip_page(request, datasette):
     examples = {"queries": [], "map": None}
     if collection and status != 503:
         if params.like is not None:
-            like_row = await search.map_summary(collection, params.like)
+            like_row = await service.map_summary(collection, params.like)
         examples = await about.examples(datasette, collection, collection.config)
     urls = MapclipUrls(datasette)
     page = await datasette.render_template(
@@ -181,9 +191,9 @@ async def mapclip_page(request, datasette):
             "data": data,
             "error": error,
             "database": database,
-            "databases": await search.collection_names(datasette, request.actor),
+            "databases": await collections_of(datasette).visible_names(request.actor),
             "models": collection.models if collection else [],
-            "model_name": (data or {}).get("model") or (collection.model["name"] if collection else None),
+            "model_name": (data or {}).get("model") or (collection.model.name if collection else None),
             "like_row": like_row,
             "examples": examples,
             "max_terms": MAX_TERMS,
@@ -218,20 +228,20 @@ async def about_page(request, datasette):
     status = 200
     error = None
     if wanted is not None:
-        if wanted in await search.all_collection_names(datasette):
-            await search.ensure_can_view(datasette, request.actor, wanted)  # Datasette's 403
+        if await collections_of(datasette).holds(wanted):
+            await collections_of(datasette).ensure_can_view(request.actor, wanted)  # Datasette's 403
             names = [wanted]
         else:
             names, status, error = [], 404, "There is no map collection of that name here."
     else:
-        names = await search.collection_names(datasette, request.actor)
+        names = await collections_of(datasette).visible_names(request.actor)
     collections = []
     for name in names:
         config = plugin_config(datasette, name)
         try:
             described = await about.describe_collection(datasette, name, config, request.actor)
         except Exception as problem:  # a damaged provenance table: say so, never a 500
-            if search.unavailable_if_interrupted(problem, datasette) is not None:
+            if unavailable_if_interrupted(problem, datasette) is not None:
                 raise
             log.warning("mapclip: the models of %s could not be read: %s", name, problem)
             described = await about.unreadable_collection(datasette, name)
@@ -255,10 +265,10 @@ async def about_page(request, datasette):
 async def thumbnail(request, datasette):
     try:
         database, map_id = map_in_path(datasette, request)
-        data = await search.thumbnail(datasette, request.actor, database, map_id)
+        data = await collections_of(datasette).thumbnail(request.actor, database, map_id)
     except NotFound as error:
         return Response.text(str(error), status=error.status)
     # A thumbnail of a collection behind permissions must not sit in shared caches.
-    public = await search.can_view(datasette, None, database)
+    public = await collections_of(datasette).can_view(None, database)
     cache = "public, max-age=86400" if public else "private, max-age=3600"
     return Response(data, content_type="image/jpeg", headers={"Cache-Control": cache})

@@ -21,16 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-KINDS: dict[str, str] = {
-    "relief": "relief map",
-    "political": "political map",
-    "street_plan": "city street plan",
-    "nautical": "nautical chart",
-    "choropleth": "thematic choropleth map",
-    "manuscript": "hand-drawn manuscript map",
-    "geological": "geological map",
-    "fire_insurance": "fire insurance plan",
-}
+from ..kinds import KINDS
+
 
 COLUMNS = (
     "file", "item_id", "sheet", "title", "date", "year", "place", "subjects", "contributors",

@@ -272,7 +272,7 @@ def build(workdir: Path) -> Path:
 
     from ..evaluate import evaluate
     from ..register import register
-    from .maps import KINDS
+    from ..kinds import KINDS
 
     ensure_fresh(workdir)
     collection = ensure_collection(workdir / "collection")
@@ -302,7 +302,7 @@ def build(workdir: Path) -> Path:
     summary, model, _ = register(store, tiny_encoder(weights[SEEDS[0]]), default=True)
     check(summary, "embedding with the trained model")
     how = "trained from scratch on this demo collection by mapclip fine-tune (see demo/model/evaluation.md)"
-    (workdir / "metadata.yml").write_text(demo_metadata(model["name"], how, example_queries=list(KINDS.values()),
+    (workdir / "metadata.yml").write_text(demo_metadata(model.name, how, example_queries=list(KINDS.values()),
                                                         example_map=example_map_id(db_path)))
     store.close()
     click.echo((model_dir / "evaluation.md").read_text(), err=True)
