@@ -25,7 +25,7 @@ $(VENV)/.installed: setup.py ruff.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PACKAGES)
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[load,test]'
 	touch $@
 
 # OpenSeadragon, the map page's deep-zoom viewer: fetched pinned from the npm registry and checked

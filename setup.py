@@ -6,6 +6,7 @@ from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RAY = ["ray>=2.40,<3"]  # tested with 2.60
+LOAD = ["torch", "torchvision", "open_clip_torch>=2.24", "onnx>=1.16", "onnxscript>=0.1"]
 
 
 class BuildWithViewer(build_py):
@@ -47,12 +48,14 @@ setup(
     package_data={"datasette_mapclip": ["model/model_configs/*.json", "templates/*", "static/*",
                                         "static/vendor/openseadragon/*", "static/vendor/openseadragon/images/*"]},
     cmdclass={"build_py": BuildWithViewer},
+    # The serving stack: the plugin, `mapclip search` and the Python search API encode queries with
+    # the ONNX encoders a collection file carries; no torch.
     install_requires=[
         "datasette>=0.65",
         "sqlite-vec>=0.1.6",
-        "torch",
-        "torchvision",
-        "open_clip_torch>=2.24",
+        "onnxruntime>=1.17",
+        "tokenizers>=0.15",
+        "ftfy",  # open_clip's text cleaning, applied before the stored tokenizer
         "numpy",
         "faiss-cpu>=1.8",  # the int8 scan of the in-memory index (and its filter masks)
         "pillow>=10",
@@ -63,9 +66,11 @@ setup(
         "pysqlite3-binary; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
     extras_require={
+        # loading, fine-tuning and exporting query encoders: open_clip on torch, and ONNX export
+        "load": LOAD,
         # `--engine ray`: the loaders on a Ray cluster (core tasks and actors; Ray Data is not needed)
-        "ray": RAY,
-        "test": ["build", "pytest", "pytest-asyncio", "playwright", "axe-playwright-python", "ruff", "hypothesis", *RAY],
+        "ray": [*LOAD, *RAY],
+        "test": [*LOAD, "build", "pytest", "pytest-asyncio", "playwright", "axe-playwright-python", "ruff", "hypothesis", *RAY],
     },
     entry_points={
         "datasette": ["mapclip = datasette_mapclip"],
@@ -74,6 +79,7 @@ setup(
         "mapclip.commands": [
             "load = loaders.cli:load",
             "import-beto = loaders.cli:import_beto",
+            "encoders = loaders.cli:encoders",
             "loc-metadata = loaders.cli:loc_metadata",
             "fine-tune = fine_tune.cli:fine_tune",
             "demo = fine_tune.demo.run:demo_command",

@@ -1,5 +1,6 @@
 """datasette-mapclip: CLIP search over map collections. Only Datasette hooks live here."""
 
+import functools
 import logging
 
 from datasette import hookimpl
@@ -33,7 +34,14 @@ def prepare_connection(conn, database, datasette):
     state = state_for(datasette)
     register(conn, DatabaseFunctions(lambda: store.read_models_at(path, immutable=immutable),
                                      lambda: plugin_config(datasette, database),
-                                     state.encoders.get, state.workers.in_model_thread))
+                                     functools.partial(encoder_from_file, state.encoders, path),
+                                     state.workers.in_model_thread))
+
+
+def encoder_from_file(encoders, path, model_row, config):
+    """The SQL functions' encoder: the query encoders the file carries, else open_clip."""
+    stored = store.StoredQueryEncoders(path, model_row["name"]) if path else None
+    return encoders.get(model_row, config, stored=stored)
 
 
 HIDDEN_TABLES = ("map_vectors", "mapclip_meta")

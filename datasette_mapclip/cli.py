@@ -9,6 +9,9 @@ declared in setup.py, so this core package never imports them: dependencies poin
 
 from __future__ import annotations
 
+import csv
+import json
+import sys
 from importlib.metadata import entry_points
 
 import click
@@ -52,18 +55,37 @@ def cli():
 @cli.command("info")
 @click.argument("db_path", type=click.Path(exists=True, dir_okay=False))
 def info(db_path):
-    """Counts, models (provenance) and the most common load errors of a database."""
-    store = open_store(db_path)
-    counts = store.counts()
-    click.echo(f"{counts['maps']} maps in {counts['items']} items, {counts['load_errors']} load errors")
-    for model in store.models():
-        default = " (default)" if model.is_default else ""
-        click.echo(f"model {model['name']}{default}: {store.vector_count(model)} vectors of {model['dim']} floats "
-                   f"in {model['vector_table']}, open_clip {model['open_clip_version']}, "
-                   f"sqlite-vec {model['sqlite_vec_version']}")
-    for stage, reason, n in store.common_errors(10):
-        click.echo(f"  {n} x {stage}: {reason}")
-    store.close()
+    """Counts, models (provenance), stored query encoders and the most common load errors of a
+    collection.  Reads the file only."""
+    from . import store
+
+    try:
+        conn = store.open_collection_readonly(db_path)
+    except (store.StoreError, store.ExtensionsUnavailable) as error:
+        raise click.ClickException(str(error))
+    try:
+        counts = store.read_counts(conn)
+        click.echo(f"{counts['maps']} maps in {counts['items']} items, {counts['load_errors']} load errors")
+        encoders = store.read_query_encoders(conn)
+        for model in store.read_models(conn):
+            default = " (default)" if model.is_default else ""
+            click.echo(f"model {model.name}{default}: {store.read_vector_count(conn, model)} vectors of {model.dim} "
+                       f"floats in {model.vector_table}, open_clip {model.open_clip_version}, "
+                       f"sqlite-vec {model.sqlite_vec_version}")
+            parts = [row for row in encoders if row["model"] == model.name]
+            if parts:
+                shown = ", ".join(f"{row['part']}{' ' + row['precision'] if row['precision'] else ''} "
+                                  f"{row['bytes'] / 1e6:.1f} MB" for row in parts)
+                click.echo(f"  query encoders: {shown}")
+            else:
+                click.echo("  query encoders: none (searching needs torch and the weights; "
+                           "add them with: mapclip encoders add DB)")
+        for stage, reason, n in store.read_common_errors(conn, 10):
+            click.echo(f"  {n} x {stage}: {reason}")
+    except Exception as error:  # a damaged file: say so, no traceback
+        raise click.ClickException(f"{db_path} cannot be read: {type(error).__name__}: {error}") from None
+    finally:
+        conn.close()
 
 
 @cli.command("export-vectors")
@@ -88,8 +110,92 @@ def export_vectors(db_path, output, model_name):
     click.echo(f"{len(ids)} vectors of {matrix.shape[1] if len(ids) else 0} floats -> {output}", err=True)
 
 
+@cli.command("search")
+@click.argument("db_path", type=click.Path(exists=True, dir_okay=False))
+@click.argument("query", required=False)
+@click.option("--image", type=click.Path(exists=True, dir_okay=False), help="Search by this picture (or with QUERY).")
+@click.option("--like", type=str, help="Maps like this stored map (its id).")
+@click.option("--weight", type=str, help="Text against picture, -1 (picture only) to 1 (text only); default 0.")
+@click.option("--term", "terms", multiple=True,
+              help="A further term: TEXT, map:ID or image:FILE; repeat it. Weigh each with --term-weight.")
+@click.option("--term-weight", "term_weights", multiple=True, help="The weight of each --term, in order (-1 to 1).")
+@click.option("--more", multiple=True, help="More like this map id (repeat it).")
+@click.option("--fewer", multiple=True, help="Fewer like this map id (repeat it).")
+@click.option("--year-min", type=str, help="Only maps from this year on.")
+@click.option("--year-max", type=str, help="Only maps up to this year.")
+@click.option("--place", help="Only maps whose place contains this text.")
+@click.option("--filter", "filter_text", help="Only maps whose catalogue record matches this full-text query.")
+@click.option("-k", "k", type=str, help="Results per page (default 20, at most 200).")
+@click.option("--page", type=str, help="Page of results (default 1).")
+@click.option("--model", "model_name", help="Model name as in the models table (default: the default model).")
+@click.option("--json", "as_json", is_flag=True, help="Print search.json's answer.")
+@click.option("--csv", "as_csv", is_flag=True, help="Print the results as CSV.")
+@click.option("--sql", "show_sql", is_flag=True, help="Also print the SQL that reproduces the search.")
+def search(db_path, query, image, like, weight, terms, term_weights, more, fewer, year_min, year_max, place,
+           filter_text, k, page, model_name, as_json, as_csv, show_sql):
+    """Search a collection file, with no server: the same search as the plugin's page and search.json.
+
+    \b
+    Examples:
+      mapclip search maps.db "nautical chart"
+      mapclip search maps.db --image scan.jpg --year-max 1900 -k 10
+      mapclip search maps.db "coast" --like 42 --weight 0.5 --json
+      mapclip search maps.db --term "railroad map" --term "map:17" --term-weight 1 --term-weight -0.5
+    """
+    from .search.errors import SearchError
+    from .search.local import Collection
+
+    params = {"like": like, "weight": weight, "term": list(terms) or None, "term_weight": list(term_weights) or None,
+              "more": ",".join(more) or None, "fewer": ",".join(fewer) or None, "year_min": year_min,
+              "year_max": year_max, "place": place, "filter": filter_text, "k": k, "page": page, "model": model_name}
+    try:
+        # one search: sqlite-vec answers at once; building the in-memory index would take longer
+        with Collection(db_path, settings={"index": "off"}) as collection:
+            answer = collection.search(query, image=image, **params)
+    except SearchError as error:
+        raise click.ClickException(str(error))
+    except (OSError, ValueError) as error:
+        raise click.ClickException(f"{type(error).__name__}: {error}")
+    if as_json:
+        click.echo(json.dumps(answer, indent=2, default=str))
+        return
+    results = answer["results"]
+    if as_csv:
+        writer = csv.writer(sys.stdout)
+        writer.writerow(RESULT_COLUMNS)
+        writer.writerows([result[column] for column in RESULT_COLUMNS] for result in results)
+    else:
+        for rank, result in enumerate(results, start=1):
+            year = result["year"] if result["year"] is not None else ""
+            click.echo(f"{rank:>3}  {result['similarity']:.4f}  {result['id']:>8}  {str(year):>5}  "
+                       f"{_one_line(result['title'])}")
+        click.echo(f"{len(results)} maps, model {answer['model']}, searched with {answer['searched_with']}", err=True)
+    if show_sql:
+        click.echo(f"\n{answer['sql']}\n-- params: {json.dumps(answer['params'], default=str)}", err=True)
+
+
+RESULT_COLUMNS = ("id", "similarity", "title", "date", "year", "place", "item_id", "sheet", "url", "image_url",
+                  "thumbnail_url")
+
+
+def _one_line(text, width: int = 90) -> str:
+    text = " ".join(str(text or "").split())
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+# What the serving install leaves out; a command that needs it says in one line what to install.
+LOAD_EXTRA = ("torch", "torchvision", "open_clip", "onnx", "onnxscript")
+
+
 def main():
-    cli()
+    try:
+        cli()
+    except ModuleNotFoundError as error:
+        if (error.name or "").split(".")[0] not in LOAD_EXTRA:
+            raise
+        click.echo(f"Error: this command needs {error.name}, which the serving install leaves out: "
+                   "pip install 'datasette-mapclip[load]'", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import socket
+import sys
 
 HUB_HOST = "huggingface.co"
 
@@ -34,9 +35,11 @@ def limit_image_pixels(max_pixels: int):
         Image.MAX_IMAGE_PIXELS = (max_pixels + 1) // 2
 
 
-def set_torch_threads(threads: int | None):
-    """torch's intra-op CPU threads for this process (None: leave torch's default)."""
-    if threads:
+def set_torch_threads(threads: int | None, *, only_if_imported: bool = False):
+    """torch's intra-op CPU threads for this process (None: leave torch's default).
+    ``only_if_imported``: leave torch unimported where nothing has needed it (a server encoding
+    queries with stored ONNX encoders never imports it; loading an open_clip model sets them then)."""
+    if threads and (not only_if_imported or "torch" in sys.modules):
         import torch
 
         torch.set_num_threads(int(threads))

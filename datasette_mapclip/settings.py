@@ -96,8 +96,11 @@ class Setting:
 SETTINGS: tuple[Setting, ...] = (
     # the model
     Setting("checkpoints", None, _mapping, "model name or checkpoint SHA-256 -> a local copy of its weights file"),
-    Setting("precision", "fp32", _choice("auto", "fp32", "int8", "fp16"), "precision the server runs the model at"),
-    Setting("threads", 1, _at_least_one, "torch threads of the model (set in its thread at start-up)"),
+    Setting("query_encoders", "stored", _choice("stored", "torch"),
+            '"stored": encode queries with the ONNX encoders the file carries (no torch); "torch": with open_clip'),
+    Setting("precision", "fp32", _choice("auto", "fp32", "int8", "fp16"),
+            "precision the server runs an open_clip model at (models without stored encoders)"),
+    Setting("threads", 1, _at_least_one, "threads of the model (ONNX Runtime's, or torch's set in its thread at start-up)"),
     Setting("text_cache_size", 4096, _positive_int, "text embeddings cached per model per server"),
     Setting("prompt_template", "{}", _text, 'how a text query is put to the model, e.g. "a {} map"'),
     Setting("preload_model", True, _flag, "load the model at start-up, beside the index build"),

@@ -177,7 +177,7 @@ def _engine_options(command):
 @_encoding_options
 @_engine_options
 def register_command(db_path, checkpoint, model_name, make_default, device, precision, threads, batch_size,
-                     workers, quiet, engine, ray_address, actors, keep_images):
+                     workers, no_encoders, quiet, engine, ray_address, actors, keep_images):
     """Re-embed every map of DB_PATH with a fine-tuned checkpoint, into a new vector table beside
     the existing ones. Images kept by a load (--keep-images) are read from their files; the others
     from their stored location. Rerunning resumes.
@@ -219,12 +219,16 @@ def register_command(db_path, checkpoint, model_name, make_default, device, prec
             echo=lambda line: click.echo(f"{line}, database {db_path}", err=True))
     except RayUnavailable as error:
         raise click.ClickException(str(error))
-    store.close()
     click.echo(summary.line(), err=True)
+    if summary.status == "finished" and not no_encoders:
+        from loaders.query_encoders import after_embedding
+
+        after_embedding(store, encoder, model.name, lambda line: click.echo(line, err=True))
+    store.close()
     if missing:
         click.echo(f"{missing} maps have no stored location and were not re-embedded", err=True)
     if summary.status != "finished":
         sys.exit(130 if summary.status == "interrupted" else 2)
     default = " (default)" if model.is_default else ""
-    click.echo(f"registered {model['name']}{default} in {model['vector_table']}; "
-               f"search it with model={model['name']}", err=True)
+    click.echo(f"registered {model.name}{default} in {model.vector_table}; "
+               f"search it with model={model.name}", err=True)

@@ -72,6 +72,7 @@ class LoadSummary:
     problems: list = dataclasses.field(default_factory=list)  # "key (stage): reason", the first few
     kept: int = 0  # images written to the --keep-images folder
     from_kept: int = 0  # images read from kept files instead of their source
+    model: str = ""  # the models row the vectors went to
 
     @property
     def rate(self) -> float:
@@ -250,7 +251,7 @@ def run(store: MapStore, embedding: Embedding, records: Iterable[MapRecord], opt
     model = store.register_model(provenance, precision=precision)
     done = store.embedded_source_ids(model)
     load_id = store.start_load(options.command + embedding.label, model.name)
-    summary = LoadSummary()
+    summary = LoadSummary(model=model.name)
     started = time.perf_counter()
     bar = tqdm(total=options.total, unit="img", desc="embedding" + embedding.label, disable=not options.progress,
                dynamic_ncols=True)

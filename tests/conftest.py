@@ -39,6 +39,15 @@ def checkpoint_registry(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def encoder_cache(tmp_path_factory) -> Path:
+    """Exported query encoders (datasette_mapclip/model/export.py) are cached for this session only:
+    each checkpoint is exported once, never into the user's ~/.cache; subprocesses inherit it."""
+    path = tmp_path_factory.mktemp("encoder-cache")
+    os.environ["MAPCLIP_ENCODER_CACHE"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> str:
     return str(save_tiny_checkpoint(tmp_path_factory.mktemp("model") / "tiny.pt", seed=1234))

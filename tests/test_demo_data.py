@@ -117,3 +117,20 @@ def test_the_seed_table_fails_a_kind_that_misses_at_any_seed():
     assert '| geological | "geological map" | 1.00 | 0.70 | 0.90 | 0.70 | FAIL |' in markdown
     assert '| nautical | "nautical chart" | 0.90 | 1.00 | 0.80 | 0.80 | PASS |' in markdown
     assert "1/2 PASS" in markdown
+
+
+def test_the_demo_refuses_a_port_in_use_before_building_anything(tmp_path):
+    import socket
+
+    from click.testing import CliRunner
+
+    from fine_tune.demo.run import demo_command
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(demo_command, [str(tmp_path / "demo"), "--port", str(port)])
+    assert result.exit_code == 1 and f"port {port} is already in use" in result.output
+    assert f"PORT={port + 1}" in result.output
+    assert not (tmp_path / "demo").exists()  # nothing was built

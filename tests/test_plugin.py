@@ -364,7 +364,9 @@ async def test_page_renders_a_grid_with_links(ds):
 @pytest.mark.asyncio
 async def test_database_whose_model_cannot_be_loaded_still_opens(collection, tmp_path, monkeypatch):
     # a server elsewhere: the database names a path, this machine never saw the weights
-    copy = changed_copy(collection, tmp_path / "moved.db", "UPDATE models SET checkpoint_path = '/nowhere/tiny.pt'")
+    # (a file without query encoders, so a text search needs the weights)
+    copy = changed_copy(collection, tmp_path / "moved.db", "UPDATE models SET checkpoint_path = '/nowhere/tiny.pt'; "
+                        "DELETE FROM query_encoders; DELETE FROM encoder_files;")
     monkeypatch.setenv("MAPCLIP_CHECKPOINT_REGISTRY", str(tmp_path / "empty-registry"))
     ds = make_datasette([str(copy)])
     assert (await ds.client.get("/moved/maps.json?_shape=array&_size=1")).status_code == 200
@@ -389,6 +391,7 @@ async def test_plugin_config_points_at_the_weights_elsewhere_checked_by_hash(col
     store = MapStore(copy)
     name = store.model()["name"]
     store.conn.execute("UPDATE models SET checkpoint_path = '/nowhere/tiny.pt'")
+    store.remove_query_encoders(name)  # a file without query encoders: it needs the weights
     store.close()
     moved_weights = tmp_path / "weights.pt"
     shutil.copy(tiny_checkpoint, moved_weights)

@@ -32,14 +32,15 @@ def registry(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, model_args):
-    """A collection loaded on this machine with the tiny checkpoint (the registry of the module's own)."""
+    """A collection loaded on this machine with the tiny checkpoint (the registry of the module's own),
+    without query encoders: searching it needs the weights, found as this module checks."""
     import os
 
     before = os.environ.get(REGISTRY_ENV)
     loading_registry = tmp_path_factory.mktemp("loading-registry")
     os.environ[REGISTRY_ENV] = str(loading_registry)
     try:
-        db_path, _ = load_collection(tmp_path_factory, model_args, 6)
+        db_path, _ = load_collection(tmp_path_factory, [*model_args, "--no-encoders"], 6)
     finally:
         if before is None:
             os.environ.pop(REGISTRY_ENV)

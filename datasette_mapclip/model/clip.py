@@ -65,7 +65,13 @@ class ModelSpec:
 
 def import_open_clip():
     """open_clip with this project's model configs (``mapclip-tiny``) registered beside its own."""
-    import open_clip
+    try:
+        import open_clip
+    except ImportError as error:
+        raise ModelUnavailable(
+            f"open_clip and torch are not installed ({error.name or error}): the serving install encodes "
+            "queries with the encoders a collection file carries (add them with: mapclip encoders add DB); "
+            "to load, fine-tune or serve a model without them, install datasette-mapclip[load]") from None
 
     open_clip.add_model_config(MODEL_CONFIG_DIR)
     return open_clip
@@ -191,28 +197,37 @@ def encode_text_trimmed(model, tokens):
     result; running only the first L positions skips ~90% of the work for a typical query.
     Models that are not causal or pool differently use ``encode_text`` unchanged.
     """
-    needed = ("token_embedding", "positional_embedding", "transformer", "ln_final", "attn_mask")
-    if not all(getattr(model, name, None) is not None for name in needed) or \
-            getattr(model, "text_pool_type", None) not in ("argmax", "eos"):
+    if not text_can_be_trimmed(model):
         return model.encode_text(tokens)
-    import open_clip.transformer as oct
-    import torch
-    from torch import nn
-
     if model.text_pool_type == "argmax":
         ends = tokens.argmax(dim=-1)
     else:
         ends = (tokens == model.text_eos_id).int().argmax(dim=-1)
-    length = int(ends.max()) + 1
-    trimmed = tokens[:, :length]
+    return text_features(model, tokens[:, :int(ends.max()) + 1])
+
+
+def text_can_be_trimmed(model) -> bool:
+    needed = ("token_embedding", "positional_embedding", "transformer", "ln_final", "attn_mask")
+    return all(getattr(model, name, None) is not None for name in needed) and \
+        getattr(model, "text_pool_type", None) in ("argmax", "eos")
+
+
+def text_features(model, tokens):
+    """The text tower over exactly the positions given (tokens already cut after the end-of-text
+    token): what ``encode_text`` computes for a causal model, shape-generic for ONNX export."""
+    import open_clip.transformer as oct
+    import torch
+    from torch import nn
+
+    length = tokens.shape[1]
     try:
         cast_dtype = model.transformer.get_cast_dtype()
     except AttributeError:  # an int8-quantised tower: activations stay float32
         cast_dtype = torch.float32
-    x = model.token_embedding(trimmed).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
+    x = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
     x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
     x = model.ln_final(x)
-    x = oct.text_global_pool(x, trimmed, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+    x = oct.text_global_pool(x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
     if model.text_projection is not None:
         x = model.text_projection(x) if isinstance(model.text_projection, nn.Linear) else x @ model.text_projection
     return x

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import functools
 import os
 import threading
 import time
@@ -26,10 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..runtime import prefer_hub_cache_when_offline
+from ..runtime import prefer_hub_cache_when_offline, set_torch_threads
 from ..settings import settings_of
 from .clip import ClipEncoder, ModelSpec, ModelUnavailable, file_sha256, import_open_clip, load_encoder
 from .provenance import is_sha256, recorded_file_name, remembered_checkpoints
+from .query_encoders import QueryEncoder, QueryEncodersUnavailable
 
 
 class SharedEncoder:
@@ -146,10 +148,20 @@ class EncoderCache:
         self._encoders: dict[tuple, SharedEncoder] = {}
         self._failures: dict[tuple, tuple[float, str]] = {}
 
-    def get(self, model_row: dict, config: dict | None = None) -> SharedEncoder:
-        """The encoder for a ``models`` row; ModelUnavailable (with advice) if it cannot be had."""
+    def get(self, model_row: dict, config: dict | None = None, stored=None) -> SharedEncoder:
+        """The encoder for a ``models`` row; ModelUnavailable (with advice) if it cannot be had.
+
+        ``stored``: the query encoders the collection file carries for this model
+        (``store.StoredQueryEncoders``); where it has a complete set they answer (ONNX Runtime, no
+        torch), unless the ``query_encoders`` setting says "torch"."""
         config = config or {}
-        key = (model_row["architecture"], model_row.get("pretrained"), model_row.get("checkpoint_sha256"))
+        stored_key = stored.key() if stored is not None and settings_of(config).query_encoders == "stored" else None
+        if stored_key is not None:
+            key = ("stored", *stored_key)
+            load = functools.partial(self._load_stored, model_row, config, stored)
+        else:
+            key = (model_row["architecture"], model_row.get("pretrained"), model_row.get("checkpoint_sha256"))
+            load = functools.partial(self._load, model_row, config)
         encoder = self._encoders.get(key)
         if encoder is not None:
             return encoder
@@ -160,7 +172,7 @@ class EncoderCache:
             if failed and time.monotonic() - failed[0] < self.retry_after:
                 raise ModelUnavailable(failed[1])
             try:
-                loaded = self._load(model_row, config)
+                loaded = load()
             except ModelUnavailable as error:
                 message = f"model {model_row['name']} cannot be loaded: {error}"
                 self._failures[key] = (time.monotonic(), message)
@@ -168,6 +180,19 @@ class EncoderCache:
             self._failures.pop(key, None)
             self._encoders[key] = SharedEncoder(loaded, settings_of(config).text_cache_size)
             return self._encoders[key]
+
+    @staticmethod
+    def _load_stored(model_row: dict, config: dict, stored) -> QueryEncoder:
+        try:
+            parts, precisions = stored.parts()
+            loaded = QueryEncoder(parts, precisions, threads=settings_of(config).threads)
+        except QueryEncodersUnavailable as error:
+            raise ModelUnavailable(str(error)) from None
+        except Exception as error:  # a damaged or altered file: say so; the file is at fault, not the request
+            raise ModelUnavailable(f"its stored query encoders cannot be read: {type(error).__name__}: {error}") from None
+        if loaded.dim != model_row["dim"]:
+            raise ModelUnavailable(f"its stored encoders give {loaded.dim}-d vectors, the database holds {model_row['dim']}-d")
+        return loaded
 
     @staticmethod
     def _load(model_row: dict, config: dict) -> ClipEncoder:
@@ -178,6 +203,7 @@ class EncoderCache:
             checkpoint = found.result()
         if not checkpoint:
             prefer_hub_cache_when_offline()
+        set_torch_threads(settings_of(config).threads)  # in the model thread, where it encodes
         spec = ModelSpec(model_row["architecture"], None if checkpoint else model_row.get("pretrained"), checkpoint)
         loaded = load_encoder(spec, precision=settings_of(config).precision,
                               checkpoint_sha256=model_row.get("checkpoint_sha256") if checkpoint else None)

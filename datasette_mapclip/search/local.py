@@ -1,9 +1,9 @@
 """Search a collection file from Python (or the command line) with no server: the same search
 service the Datasette plugin runs, over the file opened read-only.
 
-    from datasette_mapclip.search.local import LocalSearch
+    from datasette_mapclip.search.local import Collection
 
-    with LocalSearch("maps.db") as maps:
+    with Collection("maps.db") as maps:
         answer = maps.search("nautical chart", year_min=1850, k=10)
         for result in answer["results"]:
             print(result["similarity"], result["title"])
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import string
 import threading
 import time
 import urllib.parse
@@ -90,7 +91,7 @@ def search_args(q: str | None = None, **params) -> dict:
     return args
 
 
-class LocalSearch:
+class Collection:
     """One collection file, searchable from Python.  ``settings`` takes the plugin's settings by the
     same names (settings.py), e.g. ``{"index": "off"}``."""
 
@@ -100,19 +101,19 @@ class LocalSearch:
             raise FileNotFoundError(f"no collection file at {path}")
         self.path = Path(path)
         self.model_name = model
-        self.settings = Settings(settings or {}, where="LocalSearch settings")
+        self.settings = Settings(settings or {}, where="Collection settings")
         self.resources = SearchResources()
         self.resources.set_threads(self.settings.threads, self.settings.scan_threads)
         self.db = FileDatabase(path, time_limit_ms)
         self._loop = asyncio.new_event_loop()
         self._runner = threading.Thread(target=self._loop.run_forever, name="mapclip-local-search", daemon=True)
         self._runner.start()
-        self._collections: dict[str | None, service.Collection] = {}
+        self._collections: dict[str | None, service.SearchCollection] = {}
 
     def _run(self, coroutine):
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
-    async def _collection(self, model: str | None) -> service.Collection:
+    async def _collection(self, model: str | None) -> service.SearchCollection:
         name = model or self.model_name
         if name not in self._collections:
             try:
@@ -122,7 +123,7 @@ class LocalSearch:
                 raise BadSearch(str(error)) from None
         return self._collections[name]
 
-    def collection(self, model: str | None = None) -> service.Collection:
+    def collection(self, model: str | None = None) -> service.SearchCollection:
         """The service's view of the file with one model chosen (the default model without one)."""
         return self._run(self._collection(model))
 
@@ -131,8 +132,19 @@ class LocalSearch:
         return self._run(self._search(q, image, params))
 
     async def _search(self, q, image, params) -> dict:
+        model = params.get("model")
+        collection = await self._collection(str(model) if model else None)
+        if params.get("term"):  # image:FILE terms become the file's vector, as the page sends an upload's
+            terms = [params["term"]] if isinstance(params["term"], str) else list(params["term"])
+            for i, term in enumerate(terms):
+                kind, _, rest = str(term).partition(":")
+                if kind == "image" and rest and Path(rest).is_file():
+                    terms[i] = "image:" + (await service.embed_upload(collection, Path(rest).read_bytes())).hex()
+                elif kind == "image" and rest and not all(c in string.hexdigits for c in rest.strip()):
+                    raise BadSearch(f"term {shown_term(term)}: no such image file (an image term is image:FILE "
+                                    "or image:<hex vector>)")
+            params = {**params, "term": terms}
         parsed = SearchParams.from_args(search_args(q, **params))
-        collection = await self._collection(parsed.model)
         if image is not None:
             data = image if isinstance(image, bytes) else Path(image).read_bytes()
             parsed.vector = await service.embed_upload(collection, data)
@@ -161,3 +173,8 @@ class LocalSearch:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def shown_term(term) -> str:
+    text = str(term)
+    return repr(text if len(text) <= 80 else text[:79] + "…")

@@ -5,7 +5,7 @@
       -> nearest maps (the in-memory index when it is ready and no filter applies, else sqlite-vec)
       -> results with links
 
-It needs no Datasette object: a ``Collection`` is a database handle (anything with Datasette's async
+It needs no Datasette object: a ``SearchCollection`` is a database handle (anything with Datasette's async
 ``execute`` and ``execute_fn``: a Datasette ``Database`` or ``local.FileDatabase``), the models read
 from it, the settings, the resources that run the work (``resources.SearchResources``) and the
 ``Links`` its answers carry.  The web layer (web/collections.py) checks permissions and builds one
@@ -83,7 +83,7 @@ async def _run_in(executor, fn, *args):
 
 
 @dataclasses.dataclass
-class Collection:
+class SearchCollection:
     """One database holding maps, and the model a search of it uses."""
 
     name: str
@@ -102,7 +102,8 @@ class Collection:
 
     def encoder(self):
         """The shared encoder of this collection's model (ModelUnavailable if it cannot be had)."""
-        return self.resources.encoders.get(self.model, self.config)
+        stored = store.StoredQueryEncoders(self.path, self.model.name) if self.path else None
+        return self.resources.encoders.get(self.model, self.config, stored=stored)
 
     def index(self):
         """The in-memory index of this model's vectors, or None while it is built (or off)."""
@@ -111,7 +112,7 @@ class Collection:
 
 async def open_collection(name: str, db, path: str | None, config: Settings, resources: SearchResources, *,
                           model_name: str | None = None, links: Links | None = None,
-                          time_limit_ms: int | None = None) -> Collection:
+                          time_limit_ms: int | None = None) -> SearchCollection:
     """A collection with its models read and one chosen (``store.ModelNotFound`` if none fits).
     Permissions are the caller's: the web layer checks them before it calls this."""
     try:
@@ -125,10 +126,10 @@ async def open_collection(name: str, db, path: str | None, config: Settings, res
         # The file's own rows are at fault (written by hand or by a broken tool), not the request.
         raise SearchUnavailable(f"collection {name!r} cannot be searched: its models table cannot be read "
                                 f"({type(error).__name__}: {error})") from None
-    return Collection(name, db, path, models, model, config, resources, links or NoLinks(), time_limit_ms)
+    return SearchCollection(name, db, path, models, model, config, resources, links or NoLinks(), time_limit_ms)
 
 
-def preload_model(collection: Collection):
+def preload_model(collection: SearchCollection):
     """Load the collection's model in the model thread now (server start-up), not at the first text
     search; a model that cannot be loaded is reported when a search needs it."""
     def load():
@@ -164,7 +165,7 @@ def check_vector(params: SearchParams, model: dict):
             raise BadSearch(f"{name} contains NaN or infinite values")
 
 
-async def build_query_vector(collection: Collection, params: SearchParams, index=None) -> np.ndarray:
+async def build_query_vector(collection: SearchCollection, params: SearchParams, index=None) -> np.ndarray:
     """The one query vector of a search, whichever path then runs it: every term (text, stored map,
     uploaded image) weighted and combined, then moved by any relevance feedback."""
     terms = params.all_terms()
@@ -186,7 +187,7 @@ async def build_query_vector(collection: Collection, params: SearchParams, index
         raise BadSearch(str(error)) from None
 
 
-async def _stored_vectors(collection: Collection, map_ids: list[int], index=None) -> dict[int, np.ndarray]:
+async def _stored_vectors(collection: SearchCollection, map_ids: list[int], index=None) -> dict[int, np.ndarray]:
     """Stored maps' vectors by id, from the index where it holds them (no SQLite read), else the file."""
     found = {}
     if index is not None:
@@ -203,7 +204,7 @@ async def _stored_vectors(collection: Collection, map_ids: list[int], index=None
     return found
 
 
-async def _nearest_with_index(collection: Collection, index, query: np.ndarray, params: SearchParams,
+async def _nearest_with_index(collection: SearchCollection, index, query: np.ndarray, params: SearchParams,
                               place_index: bool = False) -> list[dict]:
     need = params.k * params.page
     way = None
@@ -218,7 +219,7 @@ async def _nearest_with_index(collection: Collection, index, query: np.ndarray, 
     return [{**rows[int(i)], "similarity": float(s)} for i, s in zip(ids, scores) if int(i) in rows], way
 
 
-async def _filtered_with_index(collection: Collection, index, query: np.ndarray, params: SearchParams, need: int,
+async def _filtered_with_index(collection: SearchCollection, index, query: np.ndarray, params: SearchParams, need: int,
                                place_index: bool = False):
     """A filtered search, chosen by selectivity: the nearest maps of the whole collection are checked
     against the filter first (a broad filter keeps enough of them); when too few pass, every map the
@@ -250,7 +251,7 @@ async def _filtered_with_index(collection: Collection, index, query: np.ndarray,
     return ids, scores, way
 
 
-async def _filter_sql(collection: Collection, sql: str, sql_params: dict):
+async def _filter_sql(collection: SearchCollection, sql: str, sql_params: dict):
     """Run a filter's SQL within the database's time limit (its own 503 when cut)."""
     try:
         return await collection.db.execute(sql, sql_params, log_sql_errors=False)
@@ -260,7 +261,7 @@ async def _filter_sql(collection: Collection, sql: str, sql_params: dict):
         raise BadSearch(f"the filter could not run: {error}") from None
 
 
-async def _nearest_with_sqlite_vec(collection: Collection, plan: search_sql.SearchPlan, query: np.ndarray) -> list[dict]:
+async def _nearest_with_sqlite_vec(collection: SearchCollection, plan: search_sql.SearchPlan, query: np.ndarray) -> list[dict]:
     try:
         rows = await collection.db.execute(plan.run_sql, {**plan.run_params, "query_vector": vectors.encode(query)},
                                            log_sql_errors=False)
@@ -272,7 +273,7 @@ async def _nearest_with_sqlite_vec(collection: Collection, plan: search_sql.Sear
     return [display_row(dict(row)) for row in rows]
 
 
-async def run_search(collection: Collection, params: SearchParams) -> dict:
+async def run_search(collection: SearchCollection, params: SearchParams) -> dict:
     """Run one search; the answer is what ``search.json`` returns (the page and the CLI show the same)."""
     model = collection.model
     check_vector(params, model)
@@ -313,7 +314,7 @@ async def run_search(collection: Collection, params: SearchParams) -> dict:
     return answer
 
 
-async def embed_upload(collection: Collection, data: bytes) -> bytes:
+async def embed_upload(collection: SearchCollection, data: bytes) -> bytes:
     """An uploaded image -> its query vector (hex in the URL from then on)."""
     settings = settings_of(collection.config)
     max_pixels = min(settings.max_upload_pixels, DEFAULT_MAX_PIXELS)
@@ -338,7 +339,7 @@ def _thumbnail_url(links: Links, row: dict) -> str | None:
     return (links.thumbnail(row["id"]) if row["has_thumbnail"] else None) or web_url(row["thumbnail_url"])
 
 
-async def map_summary(collection: Collection, map_id: int) -> dict | None:
+async def map_summary(collection: SearchCollection, map_id: int) -> dict | None:
     """The "more like this" header: a map's title and thumbnail link."""
     row = await collection.db.execute_fn(lambda conn: store.read_map_summary(conn, map_id))
     if row:
@@ -371,7 +372,7 @@ def shape_result(row: dict, links: Links) -> dict:
 NEIGHBOURS = 12  # the strip of nearest maps on a map's page
 
 
-async def map_details(collection: Collection, map_id: int, neighbours: int = NEIGHBOURS) -> dict:
+async def map_details(collection: SearchCollection, map_id: int, neighbours: int = NEIGHBOURS) -> dict:
     """A map's page, as data: its catalogue record, the deep-zoom source where the image is IIIF,
     the other sheets of its item, its nearest neighbours and its citations."""
     record = await collection.db.execute_fn(lambda conn: store.read_map_record(conn, map_id))

@@ -28,7 +28,7 @@ class TextBatcher:
     """Text queries that wait for the model thread together are encoded together: one forward pass
     for all of them (32 short queries cost a few single ones), so concurrent text searches share the
     model instead of queueing one by one behind it.  ``collection`` is anything with ``model``,
-    ``config`` and ``encoder()`` (search.Collection)."""
+    ``config`` and ``encoder()`` (service.SearchCollection)."""
 
     max_batch = 32
 
@@ -83,7 +83,7 @@ class Workers:
         a single query's scan is no faster on two (16 vs 18 ms at 562,842 maps), and a second OpenMP
         thread takes a core from the model thread under load."""
         for pool in (self.model, self.decode):
-            pool.submit(set_torch_threads, threads)
+            pool.submit(set_torch_threads, threads, only_if_imported=True)
         self.index.submit(set_faiss_threads, scan_threads)
 
     def shutdown(self):

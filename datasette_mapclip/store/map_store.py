@@ -7,6 +7,8 @@ leaves only whole batches behind and a rerun skips exactly what is already store
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -17,7 +19,7 @@ from ..model.provenance import row_provenance
 from . import vectors
 from .catalogue import CatalogueCrawl
 from .model_rows import ModelRow
-from .reads import pick_model, read_models, read_vectors
+from .reads import pick_model, read_common_errors, read_counts, read_models, read_vector_count, read_vectors
 from .records import LIST_FIELDS, RECORD_FIELDS, LoadNote, MapRecord, decode_list, displayable, encode_list
 from .runs import STALE_LOAD_SECONDS, host_id, why_load_is_dead
 from .schema import connect, now, prepare_schema, slug, vector_meta_keys
@@ -71,6 +73,27 @@ class MapStore(CatalogueCrawl):
             )
         return ModelRow.from_row(self.conn.execute("SELECT * FROM models WHERE name = ?", (provenance["name"],)).fetchone())
 
+    def write_query_encoders(self, model_name: str, parts: dict[str, bytes], precisions: dict[str, str],
+                             check: dict):
+        """Store a model's query side (model/export.py), replacing any it had; each file once by its
+        SHA-256, and files no model uses any more are removed, in one transaction."""
+        with self.transaction():
+            self.conn.execute("DELETE FROM query_encoders WHERE model = ?", (model_name,))
+            for part, data in parts.items():
+                digest = hashlib.sha256(data).hexdigest()
+                self.conn.execute("INSERT OR IGNORE INTO encoder_files (sha256, data) VALUES (?, ?)", (digest, data))
+                self.conn.execute(
+                    "INSERT INTO query_encoders (model, part, sha256, precision, bytes, checked, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (model_name, part, digest, precisions.get(part), len(data),
+                     json.dumps(check, sort_keys=True) if part in ("text", "image") else None, now()))
+            self.conn.execute("DELETE FROM encoder_files WHERE sha256 NOT IN (SELECT sha256 FROM query_encoders)")
+
+    def remove_query_encoders(self, model_name: str):
+        with self.transaction():
+            self.conn.execute("DELETE FROM query_encoders WHERE model = ?", (model_name,))
+            self.conn.execute("DELETE FROM encoder_files WHERE sha256 NOT IN (SELECT sha256 FROM query_encoders)")
+
     def models(self) -> list[ModelRow]:
         """Every ``models`` row, oldest first."""
         return read_models(self.conn)
@@ -85,7 +108,7 @@ class MapStore(CatalogueCrawl):
             self.conn.execute("UPDATE models SET is_default = (name = ?)", (name,))
 
     def vector_count(self, model: dict) -> int:
-        return self.conn.execute(f"SELECT count(*) FROM [{model['vector_table']}]").fetchone()[0]
+        return read_vector_count(self.conn, model)
 
     # -- reads used for resuming --------------------------------------------------
     def embedded_source_ids(self, model: dict) -> set[str]:
@@ -309,17 +332,10 @@ class MapStore(CatalogueCrawl):
         return read_vectors(self.conn, model.vector_table, int(model.dim))
 
     def counts(self) -> dict:
-        return {
-            "maps": self.conn.execute("SELECT count(*) FROM maps").fetchone()[0],
-            "items": self.conn.execute("SELECT count(*) FROM items").fetchone()[0],
-            "load_errors": self.conn.execute("SELECT count(*) FROM load_errors").fetchone()[0],
-        }
+        return read_counts(self.conn)
 
     def common_errors(self, limit: int = 10) -> list[tuple[str, str, int]]:
-        """(stage, reason, count) of the most frequent load errors."""
-        return [tuple(row) for row in self.conn.execute(
-            "SELECT stage, reason, count(*) n FROM load_errors GROUP BY stage, reason ORDER BY n DESC LIMIT ?",
-            (limit,))]
+        return read_common_errors(self.conn, limit)
 
 
 def _unique_items(records: Iterable[MapRecord]) -> Iterator[MapRecord]:

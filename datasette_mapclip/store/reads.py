@@ -4,6 +4,8 @@ read-only readers) and writes nothing."""
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import sqlite3 as stdlib_sqlite3
 from collections.abc import Iterator
@@ -14,7 +16,7 @@ import numpy as np
 from . import vectors
 from .model_rows import ModelRow
 from .records import LIST_FIELDS, decode_list, display_row
-from .schema import vector_meta_keys
+from .schema import connect, is_collection, vector_meta_keys
 
 
 class StoreError(ValueError):
@@ -235,3 +237,114 @@ def rows_of(conn, sql: str, params=()) -> list[dict]:
     cursor = conn.execute(sql, params)
     names = [c[0] for c in cursor.description]
     return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+
+QUERY_ENCODER_PARTS = ("text", "image", "tokenizer", "preprocess")
+
+
+def read_query_encoders(conn, model_name: str | None = None) -> list[dict]:
+    """The ``query_encoders`` rows (no file contents), of one model or all; [] for a file from
+    before them."""
+    if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'query_encoders'").fetchone():
+        return []
+    sql = "SELECT model, part, sha256, precision, bytes, checked, created_at FROM query_encoders"
+    rows = rows_of(conn, sql + (" WHERE model = ?" if model_name else "") + " ORDER BY model, part",
+                   [model_name] if model_name else [])
+    return rows
+
+
+class StoredQueryEncoders:
+    """A model's query side as a collection file stores it, read through a read-only connection of
+    its own (the server's encoder cache asks from its model thread).  ``key()`` is None when the file
+    carries no complete set; ``parts()`` checks each file against its SHA-256."""
+
+    def __init__(self, path: str | Path, model_name: str):
+        self.path, self.model_name = str(path), model_name
+
+    def _connect(self):
+        return stdlib_sqlite3.connect(f"{Path(self.path).resolve().as_uri()}?mode=ro", uri=True)
+
+    def rows(self) -> dict[str, dict]:
+        try:
+            stat = os.stat(self.path)
+        except OSError:
+            return {}
+        return _query_encoder_rows(self.path, self.model_name, stat.st_mtime_ns, stat.st_size)
+
+    def key(self) -> tuple | None:
+        rows = self.rows()
+        if not all(part in rows for part in QUERY_ENCODER_PARTS):
+            return None
+        return tuple(rows[part]["sha256"] for part in QUERY_ENCODER_PARTS)
+
+    def parts(self) -> tuple[dict[str, bytes], dict[str, str]]:
+        rows = self.rows()
+        conn = self._connect()
+        try:
+            parts = {}
+            for part in QUERY_ENCODER_PARTS:
+                found = conn.execute("SELECT data FROM encoder_files WHERE sha256 = ?", (rows[part]["sha256"],)).fetchone()
+                data = bytes(found[0]) if found and isinstance(found[0], bytes) else b""
+                if hashlib.sha256(data).hexdigest() != rows[part]["sha256"]:
+                    raise StoreError(f"the stored {part} encoder of {self.model_name} is missing or altered "
+                                     "(its SHA-256 does not match)")
+                parts[part] = data
+        finally:
+            conn.close()
+        return parts, {part: row["precision"] for part, row in rows.items() if row["precision"]}
+
+
+@functools.lru_cache(maxsize=64)
+def _query_encoder_rows(path: str, model_name: str, mtime_ns: int, size: int) -> dict[str, dict]:
+    try:
+        conn = stdlib_sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)
+    except (stdlib_sqlite3.Error, OSError, ValueError):
+        return {}
+    conn.row_factory = stdlib_sqlite3.Row
+    try:
+        return {row["part"]: row for row in read_query_encoders(conn, model_name)}
+    except stdlib_sqlite3.Error:
+        return {}
+    finally:
+        conn.close()
+
+
+def read_vector_count(conn, model) -> int:
+    return conn.execute(f"SELECT count(*) FROM [{model['vector_table']}]").fetchone()[0]
+
+
+def read_counts(conn) -> dict:
+    """Maps, items and load errors (a table a file lacks counts 0)."""
+    present = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    return {table: conn.execute(f"SELECT count(*) FROM [{table}]").fetchone()[0] if table in present else 0
+            for table in ("maps", "items", "load_errors")}
+
+
+def read_common_errors(conn, limit: int = 10) -> list[tuple[str, str, int]]:
+    """(stage, reason, count) of the most frequent load errors."""
+    if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'load_errors'").fetchone():
+        return []
+    return [tuple(row) for row in conn.execute(
+        "SELECT stage, reason, count(*) n FROM load_errors GROUP BY stage, reason ORDER BY n DESC LIMIT ?",
+        (limit,))]
+
+
+def open_collection_readonly(path: str | Path):
+    """A read-only connection (sqlite-vec loaded) to an existing collection file; StoreError if the
+    file is missing or is not a collection.  Nothing is created or changed in the file."""
+    if not Path(path).is_file():
+        raise StoreError(f"no database at {path}")
+    try:
+        conn = connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)
+    except Exception as error:
+        raise StoreError(f"{path} cannot be opened as SQLite: {error}") from None
+    try:
+        if not is_collection(conn):
+            raise StoreError(f"{path} is not a mapclip collection (it has no maps and models tables of ours)")
+    except StoreError:
+        conn.close()
+        raise
+    except Exception as error:
+        conn.close()
+        raise StoreError(f"{path} is not a readable SQLite database: {error}") from None
+    return conn

@@ -13,6 +13,9 @@ Tables
                and notes a load leaves for the publisher (stage ``metadata``, ``pages``, ``source``)
   loads        one row per loader run: command, counts, start and end, and which process ran it
   kept_images  where a load kept each fetched image (``--keep-images``), for re-embedding offline
+  query_encoders, encoder_files  each model's query side (ONNX towers, tokenizer, preprocessing),
+               files stored once by SHA-256: the file can be searched with no weights from elsewhere
+  mapclip_meta the named migrations this file has had, and vector-table change counters
 
 Each batch of maps is written with its vectors in one transaction, so an interrupted load
 leaves only whole batches behind and a rerun skips exactly what is already stored.
@@ -138,6 +141,22 @@ CREATE TABLE IF NOT EXISTS loads (
     updated_at TEXT,
     message TEXT
 );
+-- What a query needs besides the vectors, per model (model/export.py): the text and image towers as
+-- ONNX, the tokenizer and the image preprocessing, each file stored once by its SHA-256.
+CREATE TABLE IF NOT EXISTS query_encoders (
+    model TEXT NOT NULL,        -- models.name
+    part TEXT NOT NULL,         -- text, image (ONNX), tokenizer (tokenizers JSON), preprocess (JSON)
+    sha256 TEXT NOT NULL,       -- encoder_files.sha256
+    precision TEXT,             -- int8 or fp32 (the towers)
+    bytes INTEGER NOT NULL,
+    checked TEXT,               -- JSON: the probe check against open_clip
+    created_at TEXT,
+    PRIMARY KEY (model, part)
+);
+CREATE TABLE IF NOT EXISTS encoder_files (
+    sha256 TEXT PRIMARY KEY,
+    data BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS kept_images (
     source_id TEXT PRIMARY KEY,
     root TEXT NOT NULL,
@@ -188,9 +207,9 @@ def load_sqlite_vec(conn) -> str:
     return conn.execute("select vec_version()").fetchone()[0]
 
 
-def connect(path: str | Path):
+def connect(path: str | Path, *, uri: bool = False):
     sqlite3 = sqlite3_module()
-    conn = sqlite3.connect(str(path), timeout=30, isolation_level=None, check_same_thread=False)
+    conn = sqlite3.connect(str(path), timeout=30, isolation_level=None, check_same_thread=False, uri=uri)
     conn.row_factory = sqlite3.Row
     load_sqlite_vec(conn)
     return conn

@@ -2,7 +2,7 @@
 
 ``Collections`` (one per server, in its plugin state) answers discovery (is a database a collection:
 asked of the database once and cached), permission (Datasette's own checks on the ``maps`` table, as
-its table page makes them) and turns a request's choice into a ``search.service.Collection``: the
+its table page makes them) and turns a request's choice into a ``search.service.SearchCollection``: the
 database adapted to the service (``DatasetteDatabase``), the server's links (``DatasetteLinks``) and
 its time limit.  A collection the actor may not view is invisible: never listed, 403 when named.
 """
@@ -172,7 +172,7 @@ class Collections:
         return visible[0] if visible else None
 
     # -- opening ------------------------------------------------------------------
-    async def open(self, actor, wanted: str | None, model_name: str | None = None) -> service.Collection:
+    async def open(self, actor, wanted: str | None, model_name: str | None = None) -> service.SearchCollection:
         """The collection a request names, permission checked, with its model (BadSearch if none fits)."""
         name = await self.choose(actor, wanted)
         try:
@@ -180,7 +180,7 @@ class Collections:
         except store.ModelNotFound as error:
             raise BadSearch(str(error)) from None
 
-    async def load(self, name: str, model_name: str | None = None) -> service.Collection:
+    async def load(self, name: str, model_name: str | None = None) -> service.SearchCollection:
         """A collection with its models read and one chosen (ModelNotFound if none fits); no permission
         check: callers that answer a request use ``open``."""
         db = self.datasette.get_database(name)

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 UPLOAD_PATHS = (MapclipUrls.PAGE, MapclipUrls.SEARCH_JSON)
 
 
-async def read_search_request(datasette, request) -> tuple[service.Collection, SearchParams]:
+async def read_search_request(datasette, request) -> tuple[service.SearchCollection, SearchParams]:
     """GET args, or a POSTed form with an optional image -> (collection, params)."""
     # Repeated arguments (``term``, ``term_weight``) keep every value, in order.
     args = {key: request.args.getlist(key) for key in request.args.keys()}

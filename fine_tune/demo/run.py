@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -268,6 +269,7 @@ def build(workdir: Path) -> Path:
     """Every step of the demo under ``workdir``; returns the database path."""
     from datasette_mapclip.store import MapStore
     from loaders.pipeline import run_load
+    from loaders.query_encoders import after_embedding
     from loaders.sources.folder import folder_records
 
     from ..evaluate import evaluate
@@ -299,14 +301,28 @@ def build(workdir: Path) -> Path:
         with open(model_dir / "evaluation.md", "a") as f:
             f.write(seeds_markdown(table))
     click.echo("4/4 embedding the collection with the trained model", err=True)
-    summary, model, _ = register(store, tiny_encoder(weights[SEEDS[0]]), default=True)
+    trained = tiny_encoder(weights[SEEDS[0]])
+    summary, model, _ = register(store, trained, default=True)
     check(summary, "embedding with the trained model")
+    # the served model's query encoders go into the file: the demo's server never needs torch
+    after_embedding(store, trained, model.name, lambda line: click.echo(line, err=True))
     how = "trained from scratch on this demo collection by mapclip fine-tune (see demo/model/evaluation.md)"
     (workdir / "metadata.yml").write_text(demo_metadata(model.name, how, example_queries=list(KINDS.values()),
                                                         example_map=example_map_id(db_path)))
     store.close()
     click.echo((model_dir / "evaluation.md").read_text(), err=True)
     return db_path
+
+
+def ensure_port_free(port: int):
+    """Exit with the reason when another program already listens on the port: the demo would print
+    its address while that program answered it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            raise click.ClickException(f"port {port} is already in use on 127.0.0.1 (another server?): stop it, "
+                                       f"or choose another port: make demo PORT={port + 1}") from None
 
 
 @click.command("demo")
@@ -317,10 +333,15 @@ def demo_command(workdir, port, no_serve):
     """Build and serve the offline demo under WORKDIR: draw 360 maps, train a small CLIP on their
     catalogue captions, embed them with it and serve the search page."""
     workdir = Path(workdir)
+    if not no_serve:
+        ensure_port_free(port)  # before minutes of building, not after
     db_path = build(workdir)
     if no_serve:
         click.echo(f"demo ready: datasette serve {db_path} -m {workdir / 'metadata.yml'}", err=True)
         return
+    ensure_port_free(port)
     click.echo(f"\nServing the demo at http://127.0.0.1:{port}/-/mapclip  (Ctrl-C to stop)\n", err=True)
-    subprocess.run([sys.executable, "-m", "datasette", "serve", "-i", str(db_path),
-                    "-m", str(workdir / "metadata.yml"), "-p", str(port)])
+    served = subprocess.run([sys.executable, "-m", "datasette", "serve", "-i", str(db_path),
+                             "-m", str(workdir / "metadata.yml"), "-p", str(port)])
+    if served.returncode not in (0, -2, 130):  # Ctrl-C ends it normally
+        sys.exit(served.returncode)
