@@ -99,13 +99,19 @@ def export_vectors(db_path, output, model_name):
     """
     import numpy as np
 
-    store = open_store(db_path)
+    from . import store
+
     try:
-        ids, matrix = store.vectors(model_name)
+        conn = store.open_collection_readonly(db_path)
+    except (store.StoreError, store.ExtensionsUnavailable) as error:
+        raise click.ClickException(str(error))
+    try:
+        model = store.pick_model(store.read_models(conn), model_name, where=db_path)
+        ids, matrix = store.read_vectors(conn, model.vector_table, int(model.dim))
     except LookupError as error:
         raise click.ClickException(str(error))
     finally:
-        store.close()
+        conn.close()
     np.savez(output, map_id=ids, embedding=matrix)
     click.echo(f"{len(ids)} vectors of {matrix.shape[1] if len(ids) else 0} floats -> {output}", err=True)
 
@@ -142,6 +148,7 @@ def search(db_path, query, image, like, weight, terms, term_weights, more, fewer
       mapclip search maps.db "coast" --like 42 --weight 0.5 --json
       mapclip search maps.db --term "railroad map" --term "map:17" --term-weight 1 --term-weight -0.5
     """
+    from . import store
     from .search.errors import SearchError
     from .search.local import Collection
 
@@ -152,7 +159,7 @@ def search(db_path, query, image, like, weight, terms, term_weights, more, fewer
         # one search: sqlite-vec answers at once; building the in-memory index would take longer
         with Collection(db_path, settings={"index": "off"}) as collection:
             answer = collection.search(query, image=image, **params)
-    except SearchError as error:
+    except (SearchError, store.StoreError, store.ExtensionsUnavailable) as error:
         raise click.ClickException(str(error))
     except (OSError, ValueError) as error:
         raise click.ClickException(f"{type(error).__name__}: {error}")

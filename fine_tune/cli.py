@@ -177,7 +177,7 @@ def _engine_options(command):
 @_encoding_options
 @_engine_options
 def register_command(db_path, checkpoint, model_name, make_default, device, precision, threads, batch_size,
-                     workers, no_encoders, quiet, engine, ray_address, actors, keep_images):
+                     workers, no_encoders, fp32_encoders, quiet, engine, ray_address, actors, keep_images):
     """Re-embed every map of DB_PATH with a fine-tuned checkpoint, into a new vector table beside
     the existing ones. Images kept by a load (--keep-images) are read from their files; the others
     from their stored location. Rerunning resumes.
@@ -223,7 +223,7 @@ def register_command(db_path, checkpoint, model_name, make_default, device, prec
     if summary.status == "finished" and not no_encoders:
         from loaders.query_encoders import after_embedding
 
-        after_embedding(store, encoder, model.name, lambda line: click.echo(line, err=True))
+        after_embedding(store, encoder, model.name, lambda line: click.echo(line, err=True), int8=not fp32_encoders)
     store.close()
     if missing:
         click.echo(f"{missing} maps have no stored location and were not re-embedded", err=True)

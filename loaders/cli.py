@@ -45,8 +45,11 @@ no_encoders_option = click.option(
     "--no-encoders", is_flag=True,
     help="Do not store the model's query encoders (ONNX text and image towers, tokenizer) in the file; "
          "searching it then needs torch and the model's weights wherever it is served.")
+fp32_encoders_option = click.option(
+    "--fp32-encoders", is_flag=True,
+    help="Store the query encoders' towers at fp32 (no int8, whatever the check against open_clip says).")
 ENCODING_OPTIONS = [device_option, precision_option, threads_option, batch_size_option, workers_option,
-                    no_encoders_option]
+                    no_encoders_option, fp32_encoders_option]
 
 
 def model_options(command):
@@ -186,7 +189,7 @@ def run_embedding(db_path, records, options, *, command, fetcher=None, store_thu
         from .query_encoders import after_embedding
 
         after_embedding(store, encoder if options.get("engine") != "ray" else None, summary.model,
-                        lambda line: click.echo(line, err=True))
+                        lambda line: click.echo(line, err=True), int8=not options.get("fp32_encoders"))
     store.close()
     if summary.status == "interrupted":
         sys.exit(130)

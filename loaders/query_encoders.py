@@ -39,13 +39,13 @@ def store_query_encoders(store: MapStore, encoder, *, force: bool = False, int8:
     return f"query encoders of {name} stored: {describe(read_query_encoders(store.conn, name))}{checked}"
 
 
-def after_embedding(store: MapStore, encoder, model_name: str, echo) -> None:
+def after_embedding(store: MapStore, encoder, model_name: str, echo, *, int8: bool = True) -> None:
     """What a loader prints after storing a model's vectors: the encoders stored, or why not.
     ``encoder``: the one that embedded, if it ran here on the CPU (else a CPU copy is loaded)."""
     try:
         if encoder is None or getattr(encoder, "device", "cpu") != "cpu" or encoder.name != model_name:
             encoder = encoder_for_row(store, model_name, None)
-        echo(store_query_encoders(store, encoder))
+        echo(store_query_encoders(store, encoder, int8=int8))
     except (ExportError, ModelUnavailable) as error:
         echo(f"warning: query encoders not stored ({error}); searching this model needs torch and its weights")
 

@@ -116,13 +116,16 @@ def make_folder(folder: Path, count: int, *, formats=("JPEG",), metadata=True) -
     return folder
 
 
-def load_collection(tmp_path_factory, model_args, count: int):
-    """A folder of ``count`` map images loaded into a fresh database with the tiny model (fp32)."""
+def load_collection(tmp_path_factory, model_args, count: int, *, fp32_encoders: bool = True):
+    """A folder of ``count`` map images loaded into a fresh database with the tiny model (fp32), its
+    query encoders stored at fp32 too, so a served search reproduces ``tiny_encoder`` to float
+    rounding (tests/test_serving_without_torch.py checks the int8 towers a default load stores)."""
     from datasette_mapclip.cli import cli
 
     folder = make_folder(tmp_path_factory.mktemp("scans") / "maps", count)
     db_path = tmp_path_factory.mktemp("db") / "maps.db"
-    result = CliRunner().invoke(cli, ["load", "folder", str(db_path), str(folder), *model_args, "--precision", "fp32"])
+    result = CliRunner().invoke(cli, ["load", "folder", str(db_path), str(folder), *model_args, "--precision", "fp32",
+                                      *(["--fp32-encoders"] if fp32_encoders else [])])
     assert result.exit_code == 0, result.output
     return db_path, folder
 

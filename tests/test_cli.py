@@ -7,7 +7,7 @@ from datasette_mapclip.cli import cli
 
 def test_help_lists_every_command(invoke):
     out = invoke(["--help"]).output
-    for command in ("load", "import-beto", "loc-metadata", "info", "export-vectors"):
+    for command in ("load", "import-beto", "loc-metadata", "info", "export-vectors", "search", "encoders"):
         assert command in out
     load_help = invoke(["load", "--help"]).output
     for command in ("folder", "csv", "loc"):
@@ -15,7 +15,8 @@ def test_help_lists_every_command(invoke):
 
 
 @pytest.mark.parametrize("args", [["load", "folder"], ["load", "csv"], ["load", "loc"], ["import-beto"],
-                                  ["loc-metadata"], ["info"], ["export-vectors"]])
+                                  ["loc-metadata"], ["info"], ["export-vectors"], ["search"], ["encoders", "add"],
+                                  ["encoders", "remove"]])
 def test_every_command_documents_its_options(invoke, args):
     out = invoke([*args, "--help"]).output
     assert "DB_PATH" in out
@@ -30,9 +31,12 @@ def test_every_command_documents_its_options(invoke, args):
 def test_info_and_export_vectors(tmp_path, invoke, model_args):
     folder = make_folder(tmp_path / "scans", 4)
     invoke(["load", "folder", tmp_path / "m.db", folder, *model_args])
+    before = (tmp_path / "m.db").read_bytes()
     info = invoke(["info", tmp_path / "m.db"]).output
     assert "4 maps in" in info and "mapclip-tiny/sha256:" in info and "4 vectors of 64 floats" in info
+    assert "query encoders: " in info and "text " in info and "tokenizer " in info and " MB" in info
     invoke(["export-vectors", tmp_path / "m.db", tmp_path / "v.npz"])
+    assert (tmp_path / "m.db").read_bytes() == before  # both read the file only
     data = np.load(tmp_path / "v.npz")
     assert data["embedding"].shape == (4, 64) and data["embedding"].dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(data["embedding"], axis=1), 1, atol=1e-5)
@@ -59,3 +63,26 @@ def test_every_command_that_embeds_takes_the_same_encoding_options():
     assert len(reference) == 9
     for path in embedding[1:]:
         assert options(*path) == reference, path
+
+
+@pytest.mark.parametrize("command", ["info", "export-vectors", "search", "encoders add", "encoders remove"])
+def test_commands_leave_a_file_that_is_not_a_collection_alone(tmp_path, invoke, command):
+    """Another program's SQLite file, a CSV: a one-line error, no traceback, the file unchanged (no
+    schema, no journal mode switched)."""
+    import sqlite3
+
+    other = tmp_path / "other.db"
+    conn = sqlite3.connect(other)
+    conn.execute("CREATE TABLE levels (id INTEGER PRIMARY KEY, name TEXT)")
+    conn.commit()
+    conn.close()
+    text = tmp_path / "f.csv"
+    text.write_text("file,title\na.jpg,A map\n")
+    extra = {"export-vectors": [tmp_path / "out.npz"], "search": ["map"]}.get(command, [])
+    for path in (other, text):
+        before = path.read_bytes()
+        result = invoke([*command.split(), path, *extra], expect=1)
+        assert "Traceback" not in result.output and "Error:" in result.output, result.output
+        assert any(why in result.output for why in ("not a mapclip collection", "not a readable SQLite",
+                                                     "cannot be opened as SQLite")), result.output
+        assert path.read_bytes() == before and not (tmp_path / (path.name + "-wal")).exists()

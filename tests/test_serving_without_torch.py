@@ -67,7 +67,7 @@ SERVE_WITHOUT_TORCH = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def collection(tmp_path_factory, model_args):
-    return load_collection(tmp_path_factory, model_args, 12)
+    return load_collection(tmp_path_factory, model_args, 12, fp32_encoders=False)  # as a default load stores them
 
 
 def test_the_loaded_file_carries_its_query_encoders(collection):
@@ -106,3 +106,37 @@ async def test_a_server_searches_without_torch_and_without_network(collection, t
     stored_vector = np.frombuffer(bytes.fromhex(out["sql"][0]["v"]), "<f4")
     torch_vector = np.frombuffer(bytes.fromhex(sql[0]["v"]), "<f4")
     assert float(stored_vector @ torch_vector) >= 0.995
+
+
+@pytest.mark.parametrize("damage,why", [
+    ("UPDATE encoder_files SET data = X'00' || data WHERE sha256 = (SELECT sha256 FROM query_encoders "
+     "WHERE part = 'text')", "altered"),
+    ("DELETE FROM encoder_files WHERE sha256 = (SELECT sha256 FROM query_encoders WHERE part = 'tokenizer')",
+     "missing"),
+])
+async def test_a_damaged_encoder_answers_503_with_the_reason_and_nothing_else_breaks(collection, tmp_path, damage,
+                                                                                      why):
+    import shutil
+    import sqlite3
+
+    damaged = tmp_path / "damaged.db"
+    shutil.copy(collection[0], damaged)
+    conn = sqlite3.connect(damaged)
+    conn.execute(damage)
+    conn.commit()
+    conn.close()
+    before = damaged.read_bytes()
+    ds = make_datasette([str(damaged), str(collection[0])])
+    text = await ds.client.get("/-/mapclip/search.json?q=relief&_db=damaged")
+    assert text.status_code == 503 and why in text.json()["error"], text.text
+    assert (await ds.client.get("/-/mapclip/search.json?like=1&k=3&_db=damaged")).status_code == 200
+    assert (await ds.client.get("/-/mapclip/search.json?q=relief&k=3&_db=maps")).status_code == 200
+    assert damaged.read_bytes() == before  # a server never rewrites the file
+
+
+def test_fp32_encoders_are_stored_at_fp32_on_request(tmp_path_factory, model_args):
+    db_path, _ = load_collection(tmp_path_factory, model_args, 4)  # --fp32-encoders
+    conn = connect(db_path)
+    rows = {row["part"]: row for row in read_query_encoders(conn)}
+    conn.close()
+    assert rows["text"]["precision"] == rows["image"]["precision"] == "fp32"

@@ -157,10 +157,12 @@ class EncoderCache:
         config = config or {}
         stored_key = stored.key() if stored is not None and settings_of(config).query_encoders == "stored" else None
         if stored_key is not None:
-            key = ("stored", *stored_key)
+            # each file's own: a damaged file's failure is its alone, and it never borrows another's
+            key = failure_key = ("stored", stored.path, *stored_key)
             load = functools.partial(self._load_stored, model_row, config, stored)
         else:
-            key = (model_row["architecture"], model_row.get("pretrained"), model_row.get("checkpoint_sha256"))
+            key = failure_key = (model_row["architecture"], model_row.get("pretrained"),
+                                 model_row.get("checkpoint_sha256"))
             load = functools.partial(self._load, model_row, config)
         encoder = self._encoders.get(key)
         if encoder is not None:
@@ -168,16 +170,16 @@ class EncoderCache:
         with self._lock:
             if key in self._encoders:
                 return self._encoders[key]
-            failed = self._failures.get(key)
+            failed = self._failures.get(failure_key)
             if failed and time.monotonic() - failed[0] < self.retry_after:
                 raise ModelUnavailable(failed[1])
             try:
                 loaded = load()
             except ModelUnavailable as error:
                 message = f"model {model_row['name']} cannot be loaded: {error}"
-                self._failures[key] = (time.monotonic(), message)
+                self._failures[failure_key] = (time.monotonic(), message)
                 raise ModelUnavailable(message) from None
-            self._failures.pop(key, None)
+            self._failures.pop(failure_key, None)
             self._encoders[key] = SharedEncoder(loaded, settings_of(config).text_cache_size)
             return self._encoders[key]
 

@@ -99,6 +99,7 @@ class Collection:
                  time_limit_ms: int | None = None):
         if not Path(path).is_file():
             raise FileNotFoundError(f"no collection file at {path}")
+        store.open_collection_readonly(path).close()  # StoreError: not a collection (nothing is written)
         self.path = Path(path)
         self.model_name = model
         self.settings = Settings(settings or {}, where="Collection settings")

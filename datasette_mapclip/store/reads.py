@@ -283,7 +283,8 @@ class StoredQueryEncoders:
         try:
             parts = {}
             for part in QUERY_ENCODER_PARTS:
-                found = conn.execute("SELECT data FROM encoder_files WHERE sha256 = ?", (rows[part]["sha256"],)).fetchone()
+                found = conn.execute("SELECT CAST(data AS BLOB) FROM encoder_files WHERE sha256 = ?",
+                                     (rows[part]["sha256"],)).fetchone()
                 data = bytes(found[0]) if found and isinstance(found[0], bytes) else b""
                 if hashlib.sha256(data).hexdigest() != rows[part]["sha256"]:
                     raise StoreError(f"the stored {part} encoder of {self.model_name} is missing or altered "
