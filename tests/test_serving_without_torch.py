@@ -113,6 +113,9 @@ async def test_a_server_searches_without_torch_and_without_network(collection, t
      "WHERE part = 'text')", "altered"),
     ("DELETE FROM encoder_files WHERE sha256 = (SELECT sha256 FROM query_encoders WHERE part = 'tokenizer')",
      "missing"),
+    # intact files that do not fit together: the image tower stored as the text tower
+    ("UPDATE query_encoders SET sha256 = (SELECT sha256 FROM query_encoders WHERE part = 'image') "
+     "WHERE part = 'text'", "the stored text encoder failed"),
 ])
 async def test_a_damaged_encoder_answers_503_with_the_reason_and_nothing_else_breaks(collection, tmp_path, damage,
                                                                                       why):

@@ -18,6 +18,8 @@ import threading
 import numpy as np
 from PIL import Image
 
+from .clip import ModelUnavailable
+
 PARTS = ("text", "image", "tokenizer", "preprocess")
 RESIZE_MODES = ("shortest", "squash")  # open_clip's resize modes reproduced here
 CLEAN_MODES = ("lower", "whitespace", "canonicalize")
@@ -116,18 +118,24 @@ class QueryEncoder:
 
     def encode_texts(self, texts: list[str]) -> np.ndarray:
         tokens = self.tokenize(list(texts))
-        with self.lock:
-            vectors = self.text_session.run(None, {"tokens": tokens})[0]
-        return _unit(vectors)
+        return _unit(self._run(self.text_session, "tokens", tokens, "text"))
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
         return preprocess(image, self.preprocessing)
 
     def encode_images(self, images) -> np.ndarray:
         pixels = np.stack([self.preprocess(image) for image in images])
-        with self.lock:
-            vectors = self.image_session.run(None, {"pixels": pixels})[0]
-        return _unit(vectors)
+        return _unit(self._run(self.image_session, "pixels", pixels, "image"))
+
+    def _run(self, session, name: str, values: np.ndarray, part: str) -> np.ndarray:
+        """One run; a stored graph that fails (a tokenizer that does not fit the tower, a damaged
+        file) is ModelUnavailable with the reason: the search answers 503, never a 500."""
+        try:
+            with self.lock:
+                return session.run(None, {name: values})[0]
+        except Exception as error:
+            raise ModelUnavailable(f"the stored {part} encoder failed: {type(error).__name__}: "
+                                   f"{str(error).splitlines()[0][:300] if str(error) else ''}") from None
 
 
 def _unit(vectors: np.ndarray) -> np.ndarray:
