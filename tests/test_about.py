@@ -84,6 +84,16 @@ async def test_pretrained_weights_are_described_in_plain_words(collection, tmp_p
     store.close()
     words = text_of((await make_datasette([str(copy)]).client.get("/-/mapclip/about")).text)
     assert source in words and f"Pretrained weights tag {pretrained}" in words
+    assert "It learned from the web." in words and "Its weights come from the publisher" not in words
+
+
+async def test_the_general_sections_say_what_is_true_of_this_collections_model(collection):
+    """A model from a checkpoint (the demo's, trained from scratch) is not said to have learned from
+    the web; the image size it reads is the recorded one; no score range is promised."""
+    words = text_of((await make_datasette([str(collection[0])]).client.get("/-/mapclip/about")).text)
+    assert "Its weights come from the publisher." in words and "It learned from the web." not in words
+    assert "(64 by 64 pixels)" in words and "a few hundred pixels" not in words
+    assert "between about 0.1 and 0.4" not in words and "differs from model to model" in words
 
 
 async def test_publisher_notes_and_report_channels_come_from_the_plugin_config(collection):

@@ -93,13 +93,25 @@ def model_facts(model: dict, default: bool) -> dict:
         ("Recorded", _text(model.get("created_at")), False),
     ]
     fine_tuned = not _text(model.get("pretrained")) and bool(_text(model.get("checkpoint_sha256")))
+    size = model.get("image_size")
     return {
         "name": _text(model.get("name")) or "unnamed",
         "default": default,
         "source": weights_source(model),
         "fine_tuned": fine_tuned,
+        "web_trained": bool(_text(model.get("pretrained"))),  # open_clip's pretrained weights: web pictures
+        "image_size": size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None,
         "facts": [fact for fact in facts if fact[1]],
     }
+
+
+def what_the_models_are(collections: list[dict]) -> dict:
+    """What the about page's general sections may say of the models it describes: whether any was
+    trained on web pictures (a pretrained tag), and the image sizes they read (where shown)."""
+    models = [model for collection in collections for model in collection["models"]]
+    return {"web_trained": any(model.get("web_trained") for model in models),
+            "checkpoint_only": bool(models) and all(model.get("web_trained") is False for model in models),
+            "image_sizes": sorted({model["image_size"] for model in models if model.get("image_size")})}
 
 
 def model_summary(model: dict, default: bool) -> dict:

@@ -252,6 +252,7 @@ async def about_page(request, datasette):
         "mapclip_about.html",
         {
             "collections": collections,
+            "models_are": about.what_the_models_are(collections),
             "error": error,
             "search_url": MapclipUrls(datasette).page(database=wanted if wanted and collections else None),
             "reports": unique_channels([c["report"] for c in collections] + [about.report_channels(plugin_config(datasette))]),
