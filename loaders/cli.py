@@ -257,13 +257,14 @@ def _skipped_link_notes(root: str, skipped_links: list[tuple[str, str]]) -> list
 @load.command("csv")
 @click.argument("db_path", type=click.Path(dir_okay=False))
 @click.argument("file_list", type=click.Path(exists=True, dir_okay=False))
-@click.option("--size", type=int, default=iiif.DEFAULT_SIZE, show_default=True,
+@click.option("--size", type=click.IntRange(min=1), default=iiif.DEFAULT_SIZE, show_default=True,
               help="Ask the IIIF server for images that fit SIZE x SIZE (not the seed's 2000 px).")
 @click.option("--rate", type=click.FloatRange(min=0), default=200, show_default=True,
               help="Image requests per minute, shared by all workers and evenly spaced, less our "
                    f"{SAFETY_MARGIN:.0%} margin (loc.gov allows 200). 0: unlimited.")
-@click.option("--timeout", type=float, default=30, show_default=True, help="Seconds per HTTP request.")
-@click.option("--limit", type=int, help="Stop after this many images.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=30, show_default=True,
+              help="Seconds per HTTP request.")
+@click.option("--limit", type=click.IntRange(min=1), help="Stop after this many images.")
 @keep_images_option
 @model_options
 def load_csv(db_path, file_list, size, rate, timeout, limit, keep_images, **options):
@@ -305,15 +306,16 @@ def load_csv(db_path, file_list, size, rate, timeout, limit, keep_images, **opti
 @load.command("loc")
 @click.argument("db_path", type=click.Path(dir_okay=False))
 @click.argument("url")
-@click.option("--limit", type=int, help="Stop after this many map sheets.")
+@click.option("--limit", type=click.IntRange(min=1), help="Stop after this many map sheets.")
 @click.option("--first-sheet-only", is_flag=True,
               help="Do not read IIIF manifests of multi-sheet items (atlases, Sanborn volumes): one image per item.")
-@click.option("--size", type=int, default=iiif.DEFAULT_SIZE, show_default=True,
+@click.option("--size", type=click.IntRange(min=1), default=iiif.DEFAULT_SIZE, show_default=True,
               help="Ask the IIIF server for images that fit SIZE x SIZE.")
 @click.option("--rate", type=click.FloatRange(min=0), default=200, show_default=True,
               help="Image requests per minute, shared by all workers and evenly spaced, less our "
                    f"{SAFETY_MARGIN:.0%} margin. 0: unlimited images. Manifests are item requests: {LOC_PACE}.")
-@click.option("--timeout", type=float, default=30, show_default=True, help="Seconds per HTTP request.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=30, show_default=True,
+              help="Seconds per HTTP request.")
 @keep_images_option
 @model_options
 def load_loc(db_path, url, limit, first_sheet_only, size, rate, timeout, keep_images, **options):
@@ -337,6 +339,10 @@ def load_loc(db_path, url, limit, first_sheet_only, size, rate, timeout, keep_im
 
     from .fetch import FetchError, RateLimited
 
+    try:
+        search.first_page()  # a wrong URL is said before the model loads and before the database is made
+    except (FetchError, RateLimited) as error:
+        raise click.ClickException(f"search page failed: {error}")
     try:
         run_embedding(db_path, iter(search), options, command=f"load loc {url}",
                       fetcher=Fetcher(limit_for["image"], timeout=timeout), total=limit, after=record_problems,
@@ -433,7 +439,8 @@ LOC_METADATA_HELP = f"""Fill catalogue fields (title, date, place, subjects...) 
               help="Forget this search's stored crawl progress and page through it again "
                    "(for items stored after a finished crawl). Filled fields stay.")
 @click.option("--limit", type=click.IntRange(min=0), help="At most this many items this run.")
-@click.option("--timeout", type=float, default=30, show_default=True, help="Seconds per HTTP request.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=30, show_default=True,
+              help="Seconds per HTTP request.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def loc_metadata(db_path, api, search_url, method, dates, result_cap, workers, recrawl, limit, timeout, quiet):
     from .fetch import Fetcher, RateLimited, RateLimiter

@@ -86,3 +86,22 @@ def test_commands_leave_a_file_that_is_not_a_collection_alone(tmp_path, invoke, 
         assert any(why in result.output for why in ("not a mapclip collection", "not a readable SQLite",
                                                      "cannot be opened as SQLite")), result.output
         assert path.read_bytes() == before and not (tmp_path / (path.name + "-wal")).exists()
+
+
+def test_bad_load_arguments_are_refused_before_any_work(tmp_path, invoke, model_args, loc_server):
+    """A negative --limit, a URL that is not a loc.gov search: one line, no traceback, before the model
+    loads and before the database file is made."""
+    file_list = tmp_path / "files.csv"
+    file_list.write_text("file_url,resource_url,segment_num,p1_item_id,file_count\n")
+    for args in (["load", "csv", tmp_path / "a.db", file_list, "--limit", "-3"],
+                 ["load", "loc", tmp_path / "a.db", "https://www.loc.gov/maps/", "--limit", "-1"],
+                 ["load", "loc", tmp_path / "a.db", "https://www.loc.gov/maps/", "--timeout", "0"]):
+        result = invoke([*args, *model_args], expect=2)
+        assert "Traceback" not in result.output and "Invalid value" in result.output, result.output
+    server = loc_server()
+    for url, why in ((f"{server.url}/no/such/page/", "search page failed"),
+                     ("ftp://www.loc.gov/maps/", "not an http(s) URL")):
+        result = invoke(["load", "loc", tmp_path / "b.db", url, *model_args], expect=1)
+        assert why in result.output and "Traceback" not in result.output, result.output
+        assert "model mapclip-tiny" not in result.output  # refused before the model loaded
+        assert not (tmp_path / "b.db").exists()

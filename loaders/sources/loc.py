@@ -16,6 +16,7 @@ from datasette_mapclip.model import iiif
 from datasette_mapclip.store.records import MapRecord, parse_year
 
 from ..fetch import Fetcher, FetchError, RateLimiter, per_minute
+from ..messages import shown
 from .file_list import https, item_id_from_url
 
 SEARCH_LIMITS = [(20, 10.0), (80, 60.0)]  # loc.gov's published limits, (requests, seconds)
@@ -137,12 +138,29 @@ class LocSearch:
         self.size = size
         self.total: int | None = None
         self.problems: list[tuple[MapRecord, str]] = []  # items that could not be expanded
+        self._first_page: dict | None = None
+
+    def first_page(self) -> dict:
+        """The search's first page, fetched (once) and checked to be a loc.gov JSON search answer:
+        a command asks for it before it loads a model, so a wrong URL is said at once.
+        FetchError says why not."""
+        if self._first_page is None:
+            scheme = urllib.parse.urlsplit(self.url).scheme
+            if scheme not in ("http", "https"):
+                raise FetchError(f"{shown(self.url)} is not an http(s) URL: give a loc.gov search or collection URL, "
+                                 "e.g. https://www.loc.gov/maps/?q=railroads")
+            page = self.fetcher.get_json(self.url)
+            if not isinstance(page, dict) or not isinstance(page.get("results"), list):
+                raise FetchError(f"{shown(self.url)} did not answer as loc.gov's JSON search API does (no results "
+                                 "list): give a loc.gov search or collection URL, e.g. https://www.loc.gov/maps/?q=railroads")
+            self._first_page = page
+        return self._first_page
 
     def __iter__(self) -> Iterator[MapRecord]:
         produced = 0
         url = self.url
         while url:
-            page = self.fetcher.get_json(url)
+            page = self.first_page() if url == self.url else self.fetcher.get_json(url)
             pagination = page.get("pagination") or {}
             if self.total is None and pagination.get("of") is not None:
                 self.total = int(pagination["of"])
