@@ -3,7 +3,7 @@
 A publisher writes them under ``plugins: datasette-mapclip:`` (per database where given); the
 plugin reads them only through ``Settings``, which gives each declared setting its declared type
 (a value of the wrong type falls back to the default, with one warning in the server's log, so a
-typo in a YAML file never turns into a 500) and its default where none is given.  The README's
+typo in a YAML file never turns into a 500) and its default where none is given.  The docs'
 configuration blocks are tested against this list.
 """
 

@@ -24,7 +24,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-# What a publisher configures for visitors (README, "Publishing"): example searches and where to report.
+# What a publisher configures for visitors (docs/publishing.md): example searches and where to report.
 PUBLISHED = {"databases": {"maps": {"plugins": {"datasette-mapclip": {
     "example_queries": ["nautical chart", "city street plan", "hand-coloured county map"], "example_map": 5,
     "report_url": "https://maps.example.org/report", "contact": "maps@example.org"}}}}}

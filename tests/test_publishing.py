@@ -1,4 +1,4 @@
-"""Publishing works as written (README.md, "Publishing").
+"""Publishing works as written (docs/publishing.md, "Publishing").
 
 Every `datasette publish` / `datasette package` command in that section runs through Datasette's
 own command-line code (gcloud and docker replaced by stand-ins that keep the build context), in a
@@ -42,7 +42,7 @@ from packaging.version import Version
 from conftest import load_collection
 
 ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
+PUBLISHING_DOC = ROOT / "docs" / "publishing.md"
 VENV = Path(sys.executable).parent.parent
 PLUGIN = "datasette-mapclip"
 TORCH_STACK = {"torch", "torchvision", "open-clip-torch", "timm"}
@@ -70,11 +70,11 @@ cli()
 """
 
 
-# -- what the README says ---------------------------------------------------------------------
+# -- what the publishing docs say -------------------------------------------------------------
 def publishing_section() -> str:
-    text = README.read_text(encoding="utf-8")
+    text = PUBLISHING_DOC.read_text(encoding="utf-8")
     found = re.search(r"^## Publishing\n(.*?)(?=^## )", text, re.S | re.M)
-    assert found, "README.md has no '## Publishing' section"
+    assert found, "docs/publishing.md has no '## Publishing' section"
     return found.group(1)
 
 
@@ -98,7 +98,7 @@ def option_values(words: list[str], option: str) -> list[str]:
 
 # -- Datasette's own publishing code, gcloud and docker stood in for ----------------------------
 def build_context(words: list[str], workdir: Path, keep: Path, monkeypatch) -> Path:
-    """Run one README command through Datasette's CLI in ``workdir``; the build context it made, kept."""
+    """Run one documented command through Datasette's CLI in ``workdir``; the build context it made, kept."""
     import datasette.cli
     import datasette.publish.cloudrun as cloudrun
 

@@ -15,9 +15,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def readme_setting_names() -> set[str]:
-    """Keys of every ``plugins: datasette-mapclip:`` block in the README's YAML examples."""
+    """Keys of every ``plugins: datasette-mapclip:`` block in the user docs' YAML examples."""
     names = set()
-    for block in re.findall(r"```yaml\n(.*?)```", (REPO / "README.md").read_text(), re.S):
+    docs = "".join(path.read_text() for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))])
+    for block in re.findall(r"```yaml\n(.*?)```", docs, re.S):
         lines = block.splitlines()
         for i, line in enumerate(lines):
             if line.strip() == "datasette-mapclip:":
