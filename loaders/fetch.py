@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import email.utils
+import importlib.metadata
 import json
 import threading
 import time
@@ -13,7 +14,16 @@ import httpx
 
 from datasette_mapclip.store.ids import declared_length
 
-USER_AGENT = "datasette-mapclip (+https://github.com/datasette-mapclip)"
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("datasette-mapclip")
+    except importlib.metadata.PackageNotFoundError:
+        return "dev"
+
+
+# Names the tool and its version (the project has no public home page to link to yet).
+USER_AGENT = f"datasette-mapclip/{_version()} (map collection loader; httpx)"
 MAX_BYTES = 64 * 1024 * 1024
 
 

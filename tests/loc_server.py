@@ -102,6 +102,7 @@ class LocServer:
         self.bad = bad or {}  # item number -> 'missing' | 'html' | 'truncated' (its first image)
         self.requests: list[str] = []
         self.log: list[tuple[float, str]] = []  # (time.monotonic(), path) per request, in arrival order
+        self.user_agents: set[str] = set()
         self.hits: dict[str, int] = {}
         self.retry_after: dict[str, str] = {}  # service -> Retry-After value for its first request
         self.retry_status: dict[str, int] = {}  # service -> status sent with that Retry-After (default 429)
@@ -382,6 +383,7 @@ class LocServer:
 
             def do_GET(self):
                 server_ref.log.append((time.monotonic(), self.path))
+                server_ref.user_agents.add(self.headers.get("user-agent", ""))
                 server_ref.requests.append(self.path)
                 if server_ref.budget is not None and len(server_ref.requests) > server_ref.budget:
                     with server_ref.lock:

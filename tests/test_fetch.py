@@ -275,3 +275,13 @@ def test_limiter_spaces_requests_evenly_with_a_margin_on_the_published_limits():
     ahead.pause(30.0)  # a Retry-After holds the next booking, which then keeps the pace after it
     assert ahead.reserve() == pytest.approx(30.0)
     assert ahead.reserve() == pytest.approx(30.825)
+
+
+def test_requests_name_the_tool_and_its_version(loc_server):
+    from importlib.metadata import version
+
+    from loaders.fetch import Fetcher
+
+    server = loc_server(items=1)
+    Fetcher().get_json(f"{server.url}/collections/test-maps/?fo=json")
+    assert server.user_agents == {f"datasette-mapclip/{version('datasette-mapclip')} (map collection loader; httpx)"}
