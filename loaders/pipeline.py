@@ -62,7 +62,8 @@ def _decode(record: MapRecord, encoder, data: bytes, store_thumbnail: bool, max_
         return Prepared(record, stage="decode", error=str(error))
     except Exception as error:  # a corrupt file can raise anything from a plugin decoder
         return Prepared(record, stage="decode", error=f"{type(error).__name__}: {error}")
-    prepared = Prepared(record, pixels, thumbnail, image.size, keep=keep)
+    # the map's own size (a JPEG is decoded at a reduced scale, near the model's input size)
+    prepared = Prepared(record, pixels, thumbnail, image.info.get("full_size", image.size), keep=keep)
     pages = image.info.get("pages", 1)
     if pages > 1:
         # Later pages of a TIFF are most often reduced copies (pyramidal TIFF) or scanner

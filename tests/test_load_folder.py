@@ -167,3 +167,18 @@ def test_a_last_batch_of_only_undecodable_files_is_recorded_and_counted(tmp_path
     assert errors == {"z_empty.jpg": "decode", "z_html.png": "decode", "z_text.tif": "decode"}
     load = db.execute("SELECT * FROM loads").fetchone()
     assert (load["status"], load["loaded"], load["failed"]) == ("finished", 2, 3)
+
+
+def test_the_recorded_size_is_the_maps_own_not_the_decoded_scale(tmp_path, invoke, model_args):
+    """A JPEG is decoded near the model's input size (draft mode); the map page shows the size of the
+    map itself, turned as its EXIF says."""
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    draw_map(1, size=(1600, 1200)).save(folder / "wide.jpg", "JPEG")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: shown turned a quarter
+    draw_map(2, size=(1600, 1200)).save(folder / "turned.jpg", "JPEG", exif=exif)
+    invoke(["load", "folder", tmp_path / "m.db", folder, *model_args, "--no-thumbnails"])
+    db = open_db(tmp_path / "m.db")
+    sizes = {r["source_id"]: (r["width"], r["height"]) for r in db.execute("SELECT source_id, width, height FROM maps")}
+    assert sizes == {"wide.jpg": (1600, 1200), "turned.jpg": (1200, 1600)}

@@ -78,6 +78,8 @@ def open_image(data: bytes, *, min_size: int | None = None, max_pixels: int = DE
     for a 2000 px scan going to a 224 px model).
     """
     image, pages = _opened(data, min_size, max_pixels)
+    full_width, full_height = image.info["full_size"]
+    drafted = image.size
     try:
         image.load()
         ImageOps.exif_transpose(image, in_place=True)  # (a plain call copies every image, turned or not)
@@ -86,6 +88,9 @@ def open_image(data: bytes, *, min_size: int | None = None, max_pixels: int = DE
         raise _decode_error(error, image.format or "image") from None
     # Only the first page or frame is decoded; callers say what happened to the rest.
     image.info["pages"] = pages
+    # the size of the map as its file holds it (turned as its EXIF says), not the decoded scale
+    turned = drafted[0] != drafted[1] and image.size == drafted[::-1]
+    image.info["full_size"] = (full_height, full_width) if turned else (full_width, full_height)
     return image
 
 
@@ -164,6 +169,7 @@ def _opened(data: bytes, min_size: int | None, max_pixels: int) -> tuple[Image.I
     if width == 0 or height == 0:
         raise ImageDecodeError(f"image has no pixels ({width}x{height})")
     pages = _page_count(image)  # before load(): counting seeks through the file, then back to page 1
+    image.info["full_size"] = (width, height)  # the file's own size, whatever scale it is decoded at
     try:
         if min_size and image.format == "JPEG":
             image.draft("RGB", (min_size, min_size))
