@@ -167,3 +167,11 @@ async def test_examples_of_a_collection_the_actor_cannot_view_are_not_shown(coll
     assert response.status_code == 403 and "hidden treasure" not in response.text
     response = await ds.client.get("/-/mapclip")
     assert "hidden treasure" not in response.text
+
+
+async def test_a_results_picture_opens_its_map_page(collection):
+    """Not the bare thumbnail file: the picture and the title both lead to the map's own page."""
+    page = (await make_datasette([str(collection[0])]).client.get("/-/mapclip?q=relief&k=5")).text
+    cards = re.findall(r'data-id="(\d+)">\s*<a class="mapclip-thumb" href="([^"]+)"', page)
+    assert len(cards) == 5
+    assert all(href == f"/-/mapclip/map/maps/{map_id}" for map_id, href in cards), cards
