@@ -175,3 +175,17 @@ async def test_a_results_picture_opens_its_map_page(collection):
     cards = re.findall(r'data-id="(\d+)">\s*<a class="mapclip-thumb" href="([^"]+)"', page)
     assert len(cards) == 5
     assert all(href == f"/-/mapclip/map/maps/{map_id}" for map_id, href in cards), cards
+
+
+async def test_an_empty_search_says_what_to_do_and_a_refused_one_keeps_the_words(collection):
+    ds = make_datasette([str(collection[0])])
+    empty = await ds.client.get("/-/mapclip?q=")
+    assert empty.status_code == 200 and "Type some words to search for" in text_of(empty.text)
+    assert "Type some words" not in text_of((await ds.client.get("/-/mapclip")).text)  # a first visit
+    words = "coast " * 250  # past the 1,000-character limit
+    refused = await ds.client.get("/-/mapclip?" + urllib.parse.urlencode({"q": words}))
+    assert refused.status_code == 400 and "too long" in refused.text
+    box = re.search(r'<input type="search" id="mapclip-q" name="q" value="([^"]*)"', refused.text).group(1)
+    assert box == words.strip()[:1000]
+    reversed_years = await ds.client.get("/-/mapclip/search.json?q=map&year_min=1900&year_max=1850")
+    assert reversed_years.status_code == 400 and "wrong way round" in reversed_years.json()["error"]

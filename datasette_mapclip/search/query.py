@@ -199,6 +199,9 @@ class SearchParams:
                             ("model", MAX_FILTER_CHARS)):
             if len(getattr(params, name) or "") > limit:
                 raise BadSearch(f"{name} is too long: {len(getattr(params, name))} characters, limit {limit}")
+        if params.year_min is not None and params.year_max is not None and params.year_min > params.year_max:
+            raise BadSearch(f"the years are the wrong way round: from {params.year_min} to {params.year_max}; "
+                            f"swap them (from {params.year_max} to {params.year_min})")
         if params.k * params.page > VEC0_MAX_K:
             raise BadSearch(f"page {params.page} of {params.k} goes past the {VEC0_MAX_K} nearest maps that one search can reach")
         return params

@@ -11,7 +11,7 @@ from datasette.utils.asgi import Forbidden, Response
 from .. import store
 from ..search import service
 from ..search.errors import BadSearch, NotFound, SearchError, UploadError
-from ..search.query import MAX_FEEDBACK, MAX_TERMS, SearchParams, first_value
+from ..search.query import MAX_FEEDBACK, MAX_QUERY_CHARS, MAX_TERMS, SearchParams, first_value
 from ..store.ids import map_id_or_none
 from . import about, compat
 from .collections import too_slow_message, unavailable_if_interrupted
@@ -125,6 +125,10 @@ VISITOR_MESSAGES = {
 }
 
 
+EMPTY_SEARCH = ("Type some words to search for, upload a picture, or open a map and choose "
+                "“More like this”.")
+
+
 def visitor_message(message: str, status: int, datasette) -> str:
     """An error as the public page shows it: a visitor's own mistake as it was; the server's problems
     (a model that cannot be loaded, advice for the operator) in plain words.  The time limit's 503
@@ -169,8 +173,12 @@ async def mapclip_page(request, datasette):
             return Response.redirect(MapclipUrls(datasette).page(params.query_string(), collection.name))
         if params.has_query:
             data = await service.run_search(collection, params)
+        elif "q" in request.args:  # the form sent with nothing to search for: say so, do not just reload
+            error = EMPTY_SEARCH
     except SearchError as problem:
         error, status, headers = visitor_message(str(problem), problem.status, datasette), problem.status, closing_headers(problem)
+        if params == SearchParams():  # the parameters were refused: keep the visitor's words in the box
+            params = SearchParams(q=(request.args.get("q") or "").strip()[:MAX_QUERY_CHARS] or None)
     except Exception as problem:  # a statement cut by the time limit, wherever it ran
         cut = unavailable_if_interrupted(problem, datasette)
         if cut is None:
