@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import gc
 import os
 from pathlib import Path
 
@@ -28,6 +29,17 @@ def save_tiny_checkpoint(path: Path, seed: int) -> Path:
     model, _, _ = import_open_clip().create_model_and_transforms(TINY_MODEL, pretrained=None)
     torch.save(model.state_dict(), path)
     return path
+
+
+@pytest.fixture(autouse=True)
+def collect_garbage_between_tests():
+    """Each test's garbage (servers, connections, encoders) is collected in the main thread after
+    it, not by whichever worker thread of a later test happens to trigger the collector: under
+    Datasette 1.0a41 a collection run inside a SQL worker thread has aborted the process
+    ("PyThreadState_Get: the GIL is released"), intermittently, also before the query encoders;
+    the cause is not found yet (see the session notes)."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture(scope="session", autouse=True)
