@@ -62,7 +62,9 @@ setup(
         "click",
         "tqdm",
         "httpx",
-        "python-multipart>=0.0.13,<0.0.25",  # asgi-csrf 0.11 passes FileClass, removed in 0.0.25
+        # The security fixes (0.0.26-0.0.31); Datasette 0.65's CSRF layer never parses a multipart body
+        # with it: the plugin checks those forms itself (web/uploads.py)
+        "python-multipart>=0.0.31",
         "pysqlite3-binary; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
     extras_require={

@@ -11,7 +11,7 @@ from .search.sql_functions import DatabaseFunctions, register
 from .settings import settings_of
 from .web import compat, map_views, views
 from .web.state import collections_of, plugin_config, state_for
-from .web.uploads import UploadLimits, limit_upload_bodies
+from .web.uploads import CSRF_CHECKED_KEY, FormCsrf, UploadLimits, limit_upload_bodies
 from .web.urls import MapclipUrls
 
 log = logging.getLogger(__name__)
@@ -106,10 +106,20 @@ def register_routes():
 @hookimpl
 def asgi_wrapper(datasette):
     # Upload limits that hold before Datasette's own CSRF middleware parses a multipart body.
+    csrf = FormCsrf(datasette) if compat.has_hook("skip_csrf") else None  # 0.65: asgi-csrf reads form bodies
+
     def wrap(app):
-        return limit_upload_bodies(app, views.UPLOAD_PATHS, lambda: UploadLimits.from_config(plugin_config(datasette)))
+        return limit_upload_bodies(app, views.UPLOAD_PATHS, lambda: UploadLimits.from_config(plugin_config(datasette)),
+                                   csrf)
 
     return wrap
+
+
+if compat.has_hook("skip_csrf"):  # Datasette 0.65 (the 1.0 alphas read no form body for CSRF)
+    @hookimpl
+    def skip_csrf(datasette, scope):
+        # A multipart form whose token asgi_wrapper's check has already compared (web/uploads.py).
+        return scope.get(CSRF_CHECKED_KEY) is True
 
 
 @hookimpl

@@ -1,5 +1,6 @@
-"""Uploads at the edges: multipart bodies that Datasette 0.65's CSRF layer (asgi-csrf) would fail on
-with a 500 are answered 400 first, on every path; an uploaded image is decoded within a small budget."""
+"""Uploads at the edges: on Datasette 0.65 the plugin makes the CSRF check of every multipart form
+itself (Datasette's CSRF layer fails on many with a 500, and cannot run on python-multipart 0.0.25 and
+later); bad forms are answered 4xx on every path; an uploaded image is decoded within a small budget."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 from PIL import ExifTags, Image
 from test_plugin import jpeg
 
-from conftest import SAME_ORIGIN, draw_map, load_collection, make_datasette
+from conftest import DATASETTE_1, SAME_ORIGIN, draw_map, load_collection, make_datasette
 from datasette_mapclip.web.views import UPLOAD_PATHS
 
 # The plugin's upload routes, and Datasette's own logout: the CSRF layer reads every one of them.
@@ -47,59 +48,95 @@ def token_first(token: str) -> bytes:
     return form([("csrftoken", None, token.encode()), ("q", None, b"relief"), ("image", "m.jpg", jpeg(draw_map(7)))])
 
 
-# (content type, body from the page's token, what the 400 says)
+# Content types Datasette 0.65's CSRF layer would have failed on with a 500 (it splits the header on
+# "; boundary="): the plugin's own check reads them the standard way, so the upload searches.
+ODD_BUT_VALID = {
+    "no-space": "multipart/form-data;boundary=zz",
+    "upper-case-name": "multipart/form-data; BOUNDARY=zz",
+    "quoted": 'multipart/form-data; boundary="zz"',
+    "param-after": "multipart/form-data; boundary=zz; charset=utf-8",
+}
+
+# (content type, body from the page's token, the status, what the answer says)
 HOSTILE = {
-    "no-space": ("multipart/form-data;boundary=zz", token_first, "exactly as 'multipart/form-data; boundary=...'"),
-    "upper-case-name": ("multipart/form-data; BOUNDARY=zz", token_first, "exactly as"),
-    "quoted": ('multipart/form-data; boundary="zz"', token_first, "exactly as"),
-    "param-after": ("multipart/form-data; boundary=zz; charset=utf-8", token_first, "exactly as"),
-    "no-boundary": ("multipart/form-data", token_first, "multipart/form-data without a boundary"),
-    "empty-boundary": ("multipart/form-data; boundary=", token_first, "multipart/form-data without a boundary"),
+    "no-boundary": ("multipart/form-data", token_first, 400, "multipart/form-data without a boundary"),
+    "empty-boundary": ("multipart/form-data; boundary=", token_first, 400, "multipart/form-data without a boundary"),
     "empty-file-first": ("multipart/form-data; boundary=zz",
                          lambda token: form([("image", "empty.png", b""), ("csrftoken", None, token.encode())]),
-                         "an empty file part comes before the csrftoken field"),
-    "malformed": ("multipart/form-data; boundary=zz", lambda token: b"--zz\r\nnot a form",
+                         403, "a file comes before the form's csrftoken field"),
+    "malformed": ("multipart/form-data; boundary=zz", lambda token: b"--zz\r\nnot a form", 400,
                   "the multipart/form-data body is malformed"),
-    "preamble": ("multipart/form-data; boundary=zz", lambda token: b"junk\r\n" + token_first(token),
-                 "the multipart/form-data body is malformed"),
     "bad-base64": ("multipart/form-data; boundary=zz",
                    lambda token: (b'--zz\r\nContent-Disposition: form-data; name="q"\r\n'
                                   b"Content-Transfer-Encoding: base64\r\n\r\n!!!x\r\n--zz--\r\n"),
-                   "the multipart/form-data body is malformed"),
+                   403, "does not match its ds_csrftoken cookie"),
     "token-not-utf8": ("multipart/form-data; boundary=zz", lambda token: form([("csrftoken", None, b"\xff\xfe")]),
-                       "the csrftoken field is not UTF-8 text"),
+                       403, "does not match its ds_csrftoken cookie"),
+    "wrong-token": ("multipart/form-data; boundary=zz", lambda token: token_first(token[:-2] + "xx"),
+                    403, "does not match its ds_csrftoken cookie"),
+    "token-too-late": ("multipart/form-data; boundary=zz",
+                       lambda token: form([("pad", None, b"p" * 30_000)] * 40 + [("csrftoken", None, token.encode())]),
+                       413, "csrftoken field must come within its first"),
 }
 
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("path", CSRF_PATHS)
 @pytest.mark.parametrize("case", list(HOSTILE))
-async def test_a_multipart_body_the_csrf_layer_cannot_read_is_answered_400_on_every_path(collection, path, case):
-    content_type, make_body, message = HOSTILE[case]
+async def test_a_multipart_form_that_fails_the_check_is_answered_4xx_on_every_path(collection, path, case):
+    """0.65: the plugin's check, with Datasette's CSRF layer's rules, on every path; 1.0 checks the
+    Sec-Fetch-Site header instead, so there only what the upload routes themselves refuse is asked."""
+    content_type, make_body, status, message = HOSTILE[case]
     ds = make_datasette([str(collection[0])])
     token, cookies = await page_token(ds)
     response = await ds.client.post(path, content=make_body(token), cookies=cookies,
                                     headers={"content-type": content_type, **SAME_ORIGIN})
-    assert response.status_code == 400, response.text[:300]
+    if DATASETTE_1:
+        assert response.status_code < 500, response.text[:300]
+        return
+    assert response.status_code == status, response.text[:300]
     assert message in response.text
     if path.endswith(".json"):
-        assert response.json() == {"ok": False, "error": response.json()["error"], "status": 400}
+        assert response.json() == {"ok": False, "error": response.json()["error"], "status": status}
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("path", UPLOAD_PATHS)
+@pytest.mark.parametrize("case", list(ODD_BUT_VALID))
+async def test_an_upload_with_any_valid_multipart_header_searches(collection, path, case):
+    ds = make_datasette([str(collection[0])])
+    token, cookies = await page_token(ds)
+    response = await ds.client.post(path, content=token_first(token), cookies=cookies,
+                                    headers={"content-type": ODD_BUT_VALID[case], **SAME_ORIGIN})
+    if path.endswith(".json"):
+        assert response.status_code == 200 and len(response.json()["results"]) == 4, response.text[:300]
+    else:
+        assert response.status_code == 302 and "vector=" in response.headers["location"]
 
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("path", ["/-/logout", "/-/mapclip/search.json"])
-async def test_the_guard_covers_every_method_the_csrf_layer_checks(collection, path):
+async def test_the_check_covers_every_method_the_csrf_layer_checks(collection, path):
     ds = make_datasette([str(collection[0])])
     token, cookies = await page_token(ds)
-    response = await ds.client.put(path, content=token_first(token), cookies=cookies,
+    response = await ds.client.put(path, content=token_first(token[:-2] + "xx"), cookies=cookies,
                                    headers={"content-type": "multipart/form-data;boundary=zz", **SAME_ORIGIN})
-    assert response.status_code == 400 and "exactly as" in response.text
+    if DATASETTE_1:  # no form token there: the route answers for itself
+        assert response.status_code < 500, response.text[:300]
+    else:
+        assert response.status_code == 403 and "does not match" in response.text
 
 
 @pytest.mark.asyncio
-async def test_a_browser_shaped_upload_with_a_csrf_cookie_still_searches(collection):
-    """The body read ahead for the check is replayed whole, on both upload routes (a guard, not a bug:
-    this passed before the guard existed)."""
+async def test_a_browser_shaped_upload_with_a_csrf_cookie_still_searches(collection, monkeypatch):
+    """The body read ahead for the check is replayed whole, on both upload routes; on 0.65 the
+    CSRF layer is told the form is checked and never parses a multipart body itself (its parser call
+    does not run on python-multipart 0.0.25 and later)."""
+    parsed = []
+    if not DATASETTE_1:
+        import asgi_csrf
+
+        monkeypatch.setattr(asgi_csrf, "_parse_multipart_form_data", lambda *args: parsed.append(args))
     ds = make_datasette([str(collection[0])])
     token, cookies = await page_token(ds)
     headers = {"content-type": "multipart/form-data; boundary=zz", **SAME_ORIGIN}
@@ -107,6 +144,35 @@ async def test_a_browser_shaped_upload_with_a_csrf_cookie_still_searches(collect
     assert page.status_code == 302 and "vector=" in page.headers["location"]
     api = await ds.client.post("/-/mapclip/search.json", content=token_first(token), cookies=cookies, headers=headers)
     assert api.status_code == 200 and len(api.json()["results"]) == 4
+    assert parsed == []
+
+
+@pytest.mark.asyncio
+async def test_another_plugins_csrf_exemption_is_kept(collection):
+    """A path another plugin exempts with ``skip_csrf`` (an API taking multipart with its own auth)
+    gets no token check from this plugin either (0.65; the 1.0 alphas have no such hook)."""
+    from datasette import hookimpl
+    from datasette.plugins import pm
+
+    class Exempt:
+        @hookimpl
+        def skip_csrf(self, datasette, scope):
+            return scope["path"] == "/-/mapclip/search.json"
+
+    ds = make_datasette([str(collection[0])])
+    token, cookies = await page_token(ds)
+    body = form([("q", None, b"relief"), ("image", "m.jpg", jpeg(draw_map(7)))])  # no token at all
+    headers = {"content-type": "multipart/form-data; boundary=zz", **SAME_ORIGIN}
+    refused = await ds.client.post("/-/mapclip/search.json", content=body, cookies=cookies, headers=headers)
+    assert refused.status_code == (200 if DATASETTE_1 else 403), refused.text[:300]
+    if not DATASETTE_1:
+        pm.register(Exempt(), name="exempt-search")
+    try:
+        allowed = await ds.client.post("/-/mapclip/search.json", content=body, cookies=cookies, headers=headers)
+    finally:
+        if not DATASETTE_1:
+            pm.unregister(name="exempt-search")
+    assert allowed.status_code == 200, allowed.text[:300]
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import secrets
 import urllib.parse
 
 from python_multipart.exceptions import MultipartParseError
-from python_multipart.multipart import FormParser, MultipartParser, parse_options_header
+from python_multipart.multipart import MultipartParser, parse_options_header
 
 from ..search.errors import UploadError
 from ..settings import DECLARED, settings_of
@@ -148,8 +149,17 @@ def parse_multipart(body: bytes, boundary: bytes, limits: UploadLimits = UploadL
         parser.write(body)
         parser.finalize()
     except MultipartParseError as error:
-        raise UploadError(f"the multipart/form-data body is malformed: {error}") from None
+        raise _parse_error(error, limits) from None
     return fields, files
+
+
+def _parse_error(error: Exception, limits: UploadLimits) -> UploadError:
+    """python-multipart's own error, said as the plugin's limits say it (0.0.26 and later count
+    header lines themselves, and may refuse one before our per-part count does)."""
+    text = str(error)[:200] or type(error).__name__
+    if text.startswith(("Maximum header size", "Maximum header count")):
+        return UploadError(f"a form part's headers are too long: over {limits.max_header_bytes} bytes or too many")
+    return UploadError(f"the multipart/form-data body is malformed: {text}")
 
 
 class _BodyCounter:
@@ -176,16 +186,55 @@ class _BodyCounter:
         return None
 
 
-# --- what Datasette 0.65's CSRF layer (asgi-csrf 0.11) does with a multipart body -----------------
-# For any method but GET, HEAD, OPTIONS and TRACE, on any path, when the request carries a cookie and
-# no "Authorization: Bearer", asgi-csrf takes the boundary as ``content_type.split(b"; boundary=")[1]``
-# and feeds the body, as it arrives, to python-multipart's FormParser until the ``csrftoken`` field
-# is complete (then it compares it) or a file part receives data (then it answers 403).  Everything
-# else that goes wrong on the way escapes as a 500: the boundary spelled any other way (IndexError,
-# or a wrong boundary and a parse error), a malformed body, bad base64 in a part, a token that is
-# not UTF-8, a file part that ends empty before the token (its stand-in file has no finalize()).
+# --- Datasette 0.65's CSRF check of a multipart form, done here -----------------------------------
+# For any method but GET, HEAD, OPTIONS and TRACE, on any path, when the request carries a cookie,
+# no "Authorization: Bearer" and no matching "x-csrftoken" header, Datasette 0.65's CSRF layer
+# (asgi-csrf) reads a multipart body with python-multipart's FormParser until the ``csrftoken``
+# field, and compares it with the signed ``ds_csrftoken`` cookie.  It fails with a 500 on a boundary
+# written any way but ``; boundary=X``, a malformed body or a token that is not UTF-8, and it passes
+# FormParser an argument python-multipart 0.0.25 removed, so with any release that has the recent
+# security fixes every such form would be a 500.  So this wrapper makes the same check itself, with
+# the same rules (the token before any file part, equal to a validly signed cookie), reading the
+# body with the stable low-level MultipartParser, and tells the CSRF layer (``skip_csrf``) that the
+# request is checked: that layer never parses a multipart body.  The 1.0 alphas check CSRF by
+# Sec-Fetch-Site/Origin headers and parse no body.
 _CSRF_UNCHECKED_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
-CANONICAL_MULTIPART = "multipart/form-data; boundary=..."
+CSRF_CHECKED_KEY = "mapclip.csrf_checked"  # set in the scope of a form whose token this wrapper checked
+CSRF_COOKIE, CSRF_FIELD, CSRF_HEADER, CSRF_NAMESPACE = "ds_csrftoken", b"csrftoken", b"x-csrftoken", "csrftoken"
+# A form's csrftoken field must come within this much of its body (a page's forms put it first).
+MAX_BYTES_BEFORE_TOKEN = 1024 * 1024
+MAX_TOKEN_BYTES = 1024
+
+
+class FormCsrf:
+    """What the wrapper needs from Datasette 0.65 for the check: its cookie's signature, and whether
+    another plugin's ``skip_csrf`` already exempts the request (then nothing is checked, as there)."""
+
+    def __init__(self, datasette):
+        self.datasette = datasette
+
+    def cookie_token(self, headers: dict) -> str | None:
+        """The ``ds_csrftoken`` cookie if it is validly signed by this server, else None."""
+        from http.cookies import CookieError, SimpleCookie
+
+        cookies = SimpleCookie()
+        try:
+            cookies.load(headers.get(b"cookie", b"").decode("latin-1"))
+        except CookieError:
+            return None
+        morsel = cookies.get(CSRF_COOKIE)
+        if morsel is None or not morsel.value:
+            return None
+        try:
+            self.datasette.unsign(morsel.value, CSRF_NAMESPACE)
+        except Exception:  # itsdangerous' BadSignature and anything a forged value raises
+            return None
+        return morsel.value
+
+    def exempted_elsewhere(self, scope) -> bool:
+        from datasette.plugins import pm
+
+        return any(pm.hook.skip_csrf(datasette=self.datasette, scope=scope))
 
 
 def _csrf_layer_reads_body(scope, headers: dict) -> bool:
@@ -204,76 +253,95 @@ def _content_type(raw: bytes) -> tuple[bytes, bytes | None]:
     return mime.strip().lower(), options.get(b"boundary")
 
 
-def _csrf_content_type_problem(raw: bytes, boundary: bytes | None) -> str | None:
-    """Why the CSRF layer could not read this multipart content type, or None."""
-    if not boundary:
-        return "multipart/form-data without a boundary"
-    pieces = raw.split(b"; boundary=")
-    if raw.split(b";", 1)[0] != b"multipart/form-data" or len(pieces) < 2 or pieces[1] != boundary:
-        return (f"write the Content-Type header exactly as {CANONICAL_MULTIPART!r}: lower case, one space "
-                "after the semicolon, the boundary unquoted and last (Datasette's CSRF check reads it that way)")
-    return None
+class _FormToken:
+    """Reads a multipart body as it arrives, as far as its ``csrftoken`` field: ``done`` once the token
+    is read (``token``), a file part comes first (``file_first``) or the body ended without one.
+    UploadError: the body is malformed, or the token does not come soon enough."""
 
+    def __init__(self, boundary: bytes, limits: UploadLimits):
+        self.done, self.token, self.file_first = False, None, False
+        self.limits = limits
+        self.read = self.chunk_start = 0  # bytes fed; where the chunk being parsed starts
+        self.part: dict = {}
+        self.parser = MultipartParser(boundary, {
+            "on_part_begin": self._begin, "on_header_field": self._header_field, "on_header_value": self._header_value,
+            "on_header_end": self._header_end, "on_headers_finished": self._headers_finished,
+            "on_part_data": self._data, "on_part_end": self._end,
+        })
 
-class _TokenFound(Exception):
-    pass
+    def _begin(self):
+        self.part = {"headers": {}, "field": b"", "value": b"", "header_bytes": 0, "data": b""}
 
+    def _count(self, n: int):
+        self.part["header_bytes"] += n
+        if self.part["header_bytes"] > self.limits.max_header_bytes:
+            raise UploadError(f"a form part's headers are too long: over {self.limits.max_header_bytes} bytes")
 
-class _FileFirst(Exception):
-    pass
+    def _header_field(self, data, start, end):
+        self._count(end - start)
+        self.part["field"] += data[start:end]
 
+    def _header_value(self, data, start, end):
+        self._count(end - start)
+        self.part["value"] += data[start:end]
 
-class _Unreadable(Exception):
-    pass
+    def _header_end(self):
+        self.part["headers"][self.part["field"].lower()] = self.part["value"]
+        self.part["field"], self.part["value"] = b"", b""
 
+    def _headers_finished(self):
+        _, disposition = parse_options_header(self.part["headers"].get(b"content-disposition", b""))
+        self.part["name"] = disposition.get(b"name")
+        if disposition.get(b"filename") is not None:  # a file part before the token: refused, as asgi-csrf does
+            self.file_first, self.done = True, True
+            raise _Stop
 
-class _FileProbe:
-    """Stands in for asgi-csrf's file class: data in a file part before the token ends its reading."""
+    def _data(self, data, start, end):
+        if self.part.get("name") == CSRF_FIELD:
+            if self.chunk_start + end > MAX_BYTES_BEFORE_TOKEN:
+                raise _too_late()
+            self.part["data"] += data[start:end]
+            if len(self.part["data"]) > MAX_TOKEN_BYTES:
+                self.done = True  # no token is this long: a mismatch
+                raise _Stop
 
-    def __init__(self, file_name, field_name, config=None):
-        pass
-
-    def write(self, data):
-        raise _FileFirst
-
-    def finalize(self):  # reached only by a file part that ended without data
-        raise _Unreadable("an empty file part comes before the csrftoken field: send csrftoken first")
-
-
-class _CsrfBodyCheck:
-    """Reads a multipart body as the CSRF layer will, as far as it will, and says why it would fail
-    with an error (a 500) instead of an answer: the same parser, fed the same chunks, stopping
-    where it stops."""
-
-    def __init__(self, boundary: bytes):
-        self.done = False
-        self.parser = FormParser("multipart/form-data", self._on_field, None, boundary=boundary,
-                                 FileClass=_FileProbe)
-
-    @staticmethod
-    def _on_field(field):
-        if field.field_name == b"csrftoken":
+    def _end(self):
+        if self.part.get("name") == CSRF_FIELD:
             try:
-                (field.value or b"").decode("utf-8")
+                self.token = self.part["data"].decode("ascii")
             except UnicodeDecodeError:
-                raise _Unreadable("the csrftoken field is not UTF-8 text") from None
-            raise _TokenFound
+                self.token = None  # a token is ASCII: this one cannot match
+            self.done = True
+            raise _Stop
 
-    def feed(self, chunk: bytes) -> str | None:
-        """-> why this chunk makes the body unreadable, or None."""
+    def feed(self, chunk: bytes, last: bool) -> None:
         if self.done:
-            return None
+            return
+        self.chunk_start = self.read
+        self.read += len(chunk)
         try:
             self.parser.write(chunk)
-        except (_TokenFound, _FileFirst):  # the CSRF layer answers these itself
+            if last and not self.done:
+                self.parser.finalize()
+        except _Stop:
+            return
+        except UploadError:
+            raise
+        except Exception as error:  # python-multipart's parse errors, whatever their class in this release
+            raise _parse_error(error, self.limits) from None
+        if last:
             self.done = True
-        except _Unreadable as error:
-            self.done = True
-            return str(error)
-        except Exception as error:  # whatever the parser raises, the CSRF layer would raise
-            self.done = True
-            return f"the multipart/form-data body is malformed: {str(error)[:200] or type(error).__name__}"
-        return None
+        elif self.read > MAX_BYTES_BEFORE_TOKEN:
+            raise _too_late()
+
+
+def _too_late() -> UploadError:
+    return UploadError(f"the form's csrftoken field must come within its first {MAX_BYTES_BEFORE_TOKEN // 1024} KiB"
+                       " (put it first)", 413)
+
+
+class _Stop(Exception):
+    pass
 
 
 async def _answer(scope, send, message: str, status: int = 400):
@@ -326,23 +394,20 @@ def _replaying(early: list, receive):
     return replayed_receive
 
 
-def limit_upload_bodies(app, paths: tuple[str, ...], limits_for):
-    """ASGI middleware: upload limits for POSTs to ``paths``, and a guard for the CSRF layer everywhere.
+def limit_upload_bodies(app, paths: tuple[str, ...], limits_for, csrf: FormCsrf | None = None):
+    """ASGI middleware: upload limits for POSTs to ``paths``, and (``csrf``: Datasette 0.65) the CSRF
+    check of every multipart form, on every path, in place of Datasette's CSRF layer (see above).
 
-    Datasette's CSRF middleware parses a multipart body on the event loop, unbounded, before any
-    view runs; this wrapper sits outside it.  On ``paths``, a refused body is cut short (so whatever
-    parses it next does bounded work) and the reason is left in the scope for the view to answer with.
-
-    On every path (Datasette's own ``/-/logout`` too), a multipart request the CSRF layer will read
-    (it carries a cookie) is read ahead as far as that layer reads it, and one it would fail on with
-    a 500 (see above) is answered 400 here, saying why, before it gets there."""
+    On ``paths``, a refused body is cut short (so whatever parses it next does bounded work) and the
+    reason is left in the scope for the view to answer with.  A form body the CSRF layer reads whole
+    (urlencoded) and could not read is answered 400 here."""
 
     async def wrapped(scope, receive, send):
         if scope["type"] != "http":
             return await app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         covered = scope["method"] == "POST" and scope["path"].endswith(paths)
-        csrf_reads = _csrf_layer_reads_body(scope, headers)
+        csrf_reads = csrf is not None and _csrf_layer_reads_body(scope, headers)
         if not (covered or csrf_reads):
             return await app(scope, receive, send)
         raw_type = headers.get(b"content-type", b"")
@@ -350,14 +415,17 @@ def limit_upload_bodies(app, paths: tuple[str, ...], limits_for):
             return await _guard_urlencoded(app, scope, receive, send)
         mime, boundary = _content_type(raw_type)
         # (the second test is the CSRF layer's own: a header too odd to parse must not slip past)
-        if mime != b"multipart/form-data" and not (csrf_reads and raw_type.split(b";", 1)[0] == b"multipart/form-data"):
+        multipart = mime == b"multipart/form-data" or raw_type.split(b";", 1)[0] == b"multipart/form-data"
+        if not multipart:
             return await app(scope, receive, send)
-        problem = _csrf_content_type_problem(raw_type, boundary) if csrf_reads else None
-        if problem:
-            return await _answer(scope, send, problem)
-        if not boundary:  # the view says so
-            return await app(scope, receive, send)
-        counter = _BodyCounter(boundary, limits_for()) if covered else None
+        if csrf_reads and csrf.exempted_elsewhere(scope):
+            csrf_reads = False  # another plugin's skip_csrf: the CSRF layer reads nothing either
+        if not boundary:
+            if csrf_reads:
+                return await _answer(scope, send, "multipart/form-data without a boundary")
+            return await app(scope, receive, send)  # the view says so
+        limits = limits_for()
+        counter = _BodyCounter(boundary, limits) if covered else None
         refused = []  # shared by reference: middlewares below copy the scope dict
 
         async def counted_receive():
@@ -376,19 +444,31 @@ def limit_upload_bodies(app, paths: tuple[str, ...], limits_for):
         if not csrf_reads:
             return await app(scope, counted_receive, send)
 
-        # Read ahead (within the limits on ``paths``) as far as the CSRF layer will, then replay.
-        check, early = _CsrfBodyCheck(boundary), []
-        while not check.done:
-            message = await counted_receive()
-            early.append(message)
-            if message["type"] != "http.request":
-                break
-            problem = check.feed(message.get("body", b""))
-            if problem:
-                return await _answer(scope, send, problem)
-            if not message.get("more_body"):
-                break
+        cookie_token = csrf.cookie_token(headers)
+        header_token = headers.get(CSRF_HEADER, b"").decode("latin-1")
+        if cookie_token and header_token and secrets.compare_digest(header_token.encode(), cookie_token.encode()):
+            return await app({**scope, CSRF_CHECKED_KEY: True}, counted_receive, send)
 
-        return await app(scope, _replaying(early, counted_receive), send)
+        # Read ahead (within the limits on ``paths``) as far as the token, check it, then replay.
+        reader, early = _FormToken(boundary, limits), []
+        try:
+            while not reader.done:
+                message = await counted_receive()
+                early.append(message)
+                if message["type"] != "http.request":
+                    break
+                reader.feed(message.get("body", b""), last=not message.get("more_body"))
+        except UploadError as error:
+            return await _answer(scope, send, str(error), error.status)
+        if refused:  # over the upload limits before the token
+            return await _answer(scope, send, str(refused[0]), refused[0].status)
+        if reader.file_first:
+            return await _answer(scope, send, "CSRF check failed: a file comes before the form's csrftoken field "
+                                              "(put csrftoken first)", 403)
+        if not (cookie_token and reader.token
+                and secrets.compare_digest(reader.token.encode(), cookie_token.encode())):
+            return await _answer(scope, send, "CSRF check failed: the form's csrftoken field does not match its "
+                                              f"{CSRF_COOKIE} cookie (reload the page and send the form again)", 403)
+        return await app({**scope, CSRF_CHECKED_KEY: True}, _replaying(early, counted_receive), send)
 
     return wrapped
