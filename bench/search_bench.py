@@ -129,6 +129,31 @@ def build_database(path: Path, encoder, rows: int, clusters: int):
     store.close()
 
 
+def time_text_encoder(encoder) -> list[float]:
+    """One query at a time, as the server encodes them; the first ten calls warm up and are dropped."""
+    times = []
+    for i in range(60):
+        phrase = f"{QUERY_WORDS[i % len(QUERY_WORDS)]} {KINDS[i % len(KINDS)]} of {PLACES[i % len(PLACES)]}"
+        t = time.perf_counter()
+        encoder.encode_texts([phrase])
+        times.append((time.perf_counter() - t) * 1000)
+    return times[10:]
+
+
+def ensure_query_encoders(db: Path, encoder, cache: Path):
+    """Store the model's ONNX query encoders in the file, as every loader does (the export is cached)."""
+    from loaders.query_encoders import store_query_encoders
+
+    os.environ.setdefault("MAPCLIP_ENCODER_CACHE", str(cache / "encoder-exports"))
+    store = MapStore(db)
+    try:
+        print(store_query_encoders(store, encoder))
+        store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        store.conn.execute("PRAGMA journal_mode=DELETE")
+    finally:
+        store.close()
+
+
 def filtered_truth(db: Path, ids: np.ndarray, matrix: np.ndarray, query_vectors: np.ndarray, filters: dict) -> list:
     """The exact filtered top 10 of each query: the filter's own SQL conditions in SQLite, then numpy."""
     from datasette_mapclip.search import sql as search_sql
@@ -161,12 +186,13 @@ def memory_of(pid: int) -> dict:
 
 
 class Server:
-    def __init__(self, db: Path, cache_dir: Path, threads: int, index: str = "auto", inspect_file: Path | None = None):
+    def __init__(self, db: Path, cache_dir: Path, threads: int, index: str = "auto", inspect_file: Path | None = None,
+                 encoders: str = "stored"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         # text_cache_size 0: every search pays for its text encoding (the filtered runs reuse phrases)
         metadata = {"plugins": {"datasette-mapclip": {"threads": threads, "index_dir": str(cache_dir), "index": index,
-                                                      "text_cache_size": 0}}}
+                                                      "text_cache_size": 0, "query_encoders": encoders}}}
         self.metadata_path = cache_dir / f"bench-metadata-{index}.json"
         self.metadata_path.write_text(json.dumps(metadata))
         self.started = time.perf_counter()
@@ -219,16 +245,16 @@ def random_checkpoint(cache: Path) -> Path:
     return checkpoint
 
 
-def restart_row(kind: str, how: str, runs: list[tuple[float, float, float]], goal: bool) -> str:
+def restart_row(kind: str, how: str, runs: list[tuple[float, float, float]], goal: bool, first_goal: float = 5) -> str:
     """One table row: the median of each start-up time over the runs, with their range."""
     def median(i):
         values = [run[i] for run in runs]
         return f"{statistics.median(values):.1f} s ({min(values):.1f}-{max(values):.1f})"
 
-    verdict = ("PASS" if statistics.median(r[1] for r in runs) <= 5 and statistics.median(r[2] for r in runs) <= 8
+    verdict = ("PASS" if statistics.median(r[1] for r in runs) <= first_goal and statistics.median(r[2] for r in runs) <= 8
                else "FAIL") if goal else "reference"
     return (f"| start-up, index cached, {how}, median of {len(runs)} (range): answering / first text search / index ready"
-            f" | {median(0)} / {median(1)} / {median(2)} | {'<= 5 s / <= 8 s' if goal else ''} | {verdict} |")
+            f" | {median(0)} / {median(1)} / {median(2)} | {f'<= {first_goal:g} s / <= 8 s' if goal else ''} | {verdict} |")
 
 
 def write_report(path: Path, lines: list[str]):
@@ -253,6 +279,9 @@ def main():
     parser.add_argument("--restarts", type=int, default=5, help="restarts timed with the index cached")
     parser.add_argument("--cache", type=Path, default=ROOT / "bench" / ".cache")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "search.md")
+    parser.add_argument("--encoders", choices=["stored", "torch"], default="stored",
+                        help="how the server encodes queries: the ONNX query encoders stored in the file (exported"
+                             " and stored first if the file has none), or open_clip on torch")
     args = parser.parse_args()
     import httpx
     import torch
@@ -263,13 +292,8 @@ def main():
     encoder = load_encoder(ModelSpec("ViT-B-32", None, str(checkpoint)), precision="fp32")
     # The text encoder alone, one query at a time as the server runs it, before this process has
     # run anything else (numpy's BLAS threads left spinning by a big product slow torch down).
-    encode_times = []
-    for i in range(60):
-        phrase = f"{QUERY_WORDS[i % len(QUERY_WORDS)]} {KINDS[i % len(KINDS)]} of {PLACES[i % len(PLACES)]}"
-        t = time.perf_counter()
-        encoder.encode_texts([phrase])
-        encode_times.append((time.perf_counter() - t) * 1000)
-    encode_times = encode_times[10:]  # the first calls warm torch up
+    encode_times = time_text_encoder(encoder)
+    encoded_with = f"ViT-B-32 fp32 on torch, torch threads = {args.threads}"
     db = args.cache / f"search-{args.rows}-catalogue.db"
     if not db.exists():
         print(f"building {db} ...")
@@ -277,6 +301,18 @@ def main():
         build_database(db.with_suffix(".tmp.db"), encoder, args.rows, args.clusters)
         shutil.move(db.with_suffix(".tmp.db"), db)
         print(f"  built in {time.perf_counter() - t:.0f} s")
+    if args.encoders == "stored":
+        ensure_query_encoders(db, encoder, args.cache)
+        from datasette_mapclip.model.query_encoders import QueryEncoder
+        from datasette_mapclip.store.reads import StoredQueryEncoders
+
+        parts, precisions = StoredQueryEncoders(db, encoder.name).parts()
+        stored = QueryEncoder(parts, precisions, threads=args.threads)
+        encode_times = time_text_encoder(stored)
+        encoded_with = f"stored ONNX ({stored.precision}), threads = {args.threads}"
+        del parts
+    else:
+        stored = None
     for stale in args.cache.glob(f"{db.name}.*.mapclip-index*"):
         shutil.rmtree(stale) if stale.is_dir() else stale.unlink()  # measure a cold start first
 
@@ -293,9 +329,18 @@ def main():
 
     # Exact answers first, in one batch: computing them between timed requests would leave the
     # client's BLAS threads spinning on the cores the server needs.
-    query_vectors = encoder.encode_texts(queries)
+    # Recall compares the server's answer with the exact search for the same query vector: the one the
+    # server computes (the stored encoder, one query at a time as the server runs it, else open_clip).
+    fp32_vectors = encoder.encode_texts(queries)
+    query_vectors = (np.concatenate([stored.encode_texts([q]) for q in queries]) if stored is not None
+                     else fp32_vectors)
+    del stored
 
     exact_top = [ids[np.argsort(-scores)[:10]] for scores in query_vectors @ matrix.T]
+    # How far the stored (int8) encoder's own answers are from open_clip fp32's: exact top 10 of each.
+    fp32_top = [ids[np.argsort(-scores)[:10]] for scores in fp32_vectors @ matrix.T]
+    encoder_agreement = statistics.mean(len(set(a.tolist()) & set(b.tolist())) / 10 for a, b in zip(exact_top, fp32_top))
+    encoder_cosine = float(np.min(np.sum(query_vectors * fp32_vectors, axis=1)))
     filter_queries = query_vectors[: args.filter_queries]
     truths = {name: filtered_truth(db, ids, matrix, filter_queries, f) for name, f in FILTERS}
     del matrix
@@ -303,7 +348,7 @@ def main():
     results = {}
     with httpx.Client() as client:
         for start_kind in ("cold", "warm"):
-            server = Server(db, args.cache, args.threads)
+            server = Server(db, args.cache, args.threads, encoders=args.encoders)
             up, _ = server.wait(client, "/-/versions.json")
             first, _ = server.wait(client, "/-/mapclip/search.json?q=warm+up+query&k=10")
             ready, _ = server.wait(client, "/-/mapclip/search.json?q=warm+up+query&k=10",
@@ -341,7 +386,7 @@ def main():
             peak = dict(server.peak)
             server.stop()
         # sqlite-vec alone, for reference
-        server = Server(db, args.cache, args.threads, index="off")
+        server = Server(db, args.cache, args.threads, index="off", encoders=args.encoders)
         server.wait(client, "/-/versions.json")
         server.wait(client, "/-/mapclip/search.json?q=warm+up&k=10")
         sqlite_latencies = []
@@ -360,7 +405,7 @@ def main():
         restarts = {"published": [], "plain": []}
         for kind, runs in (("published", args.restarts), ("plain", max(1, args.restarts // 2))):
             for _ in range(runs):
-                server = Server(db, args.cache, args.threads, inspect_file=inspect_file if kind == "published" else None)
+                server = Server(db, args.cache, args.threads, inspect_file=inspect_file if kind == "published" else None, encoders=args.encoders)
                 up, _ = server.wait(client, "/-/versions.json")
                 first, _ = server.wait(client, "/-/mapclip/search.json?q=warm+up+query&k=10")
                 ready, _ = server.wait(client, "/-/mapclip/search.json?q=warm+up+query&k=10",
@@ -369,6 +414,9 @@ def main():
                 server.stop()
 
     p50, p95 = percentile(latencies, 50), percentile(latencies, 95)
+    # Queries encoded by the file's own ONNX encoders have the tighter goals of a light server.
+    goal = ({"p50": 30, "p95": 50, "encoder": 10, "first": 1.5, "rss": 1000} if args.encoders == "stored"
+            else {"p50": 60, "p95": 120, "encoder": 30, "first": 5, "rss": None})
     recall = statistics.mean(recalls)
     lines = [
         "# Search benchmark: text search at Library of Congress scale",
@@ -378,17 +426,20 @@ def main():
         "",
         f"{args.rows:,} synthetic unit vectors (512-d, {args.clusters:,} clusters around ViT-B-32 text embeddings),"
         f" ViT-B-32 text encoder (random weights), {args.queries} unseen queries, k = 10,"
-        f" each timed end to end through `/-/mapclip/search.json` on `datasette serve -i` (warm server, torch threads = {args.threads}).",
+        f" each timed end to end through `/-/mapclip/search.json` on `datasette serve -i` (warm server; queries encoded by {encoded_with}).",
         "",
         "| measure | value | goal | |",
         "|---|---|---|---|",
-        f"| latency p50 | {p50:.1f} ms | <= 60 ms | {'PASS' if p50 <= 60 else 'FAIL'} |",
-        f"| latency p95 | {p95:.1f} ms | <= 120 ms | {'PASS' if p95 <= 120 else 'FAIL'} |",
+        f"| latency p50 | {p50:.1f} ms | <= {goal['p50']} ms | {'PASS' if p50 <= goal['p50'] else 'FAIL'} |",
+        f"| latency p95 | {p95:.1f} ms | <= {goal['p95']} ms | {'PASS' if p95 <= goal['p95'] else 'FAIL'} |",
         f"| recall@10 vs exact search (same query vector) | {recall:.4f} | >= 0.99 | {'PASS' if recall >= 0.99 else 'FAIL'} |",
         f"| min recall@10 of one query | {min(recalls):.1f} | | |",
-        f"| text encoder alone (ViT-B-32 fp32, torch threads = 2), p50 / p95 | {percentile(encode_times, 50):.1f} ms /"
-        f" {percentile(encode_times, 95):.1f} ms | <= 30 ms | {'PASS' if percentile(encode_times, 50) <= 30 else 'FAIL'} |",
+        f"| text encoder alone ({encoded_with}), p50 / p95 | {percentile(encode_times, 50):.1f} ms /"
+        f" {percentile(encode_times, 95):.1f} ms | <= {goal['encoder']} ms |"
+        f" {'PASS' if percentile(encode_times, 50) <= goal['encoder'] else 'FAIL'} |",
         f"| searched with | {', '.join(sorted(searched_with))} | | |",
+        f"| the query encoder's own effect: exact top 10 of its query vectors vs of open_clip fp32's (min cosine"
+        f" {encoder_cosine:.4f}) | {encoder_agreement:.4f} | | reference |",
         f"| server peak anonymous memory (RssAnon, sampled every 50 ms from start-up to the last query) |"
         f" {peak.get('RssAnon', 0):,.0f} MB | <= 2,000 MB | {'PASS' if peak.get('RssAnon', 0) <= 2000 else 'FAIL'} |",
         f"| peak of memory-mapped files in the page cache (RssFile), counted apart | {peak.get('RssFile', 0):,.0f} MB | | |",
@@ -396,14 +447,15 @@ def main():
         f" {results['cold']['peak'].get('RssAnon', 0):,.0f} MB / {results['cold']['peak'].get('RssFile', 0):,.0f} MB |"
         f" <= 2,000 MB | {'PASS' if results['cold']['peak'].get('RssAnon', 0) <= 2000 else 'FAIL'} |",
         f"| server peak memory (VmHWM: anonymous + page cache) | {memory.get('VmHWM', 0):,.0f} MB | | |",
-        f"| server memory after the queries (VmRSS) | {memory.get('VmRSS', 0):,.0f} MB | | |",
+        f"| server memory after the queries (VmRSS) | {memory.get('VmRSS', 0):,.0f} MB |"
+        + (f" <= {goal['rss']:,} MB | {'PASS' if memory.get('VmRSS', 0) <= goal['rss'] else 'FAIL'} |" if goal["rss"] else " | |"),
         f"| of which anonymous (RssAnon) / memory-mapped files in the page cache (RssFile) | "
         f"{memory.get('RssAnon', 0):,.0f} MB / {memory.get('RssFile', 0):,.0f} MB | | |",
         f"| start-up, cold: answering / first text search / index ready | {results['cold']['up']:.1f} s / "
         f"{results['cold']['first']:.1f} s / {results['cold']['ready']:.1f} s | index ready <= 45 s |"
         f" {'PASS' if results['cold']['ready'] <= 45 else 'FAIL'} |",
         restart_row("published", "served as `datasette publish` / `package` images serve it (`-i --inspect-file`)",
-                    restarts["published"], goal=True),
+                    restarts["published"], goal=True, first_goal=goal["first"]),
         restart_row("plain", "`datasette serve -i` without an inspect file (Datasette counts every table first)",
                     restarts["plain"], goal=False),
         f"| sqlite-vec alone (index off), median of 10 | {statistics.median(sqlite_latencies):.0f} ms | | reference |",

@@ -137,6 +137,40 @@ async def test_a_damaged_encoder_answers_503_with_the_reason_and_nothing_else_br
     assert damaged.read_bytes() == before  # a server never rewrites the file
 
 
+async def test_an_image_tower_that_cannot_load_fails_only_uploads_with_the_reason(collection, tmp_path):
+    """The image tower is opened at the first image query: text searches never wait for it, and one
+    ONNX Runtime cannot load (intact by its SHA-256) answers an upload 503 saying why."""
+    import hashlib
+    import io
+    import shutil
+    import sqlite3
+
+    from PIL import Image
+
+    from conftest import draw_map
+
+    broken = b"not an onnx graph"
+    damaged = tmp_path / "image-broken.db"
+    shutil.copy(collection[0], damaged)
+    conn = sqlite3.connect(damaged)
+    digest = hashlib.sha256(broken).hexdigest()
+    conn.execute("INSERT INTO encoder_files (sha256, data) VALUES (?, ?)", (digest, broken))
+    conn.execute("UPDATE query_encoders SET sha256 = ? WHERE part = 'image'", (digest,))
+    conn.commit()
+    conn.close()
+    ds = make_datasette([str(damaged)])
+    assert (await ds.client.get("/-/mapclip/search.json?q=relief&k=3")).status_code == 200
+    picture = io.BytesIO()
+    draw_map(2).save(picture, "PNG")
+    body = (b'--zz\r\nContent-Disposition: form-data; name="image"; filename="q.png"\r\n\r\n'
+            + picture.getvalue() + b"\r\n--zz--\r\n")
+    upload = await ds.client.post("/-/mapclip/search.json", content=body,
+                                  headers={"content-type": "multipart/form-data; boundary=zz",
+                                           "sec-fetch-site": "same-origin"})
+    assert upload.status_code == 503 and "the stored image encoder failed to load" in upload.json()["error"]
+    assert (await ds.client.get("/-/mapclip/search.json?q=chart&k=3")).status_code == 200
+
+
 def test_fp32_encoders_are_stored_at_fp32_on_request(tmp_path_factory, model_args):
     db_path, _ = load_collection(tmp_path_factory, model_args, 4)  # --fp32-encoders
     conn = connect(db_path)

@@ -95,7 +95,9 @@ class QueryEncoder:
         self.preprocessing = json.loads(parts["preprocess"])
         self.tokenizer = Tokenizer.from_str(parts["tokenizer"].decode("utf-8"))
         self.text_session = _session(parts["text"], threads)
-        self.image_session = _session(parts["image"], threads)
+        # The image tower (the larger) is opened at the first image query: a server's first text
+        # search does not wait for it.
+        self._image_bytes, self._image_session, self._threads = parts["image"], None, threads
         self.dim = int(self.preprocessing["dim"])
         self.image_size = int(self.preprocessing["image_size"])
         self.context_length = int(self.preprocessing["context_length"])
@@ -122,6 +124,20 @@ class QueryEncoder:
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
         return preprocess(image, self.preprocessing)
+
+    @property
+    def image_session(self):
+        with self.lock:
+            if self._image_session is None:
+                try:
+                    self._image_session = _session(self._image_bytes, self._threads)
+                except QueryEncodersUnavailable:
+                    raise
+                except Exception as error:  # a stored graph ONNX Runtime cannot load: say why, no 500
+                    raise ModelUnavailable(f"the stored image encoder failed to load: {type(error).__name__}: "
+                                           f"{str(error).splitlines()[0][:300] if str(error) else ''}") from None
+                self._image_bytes = None
+            return self._image_session
 
     def encode_images(self, images) -> np.ndarray:
         pixels = np.stack([self.preprocess(image) for image in images])
