@@ -67,11 +67,11 @@ def _choice(*choices: str) -> Callable:
     return check
 
 
-def _hosts(value) -> list[str]:
+def _names(value) -> list[str]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        raise ValueError("a list of host names")
+        raise ValueError("a list of names")
     return [v.strip() for v in value if v.strip()]
 
 
@@ -126,10 +126,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_upload_decoded_bytes", 64 * MIB, _at_least_one,
             "memory one uploaded image may take decoded (checked before decoding)"),
     # pages
-    Setting("iiif_hosts", None, _hosts,
+    Setting("iiif_hosts", None, _names,
             "image services (and their subdomains) a map's page opens in the deep-zoom viewer "
             "(default: loc.gov and the hosts the collection was loaded from)"),
     Setting("citation_repository", None, _text, "the archive citations name (default: the Library of Congress for loc.gov records, else none)"),
+    Setting("models_menu", None, _names,
+            "models the search page's menu offers beside the default one (default: none, so no menu; any model "
+            "can still be searched with model= in the URL)"),
     Setting("example_queries", None, _as_given, "example text searches offered on the search page"),
     Setting("example_map", None, _as_given, 'a map id offered on the search page as "maps like this one"'),
     Setting("model_note", None, _text, "the About page: what the model is and how it was made"),

@@ -78,7 +78,8 @@ def dataset_command(db_path, out_dir, caption_template, fractions, seed):
               help="Seed for initialisation, shuffling and augmentation (a resumed run repeats them).")
 @click.option("--device", help="torch device; default cuda if available, else cpu.")
 @click.option("--workers", type=int, default=0, show_default=True,
-              help="DataLoader worker processes (0: in the main process, best when images are cached in RAM).")
+              help="Processes reading and decoding images (DataLoader workers; 0: in the main process, best when "
+                   "images are cached in RAM).")
 @click.option("--threads", type=int, help="CPU threads for torch (default: all cores).")
 @click.option("--cache", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
               help="Keep decoded images in RAM (auto: when they fit in ~4 GB).")

@@ -357,9 +357,12 @@ def load_loc(db_path, url, limit, first_sheet_only, size, rate, timeout, keep_im
 @click.argument("beto_idx", type=click.Path(exists=True, dir_okay=False))
 @click.option("--files", "files_csv", type=click.Path(exists=True, dir_okay=False),
               help="The seed's merged_files.csv, to attach item ids and sheet numbers.")
-@click.option("--batch-size", type=int, default=5000, show_default=True, help="Rows per transaction.")
+@click.option("--rows-per-commit", type=click.IntRange(min=1), default=5000, show_default=True,
+              help="Rows written per transaction.")
+@click.option("--batch-size", "old_batch_size", type=click.IntRange(min=1), hidden=True,
+              help="The old name of --rows-per-commit.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def import_beto(db_path, beto, beto_idx, files_csv, batch_size, quiet):
+def import_beto(db_path, beto, beto_idx, files_csv, rows_per_commit, old_batch_size, quiet):
     """Store the seed's published embeddings (BETO: N x 512 tensor, BETO_IDX: N image URLs)
     without re-embedding, as model ViT-B-32/openai. Rerunning skips rows already stored.
 
@@ -371,6 +374,10 @@ def import_beto(db_path, beto, beto_idx, files_csv, batch_size, quiet):
 
     from .sources.beto import BETO_PROVENANCE, BetoError, beto_records, files_lookup, read_beto
 
+    if old_batch_size:
+        click.echo("note: import-beto's --batch-size is now --rows-per-commit (--batch-size means images per "
+                   "model call elsewhere)", err=True)
+        rows_per_commit = old_batch_size
     try:
         matrix, urls = read_beto(beto, beto_idx)
         lookup = files_lookup(files_csv)
@@ -384,8 +391,8 @@ def import_beto(db_path, beto, beto_idx, files_csv, batch_size, quiet):
     started = time.perf_counter()
     load_id = store.start_load(f"import-beto {beto}", model.name)
     with tqdm(total=len(todo), unit="vec", desc="importing", disable=quiet) as bar:
-        for start in range(0, len(todo), batch_size):
-            rows = todo[start:start + batch_size]
+        for start in range(0, len(todo), rows_per_commit):
+            rows = todo[start:start + rows_per_commit]
             store.write_batch(model, [records[i] for i in rows], normalise(matrix[rows]))
             bar.update(len(rows))
     store.finish_load(load_id, "finished", len(todo), len(records) - len(todo), 0)
@@ -433,8 +440,10 @@ LOC_METADATA_HELP = f"""Fill catalogue fields (title, date, place, subjects...) 
                    "Default: the search's own dates=, else 1000/<this year>.")
 @click.option("--result-cap", type=click.IntRange(min=1), default=100_000, show_default=True,
               help="Results loc.gov pages through in one search (it does not page past 100,000).")
-@click.option("--workers", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Search pages in flight at once; all share the search limiter, so more only hides latency.")
+@click.option("--pages-in-flight", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Search pages requested at once; all share the search limiter, so more only hides latency.")
+@click.option("--workers", "old_workers", type=click.IntRange(min=1), hidden=True,
+              help="The old name of --pages-in-flight.")
 @click.option("--recrawl", is_flag=True,
               help="Forget this search's stored crawl progress and page through it again "
                    "(for items stored after a finished crawl). Filled fields stay.")
@@ -442,10 +451,15 @@ LOC_METADATA_HELP = f"""Fill catalogue fields (title, date, place, subjects...) 
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=30, show_default=True,
               help="Seconds per HTTP request.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def loc_metadata(db_path, api, search_url, method, dates, result_cap, workers, recrawl, limit, timeout, quiet):
+def loc_metadata(db_path, api, search_url, method, dates, result_cap, pages_in_flight, old_workers, recrawl, limit,
+                 timeout, quiet):
     from .fetch import Fetcher, RateLimited, RateLimiter
     from .sources.loc_catalogue import CatalogueSummary, fill_catalogue, parse_dates
 
+    if old_workers:
+        click.echo("note: loc-metadata's --workers is now --pages-in-flight (--workers means image-reading "
+                   "threads elsewhere)", err=True)
+        pages_in_flight = old_workers
     try:
         years = parse_dates(dates) if dates else None
     except ValueError as error:
@@ -455,7 +469,7 @@ def loc_metadata(db_path, api, search_url, method, dates, result_cap, workers, r
     try:
         fill_catalogue(store, Fetcher(RateLimiter(SEARCH_LIMITS), timeout=timeout),
                        Fetcher(RateLimiter(ITEM_LIMITS), timeout=timeout), api=api, search=search_url,
-                       method=method, years=years, cap=result_cap, workers=workers, limit=limit, recrawl=recrawl,
+                       method=method, years=years, cap=result_cap, workers=pages_in_flight, limit=limit, recrawl=recrawl,
                        progress=not quiet, echo=lambda line: click.echo(line, err=True), summary=summary)
     except RateLimited as error:
         click.echo(summary.line(), err=True)

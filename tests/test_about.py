@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import html
+import json
 import re
 import shutil
 import sqlite3
@@ -56,7 +57,11 @@ async def test_about_page_shows_the_collections_model_provenance(collection, mod
     words = text_of(page)
     assert model_row["name"] in words and model_row["architecture"] == "mapclip-tiny"
     assert "Architecture mapclip-tiny" in words
-    assert model_row["checkpoint_sha256"] in words  # the whole fingerprint, to check a copy against
+    # developer details are one link away, in the models row's JSON: not on the page
+    assert model_row["checkpoint_sha256"] not in words and model_row["torch_version"] not in words
+    record = re.search(r'<a href="([^"]+)">the model\'s provenance record</a>', page).group(1)
+    row = (await ds.client.get(record.replace("&amp;", "&"))).json()
+    assert model_row["checkpoint_sha256"] in json.dumps(row)  # the whole fingerprint, to check a copy against
     assert "a weights file supplied by the publisher" in words  # no pretrained tag: a checkpoint
     assert model_row["checkpoint_path"] not in page  # a path on the server is nobody's business
     assert "used by default" in words
@@ -67,7 +72,7 @@ async def test_about_page_shows_the_collections_model_provenance(collection, mod
     assert 'id="scores"' in page  # the search page links here
     # ... and the same for the collection named
     named = await ds.client.get("/-/mapclip/about?_db=maps")
-    assert named.status_code == 200 and model_row["checkpoint_sha256"] in named.text
+    assert named.status_code == 200 and "the model's provenance record" in html.unescape(named.text)
     assert '<a href="/-/mapclip?_db=maps">' in named.text
 
 
@@ -131,7 +136,7 @@ async def test_everything_from_the_database_and_config_is_escaped_and_only_http_
         assert "javascript:" not in page.lower() and "vbscript:" not in page and "evil.example" not in page
         assert "data:text/html" not in page
         words = text_of(page)
-        for prefix in ("N", "A", "P", "S", "C", "M", "D"):
+        for prefix in ("N", "A", "P", "C", "M", "D"):  # (S: the fingerprint is in the row's JSON, not here)
             assert prefix + HOSTILE in words, prefix  # shown, whole, as text
         hrefs = re.findall(r'href="([^"]*)"', page)
         assert all(h.startswith(("/", "https://", "http://", "#")) and not h.startswith("//") for h in hrefs), hrefs
@@ -237,8 +242,9 @@ async def test_provenance_is_hidden_from_an_actor_who_may_not_view_the_models_ta
         words = text_of(response.text)
         assert model_row["name"] in words and "has not made the details of this model" in words
         assert "Weights file fingerprint" not in words and "Software" not in words
+        assert "provenance record" not in words
     # the search itself is not the models table's: it still works
     assert (await ds.client.get("/-/mapclip/search.json?like=1")).status_code == 200
     if allow:
         shown = await ds.client.get("/-/mapclip/about?_db=maps", cookies=cookies(ds, ROOT))
-        assert all(value in shown.text for value in hidden)
+        assert "the model's provenance record" in html.unescape(shown.text)

@@ -91,6 +91,9 @@ def hostile_server(tmp_path_factory, model_args):
 
     db_path, folder = load_collection(tmp_path_factory, model_args, 8)
     copy = tmp_path_factory.mktemp("hostile-browser") / "maps.db"
+    metadata = copy.with_name("metadata.json")  # the hostile model is offered in the page's menu
+    metadata.write_text(json.dumps({"databases": {"maps": {"plugins": {"datasette-mapclip": {
+        "models_menu": ["M" + HOSTILE]}}}}}))
     shutil.copy(db_path, copy)
     store = MapStore(copy)
     with store.transaction():
@@ -103,7 +106,7 @@ def hostile_server(tmp_path_factory, model_args):
             "INSERT INTO models (name, architecture, dim, vector_table) "
             "SELECT ?, architecture, dim, vector_table || '_x' FROM models LIMIT 1", ("M" + HOSTILE,))
     store.close()
-    yield from serve(copy, folder)
+    yield from serve(copy, folder, metadata)
 
 
 def test_hostile_catalogue_and_queries_run_no_script_in_a_real_browser(hostile_server, browser):
@@ -336,7 +339,10 @@ def test_keyboard_examples_and_the_searching_state(server, browser):
     navigating(page, lambda: page.keyboard.press("Enter"))
     assert page.input_value("input[name=q]") == "nautical chart"
     assert result_ids(page) == api_ids(url, "q=nautical+chart")
-    order = []
+    # the answer takes focus; from the search box, Tab walks the rest of the form, then the results
+    assert page.evaluate("() => document.activeElement.id") == "mapclip-results-heading"
+    page.focus("input[name=q]")
+    order = [["INPUT", "q", None, "", ""]]
     for _ in range(40):
         page.keyboard.press("Tab")
         focused = page.evaluate("""() => { const e = document.activeElement; const s = getComputedStyle(e);
@@ -368,4 +374,52 @@ def test_keyboard_examples_and_the_searching_state(server, browser):
     navigating(page, lambda: page.locator("a.mapclip-about-link").click())
     assert page.url.endswith("/-/mapclip/about?_db=maps")
     assert page.locator("a", has_text="Report a problem").get_attribute("href") == "https://maps.example.org/report"
+    page.close()
+
+
+@pytest.mark.parametrize("width", list(WIDTHS))
+def test_a_first_visit_sees_each_answer_come_into_view(server, browser, width):
+    """At a desktop and a phone width: after a search the results' heading is on screen and focused
+    (the first result a few Tab presses on); a bad upload's error is on screen and focused; the uploaded
+    picture is shown back; the last page offers no "Next"."""
+    url, folder = server
+    w, h = WIDTHS[width]
+    page = browser.new_page(viewport={"width": w, "height": h})
+    page.goto(f"{url}/-/mapclip")
+    page.fill("input[name=q]", "nautical chart")
+    navigating(page, lambda: page.click("button[type=submit]"))
+    on_screen = "el => { const r = el.getBoundingClientRect(); return r.top >= 0 && r.bottom <= window.innerHeight; }"
+    heading = page.locator("#mapclip-results-heading")
+    assert heading.evaluate(on_screen), (width, heading.bounding_box())
+    assert page.evaluate("() => document.activeElement.id") == "mapclip-results-heading"
+    assert heading.inner_text().startswith("Maps 1\u201320 of 24")
+    # from there the first result is a few Tab presses away (past the SQL, JSON and download links)
+    first_card = page.locator(".mapclip-card").first
+    for presses in range(1, 9):
+        page.keyboard.press("Tab")
+        if first_card.evaluate("(card) => card.contains(document.activeElement)"):
+            break
+    assert first_card.evaluate("(card) => card.contains(document.activeElement)") and presses <= 7, presses
+
+    # the second page is the last: its four maps, and no "Next" to an empty page
+    navigating(page, lambda: page.click("a.mapclip-next"))
+    assert len(result_ids(page)) == 4 and page.locator("a.mapclip-next").count() == 0
+    assert page.locator("#mapclip-results-heading").inner_text().startswith("Maps 21\u201324 of 24")
+
+    # a file that is not a picture: the error is what the visitor sees, focused
+    bad = folder.parent / f"not-a-map-{width}.jpg"
+    bad.write_bytes(b"<!DOCTYPE html><html>hi</html>")
+    navigating(page, lambda: page.set_input_files("input[name=image]", str(bad)))
+    error = page.locator(".mapclip-error")
+    assert "not a usable image" in error.inner_text()
+    assert error.evaluate(on_screen) and page.evaluate("() => document.activeElement.classList.contains('mapclip-error')")
+
+    # a real picture: it is shown back beside "Now using your uploaded image"
+    page.goto(f"{url}/-/mapclip")
+    navigating(page, lambda: page.set_input_files("input[name=image]", str(folder / "sheet_0003.jpg")))
+    preview = page.locator("img.mapclip-upload-preview")
+    assert preview.is_visible() and preview.evaluate("i => i.complete && i.naturalWidth > 0")
+    assert page.locator("#mapclip-results-heading").evaluate(on_screen)
+    SCREENSHOTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / f"upload-shown-{width}.png"))
     page.close()

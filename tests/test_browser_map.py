@@ -131,7 +131,7 @@ def test_terms_feedback_export_and_a_map_page_from_the_search_page(loc_site, bro
     refined = result_ids(page)
     assert refined != shown and refined.index(marked_more) <= shown.index(marked_more)
     assert marked_fewer not in refined or refined.index(marked_fewer) >= shown.index(marked_fewer)
-    assert "Marked: more like this" in page.locator(f'.mapclip-card[data-id="{marked_more}"]').inner_text()
+    assert "Refining: more like this" in page.locator(f'.mapclip-card[data-id="{marked_more}"]').inner_text()
 
     # the results as CSV: the same maps in the same order
     with page.expect_download() as download:

@@ -1,3 +1,4 @@
+import click
 import numpy as np
 import pytest
 
@@ -105,3 +106,36 @@ def test_bad_load_arguments_are_refused_before_any_work(tmp_path, invoke, model_
         assert why in result.output and "Traceback" not in result.output, result.output
         assert "model mapclip-tiny" not in result.output  # refused before the model loaded
         assert not (tmp_path / "b.db").exists()
+
+
+def every_command(group=cli, path=()):
+    for name in group.list_commands(None):
+        command = group.get_command(None, name)
+        if isinstance(command, click.Group):
+            yield from every_command(command, (*path, name))
+        else:
+            yield (*path, name), command
+
+
+def test_each_option_name_means_one_thing_in_every_command():
+    """--workers: what reads and decodes images; --batch-size: what one model call (or training
+    step) takes.  Other meanings have their own names (--pages-in-flight, --rows-per-commit)."""
+    seen = {"--workers": [], "--batch-size": []}
+    for path, command in every_command():
+        for param in command.params:
+            for name in set(getattr(param, "opts", ())) & set(seen):
+                if not param.hidden:
+                    seen[name].append((" ".join(path), param.help or ""))
+    assert len(seen["--workers"]) >= 4 and len(seen["--batch-size"]) >= 4, seen
+    for where, text in seen["--workers"]:
+        assert "decoding images" in text or "reading" in text and "images" in text, (where, text)
+    for where, text in seen["--batch-size"]:
+        assert "per model call" in text or "per step" in text, (where, text)
+
+
+def test_the_old_option_names_still_work_and_say_the_new_one(invoke, tmp_path):
+    # (stopped by a bad --dates right after the note: nothing is fetched or written)
+    db = tmp_path / "m.db"
+    db.write_bytes(b"")
+    out = invoke(["loc-metadata", db, "--workers", "2", "--dates", "not-a-year"], expect=2)
+    assert "--workers is now --pages-in-flight" in out.output and db.read_bytes() == b""

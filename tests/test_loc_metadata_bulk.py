@@ -102,7 +102,7 @@ def test_killed_crawl_resumes_without_fetching_a_page_twice(tmp_path, invoke, lo
     server.hold_after = 3
     db = stored_items(tmp_path / "m.db", range(1, 1001))
     command = [sys.executable, "-m", "datasette_mapclip.cli", "loc-metadata", str(db), "--api", server.url,
-               "--workers", "1", "--quiet"]
+               "--pages-in-flight", "1", "--quiet"]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         assert server.holding.wait(60), process.communicate(timeout=5)[0]

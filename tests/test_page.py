@@ -189,3 +189,48 @@ async def test_an_empty_search_says_what_to_do_and_a_refused_one_keeps_the_words
     assert box == words.strip()[:1000]
     reversed_years = await ds.client.get("/-/mapclip/search.json?q=map&year_min=1900&year_max=1850")
     assert reversed_years.status_code == 400 and "wrong way round" in reversed_years.json()["error"]
+
+
+@pytest.fixture(scope="module")
+def two_models(collection, tmp_path_factory):
+    """The collection with a second, non-default model (as a fine-tune leaves its start model):
+    the same vectors under another name."""
+    copy = tmp_path_factory.mktemp("two-models") / "maps.db"
+    shutil.copy(collection[0], copy)
+    store = MapStore(copy)
+    default = store.model()
+    start = store.register_model({**{k: default[k] for k in ("architecture", "dim", "image_size")},
+                                  "name": "start-model", "pretrained": "none"})
+    ids, matrix = store.vectors(default.name)
+    with store.transaction():
+        for map_id, vector in zip(ids, matrix):
+            store.write_vector(start, int(map_id), vector)
+    store.close()
+    return copy, default.name
+
+
+def model_menu(page: str) -> list[str] | None:
+    found = re.search(r'<select name="model">(.*?)</select>', page, re.S)
+    return re.findall(r"<option[^>]*>([^<]*)</option>", found.group(1)) if found else None
+
+
+async def test_the_model_menu_offers_the_default_and_the_publishers_choices_only(two_models):
+    db, default = two_models
+    plain = (await make_datasette([str(db)]).client.get("/-/mapclip?like=1&k=3")).text
+    assert model_menu(plain) is None  # the start model is not offered: one model, no menu
+    asked = (await make_datasette([str(db)]).client.get("/-/mapclip?like=1&k=3&model=start-model")).text
+    assert model_menu(asked) == [default, "start-model"]  # the model this search asked for is shown
+    listed = await make_datasette([str(db)], metadata=config(models_menu=["start-model"])).client.get(
+        "/-/mapclip?like=1&k=3")
+    assert model_menu(listed.text) == [default, "start-model"]
+
+
+async def test_links_leave_out_the_default_model(two_models):
+    db, default = two_models
+    ds = make_datasette([str(db)], metadata=config(models_menu=["start-model"]))
+    page = (await ds.client.get(f"/-/mapclip?like=1&k=3&model={urllib.parse.quote(default)}")).text
+    links = [html.unescape(href) for href in re.findall(r'href="(/-/mapclip[^"]*)"', page)]
+    assert any("like=" in link for link in links)
+    assert not [link for link in links if "model=" in link]
+    other = (await ds.client.get("/-/mapclip?like=1&k=3&model=start-model")).text
+    assert any("model=start-model" in html.unescape(href) for href in re.findall(r'href="(/-/mapclip[^"]*)"', other))

@@ -350,7 +350,7 @@ async def test_page_renders_a_grid_with_links(ds):
     assert response.status_code == 200
     html = response.text
     assert html.count('class="mapclip-card"') == 4
-    assert "More like this" in html and "View and edit the SQL" in html
+    assert "New search like this map" in html and "View and edit the SQL" in html
     # provenance lives on "About this search" (tests/test_about.py), not as command lines on the public page
     assert '<a href="/-/mapclip/about?_db=maps" class="mapclip-about-link">About this search</a>' in html
     assert "--pretrained" not in html

@@ -239,9 +239,24 @@ async def test_one_click_marks_a_result_for_feedback_and_a_second_click_undoes_i
     args = urllib.parse.parse_qs(urllib.parse.urlsplit(more_link).query)
     assert args["more"] == [str(target)] and args["fewer"] == ["2"] and args["q"] == ["survey"]
     marked = (await ds.client.get(more_link)).text
-    assert "Marked: more like this (undo)" in marked and "Refined by your marks: 1 map to see more like, 1" in marked
+    assert "Refining: more like this (undo)" in marked and "Refined by your marks:" in marked
     undo = re.search(r'class="mapclip-mark-more mapclip-marked" href="([^"]+)"', marked).group(1).replace("&amp;", "&")
     assert "more=" not in undo and "fewer=2" in undo
+
+
+@pytest.mark.asyncio
+async def test_each_mark_is_listed_with_its_own_undo_even_when_its_map_left_the_page(ds):
+    """A map marked "fewer" is pushed off the results: its mark stays listed, and undoing it keeps
+    every other mark."""
+    page = (await ds.client.get("/-/mapclip?q=survey&k=3&more=4&fewer=2,5")).text
+    state = page.split('class="mapclip-feedback-state"', 1)[1].split("</div>", 1)[0]
+    undos = {}
+    for kind, map_id, href in re.findall(r'<li>(more|fewer) like <a href="[^"]+">map #(\d+)</a> <a href="([^"]+)"', state):
+        undos[(kind, int(map_id))] = urllib.parse.parse_qs(urllib.parse.urlsplit(href.replace("&amp;", "&")).query)
+    assert set(undos) == {("more", 4), ("fewer", 2), ("fewer", 5)}
+    assert undos[("fewer", 2)].get("fewer") == ["5"] and undos[("fewer", 2)]["more"] == ["4"]
+    assert "more" not in undos[("more", 4)] and undos[("more", 4)]["fewer"] == ["2,5"]
+    assert "Clear all marks" in state
 
 
 def test_a_mark_moves_a_map_between_more_and_fewer_and_keeps_the_latest_marks():
@@ -367,3 +382,26 @@ async def test_the_reported_sql_weighs_text_and_image_as_the_search_does(ds, sto
         rows = (await ds.client.get(link.path + ".json?" + link.query + "&_shape=array",
                                     follow_redirects=True)).json()
         assert [r["id"] for r in rows] == want
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("k", [30, 29, 7])
+async def test_the_last_page_has_no_next_link_and_every_page_says_which_maps_it_shows(ds, k):
+    """30 maps: a page is offered only when it has maps on it, on both search paths."""
+    pages, page_number = [], 1
+    while True:
+        data = (await ds.client.get(f"/-/mapclip/search.json?q=survey&k={k}&page={page_number}")).json()
+        html = (await ds.client.get(f"/-/mapclip?q=survey&k={k}&page={page_number}")).text
+        pages.append([r["id"] for r in data["results"]])
+        first = k * (page_number - 1) + 1
+        heading = re.search(r'id="mapclip-results-heading"[^>]*>([^<]*)</h2>', html).group(1)
+        assert heading.startswith(f"Maps {first}&ndash;{first + len(pages[-1]) - 1}")
+        assert data["searched"] in (None, 30) and (data["searched"] is None or " of 30" in heading)
+        assert ("mapclip-next" in html) == (data["next"] is not None)
+        if data["next"] is None:
+            break
+        page_number += 1
+    assert [len(p) for p in pages] == [min(k, 30 - k * i) for i in range(-(-30 // k))]
+    assert len({i for p in pages for i in p}) == 30
+    beyond = (await ds.client.get(f"/-/mapclip?q=survey&k={k}&page={page_number + 1}")).text
+    assert f"no maps on page {page_number + 1}" in beyond and "Back to the first page" in beyond

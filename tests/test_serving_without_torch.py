@@ -145,8 +145,6 @@ async def test_an_image_tower_that_cannot_load_fails_only_uploads_with_the_reaso
     import shutil
     import sqlite3
 
-    from PIL import Image
-
     from conftest import draw_map
 
     broken = b"not an onnx graph"

@@ -206,7 +206,7 @@ async def _stored_vectors(collection: SearchCollection, map_ids: list[int], inde
 
 async def _nearest_with_index(collection: SearchCollection, index, query: np.ndarray, params: SearchParams,
                               place_index: bool = False) -> list[dict]:
-    need = params.k * params.page
+    need = min(params.k * params.page + 1, VEC0_MAX_K)  # one more than the page: is there a next page?
     way = None
     if params.has_filters:
         ids, scores, way = await _filtered_with_index(collection, index, query, params, need, place_index)
@@ -294,8 +294,8 @@ async def run_search(collection: SearchCollection, params: SearchParams) -> dict
     else:
         rows = await _nearest_with_sqlite_vec(collection, plan, query)
         searched_with = "sqlite-vec"
-    results = [shape_result(row, collection.links) for row in rows]
-    more = len(results) == params.k and params.k * (params.page + 1) <= VEC0_MAX_K
+    more = len(rows) > params.k and params.k * (params.page + 1) <= VEC0_MAX_K
+    results = [shape_result(row, collection.links) for row in rows[:params.k]]
     answer = {
         "database": collection.name,
         "model": model.name,
@@ -306,6 +306,8 @@ async def run_search(collection: SearchCollection, params: SearchParams) -> dict
         "sql_url": collection.links.sql(plan.sql, plan.params),
         "results": results,
         "next": collection.links.next_page(params) if more else None,
+        # how many maps the search ranked (known without a count when nothing narrows it)
+        "searched": len(index) if index is not None and not params.has_filters and not behind else None,
     }
     if behind:  # the database holds vector changes the index is still reading
         answer["index_behind"] = True
@@ -314,8 +316,9 @@ async def run_search(collection: SearchCollection, params: SearchParams) -> dict
     return answer
 
 
-async def embed_upload(collection: SearchCollection, data: bytes) -> bytes:
-    """An uploaded image -> its query vector (hex in the URL from then on)."""
+async def embed_upload(collection: SearchCollection, data: bytes, *, previews=None) -> bytes:
+    """An uploaded image -> its query vector (hex in the URL from then on).  ``previews``: an object
+    whose ``remember(vector, image)`` keeps a small picture of it (the page shows it back)."""
     settings = settings_of(collection.config)
     max_pixels = min(settings.max_upload_pixels, DEFAULT_MAX_PIXELS)
     max_decoded_bytes = settings.max_upload_decoded_bytes
@@ -327,7 +330,10 @@ async def embed_upload(collection: SearchCollection, data: bytes) -> bytes:
         image = await _run_in(workers.decode, lambda: open_query_image(data, min_size=min_size, max_pixels=max_pixels,
                                                                        max_decoded_bytes=max_decoded_bytes))
         encoder = await _run_in(workers.model, collection.encoder)
-        return vectors.encode(await _run_in(workers.model, encoder.embed_image, image))
+        vector = vectors.encode(await _run_in(workers.model, encoder.embed_image, image))
+        if previews is not None:
+            await _run_in(workers.decode, previews.remember, vector, image)
+        return vector
     except ImageDecodeError as error:
         raise UploadError(f"the upload is not a usable image: {error}") from None
     except ModelUnavailable as error:

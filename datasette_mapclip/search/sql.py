@@ -12,7 +12,7 @@ import dataclasses
 
 from ..store import RESULT_COLUMNS
 from . import query_vector
-from .query import SearchParams
+from .query import VEC0_MAX_K, SearchParams
 
 
 @dataclasses.dataclass
@@ -164,9 +164,11 @@ def plan(params: SearchParams, model: dict, *, place_index: bool = False) -> Sea
     filter_params: dict = {}
     filters = filter_clause(params, filter_params, place_index=place_index)
     paging = {"k": params.k * params.page, "limit": params.k, "offset": params.k * (params.page - 1)}
+    # The search runs for one map more than the page shows: whether a next page has anything on it.
+    peek = {"k": min(params.k * params.page + 1, VEC0_MAX_K), "limit": params.k + 1, "offset": paging["offset"]}
     return SearchPlan(
         sql=knn_sql(model.vector_table, vector_sql, filters),
         params={**shown_params, **filter_params, **paging},
         run_sql=knn_sql(model.vector_table, ":query_vector", filters),
-        run_params={**filter_params, **paging},
+        run_params={**filter_params, **peek},
     )

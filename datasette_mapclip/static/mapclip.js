@@ -79,6 +79,17 @@ document.addEventListener("DOMContentLoaded", () => {
       search();
     });
   }
+  // A search opens on its answer, at every width: the error, else the results' heading, comes into
+  // view and takes focus (on a phone the form alone fills the first screen; a keyboard user's next Tab
+  // is then the first result, not the whole form again).  The empty page keeps the search box focused.
+  const answer = document.querySelector(".mapclip-error") ||
+    (location.search ? document.getElementById("mapclip-results-heading") : null);
+  if (answer && !window.__mapclipAnswered) {
+    window.__mapclipAnswered = true;
+    answer.setAttribute("tabindex", "-1");
+    answer.scrollIntoView({block: "start"});
+    answer.focus({preventScroll: true});
+  }
   const file = form.querySelector("input[type=file]");
   if (file) {
     file.addEventListener("change", () => {

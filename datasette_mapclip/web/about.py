@@ -63,9 +63,8 @@ def weights_source(model: dict) -> str:
                 "models says what they were trained on.")
     if _text(model.get("checkpoint_sha256")):
         return ("a weights file supplied by the publisher of this site, for example a CLIP model fine-tuned "
-                "on captions made from this collection's catalogue records. Its fingerprint (SHA-256) is "
-                "shown below, so a copy can be checked against it; the publisher's note says more where "
-                "there is one.")
+                "on captions made from this collection's catalogue records, or a model trained here from "
+                "scratch; the publisher's note says which where there is one.")
     return "not recorded in this collection."
 
 
@@ -78,20 +77,14 @@ def _text(value) -> str | None:
 
 def model_facts(model: dict, default: bool) -> dict:
     """One ``models`` row as the about page shows it (no server file paths)."""
-    software = ", ".join(f"{name} {version}" for name, version in (
-        ("open_clip", _text(model.get("open_clip_version"))), ("torch", _text(model.get("torch_version"))),
-        ("sqlite-vec", _text(model.get("sqlite_vec_version")))) if version)
     image_size = _text(model.get("image_size"))
-    facts = [  # (label, value, shown as code)
+    facts = [  # (label, value, shown as code): what a visitor can use
         ("Architecture", _text(model.get("architecture")), True),
         ("Pretrained weights tag", _text(model.get("pretrained")), True),
-        ("Weights file fingerprint (SHA-256)", _text(model.get("checkpoint_sha256")), True),
-        ("Vector size", _text(model.get("dim")), False),
         ("Image size the model reads", f"{image_size} pixels square" if image_size else None, False),
-        ("Stored precision", _text(model.get("precision")), False),
-        ("Software", software or None, True),
-        ("Recorded", _text(model.get("created_at")), False),
     ]
+    # A developer's details (fingerprint, software versions, precision) are in the ``models`` row's
+    # JSON, linked from the page (``record_url``), not on it.
     fine_tuned = not _text(model.get("pretrained")) and bool(_text(model.get("checkpoint_sha256")))
     size = model.get("image_size")
     return {
@@ -102,6 +95,7 @@ def model_facts(model: dict, default: bool) -> dict:
         "web_trained": bool(_text(model.get("pretrained"))),  # open_clip's pretrained weights: web pictures
         "image_size": size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None,
         "facts": [fact for fact in facts if fact[1]],
+        "id": model.get("id"),
     }
 
 
@@ -139,12 +133,16 @@ async def describe_collection(datasette, name: str, config: dict, actor=None) ->
     models = await db.execute_fn(store.read_models)
     default = store.pick_model(models)["id"] if models else None
     title = await database_title(datasette, name)
-    describe = model_facts if await can_view_provenance(datasette, actor, name) else model_summary
+    provenance = await can_view_provenance(datasette, actor, name)
+    described = [(model_facts if provenance else model_summary)(m, m["id"] == default)
+                 for m in sorted(models, key=lambda m: (m["id"] != default, m["id"]))]
+    if provenance:
+        for model in described:
+            model["record_url"] = datasette.urls.row(name, MODELS_TABLE, str(model["id"]), format="json")
     return {
         "name": name,
         "title": _text(title) or name,
-        "models": [describe(m, m["id"] == default) for m in
-                   sorted(models, key=lambda m: (m["id"] != default, m["id"]))],
+        "models": described,
         "note": _text(config.get("model_note")),
         "training_note": _text(config.get("training_note")),
     }

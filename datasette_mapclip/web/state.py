@@ -15,6 +15,7 @@ from ..search.resources import SearchResources
 from ..settings import Settings
 from . import compat
 from .collections import Collections
+from .uploads import UploadPreviews
 
 PLUGIN = "datasette-mapclip"
 
@@ -22,6 +23,7 @@ PLUGIN = "datasette-mapclip"
 @dataclasses.dataclass
 class PluginState(SearchResources):
     collections: Collections | None = None
+    upload_previews: UploadPreviews = dataclasses.field(default_factory=UploadPreviews)
 
 
 _states: "weakref.WeakKeyDictionary[object, PluginState]" = weakref.WeakKeyDictionary()

@@ -10,9 +10,14 @@ parts is refused after a few dozen instead of holding the event loop while it is
 from __future__ import annotations
 
 import asyncio
+import base64
+import collections
 import dataclasses
+import hashlib
+import io
 import json
 import secrets
+import threading
 import urllib.parse
 
 from python_multipart.exceptions import MultipartParseError
@@ -27,6 +32,40 @@ DEFAULT_MAX_UPLOAD_BYTES = DECLARED["max_upload_bytes"].default
 FORM_OVERHEAD_BYTES = 64 * 1024
 # Where limit_upload_bodies leaves the reason it cut a body short, for the view to answer with.
 REFUSED_KEY = "mapclip.upload_refused"
+
+
+class UploadPreviews:
+    """Small JPEG previews of the last uploads, by their query vector, so the page can show visitors
+    the picture they searched with (in memory only, never written; gone after a restart, when the
+    page simply says an uploaded picture is used)."""
+
+    def __init__(self, size: int = 160, keep: int = 256):
+        self.size, self.keep = size, keep
+        self.previews: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def key(vector: bytes) -> str:
+        return hashlib.sha256(vector).hexdigest()
+
+    def remember(self, vector: bytes, image) -> None:
+        """Called with the decoded upload (already reduced to about the model's size), off the event loop."""
+        small = image.convert("RGB")
+        small.thumbnail((self.size, self.size))
+        out = io.BytesIO()
+        small.save(out, "JPEG", quality=80)
+        url = "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode("ascii")
+        with self.lock:
+            self.previews[self.key(vector)] = url
+            self.previews.move_to_end(self.key(vector))
+            while len(self.previews) > self.keep:
+                self.previews.popitem(last=False)
+
+    def data_url(self, vector: bytes | None) -> str | None:
+        if not vector:
+            return None
+        with self.lock:
+            return self.previews.get(self.key(vector))
 
 
 @dataclasses.dataclass(frozen=True)

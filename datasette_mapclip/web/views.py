@@ -12,10 +12,11 @@ from .. import store
 from ..search import service
 from ..search.errors import BadSearch, NotFound, SearchError, UploadError
 from ..search.query import MAX_FEEDBACK, MAX_QUERY_CHARS, MAX_TERMS, SearchParams, first_value
+from ..settings import settings_of
 from ..store.ids import map_id_or_none
 from . import about, compat
 from .collections import too_slow_message, unavailable_if_interrupted
-from .state import collections_of, plugin_config
+from .state import collections_of, plugin_config, state_for
 from .uploads import UploadLimits, read_multipart
 from .urls import MapclipUrls, database_from_segment
 
@@ -49,8 +50,10 @@ async def read_search_request(datasette, request) -> tuple[service.SearchCollect
             raise BadSearch(str(error)) from None
     else:
         collection = await collections.open(request.actor, wanted, params.model)
+    if params.model is not None and params.model == store.pick_model(collection.models).name:
+        params.model = None  # the default model: links and shared URLs do not carry it
     if upload:
-        params.vector = await service.embed_upload(collection, upload)
+        params.vector = await service.embed_upload(collection, upload, previews=state_for(datasette).upload_previews)
     return collection, params
 
 
@@ -154,6 +157,17 @@ def marked(params: SearchParams, kind: str, map_id: int) -> dict:
     return {"more": tuple(more[-MAX_FEEDBACK:]), "fewer": tuple(fewer[-MAX_FEEDBACK:])}
 
 
+def menu_models(collection, params: SearchParams) -> list:
+    """The models the page's menu offers: the default one, those the publisher lists in
+    ``models_menu``, and the one this search asked for.  A fine-tune's start model, kept in the file
+    for comparison, is not offered to visitors unless listed."""
+    if collection is None:
+        return []
+    default = store.pick_model(collection.models).name
+    offered = {default, params.model, *(settings_of(collection.config).models_menu or ())}
+    return [model for model in collection.models if model.name in offered]
+
+
 def about_url(datasette, database: str | None) -> str:
     return MapclipUrls(datasette).about(database)
 
@@ -200,15 +214,17 @@ async def mapclip_page(request, datasette):
             "error": error,
             "database": database,
             "databases": await collections_of(datasette).visible_names(request.actor),
-            "models": collection.models if collection else [],
+            "models": menu_models(collection, params),
             "model_name": (data or {}).get("model") or (collection.model.name if collection else None),
             "like_row": like_row,
+            "upload_preview": state_for(datasette).upload_previews.data_url(params.vector),
             "examples": examples,
             "max_terms": MAX_TERMS,
             "about_url": about_url(datasette, database),
             "form_url": urls.page(),
             "json_url": urls.search_json(params.query_string(), database),
             "page_url": lambda **changes: urls.page(params.query_string(**changes), database),
+            "map_page_url": lambda map_id: urls.map(database, map_id),
             "mark_url": lambda kind, map_id: urls.page(params.query_string(page=1, **marked(params, kind, map_id)),
                                                        database),
             "export_url": lambda extension: urls.export(extension, params.query_string(), database),

@@ -306,7 +306,7 @@ def build(workdir: Path) -> Path:
     check(summary, "embedding with the trained model")
     # the served model's query encoders go into the file: the demo's server never needs torch
     after_embedding(store, trained, model.name, lambda line: click.echo(line, err=True))
-    how = "trained from scratch on this demo collection by mapclip fine-tune (see demo/model/evaluation.md)"
+    how = "trained from scratch on the pictures and catalogue captions of this demo collection by mapclip fine-tune"
     (workdir / "metadata.yml").write_text(demo_metadata(model.name, how, example_queries=list(KINDS.values()),
                                                         example_map=example_map_id(db_path)))
     store.close()
