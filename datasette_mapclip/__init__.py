@@ -12,7 +12,7 @@ from .settings import settings_of
 from .web import compat, map_views, views
 from .web.state import collections_of, plugin_config, state_for
 from .web.uploads import CSRF_CHECKED_KEY, FormCsrf, UploadLimits, limit_upload_bodies
-from .web.urls import MapclipUrls
+from .web.urls import MapclipUrls, routes
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +97,7 @@ def startup(datasette):
 
 @hookimpl
 def register_routes():
-    from .web import urls as web_paths
-    from .web import views
-
-    return web_paths.routes(views, map_views)
+    return routes(views, map_views)
 
 
 @hookimpl

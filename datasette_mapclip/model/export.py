@@ -242,13 +242,13 @@ def _ensure(folder: Path) -> Path:
 
 def _export(encoder, int8: bool) -> ExportedEncoders:
     tokenizer = _tokenizer_of(encoder)
-    preprocess_cfg = preprocess_config(encoder, tokenizer)
+    preprocessing = preprocess_config(encoder, tokenizer)
     text_tower, image_tower, torch = _towers(encoder.model)
     if next(encoder.model.parameters()).device.type != "cpu":
         raise ExportError("export runs on the CPU: load the model with --device cpu")
     texts, images = probe_texts(), probe_images()
-    tokenizer_text = tokenizer_json(tokenizer, preprocess_cfg["context_length"])
-    parts = {"tokenizer": tokenizer_text.encode("utf-8"), "preprocess": json.dumps(preprocess_cfg, sort_keys=True).encode()}
+    tokenizer_text = tokenizer_json(tokenizer, preprocessing["context_length"])
+    parts = {"tokenizer": tokenizer_text.encode("utf-8"), "preprocess": json.dumps(preprocessing, sort_keys=True).encode()}
 
     with torch.inference_mode():
         reference_tokens = tokenizer(texts)
@@ -259,10 +259,10 @@ def _export(encoder, int8: bool) -> ExportedEncoders:
     from torch.export import Dim
 
     batch = Dim("batch", min=1, max=4096)
-    length = Dim("length", min=2, max=preprocess_cfg["context_length"])
+    length = Dim("length", min=2, max=preprocessing["context_length"])
     with tempfile.TemporaryDirectory(prefix="mapclip-export-") as scratch:
         folder = Path(scratch)
-        if preprocess_cfg["trim"]:
+        if preprocessing["trim"]:
             parts["text"] = _onnx_bytes(text_tower, reference_tokens[:3, :12], "tokens", {0: batch, 1: length}, folder)
         else:
             parts["text"] = _onnx_bytes(text_tower, reference_tokens[:3], "tokens", {0: batch}, folder)

@@ -19,7 +19,8 @@ What keeps it from ever crashing the process (every check happens before a point
 
 Per-connection state, owned by the connection: each registration is a ``_Registration`` object
 that the connection itself keeps alive, through an ordinary ``create_function`` (pysqlite3 drops
-its reference when the connection closes or is freed).  The native functions get the address of
+its reference when the connection closes or is freed), and that this module frees once the
+connection has let go (``_release_detached``: pysqlite3 may let go without the GIL).  The native functions get the address of
 their ``_NativeFunction`` entry, inside that object, as SQLite user data, and pass no destroy
 callback.  Why not a module-level table emptied by a destroy callback: the table kept every
 connection whose functions refer to it alive (Datasette 0.65 drops the ``:memory:`` connection of
@@ -38,7 +39,7 @@ import logging
 import os
 import struct
 import sys
-import weakref
+import threading
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,11 @@ POINTER_SIZE = ctypes.sizeof(ctypes.c_void_p)
 _FUNCTION = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_void_p))
 
 _keys = itertools.count(1)
-_live: "weakref.WeakSet[_Registration]" = weakref.WeakSet()
+# Every registration, held here too, with its address: see _release_detached.
+_held: list = []
+_held_addresses: list[int] = []
+_held_sizes: list[int] = []
+_held_lock = threading.Lock()
 _library = None
 
 
@@ -66,9 +71,9 @@ class _NativeFunction:
 
 class _Registration:
     """One connection's native functions.  The connection holds it (as a zero-argument SQL
-    function that returns NULL), so it lives exactly as long as the connection does."""
+    function that returns NULL), and this module holds it too until the connection lets go."""
 
-    __slots__ = ("functions", "__weakref__")
+    __slots__ = ("functions",)
 
     def __init__(self, functions: list[_NativeFunction]):
         self.functions = functions
@@ -77,9 +82,36 @@ class _Registration:
         return None
 
 
+def _references(address: int) -> int:
+    """An object's reference count, read from its header without touching the object."""
+    return ctypes.c_ssize_t.from_address(address).value
+
+
+def _release_detached() -> None:
+    """Free, here and with the GIL, the registrations their connection has let go of.
+
+    Why not let the connection free them: pysqlite3 drops a function's reference in a destroy
+    callback that runs without the GIL when SQLite completes a deferred close (a connection freed
+    while a statement was alive is closed by the last ``sqlite3_finalize``, which pysqlite3 calls
+    with the GIL released, for instance while the garbage collector frees a cursor in a Datasette
+    SQL thread).  Freeing the object there aborts the process ("PyThreadState_Get: the function
+    must be called with the GIL held").  So the connection's reference is never the last one: a
+    registration whose count has fallen to this module's own reference is detached, and is freed
+    here.  The count is read without taking a reference, so the callback's unlocked decrement
+    never races with an increment of ours."""
+    with _held_lock:
+        detached = [i for i, address in enumerate(_held_addresses) if _references(address) <= 1]
+        for i in reversed(detached):  # ``del`` moves the others' pointers without touching them
+            del _held[i]
+            del _held_addresses[i]
+            del _held_sizes[i]
+
+
 def registered_count() -> int:
-    """How many native registrations are alive (they are released when their connection closes)."""
-    return sum(len(registration.functions) for registration in list(_live))
+    """How many native functions are registered on connections that are still alive."""
+    _release_detached()
+    with _held_lock:
+        return sum(_held_sizes)
 
 
 def _sqlite_library():
@@ -185,8 +217,12 @@ def register(conn, functions: dict, message_error: type[BaseException], determin
     registration = _Registration(list(entries.values()))
     # First the owner, so every address handed to SQLite below stays valid while it can be called;
     # a name of its own each time, so registering again never frees what earlier functions point to.
+    _release_detached()
+    with _held_lock:
+        _held.append(registration)
+        _held_addresses.append(id(registration))
+        _held_sizes.append(len(entries))
     conn.create_function(f"mapclip_native_registration_{next(_keys)}", 0, registration)
-    _live.add(registration)
     for name, (func, nargs, max_arg_bytes) in functions.items():
         flags = SQLITE_UTF8 | (SQLITE_DETERMINISTIC if name in deterministic else 0)
         code = lib.sqlite3_create_function_v2(handle, name.encode(), nargs, flags, ctypes.c_void_p(id(entries[name])),

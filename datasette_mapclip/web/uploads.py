@@ -276,6 +276,20 @@ class FormCsrf:
         return any(pm.hook.skip_csrf(datasette=self.datasette, scope=scope))
 
 
+def _cookie_readable(raw: bytes | None) -> bool:
+    """Whether Datasette 0.65's CSRF layer can read this Cookie header (it decodes it as UTF-8 and
+    hands it to ``SimpleCookie.load``, catching nothing)."""
+    if not raw:
+        return True
+    from http.cookies import CookieError, SimpleCookie
+
+    try:
+        SimpleCookie().load(raw.decode("utf-8"))
+    except (UnicodeDecodeError, CookieError):
+        return False
+    return True
+
+
 def _csrf_layer_reads_body(scope, headers: dict) -> bool:
     return (scope["method"] not in _CSRF_UNCHECKED_METHODS and bool(headers.get(b"cookie"))
             and not headers.get(b"authorization", b"").startswith(b"Bearer "))
@@ -445,6 +459,9 @@ def limit_upload_bodies(app, paths: tuple[str, ...], limits_for, csrf: FormCsrf 
         if scope["type"] != "http":
             return await app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
+        if csrf is not None and not _cookie_readable(headers.get(b"cookie")):
+            # asgi-csrf reads the Cookie header of every request as UTF-8: any other bytes were a 500
+            return await _answer(scope, send, "the Cookie header cannot be read (it is not UTF-8 text)")
         covered = scope["method"] == "POST" and scope["path"].endswith(paths)
         csrf_reads = csrf is not None and _csrf_layer_reads_body(scope, headers)
         if not (covered or csrf_reads):

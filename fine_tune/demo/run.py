@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import shutil
 import socket
 import subprocess
@@ -265,7 +266,24 @@ def example_map_id(db_path: Path, kind: str = "nautical") -> int | None:
     return None
 
 
+class _TrainedHere(logging.Filter):
+    """The demo's model starts from random weights on purpose: open_clip's warning that no pretrained
+    weights were loaded says nothing to someone running the demo."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(f"No pretrained weights loaded for model '{DEMO_MODEL}'")
+
+
 def build(workdir: Path) -> Path:
+    quiet = _TrainedHere()
+    logging.getLogger().addFilter(quiet)
+    try:
+        return _build(workdir)
+    finally:
+        logging.getLogger().removeFilter(quiet)
+
+
+def _build(workdir: Path) -> Path:
     """Every step of the demo under ``workdir``; returns the database path."""
     from datasette_mapclip.store import MapStore
     from loaders.pipeline import run_load
@@ -273,8 +291,8 @@ def build(workdir: Path) -> Path:
     from loaders.sources.folder import folder_records
 
     from ..evaluate import evaluate
-    from ..register import register
     from ..kinds import KINDS
+    from ..register import register
 
     ensure_fresh(workdir)
     collection = ensure_collection(workdir / "collection")
