@@ -182,3 +182,25 @@ async def test_sql_functions_run_the_model_in_the_servers_model_thread(collectio
     assert response.status_code == 200, response.text
     assert response.json()[0]["n"] > 0
     assert seen and all(name.startswith("mapclip-model") for name in seen), seen
+
+
+def test_a_connection_never_frees_its_registration_itself():
+    """pysqlite3 lets go of a connection's functions in a callback that may run without the GIL (a
+    deferred close completed by the last ``sqlite3_finalize``); freeing a Python object there
+    aborts the process.  So the registration outlives the connection's reference, and is freed
+    by the module, with the GIL, at its next sweep."""
+    import ctypes
+
+    from datasette_mapclip.search import sqlite_native
+    from datasette_mapclip.store import sqlite3_module
+
+    conn = sqlite3_module().connect(":memory:")
+    assert sqlite_native.register(conn, {"mapclip_probe": (lambda: 1, 0, 100)}, ValueError)
+    address = sqlite_native._held_addresses[-1]
+    refs = lambda: ctypes.c_ssize_t.from_address(address).value  # noqa: E731 (no reference taken)
+    assert refs() == 2  # the connection's and the module's
+    assert conn.execute("SELECT mapclip_probe()").fetchone() == (1,)
+    conn.close()
+    assert refs() == 1 and address in sqlite_native._held_addresses  # the connection's release freed nothing
+    sqlite_native.registered_count()  # a sweep
+    assert address not in sqlite_native._held_addresses
