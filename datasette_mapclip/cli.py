@@ -13,6 +13,7 @@ import csv
 import json
 import sys
 from importlib.metadata import entry_points
+from pathlib import Path
 
 import click
 
@@ -114,6 +115,35 @@ def export_vectors(db_path, output, model_name):
         conn.close()
     np.savez(output, map_id=ids, embedding=matrix)
     click.echo(f"{len(ids)} vectors of {matrix.shape[1] if len(ids) else 0} floats -> {output}", err=True)
+
+
+@cli.command("publish-copy")
+@click.argument("db_path", type=click.Path(exists=True, dir_okay=False))
+@click.argument("output", type=click.Path(dir_okay=False))
+def publish_copy(db_path, output):
+    """Write OUTPUT: a copy of the collection to publish, without this machine's details.
+
+    Local file locations become relative to the folder they were loaded from, the loads table loses
+    host names, process ids and paths, and the kept-images table is emptied (re-embedding from the
+    copy then needs the images again).  DB_PATH is only read; OUTPUT must not exist yet.
+    """
+    from . import store
+    from .store.publishing import copy_for_publishing
+
+    if Path(output).exists():
+        raise click.ClickException(f"{output} exists: give a new file name (nothing was written)")
+    try:
+        store.open_collection_readonly(db_path).close()
+    except (store.StoreError, store.ExtensionsUnavailable) as error:
+        raise click.ClickException(str(error))
+    try:
+        done = copy_for_publishing(db_path, output)
+    except Exception as error:  # a full disk, a damaged file: say so, and leave no half copy
+        Path(output).unlink(missing_ok=True)
+        raise click.ClickException(f"the copy could not be made: {type(error).__name__}: {error}") from None
+    changes = ", ".join(f"{name} {count}" for name, count in done["changed"].items())
+    click.echo(f"{output}: a copy to publish ({changes} rows changed; locations relative to "
+               f"{done['root'] or 'nothing: no local files'})", err=True)
 
 
 @cli.command("search")

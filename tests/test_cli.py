@@ -1,3 +1,5 @@
+import sqlite3
+
 import click
 import numpy as np
 import pytest
@@ -139,3 +141,37 @@ def test_the_old_option_names_still_work_and_say_the_new_one(invoke, tmp_path):
     db.write_bytes(b"")
     out = invoke(["loc-metadata", db, "--workers", "2", "--dates", "not-a-year"], expect=2)
     assert "--workers is now --pages-in-flight" in out.output and db.read_bytes() == b""
+
+
+def test_publish_copy_leaves_no_machine_details_and_searches_the_same(invoke, tmp_path, tmp_path_factory, model_args):
+    from conftest import load_collection
+    from datasette_mapclip.search.local import Collection
+
+    db_path, folder = load_collection(tmp_path_factory, model_args, 6)
+    before = db_path.read_bytes()
+    assert str(folder.resolve()).encode() in before  # the loaded file names its folder
+    out = tmp_path / "public.db"
+    result = invoke(["publish-copy", db_path, out])
+    assert "a copy to publish" in result.output
+    assert db_path.read_bytes() == before  # the collection itself is only read
+    published = out.read_bytes()
+    for private in (str(folder.resolve()), str(tmp_path_factory.getbasetemp())):
+        assert private.encode() not in published, private
+    with sqlite3.connect(out) as conn:
+        locations = {row[0] for row in conn.execute("SELECT location FROM maps")}
+        assert locations and locations <= {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+        assert conn.execute("SELECT count(*) FROM loads WHERE host IS NOT NULL OR pid IS NOT NULL").fetchone()[0] == 0
+    original, copy = Collection(db_path), Collection(out)
+    try:
+        for args in ({"like": 2, "k": 4}, {"q": "relief map", "k": 4}):
+            assert [r["id"] for r in copy.search(**args)["results"]] == [r["id"] for r in original.search(**args)["results"]]
+    finally:
+        original.close()
+        copy.close()
+    # an existing OUTPUT is never overwritten; a file that is not a collection is refused
+    again = invoke(["publish-copy", db_path, out], expect=1)
+    assert "exists" in again.output and out.read_bytes() == published
+    other = tmp_path / "other.db"
+    sqlite3.connect(other).execute("CREATE TABLE t (x)")
+    refused = invoke(["publish-copy", other, tmp_path / "x.db"], expect=1)
+    assert "not a mapclip collection" in refused.output and not (tmp_path / "x.db").exists()
