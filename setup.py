@@ -6,7 +6,8 @@ from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RAY = ["ray>=2.40,<3"]  # tested with 2.60
-LOAD = ["torch", "torchvision", "open_clip_torch>=2.24", "onnx>=1.16", "onnxscript>=0.1"]
+LOAD = ["torch", "torchvision", "open_clip_torch>=2.24", "onnx>=1.16", "onnxscript>=0.1",
+        "rapidocr-onnxruntime>=1.4.4,<1.5"]  # `mapclip ocr` (loaders/ocr.py uses its 1.4 pipeline steps)
 
 
 class BuildWithViewer(build_py):
@@ -83,6 +84,7 @@ setup(
             "import-beto = loaders.cli:import_beto",
             "encoders = loaders.cli:encoders",
             "loc-metadata = loaders.cli:loc_metadata",
+            "ocr = loaders.ocr_cli:ocr",
             "fine-tune = fine_tune.cli:fine_tune",
             "demo = fine_tune.demo.run:demo_command",
         ],

@@ -9,6 +9,7 @@
     model_rows.py  ModelRow, one models row typed
     vectors.py     float32 BLOBs
     ids.py         map ids from requests
+    words.py       the words OCR read on the maps: provenance, words, read marks, full-text search
 
 Every SQL statement on the project's tables lives in this folder (and the search SQL in search/sql.py).
 This module re-exports the names the other parts use.
@@ -69,5 +70,19 @@ from .schema import (
     text_indexes,
     vector_meta_keys,
 )
-
-
+from .words import (
+    OCR_STAGE,
+    MapToRead,
+    MapWord,
+    OcrModelRow,
+    WordStore,
+    has_words,
+    ocr_error_key,
+    read_map_reading,
+    read_map_words,
+    read_maps_matching_words,
+    read_ocr_model,
+    read_words_summary,
+    words_fts_query,
+    words_query_terms,
+)

@@ -16,6 +16,10 @@ Tables
   query_encoders, encoder_files  each model's query side (ONNX towers, tokenizer, preprocessing),
                files stored once by SHA-256: the file can be searched with no weights from elsewhere
   mapclip_meta the named migrations this file has had, and vector-table change counters
+  ocr_models, map_words, map_words_fts, map_words_read
+               the words OCR read on each map, with their boxes, the OCR model that read them
+               (provenance), an FTS5 index folding case and diacritics, and a mark per map read
+               (``words.py``)
 
 Each batch of maps is written with its vectors in one transaction, so an interrupted load
 leaves only whole batches behind and a rerun skips exactly what is already stored.
@@ -163,6 +167,48 @@ CREATE TABLE IF NOT EXISTS kept_images (
     path TEXT NOT NULL,
     bytes INTEGER,
     kept_at TEXT
+);
+-- The words printed on the maps, read by OCR (words.py, loaders/ocr.py).
+CREATE TABLE IF NOT EXISTS ocr_models (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,  -- engine, version and a hash of its weights and settings
+    engine TEXT NOT NULL,
+    engine_version TEXT,
+    weights TEXT,               -- JSON: model file name -> sha256
+    settings TEXT,              -- JSON: what changes the reading (OCR size, tiles, rotations, confidence)
+    created_at TEXT
+);
+CREATE TABLE IF NOT EXISTS map_words (
+    id INTEGER PRIMARY KEY,
+    map_id INTEGER NOT NULL REFERENCES maps(id),
+    text TEXT NOT NULL,
+    confidence REAL,
+    x REAL, y REAL, w REAL, h REAL,  -- the box, normalised to the full image (0..1 from the top left)
+    angle REAL,                      -- reading direction, degrees counter-clockwise from horizontal
+    ocr_model INTEGER NOT NULL REFERENCES ocr_models(id)
+);
+CREATE INDEX IF NOT EXISTS map_words_map ON map_words(map_id);
+CREATE VIRTUAL TABLE IF NOT EXISTS map_words_fts USING fts5(
+    text, content='map_words', content_rowid='id', tokenize='unicode61 remove_diacritics 2'
+);
+CREATE TRIGGER IF NOT EXISTS map_words_ai AFTER INSERT ON map_words BEGIN
+    INSERT INTO map_words_fts(rowid, text) VALUES (new.id, new.text);
+END;
+CREATE TRIGGER IF NOT EXISTS map_words_ad AFTER DELETE ON map_words BEGIN
+    INSERT INTO map_words_fts(map_words_fts, rowid, text) VALUES ('delete', old.id, old.text);
+END;
+CREATE TRIGGER IF NOT EXISTS map_words_au AFTER UPDATE OF text ON map_words BEGIN
+    INSERT INTO map_words_fts(map_words_fts, rowid, text) VALUES ('delete', old.id, old.text);
+    INSERT INTO map_words_fts(rowid, text) VALUES (new.id, new.text);
+END;
+CREATE TABLE IF NOT EXISTS map_words_read (
+    map_id INTEGER PRIMARY KEY REFERENCES maps(id),  -- one reading per map
+    ocr_model INTEGER NOT NULL REFERENCES ocr_models(id),
+    read_at TEXT NOT NULL,
+    word_count INTEGER NOT NULL,  -- 0: read, found no text
+    width INTEGER,                -- the image read (the OCR-size derivative, or the file itself)
+    height INTEGER,
+    seconds REAL
 );
 """
 

@@ -1,0 +1,448 @@
+"""Reading the words printed on a map: RapidOCR (PP-OCRv4 detection, orientation and recognition
+ONNX models, shipped inside the ``rapidocr-onnxruntime`` wheel) over overlapping tiles.
+
+    map row -> image at a size fit for lettering -> tiles (overlapping, each under a pixel cap)
+      -> per tile: detect text boxes (any angle), crop each box upright, fix upside-down crops
+         (the orientation model), recognise -> boxes back in the full image, duplicates merged
+      -> ``MapWord`` rows (``datasette_mapclip/store/words.py``)
+
+Which pixels are read (``ImageSource``): a local file at full resolution; a IIIF image (loc.gov)
+as the IIIF derivative that fits ``ocr_size`` x ``ocr_size`` (default 2,048 px); any other URL as
+it is served.  Kept files are read instead of the network when they are large enough: the OCR-size
+derivative an earlier ``mapclip ocr --keep-images DIR`` wrote, or the file a load kept (when the
+load kept a derivative at least that large).
+
+Tiles: a tile is at most ``tile`` px on a side and neighbours overlap by ``overlap`` px, so a word
+up to ``overlap`` px long that a tile edge cuts lies whole inside the neighbouring tile.  A reading
+that touches a tile's inner edge is kept only when no whole reading overlaps it; two readings of the
+same text (a word inside an overlap, or read in both the upright and the turned pass) are merged,
+the more confident one kept.
+
+Angles: the detector finds boxes at any angle; each box is cropped upright along its long side, so
+labels at 30 or -35 degrees and vertical ones are read as horizontal lines; the orientation model
+turns upside-down crops.  ``rotations=(0, 90)`` also reads every tile turned by 90 degrees and keeps
+the best reading of each place (twice the time; measured in bench/results/ocr.md).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.metadata
+import io
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from datasette_mapclip.model import iiif
+from datasette_mapclip.model.images import DEFAULT_MAX_PIXELS, ImageDecodeError, open_image
+from datasette_mapclip.store.words import MapToRead, MapWord
+
+from .fetch import Fetcher, FetchError
+from .kept_images import KeepImages, read_kept
+
+ENGINE = "rapidocr-onnxruntime"
+INSTALL_HINT = "pip install rapidocr-onnxruntime (or: pip install 'datasette-mapclip[load]')"
+DEFAULT_OCR_SIZE = 2048
+DEFAULT_TILE = 2048  # px on a side: a 2,048 px derivative is read as one tile (4.2 Mpx at most)
+DEFAULT_OVERLAP = 256
+DEFAULT_MIN_CONFIDENCE = 0.5
+# A tile's shape as the detector gets it: its shorter side is scaled up to 736 px (RapidOCR's
+# default), so a thin strip would become a huge input; strips are padded to at most this ratio.
+MAX_TILE_ASPECT = 4.0
+MIN_TILE_SIDE = 32
+EDGE_MARGIN = 3  # px: a box this close to a tile's inner edge may be cut by it
+SAME_PLACE = 0.5  # two readings whose boxes share this much of the smaller one are one word
+
+
+class OcrUnavailable(RuntimeError):
+    """The OCR engine is not installed, or its models do not load; the message says what to do."""
+
+
+def import_rapidocr():
+    try:
+        import rapidocr_onnxruntime
+    except ImportError as error:
+        raise OcrUnavailable(f"reading words needs the OCR engine ({error.name or 'rapidocr_onnxruntime'} "
+                             f"is not installed): {INSTALL_HINT}") from None
+    return rapidocr_onnxruntime
+
+
+@dataclass(frozen=True)
+class OcrSettings:
+    """What changes a reading (recorded in ``ocr_models.settings``), and the threads it may use."""
+
+    ocr_size: int = DEFAULT_OCR_SIZE  # IIIF derivatives: the long side asked for
+    tile: int = DEFAULT_TILE
+    overlap: int = DEFAULT_OVERLAP
+    rotations: tuple[int, ...] = (0,)
+    min_confidence: float = DEFAULT_MIN_CONFIDENCE
+    respace: bool = True  # put back a space the recogniser dropped between two words (``respaced``)
+    threads: int | None = field(default=None, compare=False)
+
+    def __post_init__(self):
+        if self.tile < 2 * MIN_TILE_SIDE or not 0 <= self.overlap < self.tile // 2:
+            raise ValueError(f"tiles of {self.tile} px need an overlap from 0 to {self.tile // 2 - 1} px, "
+                             f"not {self.overlap}")
+        if any(r not in (0, 90) for r in self.rotations) or 0 not in self.rotations:
+            raise ValueError(f"rotations are 0 or 0 and 90, not {self.rotations}")
+
+    def recorded(self) -> dict:
+        settings = asdict(self)
+        settings.pop("threads")
+        settings["rotations"] = list(self.rotations)
+        return settings
+
+
+# -- tiles ---------------------------------------------------------------------------------------
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[tuple[int, int]]:
+    """(start, size) of tiles covering ``length`` px, each at most ``tile`` px, neighbours
+    overlapping by at least ``overlap`` px, all of one size (as small as that allows)."""
+    if length <= tile:
+        return [(0, length)]
+    count = math.ceil((length - overlap) / (tile - overlap))
+    # one px of slack absorbs the rounding of the starts below
+    size = min(tile, math.ceil((length + (count - 1) * overlap) / count) + 1)
+    step = (length - size) / (count - 1)
+    return [(round(i * step), size) for i in range(count)]
+
+
+@dataclass
+class Tile:
+    x: int
+    y: int
+    width: int
+    height: int
+    inner: tuple[bool, bool, bool, bool]  # left, top, right, bottom edges lie inside the image
+
+
+def tiles_of(width: int, height: int, tile: int, overlap: int) -> list[Tile]:
+    columns, rows = tile_starts(width, tile, overlap), tile_starts(height, tile, overlap)
+    return [Tile(x, y, w, h, (x > 0, y > 0, x + w < width, y + h < height))
+            for y, h in rows for x, w in columns]
+
+
+# -- one reading ---------------------------------------------------------------------------------
+
+@dataclass
+class Reading:
+    """Text read in one place: its quadrilateral in full-image pixels (tl, tr, br, bl as
+    detected), reading angle, and whether a tile edge may have cut it."""
+
+    text: str
+    confidence: float
+    quad: np.ndarray  # (4, 2) float
+    angle: float
+    cut: bool = False
+
+    @functools.cached_property
+    def bounds(self) -> tuple[float, float, float, float]:
+        xs, ys = self.quad[:, 0], self.quad[:, 1]
+        return float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max())
+
+    @functools.cached_property
+    def polygon(self):
+        from shapely.geometry import Polygon
+
+        polygon = Polygon(self.quad)
+        return polygon if polygon.is_valid else polygon.convex_hull
+
+
+def reading_angle(quad: np.ndarray, turned: bool, flipped: bool) -> float:
+    """Degrees counter-clockwise from left-to-right horizontal (image y grows downwards).
+
+    The crop of a box runs along tl->tr; RapidOCR turns a crop whose height is 1.5 times its width
+    or more by 90 degrees counter-clockwise, so it is read along tl->bl; the orientation model
+    turns an upside-down crop by 180."""
+    start, end = quad[0], quad[3] if turned else quad[1]
+    angle = math.degrees(math.atan2(-(end[1] - start[1]), end[0] - start[0]))
+    if flipped:
+        angle += 180.0
+    angle = (angle + 180.0) % 360.0 - 180.0
+    return 180.0 if angle == -180.0 else round(angle, 1)
+
+
+def overlap_share(a: Reading, b: Reading) -> float:
+    """How much of the smaller of two readings' boxes the other covers (0..1)."""
+    ax0, ay0, ax1, ay1 = a.bounds
+    bx0, by0, bx1, by1 = b.bounds
+    if ax1 <= bx0 or bx1 <= ax0 or ay1 <= by0 or by1 <= ay0:
+        return 0.0
+    smaller = min(a.polygon.area, b.polygon.area)
+    if smaller <= 0:
+        return 0.0
+    return float(a.polygon.intersection(b.polygon).area / smaller)
+
+
+def merge_readings(readings: list[Reading]) -> list[Reading]:
+    """One reading per place: whole readings before ones a tile edge may have cut, then the more
+    confident; a reading that shares ``SAME_PLACE`` of its box with one kept is dropped."""
+    kept: list[Reading] = []
+    for reading in sorted(readings, key=lambda r: (r.cut, -r.confidence, -len(r.text))):
+        if all(overlap_share(reading, other) < SAME_PLACE for other in kept):
+            kept.append(reading)
+    return kept
+
+
+def has_text(text: str) -> bool:
+    return any(ch.isalnum() for ch in text)
+
+
+# -- the engine ----------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=4)
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class OcrEngine:
+    """RapidOCR with the settings above: ``read(image)`` -> the words on it, normalised."""
+
+    def __init__(self, settings: OcrSettings | None = None):
+        self.settings = settings or OcrSettings()
+        module = import_rapidocr()
+        options = {}
+        if self.settings.threads:
+            options["intra_op_num_threads"] = int(self.settings.threads)
+            options["inter_op_num_threads"] = 1
+        try:
+            self.ocr = module.RapidOCR(**options)
+        except Exception as error:  # a damaged wheel, a model ONNX Runtime cannot load
+            raise OcrUnavailable(f"the OCR models did not load ({type(error).__name__}: {error}); "
+                                 f"reinstall them: {INSTALL_HINT}") from None
+        self.model_dir = Path(module.__file__).resolve().parent / "models"
+
+    def provenance(self) -> dict:
+        """What an ``ocr_models`` row records: engine, version, model files by SHA-256, settings."""
+        try:
+            version = importlib.metadata.version(ENGINE)
+        except importlib.metadata.PackageNotFoundError:
+            version = None
+        weights = {path.name: _file_sha256(str(path)) for path in sorted(self.model_dir.glob("*.onnx"))}
+        return {"engine": ENGINE, "engine_version": version, "weights": weights,
+                "settings": self.settings.recorded()}
+
+    # -- reading ---------------------------------------------------------------------------------
+    def read(self, image) -> list[MapWord]:
+        """The words on an RGB Pillow image, boxes normalised to it (0..1)."""
+        width, height = image.size
+        readings = self.read_pixels(np.asarray(image if image.mode == "RGB" else image.convert("RGB")))
+        return [to_map_word(reading, width, height) for reading in readings]
+
+    def read_pixels(self, rgb: np.ndarray) -> list[Reading]:
+        """Readings of an RGB array (height, width, 3) in its pixel coordinates, merged over tiles
+        and rotations."""
+        height, width = rgb.shape[:2]
+        readings = []
+        for tile in tiles_of(width, height, self.settings.tile, self.settings.overlap):
+            bgr = np.ascontiguousarray(rgb[tile.y:tile.y + tile.height, tile.x:tile.x + tile.width, ::-1])
+            for rotation in self.settings.rotations:
+                for reading in self.read_tile(bgr, rotation):
+                    reading.cut = touches_inner_edge(reading.quad, tile)
+                    reading.quad = reading.quad + (tile.x, tile.y)
+                    readings.append(reading)
+        return merge_readings(readings)
+
+    def read_tile(self, bgr: np.ndarray, rotation: int = 0) -> list[Reading]:
+        """Readings of one tile (BGR, as RapidOCR takes arrays), in the tile's coordinates;
+        ``rotation`` 90: read the tile turned 90 degrees counter-clockwise, boxes turned back."""
+        height, width = bgr.shape[:2]
+        pixels = np.ascontiguousarray(np.rot90(bgr)) if rotation == 90 else bgr
+        readings = []
+        for text, confidence, quad, angle in self.recognise(padded(pixels)):
+            if rotation == 90:
+                # turned[i, j] = tile[j, width - 1 - i]: a point (x, y) read there is (width - 1 - y, x) here
+                quad = np.stack([width - 1 - quad[:, 1], quad[:, 0]], axis=1)
+                angle = (angle - 90.0 + 180.0) % 360.0 - 180.0
+            quad[:, 0] = np.clip(quad[:, 0], 0, width)
+            quad[:, 1] = np.clip(quad[:, 1], 0, height)
+            readings.append(Reading(text, confidence, quad, angle))
+        return readings
+
+    def recognise(self, bgr: np.ndarray) -> Iterator[tuple[str, float, np.ndarray, float]]:
+        """RapidOCR's detection, orientation and recognition steps on one image (its own ``__call__``
+        minus the resizing, which the tiles replace, plus each crop's orientation, which gives the angle)."""
+        ocr = self.ocr
+        boxes, _ = ocr.text_det(bgr)
+        if boxes is None or len(boxes) == 0:
+            return
+        boxes = ocr.sorted_boxes(boxes)
+        crops = ocr.get_crop_img_list(bgr, boxes)
+        crops, orientations, _ = ocr.text_cls(crops)
+        recognised, _ = ocr.text_rec(crops, self.settings.respace)
+        cls_thresh = ocr.text_cls.cls_thresh
+        for box, (label, label_score), result in zip(boxes, orientations, recognised):
+            text, confidence = str(result[0]), float(result[1])
+            if self.settings.respace and len(result) > 2:
+                text = respaced(text, result[2][1])
+            text = text.strip()
+            if confidence < self.settings.min_confidence or not has_text(text):
+                continue
+            quad = np.asarray(box, dtype=np.float64).reshape(4, 2)
+            crop_width = int(max(np.linalg.norm(quad[0] - quad[1]), np.linalg.norm(quad[2] - quad[3])))
+            crop_height = int(max(np.linalg.norm(quad[0] - quad[3]), np.linalg.norm(quad[1] - quad[2])))
+            turned = crop_width > 0 and crop_height / crop_width >= 1.5
+            flipped = "180" in str(label) and float(label_score) > cls_thresh
+            yield text, confidence, quad, reading_angle(quad, turned, flipped)
+
+
+def respaced(text: str, groups) -> str:
+    """``text`` with a space put back where the recogniser dropped one between two words.
+
+    ``groups``: the recogniser's own split of the line into words by the gaps between its character
+    columns (RapidOCR's ``word_list``: PaddleOCR splits where two characters are more than 4 columns
+    apart).  A gap alone also splits after a wide letter ("THURM ONT", "pocom oke": measured, the gap
+    at a dropped space is often no wider than between letters), so a space is put back only at a gap
+    that is also a word boundary by case: a lower-case letter followed by a capital ("North|Beach")."""
+    pieces = ["".join(group) for group in groups or ()]
+    if len(pieces) < 2 or "".join(pieces) != text:
+        return text
+    out = pieces[0]
+    for piece in pieces[1:]:
+        before, after = out.split(" ")[-1], piece.split(" ")[0]
+        if not before or not after:
+            out += piece
+            continue
+        boundary = before[-1].islower() and after[0].isupper()
+        out += (" " + piece) if boundary else piece
+    return out
+
+
+def padded(bgr: np.ndarray) -> np.ndarray:
+    """A tile grown (right and bottom only: coordinates stay) to at least ``MIN_TILE_SIDE`` px and at
+    most ``MAX_TILE_ASPECT`` long to short, with its median colour."""
+    height, width = bgr.shape[:2]
+    target_w = max(width, MIN_TILE_SIDE, math.ceil(height / MAX_TILE_ASPECT))
+    target_h = max(height, MIN_TILE_SIDE, math.ceil(width / MAX_TILE_ASPECT))
+    if (target_w, target_h) == (width, height):
+        return bgr
+    out = np.empty((target_h, target_w, 3), dtype=bgr.dtype)
+    out[:] = np.median(bgr.reshape(-1, 3), axis=0).astype(bgr.dtype)
+    out[:height, :width] = bgr
+    return out
+
+
+def touches_inner_edge(quad: np.ndarray, tile: Tile) -> bool:
+    """Whether a box (tile coordinates) reaches an edge of the tile that lies inside the image."""
+    left, top, right, bottom = tile.inner
+    xs, ys = quad[:, 0], quad[:, 1]
+    return bool((left and xs.min() <= EDGE_MARGIN) or (top and ys.min() <= EDGE_MARGIN)
+                or (right and xs.max() >= tile.width - 1 - EDGE_MARGIN)
+                or (bottom and ys.max() >= tile.height - 1 - EDGE_MARGIN))
+
+
+def to_map_word(reading: Reading, width: int, height: int) -> MapWord:
+    x0, y0, x1, y1 = reading.bounds
+    x0, x1 = max(0.0, x0) / width, min(float(width), x1) / width
+    y0, y1 = max(0.0, y0) / height, min(float(height), y1) / height
+    return MapWord(reading.text, round(reading.confidence, 4), round(x0, 5), round(y0, 5),
+                   round(x1 - x0, 5), round(y1 - y0, 5), reading.angle)
+
+
+# -- the pixels to read --------------------------------------------------------------------------
+
+def ocr_url(location: str, ocr_size: int) -> str:
+    """Where a map's lettering is read from: a IIIF image as its derivative fitting ``ocr_size``;
+    anything else (a local file, a plain URL) as it is."""
+    return iiif.sized(location, ocr_size) if iiif.is_iiif_image(location) else location
+
+
+def is_remote(location: str | None) -> bool:
+    return bool(location) and location.startswith(("http://", "https://"))
+
+
+class ReadError(Exception):
+    """A map whose image could not be got or decoded for OCR; the message is its load_errors reason."""
+
+
+@dataclass
+class Fetched:
+    image: object  # PIL.Image, RGB
+    from_kept: bool = False
+    keep: tuple[bytes, str] | None = None  # what to write to the keep folder (downloaded bytes)
+
+
+class ImageSource:
+    """Gets the image of a map at a size fit for lettering (thread-safe: fetch workers share it)."""
+
+    def __init__(self, fetcher: Fetcher, *, ocr_size: int = DEFAULT_OCR_SIZE, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 keep: KeepImages | None = None):
+        self.fetcher = fetcher
+        self.ocr_size = int(ocr_size)
+        self.max_pixels = max_pixels
+        self.keep = keep
+
+    def kept_path(self, source_id: str) -> str | None:
+        """Where ``--keep-images`` keeps this map's OCR-size image (it may not exist yet)."""
+        if not self.keep:
+            return None
+        return str(Path(self.keep.root) / self.keep.relative_path(source_id, ".jpg"))
+
+    def get(self, target: MapToRead, load_kept_path: str | None = None) -> Fetched:
+        """The map's image (``ReadError`` if it cannot be had); ``load_kept_path``: the file a load
+        kept for it (``MapStore.kept_image_path``), read if it is large enough."""
+        location = target.location
+        if not location:
+            raise ReadError("no location recorded for this map (where its pixels are)")
+        if is_remote(location):
+            # this command's own kept derivative of this size; else a load's, when it is as large
+            for path, check in ((self.kept_path(target.source_id), False), (load_kept_path, True)):
+                data = read_kept(path)
+                if data is not None and (not check or self.large_enough(data)):
+                    try:
+                        return Fetched(self.decode(data), from_kept=True)
+                    except ReadError:
+                        pass  # a damaged kept file: fetch the image again
+        try:
+            data = self.fetcher.get_bytes(ocr_url(location, self.ocr_size))
+        except FetchError as error:
+            raise ReadError(f"fetch: {error}") from None
+        image = self.decode(data)
+        keep = (data, ".jpg") if self.keep and is_remote(location) else None
+        return Fetched(image, keep=keep)
+
+    def large_enough(self, data: bytes) -> bool:
+        """Whether a file a load kept is at least ``ocr_size`` on its long side (a load's 512 px
+        derivative is not; the map's recorded size is the derivative's for IIIF loads, so it says
+        nothing about the sheet)."""
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(data)) as header:
+                return max(header.size) >= self.ocr_size
+        except Exception:
+            return False
+
+    def decode(self, data: bytes):
+        try:
+            return open_image(data, max_pixels=self.max_pixels)
+        except ImageDecodeError as error:
+            raise ReadError(f"decode: {error}") from None
+
+
+def keep_ocr_images(root: str, ocr_size: int) -> KeepImages:
+    """The keep folder's part for OCR-size images: ``DIR/ocr-<size>/``, apart from the model-sized
+    images a load keeps, which re-embedding must find unchanged."""
+    return KeepImages(Path(root) / f"ocr-{int(ocr_size)}", size=ocr_size)
+
+
+def write_kept(keep: KeepImages, source_id: str, payload: tuple[bytes, str]):
+    """Write a downloaded OCR-size image where ``ImageSource.kept_path`` looks (always ``.jpg``:
+    IIIF derivatives are JPEGs; the name says where, the decoder reads the real format)."""
+    data, _ = payload
+    return keep.write(source_id, (data, ".jpg"))
+
+
+def timed_read(engine: OcrEngine, image) -> tuple[list[MapWord], float]:
+    started = time.perf_counter()
+    words = engine.read(image)
+    return words, time.perf_counter() - started

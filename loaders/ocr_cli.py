@@ -1,0 +1,220 @@
+"""``mapclip ocr DB``: read the words printed on every map of a collection into ``map_words``.
+
+Resumable: a map read by the same OCR model (engine, weights, settings) is skipped, also when it
+had no text; a map that fails becomes a ``load_errors`` row of stage ``ocr`` and is tried again on
+the next run.  Images are fetched and decoded in worker threads while this thread reads.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import click
+
+from datasette_mapclip.cli import open_store
+from datasette_mapclip.model.images import DEFAULT_MAX_PIXELS
+from datasette_mapclip.runtime import limit_image_pixels
+
+from .fetch import SAFETY_MARGIN, RateLimited
+from .messages import shown
+from .ocr import DEFAULT_OCR_SIZE, DEFAULT_OVERLAP, DEFAULT_TILE, OcrSettings, OcrUnavailable, ReadError
+
+
+class KeepFailed(Exception):
+    """An image could not be written to the --keep-images folder: stop, with the reason."""
+
+
+@dataclass
+class OcrSummary:
+    read: int = 0
+    words: int = 0
+    no_text: int = 0
+    failed: int = 0
+    skipped: int = 0
+    from_kept: int = 0
+    kept: int = 0
+    seconds: float = 0.0
+    reading_seconds: float = 0.0
+
+    def line(self) -> str:
+        rate = self.read / self.seconds if self.seconds else 0.0
+        text = (f"read {self.read} maps in {self.seconds:.1f} s ({rate:.2f} maps/s): {self.words} words, "
+                f"{self.no_text} with no text, {self.failed} failed, {self.skipped} already read")
+        if self.from_kept or self.kept:
+            text += f"; {self.from_kept} read from kept images, {self.kept} newly kept"
+        return text
+
+
+def read_maps(words_store, engine, source, targets, ocr_model_id: int, summary: OcrSummary, *, workers: int = 2,
+              progress: bool = True, keep=None, kept_path_of=None):
+    """Read ``targets`` (``MapToRead``) in order: fetch and decode in ``workers`` threads (a small
+    window ahead), OCR here, then each map's words and mark in one transaction.  Failures are
+    recorded and the run goes on; ``RateLimited`` and ``KeyboardInterrupt`` stop it (what was
+    written stays written)."""
+    from tqdm import tqdm
+
+    from datasette_mapclip.store.words import ocr_error_key
+
+    from .ocr import write_kept
+
+    started = time.perf_counter()
+    window = collections.deque()
+    todo = iter(targets)
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ocr-fetch")
+
+    def submit():
+        target = next(todo, None)
+        if target is not None:
+            kept = kept_path_of(target.source_id) if kept_path_of else None
+            window.append((target, pool.submit(source.get, target, kept)))
+
+    try:
+        with tqdm(total=len(targets), unit="map", desc="reading words", disable=not progress,
+                  dynamic_ncols=True) as bar:
+            for _ in range(workers + 1):
+                submit()
+            while window:
+                target, future = window.popleft()
+                submit()
+                try:
+                    fetched = future.result()
+                    read_started = time.perf_counter()
+                    found = engine.read(fetched.image)
+                    reading = time.perf_counter() - read_started
+                except ReadError as error:
+                    words_store.record_failure(target, str(error))
+                    summary.failed += 1
+                except (RateLimited, KeyboardInterrupt):
+                    raise
+                except Exception as error:  # the engine failed on this image: a row, and the run goes on
+                    words_store.record_failure(target, f"OCR failed: {type(error).__name__}: {error}")
+                    summary.failed += 1
+                else:
+                    if fetched.keep and keep:
+                        try:
+                            write_kept(keep, target.source_id, fetched.keep)
+                        except OSError as error:
+                            raise KeepFailed(f"cannot write a kept image under {keep.root}: "
+                                             f"{error.strerror or error}") from None
+                        summary.kept += 1
+                    summary.from_kept += int(fetched.from_kept)
+                    size = fetched.image.size
+                    count = words_store.write_reading(target.id, ocr_model_id, found, size=size,
+                                                      seconds=round(reading, 3),
+                                                      error_key=ocr_error_key(target.source_id))
+                    summary.read += 1
+                    summary.words += count
+                    summary.no_text += int(count == 0)
+                    summary.reading_seconds += reading
+                bar.update(1)
+                bar.set_postfix(words=summary.words, failed=summary.failed, refresh=False)
+    finally:
+        for _, future in window:
+            future.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+        summary.seconds = time.perf_counter() - started
+    return summary
+
+
+@click.command("ocr")
+@click.argument("db_path", type=click.Path(dir_okay=False))
+@click.option("--ocr-size", type=click.IntRange(min=256), default=DEFAULT_OCR_SIZE, show_default=True,
+              help="Read IIIF images (loc.gov) as derivatives of this many px on the long side. Local files are "
+                   "read at full resolution, other URLs as served.")
+@click.option("--limit", type=click.IntRange(min=1), help="Read at most this many maps this run.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=30, show_default=True,
+              help="Seconds per HTTP request.")
+@click.option("--rate", type=click.FloatRange(min=0), default=200, show_default=True,
+              help="Image requests per minute, evenly spaced, less our "
+                   f"{SAFETY_MARGIN:.0%} margin (loc.gov allows 200). 0: unlimited.")
+@click.option("--keep-images", "keep_images", type=click.Path(file_okay=False),
+              help="Keep each downloaded OCR-size image in DIR/ocr-<size>/ (a 2,048 px JPEG is ~0.5-1 MB), so "
+                   "a rerun with other settings reads it from there. Images a load kept in the kept_images "
+                   "table are read instead of the network when they are at least this size.")
+@click.option("--tile", type=click.IntRange(min=128), default=DEFAULT_TILE, show_default=True,
+              help="Read images larger than this in tiles of at most TILE x TILE px.")
+@click.option("--overlap", type=click.IntRange(min=0), default=DEFAULT_OVERLAP, show_default=True,
+              help="Px neighbouring tiles share: a word up to this long cut by a tile edge is read whole "
+                   "in the next tile.")
+@click.option("--turned", is_flag=True,
+              help="Also read every tile turned 90 degrees and keep the best reading of each place "
+                   "(twice the time; see bench/results/ocr.md for what it adds).")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for the OCR models (default: all cores).")
+@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Threads fetching and decoding images ahead of the reader.")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True,
+              help="Refuse images with more pixels (decompression bombs, 30,000 px sheets).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def ocr(db_path, ocr_size, limit, timeout, rate, keep_images, tile, overlap, turned, threads, workers,
+        max_pixels, quiet):
+    """Read the words printed on each map of DB_PATH (OCR: RapidOCR's PP-OCRv4 models on ONNX
+    Runtime) into the map_words table, with their boxes, searchable through map_words_fts.
+
+    Rerunning skips maps already read with the same settings; other settings read them again and
+    replace their words.
+
+    Example: mapclip ocr maps.db --limit 100
+    """
+    from datasette_mapclip.store import StoreError, open_collection_readonly
+    from datasette_mapclip.store.words import WordStore
+
+    from .fetch import Fetcher, per_minute
+    from .ocr import ImageSource, OcrEngine, keep_ocr_images
+
+    try:
+        open_collection_readonly(db_path).close()  # never create a schema in a file that is not a collection
+    except StoreError as error:
+        raise click.ClickException(str(error))
+    try:
+        settings = OcrSettings(ocr_size=ocr_size, tile=tile, overlap=overlap, rotations=(0, 90) if turned else (0,),
+                               threads=threads or os.cpu_count())
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--overlap")
+    try:
+        engine = OcrEngine(settings)
+    except OcrUnavailable as error:
+        raise click.ClickException(str(error))
+    keep = None
+    if keep_images:
+        keep = keep_ocr_images(keep_images, ocr_size)
+        try:
+            keep.check_writable()
+        except OSError as error:
+            raise click.ClickException(f"cannot write to --keep-images {keep_images}: {error.strerror or error}")
+    limit_image_pixels(max_pixels)
+    store = open_store(db_path)
+    words = WordStore(store)
+    model = words.register_ocr_model(engine.provenance())
+    targets, done = words.maps_to_read(model.id, limit)
+    summary = OcrSummary(skipped=done)
+    click.echo(f"OCR {model.name}: {len(targets)} maps to read, {done} already read, database {db_path}", err=True)
+    load_id = store.start_load(f"ocr {db_path}", model.name)
+    fetcher = Fetcher(per_minute(rate), timeout=timeout)
+    source = ImageSource(fetcher, ocr_size=ocr_size, max_pixels=max_pixels, keep=keep)
+    status, exit_code, message = "finished", 0, None
+    try:
+        read_maps(words, engine, source, targets, model.id, summary, workers=workers, progress=not quiet,
+                  keep=keep, kept_path_of=store.kept_image_path)
+    except RateLimited as error:
+        status, exit_code, message = "stopped", 2, shown(str(error), None)
+    except KeepFailed as error:
+        status, exit_code, message = "stopped", 1, f"Error: {error}. Rerun the same command to continue."
+    except KeyboardInterrupt:
+        status, exit_code, message = "interrupted", 130, "interrupted: rerun the same command to continue"
+    except BaseException:
+        status = "failed"
+        raise
+    finally:
+        fetcher.close()
+        store.finish_load(load_id, status, summary.read, summary.skipped, summary.failed)
+        store.close()
+    click.echo(summary.line(), err=True)
+    if message:
+        click.echo(message, err=True)
+    if exit_code:
+        sys.exit(exit_code)

@@ -1,0 +1,308 @@
+"""Reading the words printed on maps (issue 22, "Read" and "Store"): the real RapidOCR models on
+sheets drawn here with known words, a real collection file loaded with the tiny model, `mapclip ocr`
+run as users run it.  No stand-in recogniser, no network (the loc.gov stand-in is local)."""
+
+from __future__ import annotations
+
+import shutil
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw, ImageFont
+
+from conftest import open_db
+
+pytest.importorskip("rapidocr_onnxruntime")
+
+FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf"
+SHEET = (960, 640)
+# --tile 512 --overlap 192 on a 960 x 640 sheet: columns [0, 449], [256, 705], [511, 960],
+# rows [0, 417], [223, 640] (loaders.ocr.tile_starts)
+TILES = ["--tile", "512", "--overlap", "192"]
+
+
+def font(size: int):
+    try:
+        return ImageFont.truetype(FONT, size)
+    except OSError:
+        return ImageFont.load_default(size=size)
+
+
+def paper(size) -> Image.Image:
+    image = Image.new("RGB", size, (236, 228, 205))
+    draw = ImageDraw.Draw(image)
+    for x in range(0, size[0], 160):  # a graticule and a river: lines are not words
+        draw.line([(x, 0), (x, size[1])], fill=(160, 160, 180), width=1)
+    draw.line([(0, size[1] - 40), (size[0] // 2, size[1] - 90), (size[0], size[1] - 60)], fill=(60, 90, 170), width=3)
+    return image
+
+
+def put(image: Image.Image, text: str, xy, angle: int = 0, size: int = 30) -> tuple[float, float, float, float]:
+    """Draw ``text`` with its top left at ``xy``, turned ``angle`` degrees counter-clockwise;
+    returns its ink box normalised to the sheet (x, y, w, h)."""
+    face = font(size)
+    left, top, right, bottom = face.getbbox(text)
+    ink = Image.new("RGBA", (right - left + 4, bottom - top + 4), (0, 0, 0, 0))
+    ImageDraw.Draw(ink).text((2 - left, 2 - top), text, font=face, fill=(25, 25, 25, 255))
+    ink = ink.rotate(angle, expand=True)
+    image.paste(ink, xy, ink)
+    width, height = image.size
+    return xy[0] / width, xy[1] / height, ink.width / width, ink.height / height
+
+
+def huge_png(path: Path, width: int = 30_000, height: int = 30_000):
+    """A valid 1-bit PNG of width x height (900 Mpx), written without holding it in memory."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    compressor, row = zlib.compressobj(9), b"\x00" * (1 + (width + 7) // 8)
+    body = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+                     + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+
+
+@pytest.fixture(scope="module")
+def sheets(tmp_path_factory):
+    """A folder: a sheet of words (with where each was drawn), a sheet with no text, and two
+    maps whose files will be replaced after loading (damaged, 30,000 px)."""
+    folder = tmp_path_factory.mktemp("ocr") / "maps"
+    folder.mkdir()
+    sheet = paper(SHEET)
+    truth = {
+        "Hagerstown": put(sheet, "Hagerstown", (40, 60)),
+        # vertical, read bottom to top; cut by the second row's top edge (y=223), whole in the first row
+        "Annapolis": put(sheet, "Annapolis", (870, 190), angle=90),
+        # straddles the column edges at x=449 and x=511: whole only in the middle column
+        "Cumberland": put(sheet, "Cumberland", (372, 470)),
+    }
+    sheet.save(folder / "words.png")
+    paper((480, 360)).save(folder / "blank.png")
+    for name in ("damaged", "huge"):
+        paper((320, 240)).save(folder / f"{name}.png")
+    return folder, truth
+
+
+@pytest.fixture(scope="module")
+def collection(sheets, model_args):
+    """The folder loaded with the tiny model; then the two maps' files are damaged and enlarged,
+    and `mapclip ocr` runs once (the run the tests look at)."""
+    from click.testing import CliRunner
+
+    from datasette_mapclip.cli import cli
+
+    folder, truth = sheets
+    db_path = folder.parent / "maps.db"
+    result = CliRunner().invoke(cli, ["load", "folder", str(db_path), str(folder), *model_args])
+    assert result.exit_code == 0, result.output
+    good = (folder / "blank.png").read_bytes()
+    (folder / "damaged.png").write_bytes(good[: len(good) // 3])  # a truncated PNG
+    huge_png(folder / "huge.png")
+    result = CliRunner().invoke(cli, ["ocr", str(db_path), *TILES, "--quiet"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return db_path, truth, result.output
+
+
+def map_id(conn, name: str) -> int:
+    return conn.execute("SELECT id FROM maps WHERE source_id = ?", (name,)).fetchone()[0]
+
+
+def words_of(conn, name: str) -> list[dict]:
+    from datasette_mapclip.store import read_map_words
+
+    return read_map_words(conn, map_id(conn, name))
+
+
+def overlapping(words: list[dict], box) -> list[dict]:
+    x, y, w, h = box
+    return [word for word in words if word["x"] < x + w and x < word["x"] + word["w"]
+            and word["y"] < y + h and y < word["y"] + word["h"]]
+
+
+def copy_db(db_path: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "copy.db"
+    shutil.copy(db_path, target)
+    return target
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+def test_words_land_in_map_words_where_they_were_drawn(collection):
+    db_path, truth, output = collection
+    conn = open_db(db_path)
+    words = words_of(conn, "words.png")
+    texts = [word["text"] for word in words]
+    for name in ("Hagerstown", "Annapolis"):
+        assert texts.count(name) == 1, texts
+        word = next(w for w in words if w["text"] == name)
+        x, y, w, h = truth[name]
+        # the box is normalised to the sheet and lies on the ink (within 2 % of the sheet)
+        for got, drawn in ((word["x"], x), (word["y"], y), (word["w"], w), (word["h"], h)):
+            assert abs(got - drawn) < 0.02, (name, word, truth[name])
+        assert word["confidence"] > 0.8
+    angles = {word["text"]: word["angle"] for word in words}
+    assert abs(angles["Hagerstown"]) < 5
+    assert abs(angles["Annapolis"] - 90) < 5  # read bottom to top, as drawn
+    provenance = conn.execute("SELECT engine, engine_version, weights, settings FROM ocr_models").fetchall()
+    assert len(provenance) == 1 and provenance[0][0] == "rapidocr-onnxruntime"
+    assert "ch_PP-OCRv4_rec_infer.onnx" in provenance[0][2] and '"tile": 512' in provenance[0][3]
+    assert "read 2 maps" in output and "2 failed" in output
+
+
+def test_a_word_cut_by_tile_edges_is_read_once(collection):
+    db_path, truth, _ = collection
+    words = words_of(open_db(db_path), "words.png")
+    for name in ("Cumberland", "Annapolis"):
+        found = overlapping(words, truth[name])
+        assert [word["text"] for word in found] == [name], words
+
+
+def test_tiles_stay_under_the_cap_and_overlap():
+    from loaders.ocr import tile_starts, tiles_of
+
+    for length in (100, 512, 513, 960, 2048, 3000, 30_000):
+        spans = tile_starts(length, 512, 192)
+        assert spans[0][0] == 0 and spans[-1][0] + spans[-1][1] == length
+        assert all(size <= 512 for _, size in spans)
+        assert all(a + size - b >= 192 for (a, size), (b, _) in zip(spans, spans[1:]))
+    assert len(tiles_of(960, 640, 512, 192)) == 6
+
+
+def test_a_map_with_no_text_is_marked_read(collection):
+    db_path, _, _ = collection
+    conn = open_db(db_path)
+    blank = map_id(conn, "blank.png")
+    mark = conn.execute("SELECT word_count, width, height FROM map_words_read WHERE map_id = ?", (blank,)).fetchone()
+    assert tuple(mark) == (0, 480, 360)
+    assert conn.execute("SELECT count(*) FROM map_words WHERE map_id = ?", (blank,)).fetchone()[0] == 0
+
+
+def test_damaged_and_oversized_images_are_load_errors_and_the_rest_is_read(collection):
+    db_path, _, _ = collection
+    conn = open_db(db_path)
+    errors = {row[0]: (row[1], row[2]) for row in conn.execute(
+        "SELECT source_id, stage, reason FROM load_errors WHERE stage = 'ocr'")}
+    assert set(errors) == {"damaged.png [ocr]", "huge.png [ocr]"}
+    assert "decode" in errors["damaged.png [ocr]"][1]
+    assert "too many pixels" in errors["huge.png [ocr]"][1]
+    read = {row[0] for row in conn.execute(
+        "SELECT maps.source_id FROM map_words_read JOIN maps ON maps.id = map_words_read.map_id")}
+    assert read == {"words.png", "blank.png"}
+
+
+def test_a_rerun_reads_nothing_already_read(collection, tmp_path, monkeypatch, invoke):
+    from loaders.ocr import OcrEngine
+
+    db_path = copy_db(collection[0], tmp_path)
+    before = open_db(db_path).execute("SELECT count(*), max(id) FROM map_words").fetchone()
+    calls = []
+    real_read = OcrEngine.read
+    monkeypatch.setattr(OcrEngine, "read", lambda self, image: calls.append(image.size) or real_read(self, image))
+    out = invoke(["ocr", db_path, *TILES, "--quiet"])
+    assert "2 maps to read, 2 already read" in out.output  # the two failures are tried again
+    assert calls == []  # neither decodes, and nothing read before is read again
+    conn = open_db(db_path)
+    assert tuple(conn.execute("SELECT count(*), max(id) FROM map_words").fetchone()) == tuple(before)
+    assert conn.execute("SELECT attempts FROM load_errors WHERE source_id = 'huge.png [ocr]'").fetchone()[0] == 2
+    # other reading settings are another OCR model: the maps are read again, their words replaced
+    out = invoke(["ocr", db_path, "--quiet"])
+    assert "4 maps to read, 0 already read" in out.output
+    assert len(calls) == 2
+    texts = [w["text"] for w in words_of(conn, "words.png")]
+    assert sorted(texts) == ["Annapolis", "Cumberland", "Hagerstown"]
+    assert conn.execute("SELECT count(DISTINCT ocr_model) FROM map_words_read").fetchone()[0] == 1
+
+
+# -- storing -----------------------------------------------------------------------------------
+
+def test_words_and_mark_are_written_in_one_transaction(collection, tmp_path):
+    from datasette_mapclip.store import MapStore, MapWord, WordStore
+
+    db_path = copy_db(collection[0], tmp_path)
+    store = MapStore(db_path)
+    words = WordStore(store)
+    target = map_id(store.conn, "words.png")
+    before = store.conn.execute("SELECT id, text FROM map_words WHERE map_id = ? ORDER BY id", (target,)).fetchall()
+    mark = store.conn.execute("SELECT * FROM map_words_read WHERE map_id = ?", (target,)).fetchone()
+    model = store.conn.execute("SELECT ocr_model FROM map_words_read WHERE map_id = ?", (target,)).fetchone()[0]
+    # a failure after the words are inserted: the mark's insert fails
+    store.conn.execute("CREATE TRIGGER fail_mark BEFORE INSERT ON map_words_read "
+                       "BEGIN SELECT RAISE(ABORT, 'injected failure'); END")
+    new = [MapWord("Frederick", 0.9, 0.1, 0.1, 0.2, 0.05), MapWord("Emmitsburg", 0.9, 0.4, 0.4, 0.2, 0.05)]
+    with pytest.raises(Exception, match="injected failure"):
+        words.write_reading(target, model, new)
+    after = store.conn.execute("SELECT id, text FROM map_words WHERE map_id = ? ORDER BY id", (target,)).fetchall()
+    assert [tuple(r) for r in after] == [tuple(r) for r in before]  # the old reading, whole
+    assert tuple(store.conn.execute("SELECT * FROM map_words_read WHERE map_id = ?", (target,)).fetchone()) == tuple(mark)
+    assert store.conn.execute("SELECT count(*) FROM map_words WHERE text IN ('Frederick', 'Emmitsburg')").fetchone()[0] == 0
+    store.conn.execute("DROP TRIGGER fail_mark")
+    assert words.write_reading(target, model, new) == 2
+    assert [w["text"] for w in words_of(store.conn, "words.png")] == ["Frederick", "Emmitsburg"]
+    store.close()
+
+
+def test_full_text_search_folds_case_and_accents_and_takes_any_user_text(collection, tmp_path):
+    from datasette_mapclip.store import MapStore, MapWord, WordStore, read_maps_matching_words, words_fts_query
+
+    db_path = copy_db(collection[0], tmp_path)
+    store = MapStore(db_path)
+    conn = store.conn
+    sheet, blank = map_id(conn, "words.png"), map_id(conn, "blank.png")
+    # words read by OCR, found whatever the case or accents of the query
+    for query in ("hagerstown", "HAGERSTOWN", "Hágerstówn", "annapolis hagerstown"):
+        assert [m["map_id"] for m in read_maps_matching_words(conn, query)] == [sheet], query
+    assert read_maps_matching_words(conn, "hagerstown frederick") == []  # every term must be on the map
+    # accents stored (a reading of a French map) found without them
+    model = conn.execute("SELECT id FROM ocr_models").fetchone()[0]
+    WordStore(store).write_reading(blank, model, [MapWord("Québec", 0.9, 0.1, 0.1, 0.2, 0.1),
+                                                  MapWord("SmithIsland", 0.9, 0.5, 0.5, 0.3, 0.1)])
+    found = read_maps_matching_words(conn, "QUEBEC")
+    assert found == [{"map_id": blank, "words": ["Québec"]}]
+    # a space OCR dropped inside a two-word name
+    assert [m["map_id"] for m in read_maps_matching_words(conn, "Smith Island")] == [blank]
+    # user text is never FTS5 syntax
+    for query in ['"', 'NEAR(', "AND", "OR OR", "*", "text:Québec", "') OR 1=1 --", "^Q", "-", "a\x00b", "((",
+                  "Hagerstown\"", "NOT hagerstown", "", "   ", "🗺️", "x" * 5000]:
+        read_maps_matching_words(conn, query)
+        fts = words_fts_query(query)
+        if fts:
+            conn.execute("SELECT count(*) FROM map_words_fts WHERE map_words_fts MATCH ?", (fts,)).fetchone()
+    assert [m["map_id"] for m in read_maps_matching_words(conn, 'hagerstown"')] == [sheet]
+    store.close()
+
+
+# -- the command -------------------------------------------------------------------------------
+
+def test_clear_messages_for_a_missing_file_a_plain_database_and_no_ocr_engine(tmp_path, collection, invoke,
+                                                                              monkeypatch):
+    import sqlite3
+
+    out = invoke(["ocr", tmp_path / "nothing.db"], expect=1)
+    assert "no database at" in out.output and "Traceback" not in out.output
+    plain = tmp_path / "plain.db"
+    sqlite3.connect(plain).execute("create table notes (id integer primary key)").connection.commit()
+    out = invoke(["ocr", plain], expect=1)
+    assert "is not a mapclip collection" in out.output
+    assert "map_words" not in {r[0] for r in sqlite3.connect(plain).execute("select name from sqlite_master")}
+    monkeypatch.setitem(__import__("sys").modules, "rapidocr_onnxruntime", None)  # not installed
+    out = invoke(["ocr", collection[0]], expect=1)
+    assert "pip install rapidocr-onnxruntime" in out.output and "Traceback" not in out.output
+
+
+def test_iiif_maps_are_read_at_the_ocr_size_and_kept_images_reused(loc_server, tmp_path, invoke, model_args):
+    server = loc_server(items=2, per_page=4)
+    db_path, keep = tmp_path / "loc.db", tmp_path / "kept"
+    invoke(["load", "loc", db_path, f"{server.url}/collections/test-maps/", "--rate", "0", *model_args])
+    before = len(server.requests)
+    out = invoke(["ocr", db_path, "--ocr-size", "1024", "--rate", "0", "--keep-images", keep, "--quiet"])
+    asked = [path for path in server.requests[before:] if path.startswith("/iiif/")]
+    assert len(asked) == 2 and all(path.endswith("/full/!1024,1024/0/default.jpg") for path in asked), asked
+    assert "read 2 maps" in out.output and "0 read from kept images, 2 newly kept" in out.output
+    assert len(list((keep / "ocr-1024").rglob("*.jpg"))) == 2
+    # other settings read the maps again, from the kept files
+    before = len(server.requests)
+    out = invoke(["ocr", db_path, "--ocr-size", "1024", "--overlap", "64", "--rate", "0", "--keep-images", keep,
+                  "--quiet"])
+    assert "read 2 maps" in out.output and "2 read from kept images" in out.output
+    assert [p for p in server.requests[before:] if p.startswith("/iiif/")] == []
