@@ -17,7 +17,7 @@ DATASETTE_TESTS := tests/test_plugin.py tests/test_permissions.py tests/test_nev
   tests/test_hostile_input.py tests/test_bounded_work.py tests/test_query_terms.py tests/test_map_page.py \
   tests/test_index_updates.py tests/test_startup.py tests/test_page.py tests/test_about.py \
   tests/test_browser.py tests/test_browser_map.py tests/test_provenance.py tests/test_connections.py \
-  tests/test_uploads.py tests/test_web_reliability.py
+  tests/test_uploads.py tests/test_web_reliability.py tests/test_words_search.py tests/test_docs.py
 
 .PHONY: install install-datasette-1.0 test-datasette-1.0 chromium demo test bench bench-loader bench-search bench-search-curve bench-soak check-datasette-suite clean
 

@@ -161,6 +161,7 @@ def publish_copy(db_path, output):
 @click.option("--year-max", type=str, help="Only maps up to this year.")
 @click.option("--place", help="Only maps whose place contains this text.")
 @click.option("--filter", "filter_text", help="Only maps whose catalogue record matches this full-text query.")
+@click.option("--words", help="Only maps that print these words (read by `mapclip ocr`).")
 @click.option("-k", "k", type=str, help="Results per page (default 20, at most 200).")
 @click.option("--page", type=str, help="Page of results (default 1).")
 @click.option("--model", "model_name", help="Model name as in the models table (default: the default model).")
@@ -168,7 +169,7 @@ def publish_copy(db_path, output):
 @click.option("--csv", "as_csv", is_flag=True, help="Print the results as CSV.")
 @click.option("--sql", "show_sql", is_flag=True, help="Also print the SQL that reproduces the search.")
 def search(db_path, query, image, like, weight, terms, term_weights, more, fewer, year_min, year_max, place,
-           filter_text, k, page, model_name, as_json, as_csv, show_sql):
+           filter_text, words, k, page, model_name, as_json, as_csv, show_sql):
     """Search a collection file, with no server: the same search as the plugin's page and search.json.
 
     \b
@@ -184,7 +185,8 @@ def search(db_path, query, image, like, weight, terms, term_weights, more, fewer
 
     params = {"like": like, "weight": weight, "term": list(terms) or None, "term_weight": list(term_weights) or None,
               "more": ",".join(more) or None, "fewer": ",".join(fewer) or None, "year_min": year_min,
-              "year_max": year_max, "place": place, "filter": filter_text, "k": k, "page": page, "model": model_name}
+              "year_max": year_max, "place": place, "filter": filter_text, "words": words, "k": k, "page": page,
+              "model": model_name}
     try:
         # one search: sqlite-vec answers at once; building the in-memory index would take longer
         with Collection(db_path, settings={"index": "off"}) as collection:

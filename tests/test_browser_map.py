@@ -146,3 +146,32 @@ def test_terms_feedback_export_and_a_map_page_from_the_search_page(loc_site, bro
     page.wait_for_url(f"**/-/mapclip/map/maps/{refined[0]}")
     page.wait_for_selector("#mapclip-zoom[data-state=open]", timeout=20_000)
     page.close()
+
+
+def test_the_words_read_on_a_map_are_outlined_and_a_matched_word_is_zoomed_to(loc_site, browser):  # noqa: F811
+    from datasette_mapclip.store.words import MapWord, WordStore
+
+    url, _, db_path = loc_site
+    store = MapStore(db_path)
+    map_id = store.conn.execute("SELECT min(id) FROM maps").fetchone()[0]
+    words = WordStore(store)
+    model = words.register_ocr_model({"engine": "browser-test", "engine_version": "1"})
+    hostile = '<img src=x onerror="window.__hacked=1">'
+    words.write_reading(map_id, model.id, [MapWord("Cape Fear", 0.9, 0.6, 0.7, 0.1, 0.03),
+                                           MapWord(hostile, 0.8, 0.1, 0.1, 0.2, 0.05)])
+    wanted = store.conn.execute("SELECT id FROM map_words WHERE map_id = ? AND text = 'Cape Fear'",
+                                (map_id,)).fetchone()[0]
+    store.close()
+    page = browser.new_page(viewport={"width": 900, "height": 900})
+    page.goto(f"{url}/-/mapclip/map/maps/{map_id}?word={wanted}")
+    page.wait_for_selector("#mapclip-zoom[data-state=open]", timeout=20_000)
+    page.wait_for_selector("#mapclip-words[data-outlined='2']", timeout=10_000)
+    assert page.locator(".mapclip-word-box").count() == 2
+    match = page.locator(".mapclip-word-box.mapclip-word-match")
+    assert match.count() == 1 and match.get_attribute("title") == "Cape Fear"
+    assert page.evaluate("window.mapclipViewer.viewport.getZoom(true)") > 2  # zoomed in on the word
+    center = page.evaluate("(() => { const c = window.mapclipViewer.viewport.getCenter(true); return [c.x, c.y]; })()")
+    assert 0.55 < center[0] < 0.75, center
+    assert page.locator(".mapclip-word-list li", has_text="Cape Fear").get_attribute("class") == "mapclip-word-match"
+    assert page.evaluate("window.__hacked") is None  # the hostile word is text everywhere
+    page.close()

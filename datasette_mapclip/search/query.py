@@ -151,6 +151,7 @@ class SearchParams:
     year_max: int | None = None
     place: str | None = None
     filter: str | None = None
+    words: str | None = None  # words printed on the map, as OCR read them (store/words.py)
     model: str | None = None
     terms: tuple[QueryTerm, ...] = ()
     more: tuple[int, ...] = ()
@@ -193,10 +194,11 @@ class SearchParams:
             year_max=_int(args, "year_max", -9999, 9999),
             place=(args.get("place") or "").strip() or None,
             filter=(args.get("filter") or "").strip() or None,
+            words=(args.get("words") or "").strip() or None,
             model=(args.get("model") or "").strip() or None,
         )
         for name, limit in (("q", MAX_QUERY_CHARS), ("filter", MAX_FILTER_CHARS), ("place", MAX_FILTER_CHARS),
-                            ("model", MAX_FILTER_CHARS)):
+                            ("words", MAX_FILTER_CHARS), ("model", MAX_FILTER_CHARS)):
             if len(getattr(params, name) or "") > limit:
                 raise BadSearch(f"{name} is too long: {len(getattr(params, name))} characters, limit {limit}")
         if params.year_min is not None and params.year_max is not None and params.year_min > params.year_max:
@@ -229,7 +231,7 @@ class SearchParams:
 
     @property
     def has_filters(self) -> bool:
-        return any(v not in (None, "") for v in (self.year_min, self.year_max, self.place, self.filter))
+        return any(v not in (None, "") for v in (self.year_min, self.year_max, self.place, self.filter, self.words))
 
     def weights(self) -> tuple[float, float]:
         """(text weight, image weight): the seed's (1+s)/4 and (1-s)/4; renormalised later."""

@@ -261,6 +261,28 @@ async def _filter_sql(collection: SearchCollection, sql: str, sql_params: dict):
         raise BadSearch(f"the filter could not run: {error}") from None
 
 
+def words_were_read(conn) -> bool:
+    return search_sql.words_were_read(conn)
+
+
+async def _attach_matched_words(collection: SearchCollection, text: str, results: list[dict],
+                                per_map: int = 8) -> None:
+    """Each result's words that match the ``words`` filter (as read on the map), at most ``per_map``."""
+    sql_params: dict = {}
+    sql = search_sql.matched_words_sql(text, [r["id"] for r in results], sql_params)
+    found: dict[int, list[str]] = {}
+    first: dict[int, int] = {}
+    for row in await _filter_sql(collection, sql, sql_params):
+        texts = found.setdefault(row[0], [])
+        first.setdefault(row[0], row[2])
+        if len(texts) < per_map and row[1] not in texts:
+            texts.append(row[1])
+    for result in results:
+        result["words"] = found.get(result["id"], [])
+        if result["id"] in first and result.get("map_url"):  # the map's page, zoomed to the word
+            result["map_url"] = f"{result['map_url']}?word={first[result['id']]}"
+
+
 async def _nearest_with_sqlite_vec(collection: SearchCollection, plan: search_sql.SearchPlan, query: np.ndarray) -> list[dict]:
     try:
         rows = await collection.db.execute(plan.run_sql, {**plan.run_params, "query_vector": vectors.encode(query)},
@@ -280,6 +302,9 @@ async def run_search(collection: SearchCollection, params: SearchParams) -> dict
     text_indexes = await collection.db.execute_fn(store.text_indexes) if params.has_filters else frozenset()
     if params.filter and "maps_fts" not in text_indexes:
         raise BadSearch("this collection has no full-text index (maps_fts), so filter cannot be used")
+    if params.words and not await collection.db.execute_fn(search_sql.words_were_read):
+        raise BadSearch("no words have been read from this collection's maps yet, so words cannot be used "
+                        "(the publisher can read them with: mapclip ocr)")
     place_index = "maps_place" in text_indexes
     plan = search_sql.plan(params, model, place_index=place_index)
     index = await asyncio.to_thread(collection.index)  # it may read SQLite: never on the event loop
@@ -296,6 +321,8 @@ async def run_search(collection: SearchCollection, params: SearchParams) -> dict
         searched_with = "sqlite-vec"
     more = len(rows) > params.k and params.k * (params.page + 1) <= VEC0_MAX_K
     results = [shape_result(row, collection.links) for row in rows[:params.k]]
+    if params.words and results:
+        await _attach_matched_words(collection, params.words, results)
     answer = {
         "database": collection.name,
         "model": model.name,
@@ -409,6 +436,8 @@ async def map_details(collection: SearchCollection, map_id: int, neighbours: int
         near = []
     shown = {key: record[key] for key in ("id", "title", "date", "year", "place", "notes", "format", "item_id",
                                          "sheet", "source", "width", "height")}
+    words = [{key: word[key] for key in ("id", "text", "confidence", "x", "y", "w", "h", "angle")}
+             for word in await collection.db.execute_fn(lambda conn: store.read_map_words(conn, map_id))]
     return {
         "database": collection.name,
         "model": collection.model.name,
@@ -419,6 +448,8 @@ async def map_details(collection: SearchCollection, map_id: int, neighbours: int
                 "record_url": links.record(map_id), "map_url": links.map(map_id)},
         # IIIF Image API: the viewer reads the service's info.json and asks for tiles of the full scan
         "deep_zoom": deep_zoom,
+        # the words OCR read on it, boxes normalised to the image (x, y, w, h from the top left)
+        "words": words,
         "sheets": sheets,
         "neighbours": near,
         "cite": citations.citations(record, repository_name=settings_of(collection.config).citation_repository),

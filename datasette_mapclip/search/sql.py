@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 
 from ..store import RESULT_COLUMNS
+from ..store.words import has_words, joined_term, words_query_terms
 from . import query_vector
+from .errors import BadSearch
 from .query import VEC0_MAX_K, SearchParams
 
 
@@ -49,7 +51,48 @@ def filter_conditions(params: SearchParams, sql_params: dict, *, fts_per_row: bo
         conditions.append("EXISTS (SELECT 1 FROM maps_fts WHERE maps_fts MATCH :filter AND rowid = maps.id)"
                           if fts_per_row else "id IN (SELECT rowid FROM maps_fts WHERE maps_fts MATCH :filter)")
         sql_params["filter"] = fts_query(params.filter)
+    if params.words:
+        conditions.append(words_condition(params.words, sql_params))
     return conditions
+
+
+# A map whose words (map_words, read by OCR) match one FTS5 term somewhere on it.
+_WORD_ON_MAP = ("id IN (SELECT map_id FROM map_words WHERE id IN "
+                "(SELECT rowid FROM map_words_fts WHERE map_words_fts MATCH :{name}))")
+
+
+def words_condition(text: str, sql_params: dict) -> str:
+    """Maps that print every word of ``text`` (each anywhere on the map; case and accents folded),
+    or all of them run together as one word (OCR often drops the space in "Cape Fear")."""
+    terms = words_query_terms(text)
+    if not terms:
+        raise BadSearch("words: give a word printed on the maps to look for (letters or digits)")
+    parts = []
+    for n, term in enumerate(terms, 1):
+        sql_params[f"words_{n}"] = term
+        parts.append(_WORD_ON_MAP.format(name=f"words_{n}"))
+    condition = " AND ".join(parts)
+    joined = joined_term(text)
+    if joined:
+        sql_params["words_joined"] = joined
+        condition = f"(({condition}) OR {_WORD_ON_MAP.format(name='words_joined')})"
+    return condition
+
+
+def words_were_read(conn) -> bool:
+    """Whether OCR has read any map of this file (a ``words`` filter has something to find)."""
+    return has_words(conn) and conn.execute("SELECT 1 FROM map_words_read LIMIT 1").fetchone() is not None
+
+
+def matched_words_sql(text: str, map_ids: list[int], sql_params: dict) -> str:
+    """The words read on these maps that match any word of ``text``: what a result shows."""
+    terms = words_query_terms(text)
+    joined = joined_term(text)
+    sql_params["words_any"] = " OR ".join([*terms, *([joined] if joined else [])])
+    sql_params["words_maps"] = "[" + ",".join(str(int(i)) for i in map_ids) + "]"
+    return ("SELECT map_id, text, id FROM map_words WHERE map_id IN (SELECT value FROM json_each(:words_maps)) "
+            "AND id IN (SELECT rowid FROM map_words_fts WHERE map_words_fts MATCH :words_any) "
+            "ORDER BY map_id, confidence DESC")
 
 
 def uses_place_index(place: str) -> bool:

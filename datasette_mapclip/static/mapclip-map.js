@@ -77,7 +77,10 @@ document.addEventListener("DOMContentLoaded", function () {
       maxZoomPixelRatio: 2,
       crossOriginPolicy: false
     });
-    viewer.addHandler("open", function () { element.dataset.state = "open"; });
+    viewer.addHandler("open", function () {
+      element.dataset.state = "open";
+      outlineWords(viewer);
+    });
     viewer.addHandler("open-failed", function () {
       failed("The image service did not answer: see the full image link below.");
     });
@@ -87,3 +90,27 @@ document.addEventListener("DOMContentLoaded", function () {
     failed("The image service did not answer: see the full image link below.");
   });
 });
+
+// The words OCR read, outlined over the map (boxes normalised to the image); ?word=ID zooms to one.
+function outlineWords(viewer) {
+  var list = document.getElementById("mapclip-words");
+  var item = viewer.world.getItemAt(0);
+  if (!list || !item) return;
+  var words;
+  try { words = JSON.parse(list.dataset.words || "[]"); } catch (error) { return; }
+  var size = item.getContentSize();
+  var aspect = size.x ? size.y / size.x : 1;
+  var wanted = Number(new URLSearchParams(window.location.search).get("word"));
+  words.forEach(function (word) {
+    var box = document.createElement("div");
+    box.className = "mapclip-word-box" + (word.id === wanted ? " mapclip-word-match" : "");
+    box.title = String(word.text);  // text, never markup
+    var rect = new OpenSeadragon.Rect(word.x, word.y * aspect, word.w, word.h * aspect);
+    viewer.addOverlay({element: box, location: rect});
+    if (word.id === wanted) {
+      viewer.viewport.fitBounds(new OpenSeadragon.Rect(rect.x - rect.width, rect.y - 4 * rect.height,
+                                                       rect.width * 3, rect.height * 9), true);
+    }
+  });
+  list.dataset.outlined = String(words.length);
+}

@@ -10,6 +10,7 @@ from datasette.utils.asgi import Response
 from ..search import citations, service
 from ..search.errors import BadSearch, NotFound, SearchError
 from ..search.query import SearchParams, first_value
+from ..store.ids import map_id_or_none
 from . import vendor
 from .state import collections_of
 from .urls import MapclipUrls, attachment
@@ -56,6 +57,7 @@ async def map_page(request, datasette):
         if viewer else None,
         "viewer_images": datasette.urls.static_plugins("datasette-mapclip", vendor.OPENSEADRAGON_IMAGES),
         "search_url": MapclipUrls(datasette).page(),
+        "highlight": map_id_or_none(request.args.get("word") or ""),  # a search's matched word
         "like_url": MapclipUrls(datasette).page(SearchParams(like=details["map"]["id"]).query_string(),
                                                 details["database"]),
     }, request=request)

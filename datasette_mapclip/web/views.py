@@ -215,6 +215,8 @@ async def mapclip_page(request, datasette):
             "database": database,
             "databases": await collections_of(datasette).visible_names(request.actor),
             "models": menu_models(collection, params),
+            "has_words": bool(params.words) or (collection is not None and status != 503
+                                                and await collection.db.execute_fn(service.words_were_read)),
             "model_name": (data or {}).get("model") or (collection.model.name if collection else None),
             "like_row": like_row,
             "upload_preview": state_for(datasette).upload_previews.data_url(params.vector),

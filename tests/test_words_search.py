@@ -1,0 +1,123 @@
+"""Searching by the words printed on the maps (``words``, read by OCR into map_words): a filter
+inside the vector search on both search paths, case and accents folded, each result showing the
+words it matched; user text is data (no FTS5 syntax error, escaped on the page)."""
+
+from __future__ import annotations
+
+import html
+import re
+import shutil
+import unicodedata
+
+import pytest
+
+from conftest import load_collection, make_datasette
+from datasette_mapclip.search.local import Collection
+from datasette_mapclip.store import MapStore
+from datasette_mapclip.store.words import MapWord, WordStore
+
+HOSTILE = '<script>alert("w")</script>'
+PRINTED = {  # map id -> texts read on it
+    2: ["Cape Fear", "Wilmington"],
+    3: ["CAPE FEAR RIVER", "Smithville"],
+    5: ["CapeFear"],  # OCR dropped the space
+    7: ["Cape Hatteras", "Fear Creek"],  # both words, apart
+    8: ["Cape Cod"],
+    9: ["Côte-d'Or", HOSTILE],
+}
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory, model_args):
+    db_path, folder = load_collection(tmp_path_factory, model_args, 12)
+    copy = tmp_path_factory.mktemp("words") / "maps.db"
+    shutil.copy(db_path, copy)
+    store = MapStore(copy)
+    words = WordStore(store)
+    model = words.register_ocr_model({"engine": "test-ocr", "engine_version": "1", "weights": {}, "settings": {}})
+    for map_id in range(1, 13):  # every map read; most print nothing
+        words.write_reading(map_id, model.id, [MapWord(text, 0.9, 0.1, 0.1, 0.2, 0.05) for text in PRINTED.get(map_id, [])])
+    store.close()
+    return copy, db_path
+
+
+@pytest.fixture(scope="module", params=["index", "sqlite-vec"])
+def ds(collection, request):
+    config = {"plugins": {"datasette-mapclip": {"index": "off" if request.param == "sqlite-vec" else "auto"}}}
+    return make_datasette([str(collection[0])], metadata=config)
+
+
+@pytest.mark.parametrize("words,expected", [
+    ("Cape Fear", {2, 3, 5, 7}),  # every word anywhere on the map, or run together
+    ("cape FEAR", {2, 3, 5, 7}),
+    ("capefear", {5}),
+    ("Wilmington", {2}),
+    ("cote", {9}),  # accents folded
+    ("Cape", {2, 3, 7, 8}),
+    ("Nowhere", set()),
+])
+async def test_words_filter_the_search_on_both_paths(ds, words, expected):
+    data = (await ds.client.get("/-/mapclip/search.json", params={"q": "survey", "words": words, "k": 12})).json()
+    assert {r["id"] for r in data["results"]} == expected, data
+    for result in data["results"]:
+        shown = folded(" ".join(result["words"]))
+        assert result["words"] and all(folded(w) in shown or folded(w) in shown.replace(" ", "")
+                                       for w in words.split()), result
+
+
+def folded(text: str) -> str:
+    return "".join(c for c in unicodedata.normalize("NFD", text.casefold()) if not unicodedata.combining(c))
+
+
+async def test_words_results_keep_the_vector_order(ds):
+    plain = (await ds.client.get("/-/mapclip/search.json", params={"q": "survey", "k": 12})).json()["results"]
+    filtered = (await ds.client.get("/-/mapclip/search.json", params={"q": "survey", "k": 12, "words": "cape"})).json()
+    assert [r["id"] for r in filtered["results"]] == [r["id"] for r in plain if r["id"] in {2, 3, 7, 8}]
+
+
+@pytest.mark.parametrize("words", ['NEAR("a" b)', "*", '" OR 1=1 --', "col:cape", "AND", "cape* fear^"])
+async def test_user_text_is_never_fts_syntax(ds, words):
+    response = await ds.client.get("/-/mapclip/search.json", params={"q": "survey", "words": words})
+    assert response.status_code in (200, 400), response.text
+    if response.status_code == 400:
+        assert "words" in response.json()["error"]
+
+
+async def test_the_page_shows_the_matched_words_escaped(ds):
+    page = (await ds.client.get("/-/mapclip", params={"q": "survey", "words": "script alert", "k": 12})).text
+    assert HOSTILE not in page
+    card = page.split('data-id="9"', 1)[1].split("</li>", 1)[0]
+    assert "Printed on the map:" in card and "<mark>&lt;script&gt;alert(" in card
+    assert html.unescape(re.search(r"<mark>(.*?)</mark>", card).group(1)) == HOSTILE  # shown whole, as text
+    assert 'name="words"' in (await ds.client.get("/-/mapclip")).text  # the filter is offered where words were read
+
+
+async def test_a_collection_without_words_says_so(collection):
+    ds = make_datasette([str(collection[1])])
+    response = await ds.client.get("/-/mapclip/search.json", params={"q": "survey", "words": "cape"})
+    assert response.status_code == 400 and "mapclip ocr" in response.json()["error"]
+    assert 'name="words"' not in (await ds.client.get("/-/mapclip")).text
+
+
+def test_python_and_cli_search_take_words(collection, invoke):
+    with Collection(collection[0]) as maps:
+        ids = {r["id"] for r in maps.search("survey", words="Cape Fear", k=12)["results"]}
+    assert ids == {2, 3, 5, 7}
+    out = invoke(["search", collection[0], "survey", "--words", "Wilmington", "--json"]).output
+    assert [r["id"] for r in __import__("json").loads(out)["results"]] == [2]
+    assert re.search(r"Wilmington", out)
+
+
+async def test_a_map_page_lists_its_words_and_a_result_opens_it_at_the_matched_word(ds):
+    data = (await ds.client.get("/-/mapclip/search.json", params={"q": "survey", "words": "Wilmington"})).json()
+    (result,) = data["results"]
+    assert re.search(r"/-/mapclip/map/maps/2\?word=\d+$", result["map_url"])
+    page = await ds.client.get(result["map_url"])
+    assert page.status_code == 200
+    listed = re.findall(r"<li( class=\"mapclip-word-match\")?>([^<]*)</li>", page.text.split('id="mapclip-words"', 1)[1])
+    assert [text for _, text in listed] == ["Cape Fear", "Wilmington"]
+    assert [text for marked, text in listed if marked] == ["Wilmington"]
+    details = (await ds.client.get("/-/mapclip/map/maps/9.json")).json()
+    assert {w["text"] for w in details["words"]} == set(PRINTED[9])
+    assert all(0 <= w["x"] <= 1 and 0 <= w["y"] <= 1 for w in details["words"])
+    assert HOSTILE not in (await ds.client.get("/-/mapclip/map/maps/9")).text
