@@ -261,10 +261,6 @@ async def _filter_sql(collection: SearchCollection, sql: str, sql_params: dict):
         raise BadSearch(f"the filter could not run: {error}") from None
 
 
-def words_were_read(conn) -> bool:
-    return search_sql.words_were_read(conn)
-
-
 async def _attach_matched_words(collection: SearchCollection, text: str, results: list[dict],
                                 per_map: int = 8) -> None:
     """Each result's words that match the ``words`` filter (as read on the map), at most ``per_map``."""

@@ -12,6 +12,7 @@ from .. import store
 from ..search import service
 from ..search.errors import BadSearch, NotFound, SearchError, UploadError
 from ..search.query import MAX_FEEDBACK, MAX_QUERY_CHARS, MAX_TERMS, SearchParams, first_value
+from ..search.sql import words_were_read
 from ..settings import settings_of
 from ..store.ids import map_id_or_none
 from . import about, compat
@@ -216,7 +217,7 @@ async def mapclip_page(request, datasette):
             "databases": await collections_of(datasette).visible_names(request.actor),
             "models": menu_models(collection, params),
             "has_words": bool(params.words) or (collection is not None and status != 503
-                                                and await collection.db.execute_fn(service.words_were_read)),
+                                                and await collection.db.execute_fn(words_were_read)),
             "model_name": (data or {}).get("model") or (collection.model.name if collection else None),
             "like_row": like_row,
             "upload_preview": state_for(datasette).upload_previews.data_url(params.vector),
