@@ -72,7 +72,7 @@ else:
 def startup(datasette):
     # The server process is Datasette's; the plugin sets only what its configuration names.
     config = plugin_config(datasette)
-    state_for(datasette).set_threads(config.threads, config.scan_threads)
+    state_for(datasette).set_threads(config.threads)
 
     async def build_indexes():
         # Index every collection's default model in the background, and load its model in the model

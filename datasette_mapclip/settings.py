@@ -107,7 +107,8 @@ SETTINGS: tuple[Setting, ...] = (
     # the index
     Setting("index", "auto", _choice("auto", "off"), '"off": every search through sqlite-vec'),
     Setting("index_dir", None, _text, "where the float32 vector cache goes (default: beside the database)"),
-    Setting("scan_threads", 1, _at_least_one, "faiss threads of each index scan (one query is no faster on two)"),
+    Setting("scan_threads", 2, _at_least_one,
+            "threads that scan one query's int8 codes side by side, each a part of them (at most the CPU count)"),
     Setting("int8_min_rows", 50_000, _positive_int, "smaller collections are scanned exactly in float32"),
     Setting("rerank", 256, _at_least_one, "int8 candidates re-scored exactly"),
     Setting("filter_pool", 512, _at_least_one,

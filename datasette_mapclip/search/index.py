@@ -78,12 +78,20 @@ class Int8Scanner:
     """Coarse scores of a query against every vector through an int8 copy: faiss's scalar quantizer
     (``QT_8bit_direct_signed``), every vector scaled by one global factor so that inner products
     keep their order.  faiss is the well-kept library for this (SIMD scans, and ``IDSelector``
-    masks for filtered searches); its codes build in about a second for 562,842 vectors."""
+    masks for filtered searches); its codes build in about a second for 562,842 vectors.
+
+    faiss scans one query in one thread (its threads split a batch of queries, not one), and the
+    scan decodes every code, so it is bound by the core, not by memory: the codes are split into
+    ``shards`` parts scanned side by side, one thread each (562,842 maps: ~45 ms on one core, ~21 ms
+    on two), and their candidates merged."""
 
     def __init__(self, matrix: np.ndarray | None, block: int = 25_000, *, codes=None, scale: float = 1.0):
         import faiss
 
         self.faiss = faiss
+        self.parts: list[tuple[int, object]] = []  # (first row, faiss index of the rows from there)
+        self._pool = None
+        self._pool_lock = threading.Lock()
         if codes is not None:  # read back from the cache (``load``)
             self.codes, self.scale, self.count = codes, scale, int(codes.ntotal)
             return
@@ -98,7 +106,8 @@ class Int8Scanner:
 
     def save(self, path: Path):
         """The codes and their scale, beside the cached float32 vectors: a restart reads them back
-        (a fraction of a second) instead of quantising every vector again (~2 s at 562,842)."""
+        (a fraction of a second) instead of quantising every vector again (~2 s at 562,842).
+        (Before ``split``: the cache holds them whole, whatever the thread count that reads them.)"""
         partial = path.with_name(path.name + ".tmp")
         self.faiss.write_index(self.codes, str(partial))
         path.with_suffix(".json").write_text(json.dumps({"scale": self.scale, "rows": self.count}))
@@ -120,16 +129,70 @@ class Int8Scanner:
             return None
         return cls(None, codes=codes, scale=float(meta["scale"]))
 
+    def split(self, shards: int) -> "Int8Scanner":
+        """Split the codes into ``shards`` parts of consecutive rows, scanned in parallel (the codes
+        are moved, not kept twice).  Returns self."""
+        shards = max(1, min(int(shards), self.count))
+        if shards == 1:
+            self.parts = [(0, self.codes)]
+            return self
+        whole, size = self.codes, self.codes.code_size
+        codes = self.faiss.rev_swig_ptr(whole.codes.data(), self.count * size)  # a view, no copy
+        bounds = np.linspace(0, self.count, shards + 1).astype(np.int64)
+        parts = []
+        for start, stop in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+            part = self.faiss.IndexScalarQuantizer(whole.d, self.faiss.ScalarQuantizer.QT_8bit_direct_signed,
+                                                   self.faiss.METRIC_INNER_PRODUCT)
+            self.faiss.copy_array_to_vector(np.ascontiguousarray(codes[start * size:stop * size]), part.codes)
+            part.ntotal = stop - start
+            parts.append((start, part))
+        del codes
+        self.parts, self.codes = parts, None
+        return self
+
+    def _scan_pool(self):
+        """Threads for the parts after the first (the calling thread scans the first), one faiss
+        thread each; shut down when this scanner is dropped (a rebuilt base brings its own)."""
+        with self._pool_lock:
+            if self._pool is None:
+                import concurrent.futures
+                import weakref
+
+                from ..runtime import set_faiss_threads
+
+                self._pool = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=len(self.parts) - 1, thread_name_prefix="mapclip-scan",
+                    initializer=set_faiss_threads, initargs=(1,))
+                weakref.finalize(self, self._pool.shutdown, wait=False)
+            return self._pool
+
     def candidates(self, query: np.ndarray, count: int, allowed: np.ndarray | None = None) -> np.ndarray:
-        """Rows of the ``count`` best coarse scores (only rows where ``allowed``, a bool mask, is true)."""
-        params = None
-        if allowed is not None:
-            bits = np.packbits(allowed, bitorder="little")  # kept alive until the search returns
-            params = self.faiss.SearchParameters(sel=self.faiss.IDSelectorBitmap(self.count, self.faiss.swig_ptr(bits)))
+        """Rows of the ``count`` best coarse scores (only rows where ``allowed``, a bool mask, is
+        true), in no particular order."""
+        if not self.parts:
+            self.split(1)
         query = (np.asarray(query, np.float32) * self.scale)[None]
-        _, rows = self.codes.search(query, min(count, self.count), params=params)
-        rows = rows[0]
-        return rows[rows >= 0]
+
+        def scan(part):
+            start, codes = part
+            params = None
+            if allowed is not None:
+                bits = np.packbits(allowed[start:start + codes.ntotal], bitorder="little")  # alive until it returns
+                params = self.faiss.SearchParameters(
+                    sel=self.faiss.IDSelectorBitmap(codes.ntotal, self.faiss.swig_ptr(bits)))
+            scores, rows = codes.search(query, min(count, codes.ntotal), params=params)
+            found = rows[0] >= 0
+            return scores[0][found], rows[0][found] + start
+
+        if len(self.parts) == 1:
+            return scan(self.parts[0])[1]
+        others = [self._scan_pool().submit(scan, part) for part in self.parts[1:]]
+        found = [scan(self.parts[0])] + [future.result() for future in others]
+        scores = np.concatenate([s for s, _ in found])
+        rows = np.concatenate([r for _, r in found])
+        if len(rows) > count:
+            rows = rows[np.argpartition(-scores, count - 1)[:count]]
+        return rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,9 +268,10 @@ class VectorIndex:
 
     @classmethod
     def build(cls, ids: np.ndarray, matrix: np.ndarray, *, int8_min_rows: int = INT8_MIN_ROWS,
-              rerank: int = DEFAULT_RERANK, scanner_file: Path | None = None) -> "VectorIndex":
+              rerank: int = DEFAULT_RERANK, scanner_file: Path | None = None,
+              scan_threads: int = 1) -> "VectorIndex":
         """``scanner_file``: where the int8 codes of these vectors are cached (read when present,
-        written when built)."""
+        written when built); ``scan_threads``: threads that scan one query's codes, each a part."""
         scanner = None
         if len(ids) >= int8_min_rows:
             scanner = Int8Scanner.load(scanner_file, len(ids)) if scanner_file is not None else None
@@ -218,6 +282,7 @@ class VectorIndex:
                         scanner.save(scanner_file)
                     except (OSError, RuntimeError) as error:  # faiss reports write failures as RuntimeError
                         log.warning("mapclip: cannot cache the int8 codes at %s (%s)", scanner_file, error)
+            scanner.split(scan_threads)
             # Searches scan the int8 codes and read back only their candidates' float32 rows: the
             # pages that building touched (every row) need not stay in this process's memory.
             release_resident_pages(matrix)
@@ -511,7 +576,8 @@ def _read_cache(folder: Path):
 
 def _options(config: dict) -> dict:
     settings = settings_of(config)
-    return {"int8_min_rows": settings.int8_min_rows, "rerank": settings.rerank}
+    return {"int8_min_rows": settings.int8_min_rows, "rerank": settings.rerank,
+            "scan_threads": min(settings.scan_threads, os.cpu_count() or 1)}
 
 
 def _new_base(db_path: str, model: dict, config: dict, ids: np.ndarray, rows_between, matrix,
@@ -825,7 +891,8 @@ class IndexRegistry:
     @staticmethod
     def key(db_path: str, model: dict, config: dict) -> tuple:
         settings = settings_of(config)
-        return (os.path.abspath(db_path), model.vector_table, settings.int8_min_rows, settings.rerank)
+        return (os.path.abspath(db_path), model.vector_table, settings.int8_min_rows, settings.rerank,
+                settings.scan_threads)
 
     @property
     def indexes(self) -> dict:

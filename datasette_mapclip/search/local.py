@@ -104,7 +104,7 @@ class Collection:
         self.model_name = model
         self.settings = Settings(settings or {}, where="Collection settings")
         self.resources = SearchResources()
-        self.resources.set_threads(self.settings.threads, self.settings.scan_threads)
+        self.resources.set_threads(self.settings.threads)
         self.db = FileDatabase(path, time_limit_ms)
         self._loop = asyncio.new_event_loop()
         self._runner = threading.Thread(target=self._loop.run_forever, name="mapclip-local-search", daemon=True)

@@ -17,6 +17,6 @@ class SearchResources:
     indexes: IndexRegistry = dataclasses.field(default_factory=IndexRegistry)
     workers: Workers = dataclasses.field(default_factory=Workers)
 
-    def set_threads(self, threads: int, scan_threads: int = 1):
-        """CPU threads for the model, decoding and index scans (workers.py)."""
-        self.workers.set_threads(threads, scan_threads)
+    def set_threads(self, threads: int):
+        """CPU threads for the model and decoding (workers.py); an index's scan threads are its own."""
+        self.workers.set_threads(threads)

@@ -76,15 +76,15 @@ class Workers:
         self.decode = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mapclip-decode")
         self.text = TextBatcher(self.model)
 
-    def set_threads(self, threads: int, scan_threads: int = 1):
+    def set_threads(self, threads: int):
         """CPU threads, set in the threads that do the work (torch and faiss keep the count per
         thread): torch's for the model and decode threads, not on the event loop, where importing
-        torch (~1.5 s) would hold up the server's start; faiss's for the index scans, one by default:
-        a single query's scan is no faster on two (16 vs 18 ms at 562,842 maps), and a second OpenMP
-        thread takes a core from the model thread under load."""
+        torch (~1.5 s) would hold up the server's start.  The index thread runs faiss on one thread:
+        faiss's own threads split a batch of queries, not one query, so the index splits a scan
+        itself (``scan_threads``, index.Int8Scanner) instead."""
         for pool in (self.model, self.decode):
             pool.submit(set_torch_threads, threads, only_if_imported=True)
-        self.index.submit(set_faiss_threads, scan_threads)
+        self.index.submit(set_faiss_threads, 1)
 
     def shutdown(self):
         for pool in (self.model, self.index, self.decode):
