@@ -402,3 +402,48 @@ async def test_while_the_index_reads_a_plain_sql_insert_searches_say_it_is_behin
     await caught_up(ds, lambda index: index.row_of(new_id) is not None)
     data = await same_as_sqlite_vec(ds, copy, query)
     assert "index_behind" not in data and [r["id"] for r in data["results"]][:2] == [new_id, 5]
+
+
+@pytest.mark.asyncio
+async def test_a_restart_answers_from_the_cached_vectors_while_the_int8_codes_load(copy, monkeypatch):
+    """After a restart the cached float32 vectors answer exactly at once (the same maps as
+    sqlite-vec), while the int8 codes are read back; then the int8 index takes over.  A cache that
+    no longer holds the file's vectors is not used for that."""
+    first = serve(copy, **LIVE)
+    await wait_for_index(first)
+    query = "q=relief+map&k=6"
+    plain = (await serve(copy, index="off").client.get(f"/-/mapclip/search.json?{query}")).json()
+
+    loading, release = threading.Event(), threading.Event()
+    read_codes = index_module.Int8Scanner.load
+
+    def slow_read(*args, **kwargs):
+        loading.set()
+        assert release.wait(30)
+        return read_codes(*args, **kwargs)
+
+    monkeypatch.setattr(index_module.Int8Scanner, "load", slow_read)
+    restarted = serve(copy, **LIVE)
+    live, collection = await live_of(restarted)
+    assert collection.index() is None or collection.index().provisional
+    try:
+        for _ in range(200):
+            if loading.is_set() and collection.index() is not None:
+                break
+            await asyncio.sleep(0.05)
+        early = (await restarted.client.get(f"/-/mapclip/search.json?{query}")).json()
+        assert early["searched_with"] == "in-memory exact", early["searched_with"]
+        assert [r["id"] for r in early["results"]] == [r["id"] for r in plain["results"]]
+        np.testing.assert_allclose([r["similarity"] for r in early["results"]],
+                                   [r["similarity"] for r in plain["results"]], atol=1e-5)
+    finally:
+        release.set()
+    await wait_for_index(restarted)
+    later = (await restarted.client.get(f"/-/mapclip/search.json?{query}")).json()
+    assert later["searched_with"] == "in-memory int8 + exact re-scoring"
+    assert [r["id"] for r in later["results"]] == [r["id"] for r in plain["results"]]
+
+    # a map added since the cache was written: the cache is not the file's state, no early answers
+    assert index_module.provisional_index(str(copy), collection.model, collection.config) is not None
+    add_maps(copy, [np.ones(collection.model.dim, np.float32) / np.sqrt(collection.model.dim)])
+    assert index_module.provisional_index(str(copy), collection.model, collection.config) is None
