@@ -285,3 +285,30 @@ def test_any_cookie_header_is_answered_without_a_5xx(served, cookie, method, pat
     response = loop.run_until_complete(getattr(ds.client, method)(
         path, headers=headers, **({"content": b"--zz--\r\n"} if method == "post" else {})))
     assert response.status_code < 500, (cookie, method, path, response.status_code, response.text[:200])
+
+
+@pytest.mark.asyncio
+async def test_an_uploaded_picture_is_shown_back_only_to_the_browser_that_uploaded_it(collection):
+    """The page shows an uploader the picture they searched with; the same search URL opened by
+    anyone else (no uploader cookie, or another one) says an uploaded picture is used and shows none."""
+    ds = make_datasette([str(collection[0])])
+    token, cookies = await page_token(ds)
+    posted = await ds.client.post("/-/mapclip", content=token_first(token), cookies=cookies,
+                                  headers={"content-type": "multipart/form-data; boundary=zz", **SAME_ORIGIN})
+    assert posted.status_code == 302
+    uploader = posted.cookies.get("mapclip_uploader")
+    assert uploader and re.fullmatch(r"[0-9a-f]{32}", uploader)
+    assert "httponly" in posted.headers["set-cookie"].lower()
+    url = posted.headers["location"]
+    mine = await ds.client.get(url, cookies={**cookies, "mapclip_uploader": uploader})
+    assert mine.status_code == 200 and 'class="mapclip-upload-preview"' in mine.text
+    assert "data:image/jpeg;base64," in mine.text
+    for other in ({}, {"mapclip_uploader": "0" * 32}, {"mapclip_uploader": "<script>"}):
+        theirs = await ds.client.get(url, cookies={**cookies, **other})
+        assert theirs.status_code == 200 and "data:image/jpeg;base64," not in theirs.text, other
+        assert theirs.text.count('class="mapclip-card"') == mine.text.count('class="mapclip-card"') == 4
+    # a browser that has its cookie keeps it: no new one is set
+    again = await ds.client.post("/-/mapclip", content=token_first(token),
+                                 cookies={**cookies, "mapclip_uploader": uploader},
+                                 headers={"content-type": "multipart/form-data; boundary=zz", **SAME_ORIGIN})
+    assert again.status_code == 302 and "mapclip_uploader" not in again.headers.get("set-cookie", "")

@@ -34,10 +34,24 @@ FORM_OVERHEAD_BYTES = 64 * 1024
 REFUSED_KEY = "mapclip.upload_refused"
 
 
+# The cookie that tells an uploader's browser apart, so only it is shown the picture it uploaded.
+UPLOADER_COOKIE = "mapclip_uploader"
+
+
+def uploader_token(request) -> tuple[str, bool]:
+    """(this browser's uploader token, whether it is new and must be set as a cookie)."""
+    token = request.cookies.get(UPLOADER_COOKIE) or ""
+    if len(token) == 32 and all(c in "0123456789abcdef" for c in token):
+        return token, False
+    return secrets.token_hex(16), True
+
+
 class UploadPreviews:
-    """Small JPEG previews of the last uploads, by their query vector, so the page can show visitors
-    the picture they searched with (in memory only, never written; gone after a restart, when the
-    page simply says an uploaded picture is used)."""
+    """Small JPEG previews of the last uploads, so the page can show visitors the picture they
+    searched with (in memory only, never written; gone after a restart, when the page simply says an
+    uploaded picture is used).  Each is kept for the browser that uploaded it (``owner``: its
+    uploader cookie) and the query vector: anyone else opening the same search URL gets no picture,
+    since the vector in a shared URL must not show them someone else's upload."""
 
     def __init__(self, size: int = 160, keep: int = 256):
         self.size, self.keep = size, keep
@@ -45,27 +59,42 @@ class UploadPreviews:
         self.lock = threading.Lock()
 
     @staticmethod
-    def key(vector: bytes) -> str:
-        return hashlib.sha256(vector).hexdigest()
+    def key(vector: bytes, owner: str) -> str:
+        return hashlib.sha256(owner.encode() + b"\0" + vector).hexdigest()
 
-    def remember(self, vector: bytes, image) -> None:
+    def remember(self, vector: bytes, image, owner: str) -> None:
         """Called with the decoded upload (already reduced to about the model's size), off the event loop."""
         small = image.convert("RGB")
         small.thumbnail((self.size, self.size))
         out = io.BytesIO()
         small.save(out, "JPEG", quality=80)
         url = "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode("ascii")
+        key = self.key(vector, owner)
         with self.lock:
-            self.previews[self.key(vector)] = url
-            self.previews.move_to_end(self.key(vector))
+            self.previews[key] = url
+            self.previews.move_to_end(key)
             while len(self.previews) > self.keep:
                 self.previews.popitem(last=False)
 
-    def data_url(self, vector: bytes | None) -> str | None:
-        if not vector:
+    def data_url(self, vector: bytes | None, owner: str | None) -> str | None:
+        if not vector or not owner:
             return None
         with self.lock:
-            return self.previews.get(self.key(vector))
+            return self.previews.get(self.key(vector, owner))
+
+    def for_owner(self, owner: str) -> "OwnedPreviews":
+        return OwnedPreviews(self, owner)
+
+
+@dataclasses.dataclass(frozen=True)
+class OwnedPreviews:
+    """``remember(vector, image)`` for one uploader (what search/service.embed_upload calls)."""
+
+    previews: UploadPreviews
+    owner: str
+
+    def remember(self, vector: bytes, image) -> None:
+        self.previews.remember(vector, image, self.owner)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,11 +18,13 @@ from ..store.ids import map_id_or_none
 from . import about, compat
 from .collections import too_slow_message, unavailable_if_interrupted
 from .state import collections_of, plugin_config, state_for
-from .uploads import UploadLimits, read_multipart
+from .uploads import UPLOADER_COOKIE, UploadLimits, read_multipart, uploader_token
 from .urls import MapclipUrls, database_from_segment
 
 log = logging.getLogger(__name__)
 
+# Where read_search_request leaves a new uploader token for the page's redirect to set.
+NEW_UPLOADER_KEY = "mapclip.new_uploader"
 # The routes that take an upload (their POSTs pass through uploads.limit_upload_bodies).
 UPLOAD_PATHS = (MapclipUrls.PAGE, MapclipUrls.SEARCH_JSON)
 
@@ -54,7 +56,11 @@ async def read_search_request(datasette, request) -> tuple[service.SearchCollect
     if params.model is not None and params.model == store.pick_model(collection.models).name:
         params.model = None  # the default model: links and shared URLs do not carry it
     if upload:
-        params.vector = await service.embed_upload(collection, upload, previews=state_for(datasette).upload_previews)
+        uploader, new = uploader_token(request)
+        if new:
+            request.scope[NEW_UPLOADER_KEY] = uploader  # set as a cookie on the redirect
+        params.vector = await service.embed_upload(
+            collection, upload, previews=state_for(datasette).upload_previews.for_owner(uploader))
     return collection, params
 
 
@@ -184,8 +190,13 @@ async def mapclip_page(request, datasette):
     try:
         collection, params = await read_search_request(datasette, request)
         if request.method == "POST":
-            # Post/redirect/get: the uploaded image becomes a shareable URL.
-            return Response.redirect(MapclipUrls(datasette).page(params.query_string(), collection.name))
+            # Post/redirect/get: the uploaded image becomes a shareable URL (its preview is shown only
+            # to this browser: uploads.UploadPreviews).
+            redirect = Response.redirect(MapclipUrls(datasette).page(params.query_string(), collection.name))
+            if NEW_UPLOADER_KEY in request.scope:
+                redirect.set_cookie(UPLOADER_COOKIE, request.scope[NEW_UPLOADER_KEY], httponly=True,
+                                    samesite="lax")
+            return redirect
         if params.has_query:
             data = await service.run_search(collection, params)
         elif "q" in request.args:  # the form sent with nothing to search for: say so, do not just reload
@@ -220,7 +231,8 @@ async def mapclip_page(request, datasette):
                                                 and await collection.db.execute_fn(words_were_read)),
             "model_name": (data or {}).get("model") or (collection.model.name if collection else None),
             "like_row": like_row,
-            "upload_preview": state_for(datasette).upload_previews.data_url(params.vector),
+            "upload_preview": state_for(datasette).upload_previews.data_url(params.vector,
+                                                                            request.cookies.get(UPLOADER_COOKIE)),
             "examples": examples,
             "max_terms": MAX_TERMS,
             "about_url": about_url(datasette, database),
