@@ -88,6 +88,21 @@ def engine_option_list():
     ]
 
 
+def ocr_options(command):
+    """--ocr and --ocr-size on the load commands: the words printed on the maps are read once they
+    are embedded (the pass `mapclip ocr` runs, with the command's image fetcher and its rate)."""
+    from .ocr import DEFAULT_OCR_SIZE
+
+    command = click.option(
+        "--ocr-size", type=click.IntRange(min=256), default=DEFAULT_OCR_SIZE, show_default=True,
+        help="With --ocr: read IIIF images (loc.gov) as derivatives of this many px on the long side; local "
+             "files are read at full resolution.")(command)
+    return click.option(
+        "--ocr", is_flag=True,
+        help="Also read the words printed on each map (RapidOCR) into map_words once the maps are embedded, "
+             "as `mapclip ocr DB` does; rerun `mapclip ocr` to change its settings.")(command)
+
+
 def keep_images_option(command):
     """--keep-images DIR on the commands that download images."""
     return click.option(
@@ -161,6 +176,10 @@ def run_embedding(db_path, records, options, *, command, fetcher=None, store_thu
     from .load_run import LoadOptions
     from .pipeline import run_load
 
+    if options.get("ocr"):
+        from .ocr_cli import check_ocr_available
+
+        check_ocr_available()  # before the model loads and the database is made
     limit_image_pixels(options["max_pixels"])
     load_options = LoadOptions(fetcher=fetcher, command=command, batch_size=options["batch_size"],
                                workers=options["workers"], store_thumbnails=store_thumbnails,
@@ -195,6 +214,30 @@ def run_embedding(db_path, records, options, *, command, fetcher=None, store_thu
         sys.exit(130)
     if summary.status == "stopped":
         sys.exit(2)
+    if summary.status == "finished" and options.get("ocr"):
+        exit_code = _read_words(db_path, options, fetcher, keep)
+        if exit_code:
+            sys.exit(exit_code)
+
+
+def _read_words(db_path, options, fetcher, keep) -> int:
+    """--ocr: the OCR pass over the collection just loaded (maps read before are skipped)."""
+    import os
+
+    from .fetch import Fetcher, per_minute
+    from .ocr import OcrSettings
+    from .ocr_cli import run_ocr
+
+    settings = OcrSettings(ocr_size=options["ocr_size"], threads=options.get("threads") or os.cpu_count())
+    own = fetcher is None  # a folder load fetches nothing: URLs in its metadata still need a fetcher
+    fetcher = fetcher or Fetcher(per_minute(200))
+    try:
+        return run_ocr(db_path, settings, fetcher=fetcher, keep_images=keep.root if keep else None,
+                       workers=min(options["workers"], 4), max_pixels=options["max_pixels"],
+                       progress=not options["quiet"])
+    finally:
+        if own:
+            fetcher.close()
 
 
 @click.group()
@@ -215,6 +258,7 @@ def load():
 @click.option("--follow-symlinks", is_flag=True,
               help="Also load images that symbolic links lead to outside FOLDER (by default they are "
                    "skipped and listed, so a published collection holds only what FOLDER holds).")
+@ocr_options
 @model_options
 def load_folder(db_path, folder, metadata_csv, no_thumbnails, follow_symlinks, **options):
     """Embed every image under FOLDER (JPEG, PNG, TIFF, GIF, WebP) into DB_PATH.
@@ -266,6 +310,7 @@ def _skipped_link_notes(root: str, skipped_links: list[tuple[str, str]]) -> list
               help="Seconds per HTTP request.")
 @click.option("--limit", type=click.IntRange(min=1), help="Stop after this many images.")
 @keep_images_option
+@ocr_options
 @model_options
 def load_csv(db_path, file_list, size, rate, timeout, limit, keep_images, **options):
     """Embed the IIIF images listed in the seed's FILE_LIST CSV
@@ -317,6 +362,7 @@ def load_csv(db_path, file_list, size, rate, timeout, limit, keep_images, **opti
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=30, show_default=True,
               help="Seconds per HTTP request.")
 @keep_images_option
+@ocr_options
 @model_options
 def load_loc(db_path, url, limit, first_sheet_only, size, rate, timeout, keep_images, **options):
     """Embed the maps of a loc.gov search or collection URL, with catalogue fields from each result.

@@ -160,28 +160,56 @@ def ocr(db_path, ocr_size, limit, timeout, rate, keep_images, tile, overlap, tur
 
     Example: mapclip ocr maps.db --limit 100
     """
-    from datasette_mapclip.store import StoreError, open_collection_readonly
-    from datasette_mapclip.store.words import WordStore
-
     from .fetch import Fetcher, per_minute
-    from .ocr import ImageSource, OcrEngine, keep_ocr_images
 
-    try:
-        open_collection_readonly(db_path).close()  # never create a schema in a file that is not a collection
-    except StoreError as error:
-        raise click.ClickException(str(error))
     try:
         settings = OcrSettings(ocr_size=ocr_size, tile=tile, overlap=overlap, rotations=(0, 90) if turned else (0,),
                                threads=threads or os.cpu_count())
     except ValueError as error:
         raise click.BadParameter(str(error), param_hint="--overlap")
+    fetcher = Fetcher(per_minute(rate), timeout=timeout)
+    try:
+        exit_code = run_ocr(db_path, settings, fetcher=fetcher, keep_images=keep_images, limit=limit,
+                            workers=workers, max_pixels=max_pixels, progress=not quiet)
+    finally:
+        fetcher.close()
+    if exit_code:
+        sys.exit(exit_code)
+
+
+def check_ocr_available():
+    """ClickException (one line: what to install) when the OCR models cannot be used here."""
+    from .ocr import import_rapidocr
+
+    try:
+        import_rapidocr()
+    except OcrUnavailable as error:
+        raise click.ClickException(str(error))
+
+
+def run_ocr(db_path, settings: OcrSettings, *, fetcher, keep_images=None, limit=None, workers: int = 2,
+            max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True, echo=None) -> int:
+    """The OCR pass over a collection, as `mapclip ocr` runs it and the loaders' --ocr after their load:
+    the maps not yet read by this OCR model, a ``loads`` row for the run, a summary line.  Returns the
+    exit code (0 finished, 2 rate-limited, 1 a kept image could not be written, 130 interrupted);
+    ClickException for what stops it before it starts."""
+    from datasette_mapclip.store import StoreError, open_collection_readonly
+    from datasette_mapclip.store.words import WordStore
+
+    from .ocr import ImageSource, OcrEngine, keep_ocr_images
+
+    echo = echo or (lambda line: click.echo(line, err=True))
+    try:
+        open_collection_readonly(db_path).close()  # never create a schema in a file that is not a collection
+    except StoreError as error:
+        raise click.ClickException(str(error))
     try:
         engine = OcrEngine(settings)
     except OcrUnavailable as error:
         raise click.ClickException(str(error))
     keep = None
     if keep_images:
-        keep = keep_ocr_images(keep_images, ocr_size)
+        keep = keep_ocr_images(keep_images, settings.ocr_size)
         try:
             keep.check_writable()
         except OSError as error:
@@ -192,13 +220,12 @@ def ocr(db_path, ocr_size, limit, timeout, rate, keep_images, tile, overlap, tur
     model = words.register_ocr_model(engine.provenance())
     targets, done = words.maps_to_read(model.id, limit)
     summary = OcrSummary(skipped=done)
-    click.echo(f"OCR {model.name}: {len(targets)} maps to read, {done} already read, database {db_path}", err=True)
+    echo(f"OCR {model.name}: {len(targets)} maps to read, {done} already read, database {db_path}")
     load_id = store.start_load(f"ocr {db_path}", model.name)
-    fetcher = Fetcher(per_minute(rate), timeout=timeout)
-    source = ImageSource(fetcher, ocr_size=ocr_size, max_pixels=max_pixels, keep=keep)
+    source = ImageSource(fetcher, ocr_size=settings.ocr_size, max_pixels=max_pixels, keep=keep)
     status, exit_code, message = "finished", 0, None
     try:
-        read_maps(words, engine, source, targets, model.id, summary, workers=workers, progress=not quiet,
+        read_maps(words, engine, source, targets, model.id, summary, workers=workers, progress=progress,
                   keep=keep, kept_path_of=store.kept_image_path)
     except RateLimited as error:
         status, exit_code, message = "stopped", 2, shown(str(error), None)
@@ -210,11 +237,9 @@ def ocr(db_path, ocr_size, limit, timeout, rate, keep_images, tile, overlap, tur
         status = "failed"
         raise
     finally:
-        fetcher.close()
         store.finish_load(load_id, status, summary.read, summary.skipped, summary.failed)
         store.close()
-    click.echo(summary.line(), err=True)
+    echo(summary.line())
     if message:
-        click.echo(message, err=True)
-    if exit_code:
-        sys.exit(exit_code)
+        echo(message)
+    return exit_code

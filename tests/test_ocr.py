@@ -208,7 +208,7 @@ def test_a_rerun_reads_nothing_already_read(collection, tmp_path, monkeypatch, i
     # other reading settings are another OCR model: the maps are read again, their words replaced
     out = invoke(["ocr", db_path, "--quiet"])
     assert "4 maps to read, 0 already read" in out.output
-    assert len(calls) == 2
+    assert len(calls) == 2, out.output
     texts = [w["text"] for w in words_of(conn, "words.png")]
     assert sorted(texts) == ["Annapolis", "Cumberland", "Hagerstown"]
     assert conn.execute("SELECT count(DISTINCT ocr_model) FROM map_words_read").fetchone()[0] == 1
@@ -306,3 +306,44 @@ def test_iiif_maps_are_read_at_the_ocr_size_and_kept_images_reused(loc_server, t
                   "--quiet"])
     assert "read 2 maps" in out.output and "2 read from kept images" in out.output
     assert [p for p in server.requests[before:] if p.startswith("/iiif/")] == []
+
+
+# -- --ocr on the loaders ----------------------------------------------------------------------
+
+def test_a_load_with_ocr_reads_the_words_once_the_maps_are_embedded(tmp_path, model_args, invoke):
+    """`load folder --ocr` embeds the maps, then reads their words with the same pass as `mapclip
+    ocr` (its loads row, map_words, the read marks); a rerun reads nothing twice."""
+    folder = tmp_path / "maps"
+    folder.mkdir()
+    sheet = paper(SHEET)
+    put(sheet, "Frederick", (60, 80), size=34)
+    put(sheet, "Chesapeake", (420, 380), size=34)
+    sheet.save(folder / "lettered.png")
+    paper((480, 360)).save(folder / "blank.png")
+    db_path = tmp_path / "maps.db"
+    out = invoke(["load", "folder", db_path, folder, *model_args, "--ocr", "--quiet"])
+    assert "2 maps to read, 0 already read" in out.output
+    conn = open_db(db_path)
+    texts = sorted(w["text"] for w in words_of(conn, "lettered.png"))
+    assert texts == ["Chesapeake", "Frederick"], texts
+    assert words_of(conn, "blank.png") == []
+    assert conn.execute("SELECT count(*) FROM map_words_read").fetchone()[0] == 2
+    commands = [row[0] for row in conn.execute("SELECT command FROM loads ORDER BY id")]
+    assert commands[0].startswith("load folder") and commands[-1].startswith("ocr "), commands
+    again = invoke(["load", "folder", db_path, folder, *model_args, "--ocr", "--quiet"])
+    assert "0 maps to read, 2 already read" in again.output
+
+
+def test_a_load_with_ocr_where_ocr_cannot_run_stops_before_anything_is_made(tmp_path, model_args, invoke, monkeypatch):
+    from loaders import ocr
+
+    def unavailable():
+        raise ocr.OcrUnavailable("OCR needs rapidocr-onnxruntime: pip install 'datasette-mapclip[ocr]'")
+
+    monkeypatch.setattr(ocr, "import_rapidocr", unavailable)
+    folder = tmp_path / "maps"
+    folder.mkdir()
+    paper((480, 360)).save(folder / "blank.png")
+    out = invoke(["load", "folder", tmp_path / "maps.db", folder, *model_args, "--ocr"], expect=1)
+    assert "rapidocr-onnxruntime" in out.output and "Traceback" not in out.output
+    assert not (tmp_path / "maps.db").exists()
