@@ -9,7 +9,7 @@ from . import store
 from .search import service
 from .search.sql_functions import DatabaseFunctions, register
 from .settings import settings_of
-from .web import compat, map_views, views
+from .web import cells, compat, map_views, views
 from .web.state import collections_of, plugin_config, state_for
 from .web.uploads import CSRF_CHECKED_KEY, FormCsrf, UploadLimits, limit_upload_bodies
 from .web.urls import MapclipUrls, routes
@@ -93,6 +93,11 @@ def startup(datasette):
                 service.preload_model(collection)
 
     return build_indexes
+
+
+@hookimpl
+def render_cell(row, value, column, table, database, datasette):
+    return cells.thumbnail_cell(datasette, row, value, column, table, database)
 
 
 @hookimpl

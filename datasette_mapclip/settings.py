@@ -130,6 +130,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("iiif_hosts", None, _names,
             "image services (and their subdomains) a map's page opens in the deep-zoom viewer "
             "(default: loc.gov and the hosts the collection was loaded from)"),
+    Setting("max_image_side", 4096, _at_least_one,
+            "longest side, in pixels, of a local map image as the map page's deep-zoom viewer gets it "
+            "(the file is re-encoded as JPEG no larger than this)"),
     Setting("citation_repository", None, _text, "the archive citations name (default: the Library of Congress for loc.gov records, else none)"),
     Setting("models_menu", None, _names,
             "models the search page's menu offers beside the default one (default: none, so no menu; any model "

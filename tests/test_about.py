@@ -248,3 +248,71 @@ async def test_provenance_is_hidden_from_an_actor_who_may_not_view_the_models_ta
     if allow:
         shown = await ds.client.get("/-/mapclip/about?_db=maps", cookies=cookies(ds, ROOT))
         assert "the model's provenance record" in html.unescape(shown.text)
+
+
+@pytest.fixture(scope="module")
+def twelve(tmp_path_factory, model_args):
+    return load_collection(tmp_path_factory, model_args, 12)
+
+
+async def _measured_by_searching(ds, titles):
+    best, tenth = [], []
+    for title in titles:
+        response = await ds.client.get("/-/mapclip/search.json?" + urllib.parse.urlencode({"q": title, "k": 10}))
+        results = response.json()["results"]
+        best.append(results[0]["similarity"])
+        tenth.append(results[9]["similarity"])
+    return best, tenth
+
+
+async def test_the_scores_section_gives_the_range_measured_on_this_collection(twelve, monkeypatch):
+    from datasette_mapclip import store
+    from datasette_mapclip.web import about
+
+    db_path, _ = twelve
+    ds = make_datasette([str(db_path)], metadata={"plugins": {"datasette-mapclip": {"index": "off"}}})
+    page = await ds.client.get("/-/mapclip/about")
+    assert page.status_code == 200
+    conn = store.connect(db_path)
+    titles = store.read_sample_titles(conn, about.SCORE_SAMPLE)
+    conn.close()
+    assert sorted(titles) == sorted(f"Map number {i} of Vermont" for i in range(12))  # every title of 12
+    best, tenth = await _measured_by_searching(ds, titles)
+    model = MapStore(db_path)
+    name = model.model()["name"]
+    model.close()
+    text = text_of(page.text)
+    assert (f"Measured on “maps” with the model {name}: searching for 12 of this collection's own map titles, "
+            f"the best match scored between {min(best):.2f} and {max(best):.2f}, and the 10th match scored "
+            f"between {min(tenth):.2f} and {max(tenth):.2f}.") in text, text
+    assert min(best) != max(tenth)  # figures that tell the ranks apart
+
+    # measured once per file and model: a second visit runs no search
+    async def no_search(*args, **kwargs):
+        raise AssertionError("searched again")
+
+    monkeypatch.setattr(about, "run_search", no_search)
+    again = await ds.client.get("/-/mapclip/about")
+    assert f"between {min(best):.2f} and {max(best):.2f}" in text_of(again.text)
+
+
+async def test_no_score_range_is_claimed_where_none_can_be_measured(twelve, tmp_path):
+    db_path, _ = twelve
+    untitled = tmp_path / "untitled.db"
+    shutil.copy(db_path, untitled)
+    store = MapStore(untitled)
+    store.conn.execute("UPDATE maps SET title = NULL")
+    store.conn.commit()
+    store.close()
+    no_encoder = tmp_path / "no-encoder.db"
+    shutil.copy(db_path, no_encoder)
+    store = MapStore(no_encoder)
+    store.conn.execute("DELETE FROM query_encoders")
+    store.conn.execute("UPDATE models SET checkpoint_sha256 = ?", ("f" * 64,))  # weights found nowhere
+    store.conn.commit()
+    store.close()
+    for path in (untitled, no_encoder):
+        ds = make_datasette([str(path)], metadata={"plugins": {"datasette-mapclip": {"index": "off"}}})
+        page = await ds.client.get("/-/mapclip/about")
+        assert page.status_code == 200
+        assert "Measured on" not in page.text and "What the similarity score means" in page.text

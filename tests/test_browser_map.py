@@ -175,3 +175,58 @@ def test_the_words_read_on_a_map_are_outlined_and_a_matched_word_is_zoomed_to(lo
     assert page.locator(".mapclip-word-list li", has_text="Cape Fear").get_attribute("class") == "mapclip-word-match"
     assert page.evaluate("window.__hacked") is None  # the hostile word is text everywhere
     page.close()
+
+
+@pytest.fixture(scope="module")
+def local_site(tmp_path_factory, model_args):
+    """A folder load (no IIIF service) with ``maps.db`` beside its ``scans/``."""
+    from click.testing import CliRunner
+
+    from conftest import draw_map
+    from datasette_mapclip.cli import cli
+
+    root = tmp_path_factory.mktemp("local-browser")
+    (root / "scans").mkdir()
+    draw_map(4, size=(1800, 1200)).save(root / "scans" / "coast.jpg", "JPEG")
+    draw_map(5).save(root / "scans" / "other.jpg", "JPEG")
+    result = CliRunner().invoke(cli, ["load", "folder", str(root / "maps.db"), str(root / "scans"), *model_args,
+                                      "--precision", "fp32"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    for url, _ in serve(root / "maps.db", None):
+        yield url, root / "maps.db"
+
+
+def test_a_local_image_opens_in_the_viewer_and_a_matched_word_is_zoomed_to(local_site, browser):  # noqa: F811
+    from datasette_mapclip.store.words import MapWord, WordStore
+
+    url, db_path = local_site
+    store = MapStore(db_path)
+    map_id = store.conn.execute("SELECT id FROM maps WHERE source_id = 'coast.jpg'").fetchone()[0]
+    words = WordStore(store)
+    model = words.register_ocr_model({"engine": "browser-test", "engine_version": "1"})
+    words.write_reading(map_id, model.id, [MapWord("Cape Fear", 0.9, 0.6, 0.7, 0.1, 0.03),
+                                           MapWord("Smith Island", 0.8, 0.1, 0.1, 0.2, 0.05)])
+    wanted = store.conn.execute("SELECT id FROM map_words WHERE map_id = ? AND text = 'Cape Fear'",
+                                (map_id,)).fetchone()[0]
+    store.close()
+    page = browser.new_page(viewport={"width": 900, "height": 900})
+    requested, errors = [], []
+    page.on("request", lambda request: requested.append(request.url))
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(f"{url}/-/mapclip/map/maps/{map_id}?word={wanted}")
+    page.wait_for_selector("#mapclip-zoom[data-state=open]", timeout=20_000)
+    page.wait_for_selector("#mapclip-words[data-outlined='2']", timeout=10_000)
+    # OpenSeadragon's simple image source, on the plugin's image route, at the file's full size
+    assert page.evaluate("window.mapclipViewer.world.getItemAt(0).source.constructor === OpenSeadragon.ImageTileSource")
+    assert page.evaluate("window.mapclipViewer.world.getItemAt(0).source.width") == 1800
+    assert f"{url}/-/mapclip/image/maps/{map_id}.jpg" in requested
+    assert page.locator(".mapclip-map-record dd", has_text="1800 × 1200 px").count() == 1
+    match = page.locator(".mapclip-word-box.mapclip-word-match")
+    assert match.count() == 1 and match.get_attribute("title") == "Cape Fear"
+    assert page.evaluate("window.mapclipViewer.viewport.getZoom(true)") > 2  # zoomed in on the word
+    center = page.evaluate("(() => { const c = window.mapclipViewer.viewport.getCenter(true); return [c.x, c.y]; })()")
+    assert 0.55 < center[0] < 0.75, center
+    hosts = {u.split("/")[2] for u in requested if u.startswith("http")}
+    assert hosts == {url.split("/")[2]}, hosts
+    assert errors == []
+    page.close()

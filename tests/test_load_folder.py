@@ -138,16 +138,30 @@ def test_killed_load_resumes_with_every_image_exactly_once(tmp_path, model_args)
     assert statuses[-1] == "finished" and statuses.count("killed") == kills and "running" not in statuses
 
 
-def test_a_relative_folder_is_stored_as_absolute_locations(tmp_path, invoke, model_args, monkeypatch):
-    """`fine-tune register` re-reads images from another directory than the load ran in."""
+def test_locations_are_relative_to_the_collection_files_folder_and_read_back_from_anywhere(
+        tmp_path, invoke, model_args, monkeypatch):
+    """No path of the loading machine in the file where the images lie beside it; `fine-tune
+    register` and re-embedding still re-read the images from another directory."""
+    from datasette_mapclip.store import read_maps_readonly
+
     make_folder(tmp_path / "work" / "scans", 3)
+    (tmp_path / "elsewhere").mkdir()
+    draw_map(7).save(tmp_path / "elsewhere" / "other.jpg", "JPEG")
     monkeypatch.chdir(tmp_path / "work")
     invoke(["load", "folder", "maps.db", "scans", *model_args])
+    invoke(["load", "folder", "maps.db", str(tmp_path / "elsewhere"), *model_args])
     conn = open_db(tmp_path / "work" / "maps.db")
     locations = [row[0] for row in conn.execute("SELECT location FROM maps ORDER BY id")]
-    assert len(locations) == 3
-    for location in locations:
-        assert Path(location).is_absolute() and Path(location).is_file(), location
+    assert locations[:3] == ["scans/atlas/sheet_0000.jpg", "scans/sheet_0001.jpg", "scans/sheet_0002.jpg"]
+    # a folder outside the collection's keeps its absolute path (publish-copy makes it relative)
+    assert locations[3] == str((tmp_path / "elsewhere" / "other.jpg").resolve())
+    monkeypatch.chdir(tmp_path)
+    for row in read_maps_readonly(tmp_path / "work" / "maps.db", ("location",)):
+        assert Path(row["location"]).is_absolute() and Path(row["location"]).is_file(), row
+    store = MapStore(tmp_path / "work" / "maps.db")
+    records, _ = store.stored_records()
+    store.close()
+    assert all(Path(record.location).is_file() for record in records) and len(records) == 4
 
 
 def test_a_last_batch_of_only_undecodable_files_is_recorded_and_counted(tmp_path, invoke, model_args):

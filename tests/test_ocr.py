@@ -121,7 +121,8 @@ def overlapping(words: list[dict], box) -> list[dict]:
 
 
 def copy_db(db_path: Path, tmp_path: Path) -> Path:
-    target = tmp_path / "copy.db"
+    """A copy beside the original: its maps' locations are relative to the collection's folder."""
+    target = db_path.parent / f"copy-{tmp_path.name}.db"
     shutil.copy(db_path, target)
     return target
 

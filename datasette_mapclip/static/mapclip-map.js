@@ -1,11 +1,17 @@
-// A map's page: the deep-zoom viewer over the image's IIIF service (OpenSeadragon, served from
-// this plugin's own static files).  The page names the service's info.json only when its host is
-// one the publisher allows (the iiif_hosts setting); tiles come from the host that info.json names
-// in its "id", so the info.json is read here first and the viewer opens it only when that host is
-// allowed too.
+// A map's page: the deep-zoom viewer (OpenSeadragon, served from this plugin's own static files)
+// over the image's IIIF service, or over the map's own image file served by this site (a local
+// folder load: OpenSeadragon's simple image source).  The page names a service's info.json only
+// when its host is one the publisher allows (the iiif_hosts setting); tiles come from the host
+// that info.json names in its "id", so the info.json is read here first and the viewer opens it
+// only when that host is allowed too.
 document.addEventListener("DOMContentLoaded", function () {
   var element = document.getElementById("mapclip-zoom");
   if (!element || typeof OpenSeadragon === "undefined") {
+    return;
+  }
+  if (element.dataset.imageUrl) {
+    openViewer(element, {type: "image", url: element.dataset.imageUrl},
+               "The map's image could not be read: see the full image link below.");
     return;
   }
   var hosts = [];
@@ -43,17 +49,9 @@ document.addEventListener("DOMContentLoaded", function () {
     });
   }
 
-  function failed(message, state) {
-    element.dataset.state = state || "failed";
-    var note = document.createElement("p");
-    note.className = "mapclip-zoom-failed";
-    note.textContent = message;
-    element.appendChild(note);
-  }
-
   var infoUrl = element.dataset.infoUrl;
   if (!allowed(infoUrl)) {
-    failed("This image service is not one this site allows: see the full image link below.", "refused");
+    failed(element, "This image service is not one this site allows: see the full image link below.", "refused");
     return;
   }
   fetch(infoUrl, {credentials: "omit"}).then(function (response) {
@@ -64,32 +62,44 @@ document.addEventListener("DOMContentLoaded", function () {
   }).then(function (info) {
     var tiles = info && (info.id || info["@id"]);
     if (typeof tiles !== "string" || !allowed(tiles)) {
-      failed("The image service sends its tiles from a host this site does not allow: see the full image link below.",
+      failed(element, "The image service sends its tiles from a host this site does not allow: see the full image link below.",
              "refused");
       return;
     }
-    var viewer = OpenSeadragon({
-      element: element,
-      prefixUrl: element.dataset.prefixUrl,
-      tileSources: info,
-      showNavigator: true,
-      navigatorPosition: "BOTTOM_RIGHT",
-      maxZoomPixelRatio: 2,
-      crossOriginPolicy: false
-    });
-    viewer.addHandler("open", function () {
-      element.dataset.state = "open";
-      outlineWords(viewer);
-    });
-    viewer.addHandler("open-failed", function () {
-      failed("The image service did not answer: see the full image link below.");
-    });
-    viewer.addHandler("tile-loaded", function () { element.dataset.tiles = String(Number(element.dataset.tiles || 0) + 1); });
-    window.mapclipViewer = viewer;
+    openViewer(element, info, "The image service did not answer: see the full image link below.");
   }).catch(function () {
-    failed("The image service did not answer: see the full image link below.");
+    failed(element, "The image service did not answer: see the full image link below.");
   });
 });
+
+function failed(element, message, state) {
+  element.dataset.state = state || "failed";
+  var note = document.createElement("p");
+  note.className = "mapclip-zoom-failed";
+  note.textContent = message;
+  element.appendChild(note);
+}
+
+function openViewer(element, tileSources, failure) {
+  var viewer = OpenSeadragon({
+    element: element,
+    prefixUrl: element.dataset.prefixUrl,
+    tileSources: tileSources,
+    showNavigator: true,
+    navigatorPosition: "BOTTOM_RIGHT",
+    maxZoomPixelRatio: 2,
+    crossOriginPolicy: false
+  });
+  viewer.addHandler("open", function () {
+    element.dataset.state = "open";
+    outlineWords(viewer);
+  });
+  viewer.addHandler("open-failed", function () {
+    failed(element, failure);
+  });
+  viewer.addHandler("tile-loaded", function () { element.dataset.tiles = String(Number(element.dataset.tiles || 0) + 1); });
+  window.mapclipViewer = viewer;
+}
 
 // The words OCR read, outlined over the map (boxes normalised to the image); ?word=ID zooms to one.
 function outlineWords(viewer) {

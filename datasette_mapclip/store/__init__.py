@@ -9,12 +9,14 @@
     model_rows.py  ModelRow, one models row typed
     vectors.py     float32 BLOBs
     ids.py         map ids from requests
+    locations.py   where a map's pixels are: local files relative to the collection's folder
     words.py       the words OCR read on the maps: provenance, words, read marks, full-text search
 
 Every SQL statement on the project's tables lives in this folder (and the search SQL in search/sql.py).
 This module re-exports the names the other parts use.
 """
 
+from .locations import is_remote, local_file, resolved_location, stored_location
 from .map_store import MapStore
 from .model_rows import MODEL_COLUMNS, ModelRow
 from .reads import (
@@ -33,6 +35,7 @@ from .reads import (
     read_item_sheets,
     read_kept_paths_readonly,
     read_load_commands,
+    read_map_location,
     read_map_record,
     read_map_summary,
     read_maps_readonly,
@@ -40,6 +43,7 @@ from .reads import (
     read_models_at,
     read_query_encoders,
     read_result_rows,
+    read_sample_titles,
     read_stored_vector,
     read_thumbnail,
     read_vector_blob,

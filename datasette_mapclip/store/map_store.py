@@ -18,6 +18,7 @@ import numpy as np
 from ..model.provenance import row_provenance
 from . import vectors
 from .catalogue import CatalogueCrawl
+from .locations import resolved_location, stored_location
 from .model_rows import ModelRow
 from .reads import pick_model, read_common_errors, read_counts, read_models, read_vector_count, read_vectors
 from .records import LIST_FIELDS, RECORD_FIELDS, LoadNote, MapRecord, decode_list, displayable, encode_list
@@ -140,6 +141,7 @@ class MapStore(CatalogueCrawl):
         values = {name: getattr(record, name) for name in RECORD_FIELDS}
         for name in LIST_FIELDS:
             values[name] = encode_list(values[name])
+        values["location"] = stored_location(values["location"], self.path)  # no machine path where avoidable
         values["thumbnail"] = thumbnail
         values["width"], values["height"] = size if size else (None, None)
         values["loaded_at"] = now()
@@ -323,6 +325,7 @@ class MapStore(CatalogueCrawl):
                 continue
             for name in LIST_FIELDS:
                 row[name] = decode_list(row[name])
+            row["location"] = resolved_location(row["location"], self.path)
             records.append(MapRecord(**row))
         return records, missing
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from . import vectors
+from .locations import resolved_location
 from .model_rows import ModelRow
 from .records import LIST_FIELDS, decode_list, display_row
 from .schema import connect, is_collection, vector_meta_keys
@@ -113,6 +114,28 @@ def read_item_sheets(conn, item_id: str, limit: int = MAX_SHEETS_LISTED) -> list
     return [display_row(row) for row in rows_of(
         conn, "SELECT id, sheet, title, thumbnail_url, typeof(thumbnail) = 'blob' AS has_thumbnail FROM maps "
               "WHERE item_id = ? ORDER BY sheet, id LIMIT ?", [item_id, int(limit)])]
+
+
+def read_map_location(conn, map_id: int) -> str | None:
+    """Where a map's pixels are, as stored (``locations.py`` resolves a local one)."""
+    row = conn.execute("SELECT location FROM maps WHERE id = ? AND typeof(location) = 'text'", [int(map_id)]).fetchone()
+    return row[0] if row else None
+
+
+def read_sample_titles(conn, count: int) -> list[str]:
+    """Up to ``count`` distinct map titles spread evenly over the collection's ids: the same sample
+    every time for the same rows (one indexed lookup per title, whatever the collection's size)."""
+    low, high = conn.execute("SELECT min(id), max(id) FROM maps").fetchone()
+    if low is None:
+        return []
+    titles: list[str] = []
+    for step in range(count):  # an empty or repeated title is skipped: the sample may be smaller
+        target = low + (high - low) * step // max(1, count - 1)
+        row = conn.execute("SELECT title FROM maps WHERE id >= ? AND typeof(title) = 'text' AND trim(title) != '' "
+                           "ORDER BY id LIMIT 1", [int(target)]).fetchone()
+        if row and row[0].strip() not in titles:
+            titles.append(row[0].strip())
+    return titles
 
 
 def read_thumbnail(conn, map_id: int) -> bytes | None:
@@ -215,6 +238,8 @@ def read_maps_readonly(db_path: str | Path, columns: tuple[str, ...]) -> list[di
         for name in LIST_FIELDS:
             if name in row:
                 row[name] = decode_list(row[name])
+        if "location" in row:
+            row["location"] = resolved_location(row["location"], db_path)
     return rows
 
 

@@ -19,12 +19,14 @@ and no mark.  Text read off a map is data: it is stored as read and only ever bo
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from .locations import resolved_location, stored_location
 from .records import LoadNote, displayable, note_key
 from .schema import now
 
@@ -105,7 +107,8 @@ class WordStore:
             "LEFT JOIN map_words_read r ON r.map_id = maps.id AND r.ocr_model = ? "
             "WHERE r.map_id IS NULL ORDER BY maps.id LIMIT ?",
             (ocr_model_id, -1 if limit is None else int(limit))).fetchall()
-        return [MapToRead(*tuple(row)) for row in rows], int(done)
+        targets = [MapToRead(*tuple(row)) for row in rows]
+        return [dataclasses.replace(t, location=resolved_location(t.location, self.store.path)) for t in targets], int(done)
 
     def write_reading(self, map_id: int, ocr_model_id: int, words: Iterable[MapWord], *,
                       size: tuple[int, int] | None = None, seconds: float | None = None,
@@ -139,7 +142,8 @@ class WordStore:
         row of stage ``ocr``, keyed apart from the map's own row so loading never clears it."""
         with self.store.transaction():
             self.store.record_note(LoadNote(ocr_error_key(target.source_id), OCR_STAGE, reason,
-                                            location=target.location, source=target.source))
+                                            location=stored_location(target.location, self.store.path),
+                                            source=target.source))
 
 
 def ocr_error_key(source_id: str) -> str:

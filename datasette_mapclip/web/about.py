@@ -8,16 +8,19 @@ configuration; the templates escape all of it, and only http(s) URLs (``search/l
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from datasette.utils.asgi import Forbidden
 
 from .. import store
+from ..search.errors import SearchError
 from ..search.links import web_url
-from ..search.query import SearchParams
-from ..search.service import map_summary
+from ..search.query import MAX_QUERY_CHARS, SearchParams
+from ..search.service import map_summary, run_search
 from ..store.ids import map_id_or_none
 from . import compat
+from .state import collections_of, state_for
 from .urls import MapclipUrls
 
 log = logging.getLogger(__name__)
@@ -145,7 +148,64 @@ async def describe_collection(datasette, name: str, config: dict, actor=None) ->
         "models": described,
         "note": _text(config.get("model_note")),
         "training_note": _text(config.get("training_note")),
+        "scores": await measured_scores(datasette, name) if models else None,
     }
+
+
+SCORE_SAMPLE = 20  # the collection's own titles searched as text queries
+SCORE_RANKS = (1, 10)  # the best match's score, and the 10th's
+
+
+async def measured_scores(datasette, name: str) -> dict | None:
+    """What scores look like on this collection with the model it is searched with by default:
+    its own titles (a fixed sample, ``store.read_sample_titles``) searched as text, exactly as the
+    search page runs them; for the best match and the 10th, the lowest and highest score.  Measured
+    once per (file, model) and kept in the plugin state; None where it cannot be measured (no text
+    encoder, no titles), so the page then says nothing about it."""
+    try:
+        collection = await collections_of(datasette).load(name)
+    except store.ModelNotFound:
+        return None
+    except Exception as error:  # an optional paragraph: never the reason the page fails
+        log.warning("mapclip: the scores of %s could not be measured: %s", name, error)
+        return None
+    cache = state_for(datasette).score_ranges
+    key = (collection.path or name, collection.model.name)
+    found = cache.get(key)
+    if found is None:
+        found = cache[key] = asyncio.ensure_future(_measure(collection))
+    if isinstance(found, asyncio.Future):
+        try:
+            result = await asyncio.shield(found)
+        except Exception as error:  # a search cut by the time limit: tried again by a later visit
+            log.warning("mapclip: the scores of %s could not be measured: %s", name, error)
+            cache.pop(key, None)
+            return None
+        cache[key] = found = (result,)  # the figures (None: not measurable), not a task bound to this loop
+    return found[0]
+
+
+async def _measure(collection) -> dict | None:
+    titles = await collection.db.execute_fn(lambda conn: store.read_sample_titles(conn, SCORE_SAMPLE))
+    scores: dict[int, list[float]] = {rank: [] for rank in SCORE_RANKS}
+    searched = 0
+    for title in titles:
+        try:
+            found = await run_search(collection, SearchParams(q=title[:MAX_QUERY_CHARS], k=max(SCORE_RANKS)))
+        except SearchError as error:
+            if error.status >= 500:  # no text encoder here: nothing to measure
+                return None
+            continue  # this title is no query (refused): the next one
+        searched += 1
+        similarities = [result["similarity"] for result in found["results"]]
+        for rank in SCORE_RANKS:
+            if len(similarities) >= rank:
+                scores[rank].append(similarities[rank - 1])
+    if not scores[1]:
+        return None
+    return {"model": collection.model.name, "queries": searched,
+            "ranks": [{"rank": rank, "low": min(values), "high": max(values)}
+                      for rank, values in scores.items() if values]}
 
 
 async def database_title(datasette, name: str) -> str | None:

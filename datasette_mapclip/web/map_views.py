@@ -11,8 +11,8 @@ from ..search import citations, service
 from ..search.errors import BadSearch, NotFound, SearchError
 from ..search.query import SearchParams, first_value
 from ..store.ids import map_id_or_none
-from . import vendor
-from .state import collections_of
+from . import local_images, vendor
+from .state import collections_of, plugin_config, state_for
 from .urls import MapclipUrls, attachment
 from .views import answers_503_when_cut, error_response, map_in_path
 
@@ -35,6 +35,7 @@ async def map_page(request, datasette):
         collection = await collections_of(datasette).open(request.actor, database,
                                                          (request.args.get("model") or "").strip() or None)
         details = await service.map_details(collection, map_id)
+        details["local_image"] = await local_image(datasette, details, database, map_id)
     except SearchError as error:
         if not as_json and not suffix:
             return Response.html(await datasette.render_template(
@@ -62,6 +63,38 @@ async def map_page(request, datasette):
                                                 details["database"]),
     }, request=request)
     return Response.html(page)
+
+
+async def local_image(datasette, details: dict, database: str, map_id: int) -> dict | None:
+    """The map's own local file for the deep-zoom viewer, where it has no IIIF service and the file
+    is a readable picture; the page then shows the file's true size."""
+    if details["deep_zoom"] is not None:
+        return None
+    found = await local_images.viewer_source(state_for(datasette), datasette.get_database(database), map_id)
+    if found is None:
+        return None
+    details["map"]["width"], details["map"]["height"] = found["width"], found["height"]
+    return {**found, "url": MapclipUrls(datasette).image(database, map_id)}
+
+
+@answers_503_when_cut(as_json=False)
+async def map_image(request, datasette):
+    """``/-/mapclip/image/<database>/<id>.jpg``: a map's local image, re-encoded for the viewer,
+    with the map page's permission checks; 404 where there is none."""
+    collections = collections_of(datasette)
+    try:
+        database, map_id = map_in_path(datasette, request)
+        if not await collections.holds(database):
+            raise NotFound("no such collection")
+        await collections.choose(request.actor, database)  # Datasette's 403, as on the map's page
+        data = await local_images.image_bytes(state_for(datasette), datasette.get_database(database), map_id,
+                                              plugin_config(datasette, database))
+    except SearchError as error:
+        return Response.text(str(error), status=error.status)
+    # An image of a collection behind permissions must not sit in shared caches.
+    public = await collections.can_view(None, database)
+    cache = "public, max-age=86400" if public else "private, max-age=3600"
+    return Response(data, content_type="image/jpeg", headers={"Cache-Control": cache})
 
 
 @answers_503_when_cut(as_json=True)

@@ -15,6 +15,7 @@ from ..search.resources import SearchResources
 from ..settings import Settings
 from . import compat
 from .collections import Collections
+from .local_images import LocalImageCache
 from .uploads import UploadPreviews
 
 PLUGIN = "datasette-mapclip"
@@ -24,6 +25,8 @@ PLUGIN = "datasette-mapclip"
 class PluginState(SearchResources):
     collections: Collections | None = None
     upload_previews: UploadPreviews = dataclasses.field(default_factory=UploadPreviews)
+    local_images: LocalImageCache = dataclasses.field(default_factory=LocalImageCache)  # web/local_images.py
+    score_ranges: dict = dataclasses.field(default_factory=dict)  # (file, model) -> the About page's figures
 
 
 _states: "weakref.WeakKeyDictionary[object, PluginState]" = weakref.WeakKeyDictionary()

@@ -45,6 +45,7 @@ class MapclipUrls:
     EXPORT = "/-/mapclip/export"     # .csv, .json
     MAP = "/-/mapclip/map"           # /<database>/<id>[.json|.bib|.csl.json|.txt]
     THUMBNAIL = "/-/mapclip/thumbnail"  # /<database>/<id>.jpg
+    IMAGE = "/-/mapclip/image"       # /<database>/<id>.jpg: a map's local image, for the deep-zoom viewer
 
     def __init__(self, datasette):
         self.datasette = datasette
@@ -73,6 +74,10 @@ class MapclipUrls:
         """A stored thumbnail."""
         return self._url(f"{self.THUMBNAIL}/{database_segment(self.datasette, database)}/{int(map_id)}.jpg")
 
+    def image(self, database: str, map_id: int) -> str:
+        """A map's local image, re-encoded for the deep-zoom viewer."""
+        return self._url(f"{self.IMAGE}/{database_segment(self.datasette, database)}/{int(map_id)}.jpg")
+
 
 def routes(views, map_views) -> list[tuple[str, object]]:
     """The plugin's routes, from the same paths the URLs above are built from."""
@@ -85,6 +90,7 @@ def routes(views, map_views) -> list[tuple[str, object]]:
         (at(urls.ABOUT) + "$", views.about_page),
         (at(urls.SEARCH_JSON) + "$", views.search_json),
         (at(urls.THUMBNAIL) + rf"/{DATABASE}/{MAP_ID}\.jpg$", views.thumbnail),
+        (at(urls.IMAGE) + rf"/{DATABASE}/{MAP_ID}\.jpg$", map_views.map_image),
         (at(urls.MAP) + rf"/{DATABASE}/{MAP_ID}(?P<format>\.json|\.bib|\.csl\.json|\.txt)?$", map_views.map_page),
         (at(urls.EXPORT) + r"\.(?P<format>csv|json)$", map_views.export_results),
     ]

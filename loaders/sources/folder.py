@@ -154,7 +154,9 @@ def _number(row: dict, name: str, value_range: tuple[int, int], problems: list[s
 
 def folder_records(folder: str | Path, metadata_csv: str | Path | None = None, *,
                    follow_symlinks: bool = False, report: FolderReport | None = None) -> Iterator[MapRecord]:
-    """A record per image; ``location`` is absolute, so re-embedding works from any directory.
+    """A record per image; ``location`` is absolute (the store records it relative to the collection
+    file's folder where it lies inside it: ``store/locations.py``), so re-embedding works from any
+    directory.
 
     A file name that is not UTF-8 keeps its real path in ``location`` (for reading) and gets a
     displayable, stable ``source_id`` (``map_\\xff.jpg``); a catalogue value that cannot be
