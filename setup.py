@@ -44,6 +44,15 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
+    # (No project URLs: the project has no public home yet.)
+    classifiers=[
+        "Framework :: Datasette",
+        "Development Status :: 3 - Alpha",
+        "Intended Audience :: Science/Research",
+        "Programming Language :: Python :: 3",
+        "Topic :: Database",
+        "Topic :: Scientific/Engineering :: Image Recognition",
+    ],
     packages=["datasette_mapclip", "datasette_mapclip.model", "datasette_mapclip.search", "datasette_mapclip.store",
               "datasette_mapclip.web", "loaders", "loaders.sources", "fine_tune", "fine_tune.demo"],
     package_data={"datasette_mapclip": ["model/model_configs/*.json", "templates/*", "static/*",
