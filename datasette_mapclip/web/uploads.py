@@ -155,11 +155,66 @@ async def _receive_body(request, limits: UploadLimits) -> bytes:
             return bytes(body)
 
 
+class _PartHeaders:
+    """One multipart part's headers as python-multipart's parser reports them, their bytes capped at
+    ``max_header_bytes``; ``name`` and ``filename`` from its Content-Disposition once they are all in.
+    The callbacks both readers of a form share (``parse_multipart`` and the CSRF read-ahead)."""
+
+    def __init__(self, limits: "UploadLimits"):
+        self.limits = limits
+        self.begin()
+
+    def begin(self):
+        self.headers: dict[bytes, bytes] = {}
+        self.field = self.value = b""
+        self.size = 0
+        self.name, self.filename = b"", None
+
+    def _count(self, n: int):
+        self.size += n
+        if self.size > self.limits.max_header_bytes:
+            raise UploadError(f"a form part's headers are too long: over {self.limits.max_header_bytes} bytes")
+
+    def on_header_field(self, data, start, end):
+        self._count(end - start)
+        self.field += data[start:end]
+
+    def on_header_value(self, data, start, end):
+        self._count(end - start)
+        self.value += data[start:end]
+
+    def on_header_end(self):
+        self.headers[self.field.lower()] = self.value
+        self.field = self.value = b""
+
+    def finish(self):
+        """After the last header: the part's field name and file name (None: not a file), as bytes."""
+        _, disposition = parse_options_header(self.headers.get(b"content-disposition", b""))
+        self.name, self.filename = disposition.get(b"name") or b"", disposition.get(b"filename")
+
+    def parser(self, boundary: bytes, *, on_part_begin, on_headers_finished, on_part_data, on_part_end):
+        """A parser of a body with this boundary: the header callbacks here, the rest the caller's."""
+        def begin():
+            self.begin()
+            on_part_begin()
+
+        def headers_finished():
+            self.finish()
+            on_headers_finished()
+
+        return MultipartParser(boundary, {
+            "on_part_begin": begin, "on_header_field": self.on_header_field,
+            "on_header_value": self.on_header_value, "on_header_end": self.on_header_end,
+            "on_headers_finished": headers_finished, "on_part_data": on_part_data, "on_part_end": on_part_end,
+        })
+
+
 def parse_multipart(body: bytes, boundary: bytes, limits: UploadLimits = UploadLimits()) -> tuple[dict, dict]:
     """Parse a whole multipart body (in a worker thread) within ``limits``."""
     fields: dict[str, str] = {}
     files: dict[str, tuple[str, bytes]] = {}
-    part = {}
+    part = _PartHeaders(limits)
+    data = bytearray()
     count = 0
 
     def on_part_begin():
@@ -167,52 +222,28 @@ def parse_multipart(body: bytes, boundary: bytes, limits: UploadLimits = UploadL
         count += 1
         if count > limits.max_parts:
             raise _too_many_parts(limits)
-        part.update(data=bytearray(), headers={}, header_field=b"", header_value=b"", header_bytes=0)
+        data.clear()
 
-    def on_header_field(data, start, end):
-        part["header_field"] += data[start:end]
-        _count_header_bytes(end - start)
-
-    def on_header_value(data, start, end):
-        part["header_value"] += data[start:end]
-        _count_header_bytes(end - start)
-
-    def _count_header_bytes(n):
-        part["header_bytes"] += n
-        if part["header_bytes"] > limits.max_header_bytes:
-            raise UploadError(f"a form part's headers are too long: over {limits.max_header_bytes} bytes")
-
-    def on_header_end():
-        part["headers"][part["header_field"].lower()] = part["header_value"]
-        part["header_field"], part["header_value"] = b"", b""
-
-    def on_headers_finished():
-        _, disposition = parse_options_header(part["headers"].get(b"content-disposition", b""))
-        part["name"] = (disposition.get(b"name") or b"").decode("utf-8", "replace")
-        filename = disposition.get(b"filename")
-        part["filename"] = None if filename is None else filename.decode("utf-8", "replace")
-
-    def on_part_data(data, start, end):
-        part["data"] += data[start:end]
-        if part["filename"] is None and len(part["data"]) > limits.max_field_bytes:
-            raise UploadError(f"form field {part['name'][:40]!r} is too long: over {limits.max_field_bytes} bytes")
-        if len(part["data"]) > limits.max_bytes:
+    def on_part_data(chunk, start, end):
+        data.extend(chunk[start:end])
+        if part.filename is None and len(data) > limits.max_field_bytes:
+            name = part.name.decode("utf-8", "replace")
+            raise UploadError(f"form field {name[:40]!r} is too long: over {limits.max_field_bytes} bytes")
+        if len(data) > limits.max_bytes:
             raise _too_large(limits)
 
     def on_part_end():
-        if part["filename"] is not None:
-            files[part["name"]] = (part["filename"], bytes(part["data"]))
+        name = part.name.decode("utf-8", "replace")
+        if part.filename is not None:
+            files[name] = (part.filename.decode("utf-8", "replace"), bytes(data))
         else:  # a field sent more than once (a form's repeated term rows) keeps every value, in order
-            value = part["data"].decode("utf-8", "replace")
-            earlier = fields.get(part["name"])
-            fields[part["name"]] = value if earlier is None else (
+            value = data.decode("utf-8", "replace")
+            earlier = fields.get(name)
+            fields[name] = value if earlier is None else (
                 [*earlier, value] if isinstance(earlier, list) else [earlier, value])
 
-    parser = MultipartParser(boundary, {
-        "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
-        "on_header_end": on_header_end, "on_headers_finished": on_headers_finished,
-        "on_part_data": on_part_data, "on_part_end": on_part_end,
-    })
+    parser = part.parser(boundary, on_part_begin=on_part_begin, on_headers_finished=lambda: None,
+                         on_part_data=on_part_data, on_part_end=on_part_end)
     try:
         parser.write(body)
         parser.finalize()
@@ -344,53 +375,32 @@ class _FormToken:
         self.done, self.token, self.file_first = False, None, False
         self.limits = limits
         self.read = self.chunk_start = 0  # bytes fed; where the chunk being parsed starts
-        self.part: dict = {}
-        self.parser = MultipartParser(boundary, {
-            "on_part_begin": self._begin, "on_header_field": self._header_field, "on_header_value": self._header_value,
-            "on_header_end": self._header_end, "on_headers_finished": self._headers_finished,
-            "on_part_data": self._data, "on_part_end": self._end,
-        })
+        self.part = _PartHeaders(limits)
+        self.data = b""
+        self.parser = self.part.parser(boundary, on_part_begin=self._begin, on_headers_finished=self._headers_finished,
+                                       on_part_data=self._data, on_part_end=self._end)
 
     def _begin(self):
-        self.part = {"headers": {}, "field": b"", "value": b"", "header_bytes": 0, "data": b""}
-
-    def _count(self, n: int):
-        self.part["header_bytes"] += n
-        if self.part["header_bytes"] > self.limits.max_header_bytes:
-            raise UploadError(f"a form part's headers are too long: over {self.limits.max_header_bytes} bytes")
-
-    def _header_field(self, data, start, end):
-        self._count(end - start)
-        self.part["field"] += data[start:end]
-
-    def _header_value(self, data, start, end):
-        self._count(end - start)
-        self.part["value"] += data[start:end]
-
-    def _header_end(self):
-        self.part["headers"][self.part["field"].lower()] = self.part["value"]
-        self.part["field"], self.part["value"] = b"", b""
+        self.data = b""
 
     def _headers_finished(self):
-        _, disposition = parse_options_header(self.part["headers"].get(b"content-disposition", b""))
-        self.part["name"] = disposition.get(b"name")
-        if disposition.get(b"filename") is not None:  # a file part before the token: refused, as asgi-csrf does
+        if self.part.filename is not None:  # a file part before the token: refused, as asgi-csrf does
             self.file_first, self.done = True, True
             raise _Stop
 
     def _data(self, data, start, end):
-        if self.part.get("name") == CSRF_FIELD:
+        if self.part.name == CSRF_FIELD:
             if self.chunk_start + end > MAX_BYTES_BEFORE_TOKEN:
                 raise _too_late()
-            self.part["data"] += data[start:end]
-            if len(self.part["data"]) > MAX_TOKEN_BYTES:
+            self.data += data[start:end]
+            if len(self.data) > MAX_TOKEN_BYTES:
                 self.done = True  # no token is this long: a mismatch
                 raise _Stop
 
     def _end(self):
-        if self.part.get("name") == CSRF_FIELD:
+        if self.part.name == CSRF_FIELD:
             try:
-                self.token = self.part["data"].decode("ascii")
+                self.token = self.data.decode("ascii")
             except UnicodeDecodeError:
                 self.token = None  # a token is ASCII: this one cannot match
             self.done = True
