@@ -461,18 +461,30 @@ def _urlencoded_problem(body: bytes) -> str | None:
     return None
 
 
+# The CSRF layer holds a whole form body in memory to find its token: a bigger one is refused first.
+# (Datasette's own forms send a few hundred bytes; a plugin's form of text fields stays far below.)
+MAX_FORM_BODY_BYTES = 8 * 1024 * 1024
+
+
 async def _guard_urlencoded(app, scope, receive, send):
-    """A form body the CSRF layer reads whole: read it first, answer 400 where that layer would fail."""
-    early, body = [], b""
+    """A form body the CSRF layer reads whole: read it first (at most ``MAX_FORM_BODY_BYTES``),
+    answer 4xx where that layer would fail or hold too much."""
+    too_large = f"the form body is too large: over {MAX_FORM_BODY_BYTES // (1024 * 1024)} MiB"
+    declared = ids.declared_length(dict(scope.get("headers") or []).get(b"content-length", b"").decode("latin-1"))
+    if declared is not None and declared > MAX_FORM_BODY_BYTES:
+        return await _answer(scope, send, too_large, 413)
+    early, body = [], bytearray()
     while True:
         message = await receive()
         early.append(message)
         if message["type"] != "http.request":
             break
         body += message.get("body", b"")
+        if len(body) > MAX_FORM_BODY_BYTES:
+            return await _answer(scope, send, too_large, 413)
         if not message.get("more_body"):
             break
-    problem = _urlencoded_problem(body)
+    problem = _urlencoded_problem(bytes(body))
     if problem:
         return await _answer(scope, send, problem)
     return await app(scope, _replaying(early, receive), send)
