@@ -134,3 +134,141 @@ def test_the_demo_refuses_a_port_in_use_before_building_anything(tmp_path):
     assert result.exit_code == 1 and f"port {port} is already in use" in result.output
     assert f"PORT={port + 1}" in result.output
     assert not (tmp_path / "demo").exists()  # nothing was built
+
+
+# -- lettered sheets: names printed at a realistic size, and the truth of what was printed ----------
+
+LETTERED_KINDS = ("nautical", "political")
+
+
+@pytest.fixture(scope="module")
+def lettered(tmp_path_factory):
+    from fine_tune.demo.lettering import read_truth
+
+    folder = tmp_path_factory.mktemp("lettered")
+    rows = generate_demo_collection(folder, count=COUNT, seed=0, lettered_per_kind=1, lettered_kinds=LETTERED_KINDS)
+    return folder, rows, read_truth(folder)
+
+
+def test_lettered_sheets_are_large_the_others_unchanged(lettered, collection):
+    from fine_tune.demo.lettering import TRUTH_COLUMNS, TRUTH_FILE
+
+    folder, rows, truth = lettered
+    kinds = {row["file"]: row["kind"] for row in rows}
+    assert sorted(kinds[file] for file in truth) == sorted(LETTERED_KINDS)
+    with open(folder / TRUTH_FILE, newline="", encoding="utf-8") as f:
+        assert tuple(csv.DictReader(f).fieldnames) == TRUTH_COLUMNS
+    plain_folder, plain_rows = collection
+    assert rows == plain_rows  # the catalogue is the same with or without lettered sheets
+    for row in rows:
+        with Image.open(folder / row["file"]) as image:
+            assert image.size == ((1024, 1024) if row["file"] in truth else (256, 256))
+        if row["file"] not in truth:
+            assert (folder / row["file"]).read_bytes() == (plain_folder / row["file"]).read_bytes()
+
+
+def test_truth_boxes_lie_on_the_sheet_apart_and_where_ink_was_printed(lettered):
+    """Each label's outline is inside the image, labels do not overlap, and the pixels inside each
+    label differ from the same map drawn without lettering (something was printed there)."""
+    from fine_tune.demo.maps import draw_map
+
+    folder, rows, truth = lettered
+    styles, fonts, sizes = set(), set(), set()
+    for index, row in enumerate(rows):
+        labels = truth.get(row["file"])
+        if not labels:
+            continue
+        assert len(labels) >= 10
+        with Image.open(folder / row["file"]) as image:
+            printed = np.asarray(image.convert("RGB"), np.float32)
+        bare = np.asarray(draw_map(row["kind"], (0, 1, index), 1024, text=False), np.float32)
+        boxes = []
+        for label in labels:
+            x0, y0, x1, y1 = label.bounds
+            assert 0 <= x0 < x1 <= 1024 and 0 <= y0 < y1 <= 1024, label
+            inside = np.abs(printed[int(y0):int(y1) + 1, int(x0):int(x1) + 1] - bare[int(y0):int(y1) + 1,
+                                                                                     int(x0):int(x1) + 1]).max(-1)
+            assert (inside > 40).mean() > 0.05, f"nothing printed where {label.text!r} should be"
+            boxes.append((x0, y0, x1, y1))
+            styles.add(label.style)
+            fonts.add(label.font)
+            sizes.add(label.px)
+        for i, a in enumerate(boxes):
+            for b in boxes[i + 1:]:
+                assert a[2] < b[0] or b[2] < a[0] or a[3] < b[1] or b[3] < a[1], (a, b)
+    assert {"horizontal", "rotated", "vertical", "curved"} <= styles, styles
+    assert len(fonts) >= 3 and min(sizes) < 14 <= max(sizes)
+
+
+def test_every_printed_name_is_on_some_sheet_and_the_catalogue_title_is_printed(lettered):
+    from fine_tune.demo.lettering import PRINTED_NAMES, prints_name
+
+    folder, rows, truth = lettered
+    titles = {row["file"]: row["title"] for row in rows}
+    for file, labels in truth.items():
+        assert titles[file] in [label.text for label in labels]
+        assert sum(prints_name(labels, name) for name in PRINTED_NAMES) >= 2
+
+
+@pytest.fixture(scope="module")
+def reading(lettered):
+    """A real OCR read (mapclip ocr's engine) of one lettered sheet, in its pixel coordinates."""
+    from loaders.ocr import OcrEngine, OcrSettings
+
+    folder, rows, truth = lettered
+    file = sorted(truth)[0]
+    with Image.open(folder / file) as image:
+        words = OcrEngine(OcrSettings(threads=2)).read(image.convert("RGB"))
+        width, height = image.size
+    return truth[file], [(w.text, (w.x * width, w.y * height, (w.x + w.w) * width, (w.y + w.h) * height))
+                         for w in words]
+
+
+def test_ocr_reads_the_truths_words_where_the_truth_puts_them(reading):
+    from fine_tune.demo.lettering import GROUPS, NO_LABEL, Label, Tally, score_sheet
+
+    labels, readings = reading
+
+    def pooled(tallies):
+        total = Tally()
+        for group in [*GROUPS, NO_LABEL]:
+            total.add(tallies[group])
+        return total
+
+    real = pooled(score_sheet(labels, readings))
+    assert real.letters_recall >= 0.6 and real.precision >= 0.6, (real, readings)
+    # The same texts at each other's places: the words read are not where that truth says
+    moved = [Label(label.text, label.style, label.angle, label.px, label.font, other.outline)
+             for label, other in zip(labels, labels[1:] + labels[:1])]
+    shuffled = pooled(score_sheet(moved, readings))
+    assert shuffled.letters_recall < real.letters_recall / 3, shuffled
+
+
+def test_scoring_counts_words_by_label():
+    from fine_tune.demo.lettering import NO_LABEL, Label, score_sheet, summarise
+
+    square = [(100, 100), (300, 100), (300, 130), (100, 130)]
+    labels = [Label("Sandy Hook", "horizontal", 0, 20, "f", square),
+              Label("Cape Fear", "curved", 10, 20, "f", [(x, y + 300) for x, y in square]),
+              Label("Kent", "horizontal", 0, 12, "f", [(x, y + 600) for x, y in square])]
+    readings = [("SandyHook", (100, 100, 300, 130)),  # space dropped: no word found, letters found
+                ("Cape Feat", (100, 400, 300, 430)),  # one word right
+                ("Ghost", (600, 600, 700, 630))]  # where no label is
+    tallies = score_sheet(labels, readings)
+    assert (tallies["horizontal, 14 px and over"].found_words, tallies["horizontal, 14 px and over"].letters_found,
+            tallies["horizontal, 14 px and over"].read_words) == (0, 2, 1)
+    assert (tallies["curved"].found_words, tallies["curved"].correct_words, tallies["curved"].read_words) == (1, 1, 2)
+    assert tallies["horizontal, under 14 px"].truth_words == 1 and tallies["horizontal, under 14 px"].found_words == 0
+    assert tallies[NO_LABEL].read_words == 1
+    summary = summarise(tallies)
+    assert summary["all"]["recall"] == 1 / 5 and summary["all"]["precision"] == 1 / 4
+    assert summary["rotated_curved"]["recall"] == 1 / 2
+
+
+def test_a_name_is_printed_only_as_a_whole():
+    from fine_tune.demo.lettering import Label, prints_name
+
+    labels = [Label("Chart of the coast from Cape Fear to Sandy Hook", "horizontal", 0, 20, "f", [(0, 0), (1, 1)]),
+              Label("Fear River", "horizontal", 0, 20, "f", [(0, 0), (1, 1)])]
+    assert prints_name(labels, "cape fear") and prints_name(labels, "Sandy Hook")
+    assert not prints_name(labels, "Fear Cape") and not prints_name(labels, "Cape May")

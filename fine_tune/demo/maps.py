@@ -5,7 +5,9 @@ without the network.  Each image is drawn as one of a handful of map *kinds* (re
 nautical chart, ...) whose palette, structure and texture differ strongly enough to be told
 apart at 64x64 px, while the content inside a kind (coastlines, regions, street grids, colours,
 place names) is random, so a model has to learn the kind rather than memorise pictures.
-The ``kind`` column is the ground truth for evaluating search.
+The ``kind`` column is the ground truth for evaluating search.  Some maps can be drawn as
+lettered sheets of 1,024 px (``lettering.py``): the same picture, scaled, with place names an OCR
+model can read and a ``words.csv`` saying what is printed where.
 
 Only numpy and Pillow are used; noise is vectorised (random grids upsampled bicubically), so
 360 images at 256 px take well under a minute on a small CPU.
@@ -13,6 +15,7 @@ Only numpy and Pillow are used; noise is vectorised (random grids upsampled bicu
 
 from __future__ import annotations
 
+import contextvars
 import csv
 import math
 from collections.abc import Callable, Mapping
@@ -22,7 +25,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from ..kinds import KINDS
-
+from .lettering import LETTERED_SIZE, NAMES_PER_SHEET, PRINTED_NAMES, Label, letter_sheet, truth_rows, write_truth
 
 COLUMNS = (
     "file", "item_id", "sheet", "title", "date", "year", "place", "subjects", "contributors",
@@ -37,6 +40,24 @@ Array = np.ndarray
 # --------------------------------------------------------------------------------------------
 # Shared drawing helpers
 # --------------------------------------------------------------------------------------------
+
+# While a lettered sheet is drawn (``draw_map(..., text=False)``) the drawers print no text of their
+# own: every word on such a sheet is one the lettering placed and recorded as truth.
+_PRINTING: contextvars.ContextVar[bool] = contextvars.ContextVar("demo_printing", default=True)
+# ... and the drawers of kinds with a coast hand over their water mask, for names set along it.
+_WATER: contextvars.ContextVar[list | None] = contextvars.ContextVar("demo_water", default=None)
+
+
+def _text(draw: ImageDraw.ImageDraw, xy, text: str, **options) -> None:
+    if _PRINTING.get():
+        draw.text(xy, text, **options)
+
+
+def _note_water(water: Array) -> None:
+    found = _WATER.get()
+    if found is not None:
+        found.append(water)
+
 
 def _font(size: int, points: float = 9) -> ImageFont.ImageFont:
     """Pillow's bundled font, scaled with the image so labels keep their relative size."""
@@ -123,7 +144,7 @@ def _labels(draw: ImageDraw.ImageDraw, rng: np.random.Generator, size: int, name
     font = _font(size, points)
     for _ in range(count):
         x, y = rng.integers(size // 10, size * 7 // 10, 2)
-        draw.text((int(x), int(y)), str(rng.choice(names)), fill=colour, font=font)
+        _text(draw, (int(x), int(y)), str(rng.choice(names)), fill=colour, font=font)
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,6 +195,7 @@ def draw_political(rng: np.random.Generator, size: int) -> Image.Image:
     palette = np.array([_jitter(rng, PASTELS[i % len(PASTELS)], 8) for i in rng.permutation(64)], np.float32)
     canvas = palette[labels % len(palette)]
     land = _land_mask(rng, size, rng.uniform(0.2, 0.4))
+    _note_water(~land)
     _paint(canvas, ~land, _jitter(rng, (150, 196, 228), 6))  # a bluer sea than a chart's
     border = _thicken(_edges(labels) & land, max(2, size // 110))
     _paint(canvas, border, (70, 50, 55))
@@ -186,7 +208,7 @@ def draw_political(rng: np.random.Generator, size: int) -> Image.Image:
         x, y = int(sx * size), int(sy * size)
         if 0 <= x < size and 0 <= y < size and land[y, x]:
             draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=(200, 30, 30), outline=(0, 0, 0))
-            draw.text((x + radius + 1, y - radius), str(rng.choice(CAPITALS)), fill=(20, 20, 20), font=font)
+            _text(draw, (x + radius + 1, y - radius), str(rng.choice(CAPITALS)), fill=(20, 20, 20), font=font)
     _neatline(draw, size)
     return image
 
@@ -251,6 +273,7 @@ def draw_nautical(rng: np.random.Generator, size: int) -> Image.Image:
     field = _noise(rng, size, 3, 5) + 1.2 * (x * math.cos(angle) + y * math.sin(angle))
     coast = np.quantile(field, rng.uniform(0.55, 0.75))
     land = field > coast
+    _note_water(~land)
     canvas = np.empty((size, size, 3), np.float32)
     canvas[:] = _jitter(rng, (232, 242, 242), 4)
     _paint(canvas, (field > coast - 0.12) & ~land, _jitter(rng, (188, 216, 230), 6))  # shoal water
@@ -268,7 +291,7 @@ def draw_nautical(rng: np.random.Generator, size: int) -> Image.Image:
     font = _font(size, 6)
     for py, px in sea_pixels[rng.integers(len(sea_pixels), size=int(rng.integers(60, 110)))]:
         depth = int(rng.integers(1, 12) + 30 * (coast - field[py, px]))
-        draw.text((int(px), int(py)), str(depth), fill=(50, 60, 80), font=font)
+        _text(draw, (int(px), int(py)), str(depth), fill=(50, 60, 80), font=font)
     _compass_rose(draw, int(cx), int(cy), int(size * rng.uniform(0.09, 0.14)))
     _labels(draw, rng, size, HEADLANDS, int(rng.integers(1, 3)), (40, 30, 20))
     _neatline(draw, size)
@@ -338,7 +361,7 @@ def _legend(draw: ImageDraw.ImageDraw, rng: np.random.Generator, size: int, ramp
         y0 = top + step * (k + 0.6)
         draw.rectangle([left + 4, y0, left + 4 + step * 0.9, y0 + step * 0.8],
                        fill=tuple(int(c) for c in colour), outline=(0, 0, 0))
-        draw.text((left + 8 + step, y0), f"{low * 2 ** k}-{low * 2 ** (k + 1)}", fill=(0, 0, 0), font=font)
+        _text(draw, (left + 8 + step, y0), f"{low * 2 ** k}-{low * 2 ** (k + 1)}", fill=(0, 0, 0), font=font)
 
 
 def draw_manuscript(rng: np.random.Generator, size: int) -> Image.Image:
@@ -352,6 +375,7 @@ def draw_manuscript(rng: np.random.Generator, size: int) -> Image.Image:
     field = _noise(rng, size, 3, 4, 0.45) + 0.9 * (x * math.cos(angle) + y * math.sin(angle))
     coast = np.quantile(field, rng.uniform(0.35, 0.6))
     land = field > coast
+    _note_water(~land)
     wash = _jitter(rng, [(150, 170, 100), (206, 140, 120), (196, 180, 90)][int(rng.integers(3))], 10)
     inland = np.clip(1 - (field - coast) / 0.1, 0, 1) * land  # colour fades inland, as brushed
     _paint(canvas, inland, wash, 0.6)
@@ -378,7 +402,7 @@ def draw_manuscript(rng: np.random.Generator, size: int) -> Image.Image:
         box = [left, top, left + size * 0.32, top + size * 0.16]
         draw.rectangle(box, outline=tuple(ink), width=2)
         draw.rectangle([box[0] + 3, box[1] + 3, box[2] - 3, box[3] - 3], outline=tuple(ink), width=1)
-        draw.text((box[0] + 7, box[1] + 8), "A Draught", fill=tuple(ink), font=_font(size, 9))
+        _text(draw, (box[0] + 7, box[1] + 8), "A Draught", fill=tuple(ink), font=_font(size, 9))
     return image.filter(ImageFilter.GaussianBlur(0.4))
 
 
@@ -467,7 +491,8 @@ def _strat_column(draw: ImageDraw.ImageDraw, rng: np.random.Generator, size: int
         if k % 3 == 1:  # the column repeats the map's patterns
             for hx in np.arange(box[0], box[2], max(3, size // 40)):
                 draw.line([(hx, box[1]), (min(hx + (box[3] - box[1]), box[2]), box[3])], fill=(50, 35, 35))
-        draw.text((left + width * 0.52, y0 + step * 0.25), str(SYMBOLS[k % len(SYMBOLS)]), fill=(0, 0, 0), font=font)
+        _text(draw, (left + width * 0.52, y0 + step * 0.25), str(SYMBOLS[k % len(SYMBOLS)]), fill=(0, 0, 0),
+              font=font)
 
 
 SYMBOLS = ["Qal", "Tg", "Kd", "Jm", "Pc", "Ob", "Cm", "pC", "Dv"]
@@ -504,9 +529,9 @@ def draw_fire_insurance(rng: np.random.Generator, size: int) -> Image.Image:
                         draw.line([box[0], box[1], box[2], box[3]], fill=outline)
     font = _font(size, 7)
     for _ in range(int(rng.integers(2, 4))):
-        draw.text((int(rng.integers(0, size * 3 // 4)), int(rng.integers(0, size * 9 // 10))),
-                  str(rng.choice(STREETS)).upper(), fill=(30, 30, 30), font=font)
-    draw.text((size * 0.86, size * 0.03), str(int(rng.integers(1, 60))), fill=(0, 0, 0), font=_font(size, 14))
+        _text(draw, (int(rng.integers(0, size * 3 // 4)), int(rng.integers(0, size * 9 // 10))),
+              str(rng.choice(STREETS)).upper(), fill=(30, 30, 30), font=font)
+    _text(draw, (size * 0.86, size * 0.03), str(int(rng.integers(1, 60))), fill=(0, 0, 0), font=_font(size, 14))
     _neatline(draw, size, (0, 0, 0))
     return image
 
@@ -724,28 +749,67 @@ def kind_of(row: Mapping | object) -> str | None:
     return None
 
 
-def draw_map(kind: str, seed: int | tuple = 0, size: int = 256) -> Image.Image:
-    """One ``size`` x ``size`` image of ``kind``, deterministic for ``seed`` (an int or a tuple of ints)."""
-    return DRAWERS[kind](np.random.default_rng(seed), size)
+def draw_map(kind: str, seed: int | tuple = 0, size: int = 256, *, text: bool = True,
+             water: list | None = None) -> Image.Image:
+    """One ``size`` x ``size`` image of ``kind``, deterministic for ``seed`` (an int or a tuple of ints).
+
+    ``text`` False: the drawer prints none of its own lettering (the picture is otherwise the same);
+    ``water``: a list that receives the water mask (bool, ``size`` x ``size``) of a kind with a coast."""
+    printing, noted = _PRINTING.set(text), _WATER.set(water)
+    try:
+        return DRAWERS[kind](np.random.default_rng(seed), size)
+    finally:
+        _PRINTING.reset(printing)
+        _WATER.reset(noted)
 
 
-def generate_demo_collection(folder: str | Path, count: int = 360, seed: int = 0, size: int = 256) -> list[dict]:
+def draw_lettered_map(kind: str, seed: int | tuple, size: int, title: str, printed: list[str],
+                      lettering_seed: int | tuple) -> tuple[Image.Image, list[Label]]:
+    """A lettered sheet (``lettering.py``): the map of ``kind`` drawn at ``size`` without its own
+    small lettering, then lettered with its title, the ``printed`` names and names of its kind;
+    returns the image and the labels printed on it (the truth)."""
+    water: list = []
+    image = draw_map(kind, seed, size, text=False, water=water)
+    labels = letter_sheet(image, np.random.default_rng(lettering_seed), kind, title, printed,
+                          water[0] if water else None)
+    return image, labels
+
+
+def generate_demo_collection(folder: str | Path, count: int = 360, seed: int = 0, size: int = 256,
+                             lettered_per_kind: int = 0, lettered_size: int = LETTERED_SIZE,
+                             lettered_kinds: tuple[str, ...] | None = None) -> list[dict]:
     """Write ``count`` JPEG map images and ``metadata.csv`` into ``folder``; return the rows
     exactly as written (all values strings; columns ``COLUMNS``, ``kind`` last).
 
     Each image has its own random stream derived from (seed, index), so an image does not
-    change when another kind's drawing code changes."""
+    change when another kind's drawing code changes.
+
+    ``lettered_per_kind``: that many single-sheet maps of each kind (the first in file order) are
+    lettered sheets of ``lettered_size`` px (``draw_lettered_map``), each printing
+    ``NAMES_PER_SHEET`` of ``PRINTED_NAMES`` in turn; what they print, where, is written to
+    ``words.csv`` (``lettering.TRUTH_COLUMNS``); ``lettered_kinds``: only these kinds (default all)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([seed, 0])
     rows: list[dict] = []
+    lettered: dict[str, int] = {}
+    truth: list[dict] = []
     for number, (kind, sheets) in enumerate(_plan(rng, count), start=1):
         item_id = f"demo-{number:04d}"
         catalogue = _catalogue(rng, kind)
         for sheet in range(1, sheets + 1):
             index = len(rows)
             name = f"demo_{index + 1:04d}.jpg"
-            image = draw_map(kind, (seed, 1, index), size)
+            if sheets == 1 and lettered.get(kind, 0) < lettered_per_kind and kind in (lettered_kinds or KINDS):
+                turn = sum(lettered.values())
+                printed = [PRINTED_NAMES[(turn * NAMES_PER_SHEET + k) % len(PRINTED_NAMES)]
+                           for k in range(NAMES_PER_SHEET)]
+                lettered[kind] = lettered.get(kind, 0) + 1
+                image, labels = draw_lettered_map(kind, (seed, 1, index), lettered_size, catalogue["title"], printed,
+                                                  (seed, 2, index))
+                truth += truth_rows(name, image.size, labels)
+            else:
+                image = draw_map(kind, (seed, 1, index), size)
             image.save(folder / name, "JPEG", quality=JPEG_QUALITY)
             rows.append({"file": name, "item_id": item_id, "sheet": str(sheet), **catalogue})
     rows = [{column: row[column] for column in COLUMNS} for row in rows]
@@ -753,4 +817,6 @@ def generate_demo_collection(folder: str | Path, count: int = 360, seed: int = 0
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
+    if lettered_per_kind:
+        write_truth(folder, truth)
     return rows
