@@ -30,9 +30,10 @@ import functools
 import hashlib
 import importlib.metadata
 import io
+import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -82,6 +83,8 @@ class OcrSettings:
     rotations: tuple[int, ...] = (0,)
     min_confidence: float = DEFAULT_MIN_CONFIDENCE
     respace: bool = True  # put back a space the recogniser dropped between two words (``respaced``)
+    # IIIF sheets larger than ocr_size read at full resolution, as region tiles (``RegionTiles``)
+    full_resolution: bool = False
     threads: int | None = field(default=None, compare=False)
 
     def __post_init__(self):
@@ -94,6 +97,8 @@ class OcrSettings:
     def recorded(self) -> dict:
         settings = asdict(self)
         settings.pop("threads")
+        if not self.full_resolution:
+            settings.pop("full_resolution")  # as recorded before the option existed: no re-read
         settings["rotations"] = list(self.rotations)
         return settings
 
@@ -125,6 +130,16 @@ def tiles_of(width: int, height: int, tile: int, overlap: int) -> list[Tile]:
     columns, rows = tile_starts(width, tile, overlap), tile_starts(height, tile, overlap)
     return [Tile(x, y, w, h, (x > 0, y > 0, x + w < width, y + h < height))
             for y, h in rows for x, w in columns]
+
+
+@dataclass
+class RegionTiles:
+    """A IIIF sheet read at full resolution: its size, its tiles, and ``pixels(tile)`` fetching one
+    tile as a IIIF region (RGB array) while it is read, so a sheet of any size is never decoded whole."""
+
+    size: tuple[int, int]
+    tiles: list[Tile]
+    pixels: Callable[[Tile], np.ndarray]
 
 
 # -- one reading ---------------------------------------------------------------------------------
@@ -233,18 +248,26 @@ class OcrEngine:
 
     # -- reading ---------------------------------------------------------------------------------
     def read(self, image) -> list[MapWord]:
-        """The words on an RGB Pillow image, boxes normalised to it (0..1)."""
+        """The words on an RGB Pillow image (or a ``RegionTiles`` sheet), boxes normalised to it (0..1)."""
         width, height = image.size
-        readings = self.read_pixels(np.asarray(image if image.mode == "RGB" else image.convert("RGB")))
+        if isinstance(image, RegionTiles):
+            readings = self.read_tiles((tile, image.pixels(tile)) for tile in image.tiles)
+        else:
+            readings = self.read_pixels(np.asarray(image if image.mode == "RGB" else image.convert("RGB")))
         return [to_map_word(reading, width, height) for reading in readings]
 
     def read_pixels(self, rgb: np.ndarray) -> list[Reading]:
         """Readings of an RGB array (height, width, 3) in its pixel coordinates, merged over tiles
         and rotations."""
         height, width = rgb.shape[:2]
+        tiles = tiles_of(width, height, self.settings.tile, self.settings.overlap)
+        return self.read_tiles((tile, rgb[tile.y:tile.y + tile.height, tile.x:tile.x + tile.width]) for tile in tiles)
+
+    def read_tiles(self, tiles) -> list[Reading]:
+        """Readings of (tile, its RGB pixels) pairs, in the whole image's pixel coordinates, merged."""
         readings = []
-        for tile in tiles_of(width, height, self.settings.tile, self.settings.overlap):
-            bgr = np.ascontiguousarray(rgb[tile.y:tile.y + tile.height, tile.x:tile.x + tile.width, ::-1])
+        for tile, rgb in tiles:
+            bgr = np.ascontiguousarray(rgb[:, :, ::-1])
             for rotation in self.settings.rotations:
                 for reading in self.read_tile(bgr, rotation):
                     reading.cut = touches_inner_edge(reading.quad, tile)
@@ -375,11 +398,14 @@ class ImageSource:
     """Gets the image of a map at a size fit for lettering (thread-safe: fetch workers share it)."""
 
     def __init__(self, fetcher: Fetcher, *, ocr_size: int = DEFAULT_OCR_SIZE, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 keep: KeepImages | None = None):
+                 keep: KeepImages | None = None, regions: OcrSettings | None = None):
+        """``regions``: settings with ``full_resolution`` on (their tile and overlap): IIIF sheets
+        larger than ``ocr_size`` are read as full-resolution region tiles."""
         self.fetcher = fetcher
         self.ocr_size = int(ocr_size)
         self.max_pixels = max_pixels
         self.keep = keep
+        self.regions = regions if regions is not None and regions.full_resolution else None
 
     def kept_path(self, source_id: str) -> str | None:
         """Where ``--keep-images`` keeps this map's OCR-size image (it may not exist yet)."""
@@ -393,6 +419,10 @@ class ImageSource:
         location = target.location
         if not location:
             raise ReadError("no location recorded for this map (where its pixels are)")
+        if self.regions is not None and iiif.is_iiif_image(location):
+            sheet = self.region_tiles(iiif.service_url(location))
+            if sheet is not None:
+                return Fetched(sheet)
         if is_remote(location):
             # this command's own kept derivative of this size; else a load's, when it is as large
             for path, check in ((self.kept_path(target.source_id), False), (load_kept_path, True)):
@@ -409,6 +439,39 @@ class ImageSource:
         image = self.decode(data)
         keep = (data, ".jpg") if self.keep and is_remote(location) else None
         return Fetched(image, keep=keep)
+
+    def region_tiles(self, service: str) -> RegionTiles | None:
+        """The sheet as full-resolution region tiles (its size from the service's info.json), or None
+        when it is no larger than ``ocr_size`` (one derivative holds all of it)."""
+        try:
+            info = json.loads(self.fetcher.get_bytes(f"{service}/info.json"))
+            width, height = int(info["width"]), int(info["height"])
+        except FetchError as error:
+            raise ReadError(f"fetch: {error}") from None
+        except (ValueError, KeyError, TypeError) as error:
+            raise ReadError(f"the image service's info.json cannot be read: {type(error).__name__}: {error}") from None
+        if width <= 0 or height <= 0:
+            raise ReadError(f"the image service says the image is {width} x {height} px")
+        if max(width, height) <= self.ocr_size:
+            return None
+        if width * height > self.max_pixels:
+            raise ReadError(f"{width} x {height} px is more than the {self.max_pixels:,} pixels a map may have "
+                            "(--max-pixels); read it without --full-resolution")
+        # IIIF Image API 3 names the full size "max"; 2 names it "full"
+        full = "max" if "/3/" in str(info.get("@context", "")) else "full"
+        tiles = tiles_of(width, height, self.regions.tile, self.regions.overlap)
+
+        def pixels(tile: Tile) -> np.ndarray:
+            url = f"{service}/{tile.x},{tile.y},{tile.width},{tile.height}/{full}/0/default.jpg"
+            try:
+                image = self.decode(self.fetcher.get_bytes(url))
+            except FetchError as error:
+                raise ReadError(f"fetch of a tile: {error}") from None
+            if image.size != (tile.width, tile.height):  # a server that scaled the region: back to its pixels
+                image = image.resize((tile.width, tile.height))
+            return np.asarray(image.convert("RGB"))
+
+        return RegionTiles((width, height), tiles, pixels)
 
     def large_enough(self, data: bytes) -> bool:
         """Whether a file a load kept is at least ``ocr_size`` on its long side (a load's 512 px

@@ -141,6 +141,10 @@ def read_maps(words_store, engine, source, targets, ocr_model_id: int, summary: 
 @click.option("--overlap", type=click.IntRange(min=0), default=DEFAULT_OVERLAP, show_default=True,
               help="Px neighbouring tiles share: a word up to this long cut by a tile edge is read whole "
                    "in the next tile.")
+@click.option("--full-resolution", is_flag=True,
+              help="Read IIIF sheets larger than --ocr-size at full resolution instead, tile by tile (one IIIF "
+                   "region request per --tile x --tile px tile, at --rate): small lettering on large sheets. "
+                   "Sheets over --max-pixels are refused; region tiles are not kept.")
 @click.option("--turned", is_flag=True,
               help="Also read every tile turned 90 degrees and keep the best reading of each place "
                    "(twice the time; see bench/results/ocr.md for what it adds).")
@@ -150,8 +154,8 @@ def read_maps(words_store, engine, source, targets, ocr_model_id: int, summary: 
 @click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True,
               help="Refuse images with more pixels (decompression bombs, 30,000 px sheets).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def ocr(db_path, ocr_size, limit, timeout, rate, keep_images, tile, overlap, turned, threads, workers,
-        max_pixels, quiet):
+def ocr(db_path, ocr_size, limit, timeout, rate, keep_images, tile, overlap, full_resolution, turned, threads,
+        workers, max_pixels, quiet):
     """Read the words printed on each map of DB_PATH (OCR: RapidOCR's PP-OCRv4 models on ONNX
     Runtime) into the map_words table, with their boxes, searchable through map_words_fts.
 
@@ -164,7 +168,7 @@ def ocr(db_path, ocr_size, limit, timeout, rate, keep_images, tile, overlap, tur
 
     try:
         settings = OcrSettings(ocr_size=ocr_size, tile=tile, overlap=overlap, rotations=(0, 90) if turned else (0,),
-                               threads=threads or os.cpu_count())
+                               full_resolution=full_resolution, threads=threads or os.cpu_count())
     except ValueError as error:
         raise click.BadParameter(str(error), param_hint="--overlap")
     fetcher = Fetcher(per_minute(rate), timeout=timeout)
@@ -222,7 +226,7 @@ def run_ocr(db_path, settings: OcrSettings, *, fetcher, keep_images=None, limit=
     summary = OcrSummary(skipped=done)
     echo(f"OCR {model.name}: {len(targets)} maps to read, {done} already read, database {db_path}")
     load_id = store.start_load(f"ocr {db_path}", model.name)
-    source = ImageSource(fetcher, ocr_size=settings.ocr_size, max_pixels=max_pixels, keep=keep)
+    source = ImageSource(fetcher, ocr_size=settings.ocr_size, max_pixels=max_pixels, keep=keep, regions=settings)
     status, exit_code, message = "finished", 0, None
     try:
         read_maps(words, engine, source, targets, model.id, summary, workers=workers, progress=progress,

@@ -348,3 +348,38 @@ def test_a_load_with_ocr_where_ocr_cannot_run_stops_before_anything_is_made(tmp_
     out = invoke(["load", "folder", tmp_path / "maps.db", folder, *model_args, "--ocr"], expect=1)
     assert "rapidocr-onnxruntime" in out.output and "Traceback" not in out.output
     assert not (tmp_path / "maps.db").exists()
+
+
+def test_large_iiif_sheets_are_read_at_full_resolution_as_region_tiles(loc_server, tmp_path, invoke, model_args,
+                                                                        monkeypatch):
+    """--full-resolution: a IIIF sheet larger than --ocr-size is read tile by tile as full-size IIIF
+    regions (its size from info.json), never whole; words land where they are printed on the sheet."""
+    import loc_server as served
+
+    sheet = paper(served.DEEP_ZOOM_SIZE)  # 1200 x 880
+    truth = {"Hagerstown": put(sheet, "Hagerstown", (60, 80)),
+             "Cumberland": put(sheet, "Cumberland", (500, 430))}  # across two tile columns' edge
+    monkeypatch.setattr(served, "deep_zoom_image", lambda service: sheet.copy())
+    server = loc_server(items=1, per_page=4)
+    db_path = tmp_path / "loc.db"
+    invoke(["load", "loc", db_path, f"{server.url}/collections/test-maps/", "--rate", "0", *model_args])
+    before = len(server.requests)
+    out = invoke(["ocr", db_path, "--ocr-size", "512", "--full-resolution", "--tile", "512", "--overlap", "192",
+                  "--rate", "0", "--quiet"])
+    asked = [path.split("/", 3)[3] for path in server.requests[before:] if path.startswith("/iiif/")]
+    regions = [path for path in asked if path != "info.json"]
+    assert "info.json" in asked and len(regions) == 12, asked  # 4 columns x 3 rows of at most 512 px
+    for path in regions:
+        x, y, w, h = (int(v) for v in path.split("/")[0].split(","))
+        assert path.endswith("/full/0/default.jpg") and max(w, h) <= 512 and x + w <= 1200 and y + h <= 880, path
+    assert "read 1 maps" in out.output
+    conn = open_db(db_path)
+    (map_id,) = conn.execute("SELECT id FROM maps").fetchone()
+    from datasette_mapclip.store import read_map_words
+
+    found = {word["text"]: word for word in read_map_words(conn, map_id)}
+    assert sorted(found) == sorted(truth), found
+    for text, (x, y, w, h) in truth.items():
+        word = found[text]
+        assert abs(word["x"] - x) < 0.02 and abs(word["y"] - y) < 0.03, (text, word, (x, y))
+    assert tuple(conn.execute("SELECT width, height FROM map_words_read").fetchone()) == (1200, 880)
