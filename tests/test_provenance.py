@@ -189,3 +189,28 @@ def test_old_databases_lose_the_directory_when_a_loader_opens_them(tmp_path, tin
     assert reopened.model()["checkpoint_path"] == "tiny.pt"
     reopened.close()
     assert remembered_checkpoints(row["checkpoint_sha256"]) == [str(Path(tiny_checkpoint).resolve())]
+
+
+def test_the_image_tower_is_read_from_the_file_only_when_an_image_query_needs_it(tmp_path_factory, model_args,
+                                                                                monkeypatch):
+    """A server's encoder holds the text tower; the image tower (the larger file) is read, and
+    checked against its SHA-256, at the first image query."""
+    from conftest import draw_map, load_collection
+    from datasette_mapclip.model.encoders import EncoderCache
+    from datasette_mapclip.store import MapStore
+    from datasette_mapclip.store.reads import StoredQueryEncoders
+
+    db_path, _ = load_collection(tmp_path_factory, model_args, 4)
+    store = MapStore(db_path)
+    row = dict(store.model())
+    store.close()
+    read = []
+    real_part = StoredQueryEncoders._part
+    monkeypatch.setattr(StoredQueryEncoders, "_part",
+                        lambda self, part, sha256, conn=None: read.append(part) or real_part(self, part, sha256, conn))
+    stored = StoredQueryEncoders(db_path, row["name"])
+    encoder = EncoderCache().get(row, {}, stored).encoder
+    assert encoder.encode_texts(["relief map"]).shape == (1, row["dim"])
+    assert "image" not in read and {"text", "tokenizer", "preprocess"} <= set(read)
+    assert encoder.encode_images([draw_map(3)]).shape == (1, row["dim"])
+    assert read.count("image") == 1

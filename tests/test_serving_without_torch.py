@@ -168,6 +168,22 @@ async def test_an_image_tower_that_cannot_load_fails_only_uploads_with_the_reaso
     assert upload.status_code == 503 and "the stored image encoder failed to load" in upload.json()["error"]
     assert (await ds.client.get("/-/mapclip/search.json?q=chart&k=3")).status_code == 200
 
+    # an image tower altered in the file after it was stored: read (and checked) only at the first
+    # image query, so text searches answer and the upload is told why
+    altered = tmp_path / "image-altered.db"
+    shutil.copy(collection[0], altered)
+    conn = sqlite3.connect(altered)
+    conn.execute("UPDATE encoder_files SET data = X'00' || data WHERE sha256 = (SELECT sha256 FROM query_encoders "
+                 "WHERE part = 'image')")
+    conn.commit()
+    conn.close()
+    ds = make_datasette([str(altered)])
+    assert (await ds.client.get("/-/mapclip/search.json?q=relief&k=3")).status_code == 200
+    upload = await ds.client.post("/-/mapclip/search.json", content=body,
+                                  headers={"content-type": "multipart/form-data; boundary=zz",
+                                           "sec-fetch-site": "same-origin"})
+    assert upload.status_code == 503 and "altered" in upload.json()["error"], upload.text
+
 
 def test_fp32_encoders_are_stored_at_fp32_on_request(tmp_path_factory, model_args):
     db_path, _ = load_collection(tmp_path_factory, model_args, 4)  # --fp32-encoders

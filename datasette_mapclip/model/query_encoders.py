@@ -96,7 +96,7 @@ class QueryEncoder:
         self.tokenizer = Tokenizer.from_str(parts["tokenizer"].decode("utf-8"))
         self.text_session = _session(parts["text"], threads)
         # The image tower (the larger) is opened at the first image query: a server's first text
-        # search does not wait for it.
+        # search does not wait for it.  ``parts["image"]``: its bytes, or a function reading them.
         self._image_bytes, self._image_session, self._threads = parts["image"], None, threads
         self.dim = int(self.preprocessing["dim"])
         self.image_size = int(self.preprocessing["image_size"])
@@ -130,7 +130,8 @@ class QueryEncoder:
         with self.lock:
             if self._image_session is None:
                 try:
-                    self._image_session = _session(self._image_bytes, self._threads)
+                    data = self._image_bytes() if callable(self._image_bytes) else self._image_bytes
+                    self._image_session = _session(data, self._threads)
                 except QueryEncodersUnavailable:
                     raise
                 except Exception as error:  # a stored graph ONNX Runtime cannot load: say why, no 500

@@ -302,22 +302,34 @@ class StoredQueryEncoders:
             return None
         return tuple(rows[part]["sha256"] for part in QUERY_ENCODER_PARTS)
 
-    def parts(self) -> tuple[dict[str, bytes], dict[str, str]]:
+    def parts(self, lazy: tuple[str, ...] = ()) -> tuple[dict, dict[str, str]]:
+        """Each part's file, checked against its SHA-256 (StoreError if missing or altered); a part
+        named in ``lazy`` is a function that reads and checks it when called (the image tower,
+        89 MB for ViT-B-32, is not read until an image query needs it)."""
         rows = self.rows()
+        parts = {part: functools.partial(self._part, part, rows[part]["sha256"]) for part in lazy}
         conn = self._connect()
         try:
-            parts = {}
             for part in QUERY_ENCODER_PARTS:
-                found = conn.execute("SELECT CAST(data AS BLOB) FROM encoder_files WHERE sha256 = ?",
-                                     (rows[part]["sha256"],)).fetchone()
-                data = bytes(found[0]) if found and isinstance(found[0], bytes) else b""
-                if hashlib.sha256(data).hexdigest() != rows[part]["sha256"]:
-                    raise StoreError(f"the stored {part} encoder of {self.model_name} is missing or altered "
-                                     "(its SHA-256 does not match)")
-                parts[part] = data
+                if part not in parts:
+                    parts[part] = self._part(part, rows[part]["sha256"], conn)
         finally:
             conn.close()
         return parts, {part: row["precision"] for part, row in rows.items() if row["precision"]}
+
+    def _part(self, part: str, sha256: str, conn=None) -> bytes:
+        own = conn is None
+        conn = self._connect() if own else conn
+        try:
+            found = conn.execute("SELECT CAST(data AS BLOB) FROM encoder_files WHERE sha256 = ?", (sha256,)).fetchone()
+        finally:
+            if own:
+                conn.close()
+        data = bytes(found[0]) if found and isinstance(found[0], bytes) else b""
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise StoreError(f"the stored {part} encoder of {self.model_name} is missing or altered "
+                             "(its SHA-256 does not match)")
+        return data
 
 
 @functools.lru_cache(maxsize=64)
