@@ -162,6 +162,13 @@ def publish_copy(db_path, output):
 @click.option("--place", help="Only maps whose place contains this text.")
 @click.option("--filter", "filter_text", help="Only maps whose catalogue record matches this full-text query.")
 @click.option("--words", help="Only maps that print these words (read by `mapclip ocr`).")
+@click.option("--fusion", type=click.Choice(["average", "standardised", "rrf"], case_sensitive=False),
+              help="How several terms are ranked together: average (one averaged query vector, the default), "
+                   "standardised (each term's similarity standardised over the collection, summed by weight) "
+                   "or rrf (reciprocal rank fusion of each term's nearest maps).")
+@click.option("--rank", "rank", type=click.Choice(["vector", "hybrid"], case_sensitive=False),
+              help="hybrid: fuse the CLIP ranking with the full-text rankings of QUERY in the catalogue records "
+                   "and in the words printed on the maps (reciprocal rank fusion).")
 @click.option("-k", "k", type=str, help="Results per page (default 20, at most 200).")
 @click.option("--page", type=str, help="Page of results (default 1).")
 @click.option("--model", "model_name", help="Model name as in the models table (default: the default model).")
@@ -169,7 +176,7 @@ def publish_copy(db_path, output):
 @click.option("--csv", "as_csv", is_flag=True, help="Print the results as CSV.")
 @click.option("--sql", "show_sql", is_flag=True, help="Also print the SQL that reproduces the search.")
 def search(db_path, query, image, like, weight, terms, term_weights, more, fewer, year_min, year_max, place,
-           filter_text, words, k, page, model_name, as_json, as_csv, show_sql):
+           filter_text, words, fusion, rank, k, page, model_name, as_json, as_csv, show_sql):
     """Search a collection file, with no server: the same search as the plugin's page and search.json.
 
     \b
@@ -178,6 +185,8 @@ def search(db_path, query, image, like, weight, terms, term_weights, more, fewer
       mapclip search maps.db --image scan.jpg --year-max 1900 -k 10
       mapclip search maps.db "coast" --like 42 --weight 0.5 --json
       mapclip search maps.db --term "railroad map" --term "map:17" --term-weight 1 --term-weight -0.5
+      mapclip search maps.db "nautical chart" --like 42 --fusion rrf
+      mapclip search maps.db "Cape Fear" --rank hybrid
     """
     from . import store
     from .search.errors import SearchError
@@ -185,8 +194,8 @@ def search(db_path, query, image, like, weight, terms, term_weights, more, fewer
 
     params = {"like": like, "weight": weight, "term": list(terms) or None, "term_weight": list(term_weights) or None,
               "more": ",".join(more) or None, "fewer": ",".join(fewer) or None, "year_min": year_min,
-              "year_max": year_max, "place": place, "filter": filter_text, "words": words, "k": k, "page": page,
-              "model": model_name}
+              "year_max": year_max, "place": place, "filter": filter_text, "words": words, "fusion": fusion, "rank": rank,
+              "k": k, "page": page, "model": model_name}
     try:
         # one search: sqlite-vec answers at once; building the in-memory index would take longer
         with Collection(db_path, settings={"index": "off"}) as collection:
@@ -204,10 +213,12 @@ def search(db_path, query, image, like, weight, terms, term_weights, more, fewer
         writer.writerow(RESULT_COLUMNS)
         writer.writerows([result[column] for column in RESULT_COLUMNS] for result in results)
     else:
-        for rank, result in enumerate(results, start=1):
+        for place, result in enumerate(results, start=1):
             year = result["year"] if result["year"] is not None else ""
-            click.echo(f"{rank:>3}  {result['similarity']:.4f}  {result['id']:>8}  {str(year):>5}  "
-                       f"{_one_line(result['title'])}")
+            found_by = ("  [" + ", ".join(f"{name} #{at}" for name, at in result["ranks"].items()) + "]"
+                        if result.get("ranks") else "")
+            click.echo(f"{place:>3}  {result['similarity']:.4f}  {result['id']:>8}  {str(year):>5}  "
+                       f"{_one_line(result['title'])}{found_by}")
         click.echo(f"{len(results)} maps, model {answer['model']}, searched with {answer['searched_with']}", err=True)
     if show_sql:
         click.echo(f"\n{answer['sql']}\n-- params: {json.dumps(answer['params'], default=str)}", err=True)

@@ -197,7 +197,8 @@ async def test_an_uploaded_image_minus_a_word_posted_from_the_form(ds, stored, t
     page = await ds.client.get("/-/mapclip")
     token = re.search(r'name="csrftoken" value="([^"]+)"', page.text).group(1)
     body, content_type = multipart_pairs([("csrftoken", token), ("q", ""), ("term", "colour"), ("term_weight", "-0.7"),
-                                          ("term", "roads"), ("term_weight", "0.2"), ("k", "6")], picture.getvalue())
+                                          ("term", "roads"), ("term_weight", "0.2"), ("k", "6"),
+                                          ("fusion", "average")], picture.getvalue())
     response = await ds.client.post("/-/mapclip", content=body, headers={"content-type": content_type, **SAME_ORIGIN},
                                     cookies=csrf_cookies(page))
     assert response.status_code == 302, response.text
@@ -372,8 +373,8 @@ async def test_the_reported_sql_weighs_text_and_image_as_the_search_does(ds, sto
     assert [r["id"] for r in data["results"]] == want
     assert await run_reported_sql(ds, data) == want  # the sql key, run as it stands
     assert await sql_ids(ds, data) == want  # and the sql_url, followed
-    if picture is None:  # the page's "View and edit the SQL" link
-        page = await ds.client.get("/-/mapclip?" + urllib.parse.urlencode(pairs))
+    if picture is None:  # the page's "View and edit the SQL" link (the page's own default is rrf)
+        page = await ds.client.get("/-/mapclip?" + urllib.parse.urlencode([*pairs, ("fusion", "average")]))
         assert page.status_code == 200
         cards = [int(i) for i in re.findall(r'<li class="mapclip-card" data-id="(\d+)">', page.text)]
         assert cards == want
@@ -405,3 +406,17 @@ async def test_the_last_page_has_no_next_link_and_every_page_says_which_maps_it_
     assert len({i for p in pages for i in p}) == 30
     beyond = (await ds.client.get(f"/-/mapclip?q=survey&k={k}&page={page_number + 1}")).text
     assert f"no maps on page {page_number + 1}" in beyond and "Back to the first page" in beyond
+
+
+@pytest.mark.asyncio
+async def test_the_page_ranks_mixed_terms_by_its_measured_default_and_the_api_by_the_average(ds):
+    """A page URL without fusion runs the page's default (rrf, bench/results/fusion.md); search.json
+    without it keeps the paper's average, so URLs made before mean what they meant."""
+    pairs = [("q", "county map"), ("like", "3"), ("k", "10")]
+    page = (await ds.client.get("/-/mapclip?" + urllib.parse.urlencode(pairs))).text
+    cards = [int(i) for i in re.findall(r'<li class="mapclip-card" data-id="(\d+)">', page)]
+    rrf = (await search(ds, [*pairs, ("fusion", "rrf")])).json()
+    average = (await search(ds, pairs)).json()
+    assert cards == [r["id"] for r in rrf["results"]]
+    assert average["ranking"] == "similarity" and rrf["ranking"] == "rrf"
+    assert [r["id"] for r in average["results"]] != cards

@@ -5,6 +5,7 @@ words it matched; user text is data (no FTS5 syntax error, escaped on the page).
 from __future__ import annotations
 
 import html
+import json
 import re
 import shutil
 import unicodedata
@@ -121,3 +122,71 @@ async def test_a_map_page_lists_its_words_and_a_result_opens_it_at_the_matched_w
     assert {w["text"] for w in details["words"]} == set(PRINTED[9])
     assert all(0 <= w["x"] <= 1 and 0 <= w["y"] <= 1 for w in details["words"])
     assert HOSTILE not in (await ds.client.get("/-/mapclip/map/maps/9")).text
+
+
+# -- rank=hybrid: CLIP, catalogue full-text and printed words fused by reciprocal rank ----------
+
+async def run_reported_sql(ds, data):
+    from conftest import query_json_path
+
+    response = await ds.client.get(query_json_path(data["database"]), params={
+        "sql": data["sql"], **{k: str(v) for k, v in data["params"].items()}, "_shape": "array"},
+        follow_redirects=True)
+    assert response.status_code == 200, response.text[:800]
+    return response.json()
+
+
+async def test_hybrid_puts_a_map_that_only_prints_the_word_first(ds):
+    plain = (await ds.client.get("/-/mapclip/search.json", params={"q": "Wilmington", "k": 12})).json()["results"]
+    clip_order = [r["id"] for r in plain]
+    assert clip_order[0] != 2  # the picture model alone does not find it first
+    data = (await ds.client.get("/-/mapclip/search.json",
+                                params={"q": "Wilmington", "rank": "hybrid", "k": 12})).json()
+    # reciprocal rank fusion written out again: the CLIP list, and map 2 the only map printing the word
+    # (no catalogue record names Wilmington)
+    score = {m: 1 / (60 + place) + (1 / 61 if m == 2 else 0) for place, m in enumerate(clip_order, 1)}
+    want = sorted(score, key=lambda m: (-round(score[m], 12), m))
+    assert [r["id"] for r in data["results"]] == want
+    assert data["results"][0]["ranks"] == {"clip": clip_order.index(2) + 1, "words": 1}
+    assert data["ranking"] == "hybrid" and "printed words" in data["searched_with"]
+    rows = await run_reported_sql(ds, data)
+    assert [r["id"] for r in rows] == want
+    assert json.loads(rows[0]["ranks"]) == data["results"][0]["ranks"]
+
+
+async def test_hybrid_respects_the_filters(ds):
+    everything = (await ds.client.get("/-/mapclip/search.json", params={"q": "Cape Fear", "k": 12})).json()["results"]
+    year_of = {r["id"]: r["year"] for r in everything}
+    year_min = year_of[2] + 1
+    data = (await ds.client.get("/-/mapclip/search.json", params={
+        "q": "Cape Fear", "rank": "hybrid", "year_min": str(year_min), "k": 12})).json()
+    ids = [r["id"] for r in data["results"]]
+    assert 2 not in ids and all(r["year"] >= year_min for r in data["results"])
+    # the words list holds only the maps that pass: those printing "Cape" or "Fear" from that year on
+    printing = {m for m in (2, 3, 5, 7, 8) if year_of[m] >= year_min}
+    assert printing and {r["id"] for r in data["results"] if "words" in r["ranks"]} == printing
+    assert [r["id"] for r in await run_reported_sql(ds, data)] == ids
+
+
+async def test_hybrid_without_words_read_fuses_clip_and_the_catalogue(collection):
+    ds = make_datasette([str(collection[1])])  # the same maps, no OCR
+    plain = [r["id"] for r in (await ds.client.get("/-/mapclip/search.json",
+                                                    params={"q": "number 7", "k": 12})).json()["results"]]
+    data = (await ds.client.get("/-/mapclip/search.json", params={"q": "number 7", "rank": "hybrid", "k": 12})).json()
+    assert data["ranking"] == "hybrid" and "printed words" not in data["searched_with"]
+    assert all(set(r["ranks"]) <= {"clip", "catalogue"} for r in data["results"])
+    seven = next(r for r in data["results"] if r["title"] == "Map number 7 of Vermont")
+    assert seven["ranks"]["catalogue"] == 1  # the only record with both words
+    ids = [r["id"] for r in data["results"]]
+    assert seven["id"] not in plain or ids.index(seven["id"]) <= plain.index(seven["id"])
+    assert [r["id"] for r in await run_reported_sql(ds, data)] == ids
+
+
+def test_python_and_cli_search_take_rank_hybrid(collection, invoke):
+    with Collection(collection[0]) as maps:
+        first = maps.search("Wilmington", rank="hybrid", k=5)["results"][0]
+    assert first["id"] == 2 and first["ranks"]["words"] == 1
+    out = invoke(["search", collection[0], "Wilmington", "--rank", "hybrid", "-k", "5"]).output
+    assert re.search(r"^\s*1\s+\S+\s+2\s.*\[clip #\d+, words #1\]", out, re.M), out
+    bad = invoke(["search", collection[0], "Wilmington", "--rank", "best"], expect=2)
+    assert "best" in bad.output and "Traceback" not in bad.output

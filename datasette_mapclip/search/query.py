@@ -11,6 +11,13 @@
                (Rocchio, see ``query_vector.with_feedback``)
     k, page    results per page (default 20), page number
     year_min, year_max, place, filter    narrow the vector search itself (inside the KNN)
+    fusion     how a query of several terms is ranked: "average" (the paper's: one query vector,
+               the weighted average of the terms'; the default, so links keep their meaning),
+               "standardised" (each term's similarity standardised over a fixed sample of the
+               collection, then summed by weight) or "rrf" (reciprocal rank fusion of each term's
+               nearest maps).  One term ranks the same whichever is chosen.
+    rank       "vector" (the default) or "hybrid": reciprocal rank fusion of the CLIP ranking, the
+               catalogue's full-text ranking and the printed words' full-text ranking of the text
     model      which model's vectors to search, when a database holds more than one
     _db        which database, when Datasette serves several (read by the search service)
 """
@@ -23,6 +30,7 @@ import urllib.parse
 
 from ..store.ids import MAX_ID, NumberError, map_id, whole_number
 from .errors import BadSearch
+from .query_vector import FEEDBACK_FEWER, FEEDBACK_MORE, FEEDBACK_QUERY
 
 DEFAULT_K = 20
 MAX_K = 200
@@ -35,6 +43,11 @@ MAX_FILTER_CHARS = 1000
 # request can hold it (12 short texts: about as long as 3 single-text searches on a CPU).
 MAX_TERMS = 12
 MAX_FEEDBACK = 50  # maps marked "more like these" or "fewer like these", each
+FUSIONS = ("average", "standardised", "rrf")
+DEFAULT_FUSION = "average"  # what a URL without ``fusion`` means: the paper's vector average
+# What the search page's control starts at, chosen by bench/fusion_bench.py (bench/results/fusion.md).
+PAGE_FUSION = "rrf"
+RANKS = ("vector", "hybrid")
 
 
 def _int(args, name, low, high):
@@ -50,7 +63,8 @@ def _int(args, name, low, high):
 @dataclasses.dataclass(frozen=True)
 class QueryTerm:
     """One weighted part of a query: ``kind`` is "text", "map" (a stored map id) or "image" (a
-    vector, hex in URLs, which an uploaded image becomes)."""
+    vector, hex in URLs, which an uploaded image becomes); a fused ranking's feedback is "maps"
+    (("more" or "fewer", map ids): the mean of the marked maps' vectors)."""
 
     kind: str
     value: str | int | bytes
@@ -90,6 +104,15 @@ def _hex_vector(raw: str, what: str) -> bytes:
     if not vector or len(vector) % 4:
         raise BadSearch(f"{what} must be hex-encoded float32 bytes (a multiple of 4 bytes)")
     return vector
+
+
+def _choice(args, name: str, choices: tuple[str, ...], default: str) -> str:
+    raw = (args.get(name) or "").strip()
+    if not raw:
+        return default
+    if raw.lower() not in choices:
+        raise BadSearch(f"{name} must be one of {', '.join(choices)}; got {raw[:40]!r}")
+    return raw.lower()
 
 
 def _weight(raw: str, name: str) -> float:
@@ -153,6 +176,8 @@ class SearchParams:
     filter: str | None = None
     words: str | None = None  # words printed on the map, as OCR read them (store/words.py)
     model: str | None = None
+    fusion: str = DEFAULT_FUSION
+    rank: str = "vector"
     terms: tuple[QueryTerm, ...] = ()
     more: tuple[int, ...] = ()
     fewer: tuple[int, ...] = ()
@@ -196,6 +221,8 @@ class SearchParams:
             filter=(args.get("filter") or "").strip() or None,
             words=(args.get("words") or "").strip() or None,
             model=(args.get("model") or "").strip() or None,
+            fusion=_choice(args, "fusion", FUSIONS, DEFAULT_FUSION),
+            rank=_choice(args, "rank", RANKS, "vector"),
         )
         for name, limit in (("q", MAX_QUERY_CHARS), ("filter", MAX_FILTER_CHARS), ("place", MAX_FILTER_CHARS),
                             ("words", MAX_FILTER_CHARS), ("model", MAX_FILTER_CHARS)):
@@ -233,6 +260,35 @@ class SearchParams:
     def has_filters(self) -> bool:
         return any(v not in (None, "") for v in (self.year_min, self.year_max, self.place, self.filter, self.words))
 
+    def fused_terms(self) -> list[QueryTerm]:
+        """The terms a fused ranking ranks by, each with its weight (terms weighing 0 left out): the
+        query's terms, then the feedback's marked maps as terms of their own with Rocchio's weights
+        (the query's terms share ``FEEDBACK_QUERY`` between them)."""
+        terms = [t for t in self.all_terms() if t.weight != 0]
+        if self.more or self.fewer:
+            total = sum(abs(t.weight) for t in terms) or 1.0
+            terms = [dataclasses.replace(t, weight=FEEDBACK_QUERY * t.weight / total) for t in terms]
+            # each set of marks is one term, the direction of its maps' mean (Rocchio's): at most two
+            # more lists however many maps are marked
+            terms += [QueryTerm("maps", ("more", self.more), FEEDBACK_MORE)] if self.more else []
+            terms += [QueryTerm("maps", ("fewer", self.fewer), -FEEDBACK_FEWER)] if self.fewer else []
+        return terms
+
+    @property
+    def is_fused(self) -> bool:
+        """Whether a fused ranking runs: asked for, and two or more terms with a positive one among
+        them (one term ranks the same by every method, so it keeps the plain search)."""
+        if self.fusion == "average":
+            return False
+        terms = self.fused_terms()
+        return len(terms) > 1 and any(t.weight > 0 for t in terms)
+
+    def hybrid_text(self) -> str | None:
+        """The text whose full-text matches ``rank=hybrid`` fuses: ``q``, else the positive text terms."""
+        if self.q:
+            return self.q
+        return " ".join(t.value for t in self.terms if t.kind == "text" and t.weight > 0) or None
+
     def weights(self) -> tuple[float, float]:
         """(text weight, image weight): the seed's (1+s)/4 and (1-s)/4; renormalised later."""
         return (1 + self.weight) / 4, (1 - self.weight) / 4
@@ -245,7 +301,7 @@ class SearchParams:
         terms = values.pop("terms") or ()
         for name in ("more", "fewer"):
             values[name] = ",".join(str(i) for i in values[name]) if values[name] else None
-        defaults = {"weight": 0.0, "k": DEFAULT_K, "page": 1}
+        defaults = {"weight": 0.0, "k": DEFAULT_K, "page": 1, "fusion": DEFAULT_FUSION, "rank": "vector"}
         pairs = [(k, v) for k, v in values.items() if v not in (None, "") and defaults.get(k, object()) != v]
         for term in terms:  # in pairs, in order: a form posts its rows the same way
             pairs += [("term", term.as_arg()), ("term_weight", f"{term.weight:g}")]

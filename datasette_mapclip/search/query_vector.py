@@ -66,3 +66,49 @@ def combine_terms(terms: list[tuple[np.ndarray, float]]) -> np.ndarray:
     if len(terms) == 1 and terms[0][1] > 0:
         return vectors.normalise(terms[0][0])
     return vectors.combine(terms)
+
+
+# -- fused rankings: the arithmetic the shown SQL repeats (search/sql.py) -----------------------
+
+MIN_DEVIATION = 1e-9  # a term every sampled map matches equally: no division by zero
+
+
+def term_stats(sample: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's similarity over the sample: (means, standard deviations), as SQL's ``avg``
+    computes them (float32 similarities, summed in double)."""
+    sims = (sample @ queries.T).astype(np.float64)
+    mean = sims.mean(axis=0)
+    deviation = np.sqrt(np.maximum((sims * sims).mean(axis=0) - mean * mean, 0))
+    return mean, np.maximum(deviation, MIN_DEVIATION)
+
+
+def standardised_scores(matrix: np.ndarray, queries: np.ndarray, weights: np.ndarray, mean: np.ndarray,
+                        deviation: np.ndarray) -> np.ndarray:
+    """Each map's fused score: the sum over terms of weight x (similarity - mean) / deviation."""
+    sims = (matrix @ queries.T).astype(np.float64)
+    return ((sims - mean) / deviation) @ weights
+
+
+def standardised_bound(thresholds: np.ndarray, weights: np.ndarray, mean: np.ndarray,
+                       deviation: np.ndarray) -> float:
+    """The best score a map in none of the lists can have (Fagin's threshold): each term's list holds
+    every map whose similarity to the signed query (a negative term's is turned round) beats the
+    list's last, so an unseen map is at most that last on every term."""
+    signs = np.sign(weights)
+    return float(np.sum(np.abs(weights) * (thresholds - signs * mean) / deviation))
+
+
+def rrf_scores(lists: list[tuple[str, float, list[int]]], k: int) -> dict[int, tuple[float, dict]]:
+    """Reciprocal rank fusion: map id -> (score, {list name: place}), over maps found in a list
+    of positive weight; scores rounded to 12 places as the shown SQL rounds them."""
+    totals: dict[int, float] = {}
+    ranks: dict[int, dict] = {}
+    positive: set[int] = set()
+    for name, weight, ids in lists:
+        for place, map_id in enumerate(ids, 1):
+            map_id = int(map_id)
+            totals[map_id] = totals.get(map_id, 0.0) + weight / (k + place)
+            ranks.setdefault(map_id, {})[name] = place
+            if weight > 0:
+                positive.add(map_id)
+    return {i: (round(totals[i], 12), ranks[i]) for i in positive}

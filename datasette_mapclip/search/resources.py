@@ -16,6 +16,8 @@ class SearchResources:
     encoders: EncoderCache = dataclasses.field(default_factory=EncoderCache)
     indexes: IndexRegistry = dataclasses.field(default_factory=IndexRegistry)
     workers: Workers = dataclasses.field(default_factory=Workers)
+    # (file, vector table, largest id) -> the vectors fused rankings standardise over (service.py)
+    fusion_samples: dict = dataclasses.field(default_factory=dict)
 
     def set_threads(self, threads: int):
         """CPU threads for the model and decoding (workers.py); an index's scan threads are its own."""

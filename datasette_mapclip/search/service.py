@@ -291,11 +291,198 @@ async def _nearest_with_sqlite_vec(collection: SearchCollection, plan: search_sq
     return [display_row(dict(row)) for row in rows]
 
 
+# -- fused rankings (``fusion=standardised|rrf``, ``rank=hybrid``) ------------------------------
+
+FUSION_START_DEPTH = 64  # each term's first list; deepened (x4) until the page is certain
+
+
+async def _term_vectors(collection: SearchCollection, terms, index=None) -> np.ndarray:
+    """Each term's unit vector, one row each."""
+    stored_ids = [t.value for t in terms if t.kind == "map"] + [i for t in terms if t.kind == "maps" for i in t.value[1]]
+    stored = await _stored_vectors(collection, stored_ids, index) if stored_ids else {}
+    texts = [t.value for t in terms if t.kind == "text"]
+    try:
+        found = iter(await asyncio.gather(*(collection.workers.text.vector(collection, text) for text in texts)))
+    except ModelUnavailable as error:
+        raise SearchUnavailable(str(error)) from None
+    rows = [next(found) if t.kind == "text" else stored[t.value] if t.kind == "map"
+            else np.sum([stored[i] for i in t.value[1]], axis=0) if t.kind == "maps" else vectors.decode(t.value)
+            for t in terms]
+    for n, row in enumerate(rows, 1):
+        if not np.any(row):
+            raise BadSearch(f"term {n} of the query has a zero vector: it has no direction to rank by")
+    return np.stack([vectors.normalise(np.asarray(row, np.float32)) for row in rows]).astype(np.float32)
+
+
+async def _sql(collection: SearchCollection, sql: str, sql_params: dict, what: str):
+    try:
+        return await collection.db.execute(sql, sql_params, log_sql_errors=False)
+    except Exception as error:
+        if cut := unavailable_if_interrupted(error, collection.time_limit_ms):
+            raise cut from None
+        log.warning("mapclip: %s SQL failed: %s", what, error)
+        raise BadSearch(f"the {what} could not run: {error}") from None
+
+
+async def _vector_list(collection: SearchCollection, index, vector: np.ndarray, params: SearchParams, depth: int,
+                       place_index: bool) -> tuple[np.ndarray, np.ndarray]:
+    """A vector's ``depth`` nearest maps that pass the filters -> (ids, similarities), best first:
+    from the in-memory index where it is ready, else the sqlite-vec KNN the shown SQL runs."""
+    if index is not None:
+        if params.has_filters:
+            ids, scores, _ = await _filtered_with_index(collection, index, vector, params, depth, place_index)
+        else:
+            ids, scores = await _run_in(collection.workers.index, index.search, vector, depth)
+        return np.asarray(ids, np.int64), np.asarray(scores, np.float64)
+    sql_params: dict = {}
+    filters = search_sql.filter_clause(params, sql_params, place_index=place_index)
+    rows = await _sql(collection, search_sql.vector_list_sql(collection.model.vector_table, filters),
+                      {**sql_params, "query_vector": vectors.encode(vector), "depth": depth}, "search")
+    return np.array([r[0] for r in rows], np.int64), np.array([r[1] for r in rows], np.float64)
+
+
+async def _sample_vectors(collection: SearchCollection) -> np.ndarray:
+    """The standardising sample (search_sql.sample_sql), kept while the collection's vectors stay."""
+    table = collection.model.vector_table
+    largest = await collection.db.execute_fn(lambda conn: store.read_vector_max_id(conn, table))
+    key = (collection.path, table, largest)
+    samples = collection.resources.fusion_samples
+    if collection.path and key in samples:
+        return samples[key]
+    rows = await _sql(collection, search_sql.sample_sql(table), {"sample_size": search_sql.SAMPLE_SIZE},
+                      "standardising sample")
+    found = [vectors.decode(r[1]) for r in rows if r[1] is not None]
+    matrix = np.stack(found).astype(np.float32) if found else np.zeros((0, collection.model.dim), np.float32)
+    if collection.path:
+        if len(samples) > 16:
+            samples.clear()
+        samples[key] = matrix
+    return matrix
+
+
+async def _standardised(collection: SearchCollection, index, params: SearchParams, place_index: bool):
+    """(ranked [(id, score)], the depth the lists reached): exact over every map passing the filters
+    whenever the threshold certifies the page, which the lists are deepened until it does."""
+    terms = params.fused_terms()
+    queries = await _term_vectors(collection, terms, index)
+    weights = np.array([t.weight for t in terms], np.float64)
+    signs = np.sign(weights)
+    sample = await _sample_vectors(collection)
+    if not len(sample):  # no map has a vector yet
+        return [], FUSION_START_DEPTH
+    mean, deviation = query_vector.term_stats(sample, queries)
+    need = min(params.k * params.page + 1, VEC0_MAX_K)
+    depth = min(FUSION_START_DEPTH, VEC0_MAX_K)
+    scores: dict[int, float] = {}
+    while True:
+        lists = [await _vector_list(collection, index, (signs[i] * queries[i]).astype(np.float32), params, depth,
+                                    place_index) for i in range(len(terms))]
+        new = [int(i) for i in dict.fromkeys(np.concatenate([ids for ids, _ in lists]).tolist()) if int(i) not in scores]
+        found = await _stored_vectors(collection, new, index) if new else {}
+
+        def score_and_rank():  # thousands of candidates at a deep page: off the event loop
+            if new:
+                matrix = np.stack([found[i] for i in new]).astype(np.float32)
+                scores.update(zip(new, query_vector.standardised_scores(matrix, queries, weights, mean,
+                                                                        deviation).tolist()))
+            return sorted(scores.items(), key=lambda item: (-item[1], item[0]))
+
+        ranked = await _run_in(collection.workers.index, score_and_rank)
+        complete = any(len(ids) < depth for ids, _ in lists)  # a list holds every map passing the filters
+        if complete or depth >= VEC0_MAX_K:
+            return ranked, depth
+        bound = query_vector.standardised_bound(np.array([sims[-1] for _, sims in lists]), weights, mean, deviation)
+        if len(ranked) >= need and ranked[need - 1][1] >= bound:
+            return ranked, depth
+        depth = min(depth * 4, VEC0_MAX_K)
+
+
+async def _rrf(collection: SearchCollection, index, params: SearchParams, place_index: bool, *,
+               combined: bool, text: str | None, catalogue: bool, words: bool):
+    """Reciprocal rank fusion of the vector lists (the combined query's, or each term's) and, for
+    ``rank=hybrid``, the full-text lists: ranked [(id, (score, ranks))]."""
+    depth = search_sql.RRF_DEPTH
+    if combined:
+        query = await build_query_vector(collection, params, index)
+        named = [("clip", 1.0, query)]
+    else:
+        terms = params.fused_terms()
+        queries = await _term_vectors(collection, terms, index)
+        total = sum(abs(t.weight) for t in terms) if params.rank == "hybrid" else 1.0
+        named = [(search_sql.vector_list_name(n, len(terms)), t.weight / total, queries[n - 1])
+                 for n, t in enumerate(terms, 1)]
+    lists = []
+    for name, weight, vector in named:
+        ids, _ = await _vector_list(collection, index, vector, params, depth, place_index)
+        lists.append((name, weight, ids.tolist()))
+    for name, wanted, piece in (("catalogue", catalogue, search_sql.catalogue_list_sql),
+                                ("words", words, search_sql.words_list_sql)):
+        sql_params: dict = {}
+        sql = piece(text, params, sql_params, place_index=place_index) if wanted and text else None
+        if sql:
+            rows = await _sql(collection, f"SELECT map_id FROM ({sql}) ORDER BY pos", {**sql_params, "depth": depth},
+                              "full-text ranking")
+            lists.append((name, 1.0, [r[0] for r in rows]))
+    def fuse():
+        fused = query_vector.rrf_scores(lists, search_sql.RRF_K)
+        return sorted(fused.items(), key=lambda item: (-item[1][0], item[0]))
+
+    return await _run_in(collection.workers.index, fuse)
+
+
+async def _fused_search(collection: SearchCollection, params: SearchParams, index, place_index: bool,
+                        text_indexes: frozenset):
+    """(rows, shown plan, how it was searched) of a fused ranking."""
+    model = collection.model
+    if params.rank == "hybrid":
+        text = params.hybrid_text()
+        if not text:
+            raise BadSearch("rank=hybrid fuses the CLIP ranking with the full-text rankings of the query's words: "
+                            "give a text (q) to look for")
+        catalogue = "maps_fts" in text_indexes
+        words = await collection.db.execute_fn(search_sql.words_were_read)
+        combined = not params.is_fused
+        terms = None if combined else _hybrid_terms(params)
+        ranked = await _rrf(collection, index, params, place_index, combined=combined, text=text,
+                            catalogue=catalogue, words=words)
+        shown = search_sql.rrf_plan(params, model, terms, text=text, catalogue=catalogue, words=words,
+                                    place_index=place_index)
+        lists = ["CLIP"] + (["catalogue"] if catalogue else []) + (["printed words"] if words else [])
+        way = "hybrid: reciprocal rank fusion of " + ", ".join(lists)
+    elif params.fusion == "rrf":
+        ranked = await _rrf(collection, index, params, place_index, combined=False, text=None, catalogue=False,
+                            words=False)
+        shown = search_sql.rrf_plan(params, model, params.fused_terms(), place_index=place_index)
+        way = "reciprocal rank fusion of the terms"
+    else:
+        ranked, depth = await _standardised(collection, index, params, place_index)
+        ranked = [(i, (score, None)) for i, score in ranked]
+        shown = search_sql.standardised_plan(params, model, params.fused_terms(), depth, place_index=place_index)
+        way = "standardised fusion of the terms"
+    skip = params.k * (params.page - 1)
+    page = ranked[skip:skip + params.k + 1]
+    found = await collection.db.execute_fn(lambda conn: store.read_result_rows(conn, [i for i, _ in page]))
+    rows = []
+    for map_id, (score, ranks) in page:
+        if map_id in found:
+            rows.append({**found[map_id], "similarity": score, **({"ranks": ranks} if ranks is not None else {})})
+    return rows, shown, way
+
+
+def _hybrid_terms(params: SearchParams):
+    """The terms of a hybrid search's per-term lists, sharing a weight of 1 (each full-text list has 1)."""
+    terms = params.fused_terms()
+    total = sum(abs(t.weight) for t in terms)
+    return [dataclasses.replace(t, weight=t.weight / total) for t in terms]
+
+
 async def run_search(collection: SearchCollection, params: SearchParams) -> dict:
     """Run one search; the answer is what ``search.json`` returns (the page and the CLI show the same)."""
     model = collection.model
     check_vector(params, model)
-    text_indexes = await collection.db.execute_fn(store.text_indexes) if params.has_filters else frozenset()
+    fused = params.rank == "hybrid" or params.is_fused
+    text_indexes = (await collection.db.execute_fn(store.text_indexes) if params.has_filters or fused
+                    else frozenset())
     if params.filter and "maps_fts" not in text_indexes:
         raise BadSearch("this collection has no full-text index (maps_fts), so filter cannot be used")
     if params.words and not await collection.db.execute_fn(search_sql.words_were_read):
@@ -306,23 +493,36 @@ async def run_search(collection: SearchCollection, params: SearchParams) -> dict
     index = await asyncio.to_thread(collection.index)  # it may read SQLite: never on the event loop
     behind = bool(getattr(index, "behind", False))
     # a map the index does not hold yet (just added) is read from the database
-    query = await build_query_vector(collection, params, index if index is not None and not behind else None)
-    if index is not None:
+    if fused:
+        rows, shown, way = await _fused_search(collection, params, index if not behind else None, place_index,
+                                               text_indexes)
+        searched_with = ("in-memory" if index is not None and not behind else "sqlite-vec") + f" ({way})"
+        plan = search_sql.SearchPlan(shown.sql, shown.params, "", {})
+    elif index is not None:
+        query = await build_query_vector(collection, params, index if not behind else None)
         rows, way = await _nearest_with_index(collection, index, query, params, place_index)
         searched_with = "in-memory exact" if index.exact else "in-memory int8 + exact re-scoring"
         if way:
             searched_with += f" ({way})"
     else:
+        query = await build_query_vector(collection, params)
         rows = await _nearest_with_sqlite_vec(collection, plan, query)
         searched_with = "sqlite-vec"
     more = len(rows) > params.k and params.k * (params.page + 1) <= VEC0_MAX_K
     results = [shape_result(row, collection.links) for row in rows[:params.k]]
+    if fused:  # the fused score in full (RRF's differ in the fifth place), and each map's place in each list
+        for result, row in zip(results, rows):
+            result["score"] = row["similarity"]
+            if "ranks" in row:
+                result["ranks"] = row["ranks"]
     if params.words and results:
         await _attach_matched_words(collection, params.words, results)
     answer = {
         "database": collection.name,
         "model": model.name,
         "searched_with": searched_with,
+        # what each result's similarity is: a cosine similarity, or a fused ranking's score
+        "ranking": ("hybrid" if params.rank == "hybrid" else params.fusion) if fused else "similarity",
         "models": [m["name"] for m in collection.models],
         "sql": plan.sql,
         "params": plan.params,

@@ -14,7 +14,7 @@ from ..store import RESULT_COLUMNS
 from ..store.words import has_words, joined_term, words_query_terms
 from . import query_vector
 from .errors import BadSearch
-from .query import VEC0_MAX_K, SearchParams
+from .query import VEC0_MAX_K, QueryTerm, SearchParams
 
 
 @dataclasses.dataclass
@@ -159,15 +159,7 @@ def _terms_and_feedback_sql(params: SearchParams, table: str, model_arg: str, sq
     own combination), the same arithmetic in the same order as ``query_vector.with_feedback``."""
     parts = []
     for n, term in enumerate(params.all_terms(), 1):
-        if term.kind == "text":
-            sql_params[f"text_{n}"] = term.value
-            expression = f"mapclip_embed_text(:text_{n}{model_arg})"
-        elif term.kind == "map":
-            sql_params[f"map_{n}"] = term.value
-            expression = f"(SELECT embedding FROM [{table}] WHERE map_id = :map_{n})"
-        else:
-            sql_params[f"image_{n}"] = term.value.hex()
-            expression = f"unhex(:image_{n})"
+        expression = term_vector_sql(term, n, table, model_arg, sql_params)
         sql_params[f"weight_{n}"] = term.weight
         parts.append((expression, f":weight_{n}"))
     if len(parts) == 1 and params.all_terms()[0].weight > 0:
@@ -187,6 +179,25 @@ def _terms_and_feedback_sql(params: SearchParams, table: str, model_arg: str, sq
             sql_params[f"{name}_{n}"] = map_id
             feedback.append((f"(SELECT embedding FROM [{table}] WHERE map_id = :{name}_{n})", f":{name}_weight"))
     return "mapclip_combine(\n    " + ",\n    ".join(f"{e}, {w}" for e, w in feedback) + ")"
+
+
+def term_vector_sql(term: QueryTerm, n: int, table: str, model_arg: str, sql_params: dict) -> str:
+    """One term's vector as SQL: the text through the model, a stored map's vector, an upload's."""
+    if term.kind == "text":
+        sql_params[f"text_{n}"] = term.value
+        return f"mapclip_embed_text(:text_{n}{model_arg})"
+    if term.kind == "map":
+        sql_params[f"map_{n}"] = term.value
+        return f"(SELECT embedding FROM [{table}] WHERE map_id = :map_{n})"
+    if term.kind == "maps":  # marked maps: the direction of their mean
+        name, ids = term.value
+        parts = []
+        for j, map_id in enumerate(ids, 1):
+            sql_params[f"{name}_{j}"] = map_id
+            parts.append(f"(SELECT embedding FROM [{table}] WHERE map_id = :{name}_{j}), 1")
+        return "mapclip_combine(" + ", ".join(parts) + ")"
+    sql_params[f"image_{n}"] = term.value.hex()
+    return f"unhex(:image_{n})"
 
 
 def knn_sql(vector_table: str, vector_sql: str, filters: str) -> str:
@@ -215,3 +226,183 @@ def plan(params: SearchParams, model: dict, *, place_index: bool = False) -> Sea
         run_sql=knn_sql(model.vector_table, ":query_vector", filters),
         run_params={**filter_params, **peek},
     )
+
+
+# -- fused rankings (``fusion=standardised|rrf``, ``rank=hybrid``) -----------------------------
+#
+# The service computes them in Python from each list's maps; the SQL below is what it shows, and
+# running it gives the same order: every list is the same sqlite-vec KNN (or full-text query) with
+# the same filters and depth, and the fused score the same arithmetic.
+
+# The standardising sample: a fixed, spread-out choice of the collection's maps (ids scattered by
+# a multiplicative hash by the golden ratio, so a collection loaded kind by kind is sampled evenly).
+SAMPLE_SIZE = 1000
+_SAMPLE_ORDER = "(rowid % 1000003) * 618034 % 1000003, rowid"
+RRF_K = 60  # reciprocal rank fusion's constant (Cormack, Clarke & Buettcher 2009)
+RRF_DEPTH = 1000  # how many maps of each list RRF reads: fixed, so every page ranks the same
+
+
+def sample_sql(vector_table: str) -> str:
+    """The sample's ids and vectors (``:sample_size`` of them)."""
+    return (f"SELECT s.id, (SELECT embedding FROM [{vector_table}] WHERE map_id = s.id) AS embedding\n"
+            f"  FROM (SELECT rowid AS id FROM [{vector_table}_rowids] ORDER BY {_SAMPLE_ORDER}"
+            " LIMIT :sample_size) s")
+
+
+def vector_list_sql(vector_table: str, filters: str) -> str:
+    """One vector's nearest maps (``:query_vector``, ``:depth`` of them) with the filters inside the KNN."""
+    return (f"SELECT v.map_id AS id, 1 - v.distance * v.distance / 2 AS similarity FROM [{vector_table}] v\n"
+            f"WHERE v.embedding MATCH :query_vector AND v.k = :depth{filters}\nORDER BY v.distance")
+
+
+def _within_filters(column: str, params: SearchParams, sql_params: dict, place_index: bool) -> str:
+    conditions = filter_conditions(params, sql_params, place_index=place_index)
+    return f"\n      WHERE {column} IN (SELECT id FROM maps WHERE " + " AND ".join(conditions) + ")" if conditions else ""
+
+
+def fts_any(terms: list[str]) -> str:
+    """Quoted FTS5 terms, any of them matching (bm25 ranks maps matching more of them first)."""
+    return " OR ".join(terms)
+
+
+def catalogue_list_sql(text: str, params: SearchParams, sql_params: dict, *, place_index: bool = False) -> str | None:
+    """The catalogue's full-text ranking of ``text`` (FTS5's ``rank``: bm25 over maps_fts), ``:depth``
+    maps, as (list, weight, map_id, pos) rows; None when the text has no word to look for.  (``rank``,
+    a column, where ``bm25()`` cannot be called from inside a subquery.)"""
+    terms = [t for t in fts_query(text).split(" ") if t]
+    if not terms:
+        return None
+    sql_params["catalogue_text"] = fts_any(terms)
+    within = _within_filters("id", params, sql_params, place_index)
+    return ("SELECT 'catalogue' AS list, 1.0 AS weight, id AS map_id, pos FROM (\n"
+            "    SELECT id, row_number() OVER (ORDER BY s, id) AS pos FROM (\n"
+            "      SELECT rowid AS id, rank AS s FROM maps_fts WHERE maps_fts MATCH :catalogue_text)"
+            f"{within}\n  ) WHERE pos <= :depth")
+
+
+def words_list_sql(text: str, params: SearchParams, sql_params: dict, *, place_index: bool = False) -> str | None:
+    """The printed words' full-text ranking of ``text``: each map by its best-matching word read on
+    it (FTS5's ``rank``, bm25 over map_words_fts), ``:depth`` maps, as (list, weight, map_id, pos) rows."""
+    terms = words_query_terms(text)
+    if not terms:
+        return None
+    joined = joined_term(text)
+    sql_params["words_text"] = fts_any([*terms, *([joined] if joined else [])])
+    within = _within_filters("map_id", params, sql_params, place_index)
+    return ("SELECT 'words' AS list, 1.0 AS weight, map_id, pos FROM (\n"
+            "    SELECT map_id, row_number() OVER (ORDER BY min(s), map_id) AS pos FROM (\n"
+            "      SELECT map_words.map_id, f.s FROM (SELECT rowid AS word_id, rank AS s\n"
+            "        FROM map_words_fts WHERE map_words_fts MATCH :words_text) f\n"
+            "      JOIN map_words ON map_words.id = f.word_id)"
+            f"{within}\n    GROUP BY map_id\n  ) WHERE pos <= :depth")
+
+
+@dataclasses.dataclass
+class FusedPlan:
+    """The shown SQL of a fused ranking and its parameters."""
+
+    sql: str
+    params: dict
+
+
+def _terms_cte(terms: list[QueryTerm], params: SearchParams, table: str, sql_params: dict) -> str:
+    model_arg = ", :model" if params.model else ""
+    if params.model:
+        sql_params["model"] = params.model
+    rows = []
+    for n, term in enumerate(terms, 1):
+        sql_params[f"weight_{n}"] = term.weight
+        rows.append(f"({n}, CAST(:weight_{n} AS REAL), {term_vector_sql(term, n, table, model_arg, sql_params)})")
+    return "terms(n, weight, vector) AS MATERIALIZED (\n  VALUES " + ",\n         ".join(rows) + "\n)"
+
+
+def _knn(table: str, vector: str, filters: str, columns: str) -> str:
+    return (f"SELECT {columns} FROM [{table}] v\n    WHERE v.embedding MATCH {vector} AND v.k = :depth"
+            + filters.replace("\n", "\n  "))
+
+
+def _term_vector(n: int) -> str:
+    return f"(SELECT vector FROM terms WHERE n = {n})"
+
+
+def _fused_select(extra: str = "") -> str:
+    return (f"SELECT\n  {RESULT_COLUMNS},\n  fused.score AS similarity{extra}\nFROM fused JOIN maps ON maps.id = fused.map_id\n"
+            "ORDER BY fused.score DESC, maps.id\nLIMIT :limit OFFSET :offset")
+
+
+def _paging(params: SearchParams) -> dict:
+    return {"limit": params.k, "offset": params.k * (params.page - 1)}
+
+
+def standardised_plan(params: SearchParams, model: dict, terms: list[QueryTerm], depth: int, *,
+                      place_index: bool = False) -> FusedPlan:
+    """Each term's similarity standardised by its mean and deviation over the sample, summed by
+    weight, over the union of every term's ``depth`` nearest maps (a negative term's: farthest)."""
+    table = model.vector_table
+    sql_params: dict = {}
+    cte = _terms_cte(terms, params, table, sql_params)
+    filters = filter_clause(params, sql_params, place_index=place_index)
+    lists = "\n  UNION\n  ".join(
+        _knn(table, _term_vector(n) if term.weight > 0 else f"mapclip_combine({_term_vector(n)}, -1)", filters,
+             "v.map_id") for n, term in enumerate(terms, 1))
+    sql = f"""WITH {cte},
+sample AS MATERIALIZED (
+  {sample_sql(table)}
+),
+stats AS MATERIALIZED (
+  SELECT n, avg(s) AS mean, max(sqrt(max(avg(s * s) - avg(s) * avg(s), 0)), 1e-9) AS sd
+  FROM (SELECT terms.n, mapclip_similarity(sample.embedding, terms.vector) AS s FROM terms, sample)
+  GROUP BY n
+),
+candidates AS (
+  {lists}
+),
+fused AS (
+  SELECT c.map_id, sum(terms.weight * (mapclip_similarity(
+      (SELECT embedding FROM [{table}] WHERE map_id = c.map_id), terms.vector) - stats.mean) / stats.sd) AS score
+  FROM candidates c, terms JOIN stats ON stats.n = terms.n
+  GROUP BY c.map_id
+)
+{_fused_select()}"""
+    return FusedPlan(sql, {**sql_params, "sample_size": SAMPLE_SIZE, "depth": depth, **_paging(params)})
+
+
+def rrf_plan(params: SearchParams, model: dict, terms: list[QueryTerm] | None, *, text: str | None = None,
+             catalogue: bool = False, words: bool = False, place_index: bool = False) -> FusedPlan:
+    """Reciprocal rank fusion: each list's maps score weight / (``:rrf_k`` + their place in it),
+    summed; a map in no list of positive weight is left out.  ``terms``: one vector list each
+    ("term 1", ...), or None for one list of the query's combined vector ("clip"); ``text`` with
+    ``catalogue``/``words``: the full-text lists of ``rank=hybrid``."""
+    table = model.vector_table
+    sql_params: dict = {}
+    if terms is None:
+        cte = ("terms(n, weight, vector) AS MATERIALIZED (\n  VALUES (1, 1.0, "
+               f"{query_vector_sql(params, model, sql_params)})\n)")
+        count = 1
+    else:
+        cte = _terms_cte(terms, params, table, sql_params)
+        count = len(terms)
+    filters = filter_clause(params, sql_params, place_index=place_index)
+    lists = [_knn(table, _term_vector(n), filters,
+                  f"'{vector_list_name(n, count)}' AS list, (SELECT weight FROM terms WHERE n = {n}) AS weight, "
+                  "v.map_id, row_number() OVER (ORDER BY v.distance) AS pos")
+             for n in range(1, count + 1)]
+    if text and catalogue and (piece := catalogue_list_sql(text, params, sql_params, place_index=place_index)):
+        lists.append(piece)
+    if text and words and (piece := words_list_sql(text, params, sql_params, place_index=place_index)):
+        lists.append(piece)
+    joined = "\n  UNION ALL\n  ".join(lists)
+    sql = f"""WITH {cte},
+lists AS (
+  {joined}
+),
+fused AS (
+  SELECT map_id, round(sum(weight / (:rrf_k + pos)), 12) AS score, json_group_object(list, pos) AS ranks
+  FROM lists GROUP BY map_id HAVING max(weight) > 0
+)
+{_fused_select(", fused.ranks")}"""
+    return FusedPlan(sql, {**sql_params, "rrf_k": RRF_K, "depth": RRF_DEPTH, **_paging(params)})
+
+
+def vector_list_name(n: int, count: int) -> str:
+    return "clip" if count == 1 else f"term {n}"

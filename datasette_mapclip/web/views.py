@@ -11,7 +11,15 @@ from datasette.utils.asgi import Forbidden, Response
 from .. import store
 from ..search import service
 from ..search.errors import BadSearch, NotFound, SearchError, UploadError
-from ..search.query import MAX_FEEDBACK, MAX_QUERY_CHARS, MAX_TERMS, SearchParams, first_value
+from ..search.query import (
+    DEFAULT_FUSION,
+    MAX_FEEDBACK,
+    MAX_QUERY_CHARS,
+    MAX_TERMS,
+    PAGE_FUSION,
+    SearchParams,
+    first_value,
+)
 from ..search.sql import words_were_read
 from ..settings import settings_of
 from ..store.ids import map_id_or_none
@@ -29,8 +37,10 @@ NEW_UPLOADER_KEY = "mapclip.new_uploader"
 UPLOAD_PATHS = (MapclipUrls.PAGE, MapclipUrls.SEARCH_JSON)
 
 
-async def read_search_request(datasette, request) -> tuple[service.SearchCollection, SearchParams]:
-    """GET args, or a POSTed form with an optional image -> (collection, params)."""
+async def read_search_request(datasette, request, *, page: bool = False) -> tuple[service.SearchCollection,
+                                                                                 SearchParams]:
+    """GET args, or a POSTed form with an optional image -> (collection, params).  ``page``: the
+    search page, whose fusion without a ``fusion`` argument is its own default (``PAGE_FUSION``)."""
     # Repeated arguments (``term``, ``term_weight``) keep every value, in order.
     args = {key: request.args.getlist(key) for key in request.args.keys()}
     collections = collections_of(datasette)
@@ -45,6 +55,8 @@ async def read_search_request(datasette, request) -> tuple[service.SearchCollect
             raise UploadError("the uploaded file is empty (0 bytes)")
         upload = data or None
     params = SearchParams.from_args(args)
+    if page and not (first_value(args, "fusion") or "").strip():
+        params.fusion = PAGE_FUSION
     wanted = first_value(args, "_db") or None
     if chosen is not None and wanted in (None, chosen):  # permission was checked before the body was read
         try:
@@ -188,11 +200,11 @@ async def mapclip_page(request, datasette):
     collection = None
     params = SearchParams()
     try:
-        collection, params = await read_search_request(datasette, request)
+        collection, params = await read_search_request(datasette, request, page=True)
         if request.method == "POST":
             # Post/redirect/get: the uploaded image becomes a shareable URL (its preview is shown only
             # to this browser: uploads.UploadPreviews).
-            redirect = Response.redirect(MapclipUrls(datasette).page(params.query_string(), collection.name))
+            redirect = Response.redirect(MapclipUrls(datasette).page(page_query(params), collection.name))
             if NEW_UPLOADER_KEY in request.scope:
                 redirect.set_cookie(UPLOADER_COOKIE, request.scope[NEW_UPLOADER_KEY], httponly=True,
                                     samesite="lax")
@@ -238,15 +250,33 @@ async def mapclip_page(request, datasette):
             "about_url": about_url(datasette, database),
             "form_url": urls.page(),
             "json_url": urls.search_json(params.query_string(), database),
-            "page_url": lambda **changes: urls.page(params.query_string(**changes), database),
+            "page_url": lambda **changes: urls.page(page_query(params, **changes), database),
+            "fusions": FUSION_CHOICES,
             "map_page_url": lambda map_id: urls.map(database, map_id),
-            "mark_url": lambda kind, map_id: urls.page(params.query_string(page=1, **marked(params, kind, map_id)),
+            "mark_url": lambda kind, map_id: urls.page(page_query(params, page=1, **marked(params, kind, map_id)),
                                                        database),
             "export_url": lambda extension: urls.export(extension, params.query_string(), database),
         },
         request=request,
     )
     return Response.html(page, status=status, headers=headers)
+
+
+# The page's fusion control: value, label.
+FUSION_CHOICES = (
+    ("rrf", "each term has an equal say (ranks fused)"),
+    ("standardised", "each term has an equal say (scores standardised)"),
+    ("average", "one averaged query (the paper's)"),
+)
+
+
+def page_query(params: SearchParams, **changes) -> str:
+    """A page URL's query: a URL without ``fusion`` means the page's default there, so the paper's
+    average, the API's default, is written out when it was chosen."""
+    query = params.query_string(**changes)
+    if changes.get("fusion", params.fusion) == DEFAULT_FUSION != PAGE_FUSION:
+        query += ("&" if query else "") + f"fusion={DEFAULT_FUSION}"
+    return query
 
 
 def unique_channels(channels: list[dict]) -> list[dict]:
