@@ -35,13 +35,11 @@ import math
 import os
 import platform
 import random
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +48,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from fine_tune.demo.lettering import NO_LABEL, Tally, score_sheet  # noqa: E402  (the demo's scoring)
 
 FONTS = [
     "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
@@ -318,73 +318,17 @@ def tesseract_version() -> str:
 
 # -- scoring ---------------------------------------------------------------------------------------
 
-def folded_words(text: str) -> list[str]:
-    text = unicodedata.normalize("NFKD", text.casefold())
-    text = "".join(ch for ch in text if not unicodedata.combining(ch))
-    return re.findall(r"[a-z0-9]+", text)
-
-
-@dataclass
-class Tally:
-    truth_words: int = 0
-    found_words: int = 0
-    letters_found: int = 0
-    read_words: int = 0
-    correct_words: int = 0
-
-    def add(self, other: Tally):
-        for name in self.__dataclass_fields__:
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-
-    @staticmethod
-    def ratio(a, b):
-        return a / b if b else float("nan")
-
-    @property
-    def recall(self):
-        return self.ratio(self.found_words, self.truth_words)
-
-    @property
-    def precision(self):
-        return self.ratio(self.correct_words, self.read_words)
-
-    @property
-    def letters_recall(self):
-        return self.ratio(self.letters_found, self.truth_words)
-
-
 def score(sheet: Sheet, reads: list[Read]) -> dict[str, Tally]:
-    from shapely.geometry import Polygon, box
+    """Tallies per kind of label: the demo's scoring (fine_tune/demo/lettering.py), each label's
+    bounds being its outline's (a diagonal label's outline covers little of its reading's box)."""
+    from types import SimpleNamespace
 
-    # each label's axis-aligned bounds (labels are placed with their bounds 12 px apart): readings are
-    # axis-aligned boxes too, and a diagonal label's own outline covers little of its reading's box
-    outlines = [box(*Polygon(label.outline).buffer(4).bounds) for label in sheet.labels]
-    assigned: dict[int, list[Read]] = {i: [] for i in range(len(sheet.labels))}
-    tallies = {kind: Tally() for kind in KINDS + ["(no label)"]}
-    for read in reads:
-        x0, y0, x1, y1 = read.box
-        area = max((x1 - x0) * (y1 - y0), 1.0)
-        shape = box(x0, y0, max(x1, x0 + 1), max(y1, y0 + 1))
-        shares = [outline.intersection(shape).area / area for outline in outlines]
-        best = int(np.argmax(shares)) if shares else -1
-        words = folded_words(read.text)
-        if best >= 0 and shares[best] >= 0.3:
-            assigned[best].append(read)
-            truth = set(folded_words(sheet.labels[best].text))
-            tally = tallies[sheet.labels[best].kind]
-            tally.read_words += len(words)
-            tally.correct_words += sum(1 for w in words if w in truth)
-        else:
-            tallies["(no label)"].read_words += len(words)
-    for i, label in enumerate(sheet.labels):
-        tally = tallies[label.kind]
-        truth = folded_words(label.text)
-        read_words = {w for read in assigned[i] for w in folded_words(read.text)}
-        joined = "".join("".join(folded_words(read.text)) for read in assigned[i])
-        tally.truth_words += len(truth)
-        tally.found_words += sum(1 for w in truth if w in read_words)
-        tally.letters_found += sum(1 for w in truth if w in joined)
-    return tallies
+    from shapely.geometry import Polygon
+
+    labels = [SimpleNamespace(text=label.text, group=label.kind, bounds=Polygon(label.outline).bounds)
+              for label in sheet.labels]
+    tallies = score_sheet(labels, [(read.text, read.box) for read in reads])
+    return {kind: tallies.get(kind, Tally()) for kind in [*KINDS, NO_LABEL]}
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -451,8 +395,8 @@ def main(argv=None):
     print(report)
 
 
-def fmt(value: float) -> str:
-    return "-" if value != value else f"{value:.2f}"
+def fmt(value: float | None) -> str:
+    return "-" if value is None or value != value else f"{value:.2f}"
 
 
 def render(args, results, label_count) -> str:

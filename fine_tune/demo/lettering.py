@@ -522,13 +522,13 @@ def score_sheet(labels: list[Label], readings: list[tuple[str, tuple[float, floa
         if best >= 0 and shares[best] >= 0.3:
             assigned[best].append(text)
             truth = set(folded_words(labels[best].text))
-            tally = tallies[labels[best].group]
+            tally = tallies.setdefault(labels[best].group, Tally())
             tally.read_words += len(words)
             tally.correct_words += sum(1 for w in words if w in truth)
         else:
             tallies[NO_LABEL].read_words += len(words)
     for i, label in enumerate(labels):
-        tally = tallies[label.group]
+        tally = tallies.setdefault(label.group, Tally())  # (the OCR bench's own kinds of label)
         truth = folded_words(label.text)
         read = {w for text in assigned[i] for w in folded_words(text)}
         joined = "".join("".join(folded_words(text)) for text in assigned[i])
