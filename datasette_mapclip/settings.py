@@ -111,6 +111,10 @@ SETTINGS: tuple[Setting, ...] = (
             "threads that scan one query's int8 codes side by side, each a part of them (at most the CPU count)"),
     Setting("int8_min_rows", 50_000, _positive_int, "smaller collections are scanned exactly in float32"),
     Setting("rerank", 256, _at_least_one, "int8 candidates re-scored exactly"),
+    Setting("fast_scan_min_rows", 100_000, _positive_int,
+            "collections of at least this many maps also get 4-bit fast-scan codes, the first stage of "
+            "unfiltered searches (built once the int8 index serves)"),
+    Setting("fast_candidates", 1000, _at_least_one, "fast-scan candidates re-scored exactly"),
     Setting("filter_pool", 512, _at_least_one,
             "nearest maps checked against a filter before searching the filter's maps"),
     Setting("exact_subset_rows", 50_000, _positive_int,

@@ -501,7 +501,8 @@ async def run_search(collection: SearchCollection, params: SearchParams) -> dict
     elif index is not None:
         query = await build_query_vector(collection, params, index if not behind else None)
         rows, way = await _nearest_with_index(collection, index, query, params, place_index)
-        searched_with = "in-memory exact" if index.exact else "in-memory int8 + exact re-scoring"
+        # filtered searches scan the int8 codes (a filter pool, or the filter's maps masked)
+        searched_with = index.scan_name(None if params.has_filters else min(params.k * params.page + 1, VEC0_MAX_K))
         if way:
             searched_with += f" ({way})"
     else:
