@@ -100,7 +100,8 @@ def ocr_options(command):
     return click.option(
         "--ocr", is_flag=True,
         help="Also read the words printed on each map (RapidOCR) into map_words once the maps are embedded, "
-             "as `mapclip ocr DB` does; rerun `mapclip ocr` to change its settings.")(command)
+             "as `mapclip ocr DB` does (with --engine ray, on the same Ray cluster: `mapclip ocr --engine ray`); "
+             "rerun `mapclip ocr` to change its settings.")(command)
 
 
 def keep_images_option(command):
@@ -221,12 +222,13 @@ def run_embedding(db_path, records, options, *, command, fetcher=None, store_thu
 
 
 def _read_words(db_path, options, fetcher, keep) -> int:
-    """--ocr: the OCR pass over the collection just loaded (maps read before are skipped)."""
+    """--ocr: the OCR pass over the collection just loaded (maps read before are skipped), on the
+    load's engine (--engine ray: the OCR actors of `mapclip ocr --engine ray`)."""
     import os
 
     from .fetch import Fetcher, per_minute
     from .ocr import OcrSettings
-    from .ocr_cli import run_ocr
+    from .ocr_cli import ray_options, run_ocr
 
     settings = OcrSettings(ocr_size=options["ocr_size"], threads=options.get("threads") or os.cpu_count())
     own = fetcher is None  # a folder load fetches nothing: URLs in its metadata still need a fetcher
@@ -234,7 +236,9 @@ def _read_words(db_path, options, fetcher, keep) -> int:
     try:
         return run_ocr(db_path, settings, fetcher=fetcher, keep_images=keep.root if keep else None,
                        workers=min(options["workers"], 4), max_pixels=options["max_pixels"],
-                       progress=not options["quiet"])
+                       progress=not options["quiet"],
+                       ray=ray_options(options.get("ray_address"), options.get("actors"), options.get("threads"))
+                       if options.get("engine") == "ray" else None)
     finally:
         if own:
             fetcher.close()

@@ -2,7 +2,9 @@
 
 Resumable: a map read by the same OCR model (engine, weights, settings) is skipped, also when it
 had no text; a map that fails becomes a ``load_errors`` row of stage ``ocr`` and is tried again on
-the next run.  Images are fetched and decoded in worker threads while this thread reads.
+the next run.  Images are fetched and decoded in worker threads while this thread reads; with
+``--engine ray`` they are fetched and read by OCR actors on a Ray cluster (``ocr_ray.py``) and this
+process writes what they send back, through the same ``write_outcome``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,11 @@ from .messages import shown
 from .ocr import DEFAULT_OCR_SIZE, DEFAULT_OVERLAP, DEFAULT_TILE, OcrSettings, OcrUnavailable, ReadError
 
 
-class KeepFailed(Exception):
+class OcrStopped(Exception):
+    """The run cannot go on (the message says why); what was written stays written."""
+
+
+class KeepFailed(OcrStopped):
     """An image could not be written to the --keep-images folder: stop, with the reason."""
 
 
@@ -50,18 +56,75 @@ class OcrSummary:
         return text
 
 
+@dataclass
+class Outcome:
+    """What reading one map came to, wherever it was read (this process or a Ray actor): its words,
+    the size of the image read, the seconds reading took, where the pixels came from and what to
+    keep; or ``failure``, the map's load_errors reason."""
+
+    words: list | None = None
+    size: tuple[int, int] | None = None
+    seconds: float = 0.0
+    from_kept: bool = False
+    keep: tuple[bytes, str] | None = None
+    failure: str | None = None
+
+
+def read_one(read, get) -> Outcome:
+    """Get one map's image (``get()``: ``Fetched``) and ``read`` it.  A ``ReadError`` or the engine
+    failing on it is a failure outcome; ``RateLimited`` and ``KeyboardInterrupt`` propagate."""
+    try:
+        fetched = get()
+        read_started = time.perf_counter()
+        found = read(fetched.image)
+        reading = time.perf_counter() - read_started
+    except ReadError as error:
+        return Outcome(failure=str(error))
+    except (RateLimited, KeyboardInterrupt):
+        raise
+    except Exception as error:  # the engine failed on this image: a row, and the run goes on
+        return Outcome(failure=f"OCR failed: {type(error).__name__}: {error}")
+    return Outcome(found, tuple(fetched.image.size), reading, bool(fetched.from_kept), fetched.keep)
+
+
+def write_outcome(words_store, target, outcome: Outcome, ocr_model_id: int, summary: OcrSummary, keep=None):
+    """One map's outcome into the collection: its words and read mark in one transaction (and its
+    downloaded image kept), or its load_errors row.  ``KeepFailed`` when the kept image cannot be written."""
+    from datasette_mapclip.store.words import ocr_error_key
+
+    from .ocr import write_kept
+
+    if outcome.failure is not None:
+        words_store.record_failure(target, outcome.failure)
+        summary.failed += 1
+        return
+    if outcome.keep and keep:
+        try:
+            write_kept(keep, target.source_id, outcome.keep)
+        except OSError as error:
+            raise KeepFailed(f"cannot write a kept image under {keep.root}: {error.strerror or error}") from None
+        summary.kept += 1
+    summary.from_kept += int(outcome.from_kept)
+    count = words_store.write_reading(target.id, ocr_model_id, outcome.words, size=outcome.size,
+                                      seconds=round(outcome.seconds, 3), error_key=ocr_error_key(target.source_id))
+    summary.read += 1
+    summary.words += count
+    summary.no_text += int(count == 0)
+    summary.reading_seconds += outcome.seconds
+
+
+def progress_bar(total: int, progress: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="map", desc="reading words", disable=not progress, dynamic_ncols=True)
+
+
 def read_maps(words_store, engine, source, targets, ocr_model_id: int, summary: OcrSummary, *, workers: int = 2,
               progress: bool = True, keep=None, kept_path_of=None):
     """Read ``targets`` (``MapToRead``) in order: fetch and decode in ``workers`` threads (a small
     window ahead), OCR here, then each map's words and mark in one transaction.  Failures are
     recorded and the run goes on; ``RateLimited`` and ``KeyboardInterrupt`` stop it (what was
     written stays written)."""
-    from tqdm import tqdm
-
-    from datasette_mapclip.store.words import ocr_error_key
-
-    from .ocr import write_kept
-
     started = time.perf_counter()
     window = collections.deque()
     todo = iter(targets)
@@ -74,43 +137,13 @@ def read_maps(words_store, engine, source, targets, ocr_model_id: int, summary: 
             window.append((target, pool.submit(source.get, target, kept)))
 
     try:
-        with tqdm(total=len(targets), unit="map", desc="reading words", disable=not progress,
-                  dynamic_ncols=True) as bar:
+        with progress_bar(len(targets), progress) as bar:
             for _ in range(workers + 1):
                 submit()
             while window:
                 target, future = window.popleft()
                 submit()
-                try:
-                    fetched = future.result()
-                    read_started = time.perf_counter()
-                    found = engine.read(fetched.image)
-                    reading = time.perf_counter() - read_started
-                except ReadError as error:
-                    words_store.record_failure(target, str(error))
-                    summary.failed += 1
-                except (RateLimited, KeyboardInterrupt):
-                    raise
-                except Exception as error:  # the engine failed on this image: a row, and the run goes on
-                    words_store.record_failure(target, f"OCR failed: {type(error).__name__}: {error}")
-                    summary.failed += 1
-                else:
-                    if fetched.keep and keep:
-                        try:
-                            write_kept(keep, target.source_id, fetched.keep)
-                        except OSError as error:
-                            raise KeepFailed(f"cannot write a kept image under {keep.root}: "
-                                             f"{error.strerror or error}") from None
-                        summary.kept += 1
-                    summary.from_kept += int(fetched.from_kept)
-                    size = fetched.image.size
-                    count = words_store.write_reading(target.id, ocr_model_id, found, size=size,
-                                                      seconds=round(reading, 3),
-                                                      error_key=ocr_error_key(target.source_id))
-                    summary.read += 1
-                    summary.words += count
-                    summary.no_text += int(count == 0)
-                    summary.reading_seconds += reading
+                write_outcome(words_store, target, read_one(engine.read, future.result), ocr_model_id, summary, keep)
                 bar.update(1)
                 bar.set_postfix(words=summary.words, failed=summary.failed, refresh=False)
     finally:
@@ -148,21 +181,33 @@ def read_maps(words_store, engine, source, targets, ocr_model_id: int, summary: 
 @click.option("--turned", is_flag=True,
               help="Also read every tile turned 90 degrees and keep the best reading of each place "
                    "(twice the time; see bench/results/ocr.md for what it adds).")
-@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for the OCR models (default: all cores).")
+@click.option("--threads", type=click.IntRange(min=1),
+              help="CPU threads for the OCR models (default: all cores; --engine ray: per actor, default its "
+                   "node's cores shared by the actors there).")
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
-              help="Threads fetching and decoding images ahead of the reader.")
+              help="Threads fetching and decoding images ahead of the reader (--engine ray: in each actor).")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True,
               help="Refuse images with more pixels (decompression bombs, 30,000 px sheets).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: fetch threads and the OCR models in this process. ray: fetch and read in a pool of "
+                   "OCR actors on a Ray cluster (each loads the models once), writing to the same database "
+                   "here; --rate holds for the whole cluster. Needs: pip install 'datasette-mapclip[ray]'.")
+@click.option("--ray-address",
+              help="Ray cluster to join (--engine ray), e.g. 'auto' (the cluster `ray start` made on this "
+                   "machine), 'head-node:6379' or 'ray://head-node:10001'. Default: $RAY_ADDRESS, else a "
+                   "running local cluster, else a new local Ray for this run.")
+@click.option("--actors", type=click.IntRange(min=1),
+              help="OCR actors (--engine ray). Default: one per node, each using its node's cores (or --threads).")
 def ocr(db_path, ocr_size, limit, timeout, rate, keep_images, tile, overlap, full_resolution, turned, threads,
-        workers, max_pixels, quiet):
+        workers, max_pixels, quiet, engine, ray_address, actors):
     """Read the words printed on each map of DB_PATH (OCR: RapidOCR's PP-OCRv4 models on ONNX
     Runtime) into the map_words table, with their boxes, searchable through map_words_fts.
 
     Rerunning skips maps already read with the same settings; other settings read them again and
     replace their words.
 
-    Example: mapclip ocr maps.db --limit 100
+    Example: mapclip ocr maps.db --limit 100 (on a Ray cluster: --engine ray --ray-address auto)
     """
     from .fetch import Fetcher, per_minute
 
@@ -171,10 +216,11 @@ def ocr(db_path, ocr_size, limit, timeout, rate, keep_images, tile, overlap, ful
                                full_resolution=full_resolution, threads=threads or os.cpu_count())
     except ValueError as error:
         raise click.BadParameter(str(error), param_hint="--overlap")
+    ray = ray_options(ray_address, actors, threads) if engine == "ray" else None
     fetcher = Fetcher(per_minute(rate), timeout=timeout)
     try:
         exit_code = run_ocr(db_path, settings, fetcher=fetcher, keep_images=keep_images, limit=limit,
-                            workers=workers, max_pixels=max_pixels, progress=not quiet)
+                            workers=workers, max_pixels=max_pixels, progress=not quiet, ray=ray)
     finally:
         fetcher.close()
     if exit_code:
@@ -191,12 +237,22 @@ def check_ocr_available():
         raise click.ClickException(str(error))
 
 
+def ray_options(address=None, actors=None, threads=None):
+    """How ``--engine ray`` uses the cluster (the loaders' Ray engine's options, ``RayOptions``)."""
+    from .ray_engine import RayOptions
+
+    return RayOptions(address=address, actors=actors, threads=threads)
+
+
 def run_ocr(db_path, settings: OcrSettings, *, fetcher, keep_images=None, limit=None, workers: int = 2,
-            max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True, echo=None) -> int:
+            max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True, echo=None, ray=None) -> int:
     """The OCR pass over a collection, as `mapclip ocr` runs it and the loaders' --ocr after their load:
     the maps not yet read by this OCR model, a ``loads`` row for the run, a summary line.  Returns the
-    exit code (0 finished, 2 rate-limited, 1 a kept image could not be written, 130 interrupted);
-    ClickException for what stops it before it starts."""
+    exit code (0 finished, 2 rate-limited, 1 a kept image could not be written or the cluster lost
+    its actors, 130 interrupted); ClickException for what stops it before it starts.
+
+    ``ray``: ``RayOptions`` to fetch and read on a Ray cluster (``ocr_ray.py``) instead of here;
+    ``settings.threads`` is then ignored for ``ray.threads`` (None: each actor's node decides)."""
     from datasette_mapclip.store import StoreError, open_collection_readonly
     from datasette_mapclip.store.words import WordStore
 
@@ -207,10 +263,14 @@ def run_ocr(db_path, settings: OcrSettings, *, fetcher, keep_images=None, limit=
         open_collection_readonly(db_path).close()  # never create a schema in a file that is not a collection
     except StoreError as error:
         raise click.ClickException(str(error))
-    try:
-        engine = OcrEngine(settings)
-    except OcrUnavailable as error:
-        raise click.ClickException(str(error))
+    if ray is not None:
+        from . import ocr_ray
+        from .ray_engine import RayUnavailable
+
+        try:
+            ocr_ray.import_ray()  # the one-line advice before anything starts
+        except RayUnavailable as error:
+            raise click.ClickException(str(error))
     keep = None
     if keep_images:
         keep = keep_ocr_images(keep_images, settings.ocr_size)
@@ -218,31 +278,54 @@ def run_ocr(db_path, settings: OcrSettings, *, fetcher, keep_images=None, limit=
             keep.check_writable()
         except OSError as error:
             raise click.ClickException(f"cannot write to --keep-images {keep_images}: {error.strerror or error}")
-    limit_image_pixels(max_pixels)
-    store = open_store(db_path)
-    words = WordStore(store)
-    model = words.register_ocr_model(engine.provenance())
-    targets, done = words.maps_to_read(model.id, limit)
-    summary = OcrSummary(skipped=done)
-    echo(f"OCR {model.name}: {len(targets)} maps to read, {done} already read, database {db_path}")
-    load_id = store.start_load(f"ocr {db_path}", model.name)
-    source = ImageSource(fetcher, ocr_size=settings.ocr_size, max_pixels=max_pixels, keep=keep, regions=settings)
-    status, exit_code, message = "finished", 0, None
+    if ray is None:
+        try:
+            engine = OcrEngine(settings)
+        except OcrUnavailable as error:
+            raise click.ClickException(str(error))
+        provenance, label = engine.provenance(), ""
+    else:
+        try:
+            engine = ocr_ray.RayOcr(ray, settings, fetcher=fetcher, max_pixels=max_pixels, workers=workers,
+                                    keep=keep).start()
+        except RayUnavailable as error:
+            raise click.ClickException(str(error))
+        echo(engine.description())
+        provenance, label = engine.provenance, ocr_ray.LABEL
     try:
-        read_maps(words, engine, source, targets, model.id, summary, workers=workers, progress=progress,
-                  keep=keep, kept_path_of=store.kept_image_path)
-    except RateLimited as error:
-        status, exit_code, message = "stopped", 2, shown(str(error), None)
-    except KeepFailed as error:
-        status, exit_code, message = "stopped", 1, f"Error: {error}. Rerun the same command to continue."
-    except KeyboardInterrupt:
-        status, exit_code, message = "interrupted", 130, "interrupted: rerun the same command to continue"
-    except BaseException:
-        status = "failed"
-        raise
+        limit_image_pixels(max_pixels)
+        store = open_store(db_path)
+        words = WordStore(store)
+        model = words.register_ocr_model(provenance)
+        targets, done = words.maps_to_read(model.id, limit)
+        summary = OcrSummary(skipped=done)
+        echo(f"OCR {model.name}: {len(targets)} maps to read, {done} already read, database {db_path}")
+        load_id = store.start_load(f"ocr {db_path}{label}", model.name)
+        status, exit_code, message = "finished", 0, None
+        try:
+            if ray is None:
+                source = ImageSource(fetcher, ocr_size=settings.ocr_size, max_pixels=max_pixels, keep=keep,
+                                     regions=settings)
+                read_maps(words, engine, source, targets, model.id, summary, workers=workers, progress=progress,
+                          keep=keep, kept_path_of=store.kept_image_path)
+            else:
+                engine.read_maps(words, targets, model.id, summary, progress=progress, keep=keep,
+                                 kept_path_of=store.kept_image_path)
+        except RateLimited as error:
+            status, exit_code, message = "stopped", 2, shown(str(error), None)
+        except OcrStopped as error:
+            status, exit_code, message = "stopped", 1, f"Error: {error}. Rerun the same command to continue."
+        except KeyboardInterrupt:
+            status, exit_code, message = "interrupted", 130, "interrupted: rerun the same command to continue"
+        except BaseException:
+            status = "failed"
+            raise
+        finally:
+            store.finish_load(load_id, status, summary.read, summary.skipped, summary.failed)
+            store.close()
     finally:
-        store.finish_load(load_id, status, summary.read, summary.skipped, summary.failed)
-        store.close()
+        if ray is not None:
+            engine.close()
     echo(summary.line())
     if message:
         echo(message)

@@ -189,7 +189,7 @@ class Preprocessor:
 _worker_state: dict = {}
 
 
-def _worker_fetcher(settings: FetchSettings, limiter_actor) -> Fetcher:
+def worker_fetcher(settings: FetchSettings, limiter_actor) -> Fetcher:
     """One Fetcher (one HTTP client) per worker process and fetch settings."""
     key = ("fetcher", settings)
     fetcher = _worker_state.get(key)
@@ -266,7 +266,7 @@ def prepare_chunk(items, preprocessor: Preprocessor, settings: FetchSettings, li
     import numpy as np
 
     _yield_whole_worker_to_the_model()
-    fetcher = _worker_fetcher(settings, limiter_actor)
+    fetcher = worker_fetcher(settings, limiter_actor)
 
     def one(item):
         record, kept_data = item
@@ -533,10 +533,10 @@ class RayEmbedding:
                 try:
                     matrix, _precision = ray.get(vectors_ref)
                 except ray.exceptions.ActorDiedError as error:  # restarts are unlimited: it is gone for good
-                    raise ClusterFailure(f"a model actor died and could not be restarted ({_reason(error)}). Run the "
+                    raise ClusterFailure(f"a model actor died and could not be restarted ({reason_of(error)}). Run the "
                                          "same command again: it resumes where it stopped.") from None
                 except ray.exceptions.RayError as error:
-                    reason = f"embedding failed on the cluster: {_reason(error)}"
+                    reason = f"embedding failed on the cluster: {reason_of(error)}"
                     for p in batch:
                         p.stage, p.error = "embed", reason
                     errors.extend(batch)
@@ -607,12 +607,12 @@ def _gather(ray, job: _Job) -> list[Prepared]:
             cause = getattr(error, "cause", None)
             if isinstance(cause, RateLimited) or isinstance(error, RateLimited):
                 raise RateLimited(str(cause or error)) from None
-            reason = f"fetch task failed on the cluster: {_reason(error)}"
+            reason = f"fetch task failed on the cluster: {reason_of(error)}"
             prepared.extend(Prepared(record, stage="fetch", error=reason) for record, _ in items)
     return prepared
 
 
-def _reason(error: Exception) -> str:
+def reason_of(error: Exception) -> str:
     cause = getattr(error, "cause", None)
     if cause is not None:
         return f"{type(cause).__name__}: {cause}"
