@@ -70,12 +70,17 @@ def preprocess(image: Image.Image, preprocessing: dict) -> np.ndarray:
     return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
 
-def _session(model_bytes: bytes, threads: int | None):
+def _session(model_bytes: bytes, threads: int | None, *, quick_start: bool = False):
+    """An ONNX Runtime session.  ``quick_start``: basic graph optimisations only, for the text tower a
+    server's first search waits for: its session opens ~0.1-0.2 s sooner (ViT-B-32 int8 on 2 cores)
+    for ~3% more time per text query (measured beside the full optimisations, one thread)."""
     try:
         import onnxruntime as ort
     except ImportError:
         raise QueryEncodersUnavailable("onnxruntime is not installed (pip install onnxruntime)") from None
     options = ort.SessionOptions()
+    if quick_start:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     if threads:
         options.intra_op_num_threads = int(threads)
     options.inter_op_num_threads = 1
@@ -94,7 +99,7 @@ class QueryEncoder:
             raise QueryEncodersUnavailable(f"the stored query encoders lack {', '.join(missing)}")
         self.preprocessing = json.loads(parts["preprocess"])
         self.tokenizer = Tokenizer.from_str(parts["tokenizer"].decode("utf-8"))
-        self.text_session = _session(parts["text"], threads)
+        self.text_session = _session(parts["text"], threads, quick_start=True)
         # The image tower (the larger) is opened at the first image query: a server's first text
         # search does not wait for it.  ``parts["image"]``: its bytes, or a function reading them.
         self._image_bytes, self._image_session, self._threads = parts["image"], None, threads
