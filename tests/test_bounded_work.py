@@ -221,6 +221,42 @@ async def test_a_statement_cut_by_the_time_limit_anywhere_answers_503(collection
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("after_limit", [True, False])
+async def test_a_vector_scan_cut_inside_sqlite_vec_answers_503(collection, monkeypatch, after_limit):
+    """sqlite-vec reports a scan interrupted between two chunk reads as "chunks iter error"
+    (SQLITE_ERROR, not SQLITE_INTERRUPT: seen on a 562,842-map file whose scan outlasts the limit),
+    so that error after the time limit is the limit's 503; before it, it is a fault of the file."""
+    import asyncio
+
+    import datasette.database
+
+    from datasette_mapclip.store import connect
+
+    real_execute = datasette.database.Database.execute
+    sqlite_error = type(connect(":memory:")).__module__  # the driver Datasette uses (pysqlite3 here)
+    error_class = __import__(sqlite_error, fromlist=["OperationalError"]).OperationalError
+
+    async def scan_cut(self, sql, *args, **kwargs):
+        if "MATCH" in sql and "distance" in sql:  # the KNN of a search
+            if after_limit:
+                await asyncio.sleep(0.06)
+            raise error_class("chunks iter error")
+        return await real_execute(self, sql, *args, **kwargs)
+
+    ds = make_datasette([str(collection[0])], settings={"sql_time_limit_ms": 50},
+                        metadata={"plugins": {"datasette-mapclip": {"index": "off"}}})
+    monkeypatch.setattr(datasette.database.Database, "execute", scan_cut)
+    for path in ("/-/mapclip/search.json?like=1&k=2", "/-/mapclip?like=1&k=2"):
+        response = await ds.client.get(path)
+        if after_limit:
+            assert response.status_code == 503, (path, response.text[:300])
+            assert "took longer than this server" in response.text and "50 ms limit" in response.text
+        else:
+            assert response.status_code == 400, (path, response.text[:300])
+            assert "chunks iter error" in response.text and "took longer" not in response.text
+
+
+@pytest.mark.asyncio
 async def test_text_queries_waiting_together_are_encoded_in_one_pass(collection, monkeypatch, tiny_encoder):
     from datasette_mapclip.store import MapStore
 

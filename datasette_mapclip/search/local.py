@@ -57,13 +57,14 @@ class FileDatabase:
 
     async def execute(self, sql: str, params=None, **options):
         def run(conn):
+            started = time.monotonic()
             if self.time_limit_ms:
-                deadline = time.monotonic() + self.time_limit_ms / 1000
+                deadline = started + self.time_limit_ms / 1000
                 conn.set_progress_handler(lambda: int(time.monotonic() > deadline), 1000)
             try:
                 return conn.execute(sql, params or {}).fetchall()
             except Exception as error:
-                if "interrupted" in str(error):
+                if service.cut_by_time_limit(error, time.monotonic() - started, self.time_limit_ms):
                     raise service.Interrupted(str(error)) from None
                 raise
             finally:

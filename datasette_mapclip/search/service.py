@@ -149,6 +149,16 @@ def unavailable_if_interrupted(error: Exception, time_limit_ms: int | None) -> S
     return None
 
 
+def cut_by_time_limit(error: Exception, seconds: float, time_limit_ms: int | None) -> bool:
+    """Whether a statement that failed after ``seconds`` was cut by the time limit: SQLite says
+    "interrupted", except inside a sqlite-vec scan, which reports its interrupted chunk read as
+    "chunks iter error" (SQLITE_ERROR), so that message counts only once the limit has passed."""
+    message = str(error)
+    if "interrupted" in message:
+        return True
+    return bool(time_limit_ms) and "chunks iter error" in message and seconds * 1000 >= time_limit_ms
+
+
 def too_slow_message(time_limit_ms: int | None) -> str:
     limit = f"this server's {time_limit_ms} ms" if time_limit_ms else "the time"
     return (f"the search took longer than {limit} limit: narrow it with filters, "

@@ -57,10 +57,16 @@ class DatasetteDatabase:
         return self.db.path
 
     async def execute(self, sql, params=None, **options):
+        started = time.monotonic()
         try:
             return await self.db.execute(sql, params, **options)
         except QueryInterrupted as error:
             raise service.Interrupted(str(error)) from None
+        except Exception as error:
+            limit = options.get("custom_time_limit") or self.db.ds.setting("sql_time_limit_ms")
+            if service.cut_by_time_limit(error, time.monotonic() - started, limit):
+                raise service.Interrupted(str(error)) from None
+            raise
 
     async def execute_fn(self, fn):
         return await self.db.execute_fn(fn)
