@@ -22,6 +22,9 @@ Angles: the detector finds boxes at any angle; each box is cropped upright along
 labels at 30 or -35 degrees and vertical ones are read as horizontal lines; the orientation model
 turns upside-down crops.  ``rotations=(0, 90)`` also reads every tile turned by 90 degrees and keeps
 the best reading of each place (twice the time; measured in bench/results/ocr.md).
+
+Spaces: the recogniser's output is decoded here (``OcrEngine.recognise_lines``, ``ocr_spacing``), so a
+space between two words that the recogniser all but read ("SandyHook") is put back.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from datasette_mapclip.store.words import MapToRead, MapWord
 
 from .fetch import Fetcher, FetchError
 from .kept_images import KeepImages, read_kept
+from .ocr_spacing import SPACING_METHOD, decode_with_spaces
 
 ENGINE = "rapidocr-onnxruntime"
 INSTALL_HINT = "pip install rapidocr-onnxruntime (or: pip install 'datasette-mapclip[load]')"
@@ -82,7 +86,7 @@ class OcrSettings:
     overlap: int = DEFAULT_OVERLAP
     rotations: tuple[int, ...] = (0,)
     min_confidence: float = DEFAULT_MIN_CONFIDENCE
-    respace: bool = True  # put back a space the recogniser dropped between two words (``respaced``)
+    respace: bool = True  # put back a space the recogniser all but read between two words (``ocr_spacing``)
     # IIIF sheets larger than ocr_size read at full resolution, as region tiles (``RegionTiles``)
     full_resolution: bool = False
     threads: int | None = field(default=None, compare=False)
@@ -100,6 +104,8 @@ class OcrSettings:
         if not self.full_resolution:
             settings.pop("full_resolution")  # as recorded before the option existed: no re-read
         settings["rotations"] = list(self.rotations)
+        if self.respace:  # how spaces are put back changed what is read: record the method, not just "on"
+            settings["respace"] = SPACING_METHOD
         return settings
 
 
@@ -301,13 +307,10 @@ class OcrEngine:
         boxes = ocr.sorted_boxes(boxes)
         crops = ocr.get_crop_img_list(bgr, boxes)
         crops, orientations, _ = ocr.text_cls(crops)
-        recognised, _ = ocr.text_rec(crops, self.settings.respace)
+        recognised = self.recognise_lines(crops)
         cls_thresh = ocr.text_cls.cls_thresh
-        for box, (label, label_score), result in zip(boxes, orientations, recognised):
-            text, confidence = str(result[0]), float(result[1])
-            if self.settings.respace and len(result) > 2:
-                text = respaced(text, result[2][1])
-            text = text.strip()
+        for box, (label, label_score), (text, confidence) in zip(boxes, orientations, recognised):
+            text = " ".join(text.split())
             if confidence < self.settings.min_confidence or not has_text(text):
                 continue
             quad = np.asarray(box, dtype=np.float64).reshape(4, 2)
@@ -317,27 +320,26 @@ class OcrEngine:
             flipped = "180" in str(label) and float(label_score) > cls_thresh
             yield text, confidence, quad, reading_angle(quad, turned, flipped)
 
-
-def respaced(text: str, groups) -> str:
-    """``text`` with a space put back where the recogniser dropped one between two words.
-
-    ``groups``: the recogniser's own split of the line into words by the gaps between its character
-    columns (RapidOCR's ``word_list``: PaddleOCR splits where two characters are more than 4 columns
-    apart).  A gap alone also splits after a wide letter ("THURM ONT", "pocom oke": measured, the gap
-    at a dropped space is often no wider than between letters), so a space is put back only at a gap
-    that is also a word boundary by case: a lower-case letter followed by a capital ("North|Beach")."""
-    pieces = ["".join(group) for group in groups or ()]
-    if len(pieces) < 2 or "".join(pieces) != text:
-        return text
-    out = pieces[0]
-    for piece in pieces[1:]:
-        before, after = out.split(" ")[-1], piece.split(" ")[0]
-        if not before or not after:
-            out += piece
-            continue
-        boundary = before[-1].islower() and after[0].isupper()
-        out += (" " + piece) if boundary else piece
-    return out
+    def recognise_lines(self, crops: list[np.ndarray]) -> list[tuple[str, float]]:
+        """(text, confidence) of each upright line crop: RapidOCR's recogniser run as its own
+        ``text_rec`` runs it (crops sorted by shape, batches padded to the widest), decoded here so
+        that each character's place along the line is known and a space the recogniser all but
+        read is put back (``ocr_spacing``, ``OcrSettings.respace``)."""
+        rec = self.ocr.text_rec
+        decoder = rec.postprocess_op
+        characters = decoder.character
+        space = len(characters) - 1 if characters and characters[-1] == " " else None
+        _, height, width = rec.rec_image_shape[:3]
+        order = np.argsort([crop.shape[1] / float(crop.shape[0]) for crop in crops])
+        results: list[tuple[str, float]] = [("", 0.0)] * len(crops)
+        for start in range(0, len(crops), rec.rec_batch_num):
+            batch = order[start:start + rec.rec_batch_num]
+            widest = max([width / height] + [crops[i].shape[1] / float(crops[i].shape[0]) for i in batch])
+            pixels = np.stack([rec.resize_norm_img(crops[i], widest) for i in batch]).astype(np.float32)
+            probabilities = rec.session(pixels)[0]
+            for i, line in zip(batch, probabilities):
+                results[i] = decode_with_spaces(line, characters, space, self.settings.respace)
+        return results
 
 
 def padded(bgr: np.ndarray) -> np.ndarray:

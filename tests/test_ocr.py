@@ -383,3 +383,53 @@ def test_large_iiif_sheets_are_read_at_full_resolution_as_region_tiles(loc_serve
         word = found[text]
         assert abs(word["x"] - x) < 0.02 and abs(word["y"] - y) < 0.03, (text, word, (x, y))
     assert tuple(conn.execute("SELECT width, height FROM map_words_read").fetchone()) == (1200, 880)
+
+
+# -- spaces between words (loaders/ocr_spacing.py) ---------------------------------------------
+
+PLAIN_FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
+
+
+def lines_read(names: list[str], *, respace: bool = True, font_file: str = PLAIN_FONT, size: int = 18) -> list[str]:
+    """``names`` drawn one a line (normal word spacing, dark on map paper), read by the real engine;
+    the texts read, top to bottom."""
+    from loaders.ocr import OcrEngine, OcrSettings
+
+    try:
+        face = ImageFont.truetype(font_file, size)
+    except OSError:
+        pytest.skip(f"{font_file} is not installed")
+    sheet = Image.new("RGB", (640, 50 * len(names) + 40), (236, 228, 205))
+    draw = ImageDraw.Draw(sheet)
+    for i, name in enumerate(names):
+        draw.text((30 + (i % 2) * 100, 30 + i * 50), name, font=face, fill=(25, 25, 25))
+    words = OcrEngine(OcrSettings(threads=1, respace=respace)).read(sheet)
+    return [word.text for word in sorted(words, key=lambda word: word.y)]
+
+
+def test_names_of_several_words_are_read_with_their_spaces():
+    """Two-word names and a title at 18 px in DejaVu Sans: the recogniser alone runs some of them
+    together ("NewBern", "PoliticalmapofAfrica": measured, 4 of these 5); read with the spaces it all
+    but read put back, each comes out word for word."""
+    names = ["Map of the city of Portland", "Political map of Africa", "Outer Bar", "New Bern", "Kitty Hawk"]
+    assert lines_read(names) == names
+    # the sheet tests the respacing: without it the recogniser drops spaces here
+    assert sum(text.count(" ") for text in lines_read(names, respace=False)) < sum(name.count(" ") for name in names)
+
+
+@pytest.mark.parametrize("font_file", [PLAIN_FONT, "/usr/share/fonts/truetype/dejavu/DejaVuSerif-Italic.ttf"])
+def test_a_single_word_with_wide_letters_is_not_split(font_file):
+    """Wide letters ("mm", "W") leave gaps between characters as wide as a space; no space is put
+    where the recogniser saw none."""
+    names = ["Westminster", "Grantsville", "Hammondsport", "Wilmington", "Mummasburg", "Williamsport"]
+    assert lines_read(names, font_file=font_file, size=20) == names
+
+
+def test_the_spacing_method_is_part_of_the_recorded_settings():
+    """What changes a reading is recorded (ocr_models.settings): a reader that puts spaces back
+    another way is another OCR model, so `mapclip ocr` reads the maps again."""
+    from loaders.ocr import OcrSettings
+    from loaders.ocr_spacing import SPACING_METHOD
+
+    assert OcrSettings().recorded()["respace"] == SPACING_METHOD
+    assert OcrSettings(respace=False).recorded()["respace"] is False
