@@ -5,6 +5,7 @@ previous index answers (saying so) while a newer one is read, and one cache stay
 import asyncio
 import shutil
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -447,3 +448,42 @@ async def test_a_restart_answers_from_the_cached_vectors_while_the_int8_codes_lo
     assert index_module.provisional_index(str(copy), collection.model, collection.config) is not None
     add_maps(copy, [np.ones(collection.model.dim, np.float32) / np.sqrt(collection.model.dim)])
     assert index_module.provisional_index(str(copy), collection.model, collection.config) is None
+
+
+@pytest.mark.asyncio
+async def test_the_first_search_after_a_restart_waits_for_the_cached_vectors_not_sqlite_vec(copy, monkeypatch):
+    """A search that arrives while the cache is still being checked waits for the exact index of the
+    cached vectors (a few hundred ms at most) instead of scanning with sqlite-vec (seconds at Library
+    of Congress scale, or the time limit's 503); with no usable cache it does not wait."""
+    first = serve(copy, **LIVE)
+    await wait_for_index(first)
+    check = index_module.provisional_index
+
+    def slow_check(*args, **kwargs):
+        time.sleep(0.4)  # the cache's check on a busy machine
+        return check(*args, **kwargs)
+
+    monkeypatch.setattr(index_module, "provisional_index", slow_check)
+    release = threading.Event()
+    read_codes = index_module.Int8Scanner.load
+    monkeypatch.setattr(index_module.Int8Scanner, "load", lambda *a, **k: release.wait(30) and read_codes(*a, **k))
+    try:
+        restarted = serve(copy, **LIVE)
+        answer = (await restarted.client.get("/-/mapclip/search.json?q=relief+map&k=6")).json()
+        assert answer["searched_with"] == "in-memory exact", answer["searched_with"]
+    finally:
+        release.set()
+
+    # no cache to wait for: the first search goes straight to sqlite-vec
+    for folder in copy.parent.glob("*.mapclip-index"):
+        shutil.rmtree(folder)
+    real_catch_up = index_module.catch_up
+    monkeypatch.setattr(index_module, "catch_up", lambda *a, **k: release.wait(30) and real_catch_up(*a, **k))
+    release.clear()
+    try:
+        cold = serve(copy, **LIVE)
+        started = time.monotonic()
+        answer = (await cold.client.get("/-/mapclip/search.json?q=relief+map&k=6")).json()
+        assert answer["searched_with"] == "sqlite-vec" and time.monotonic() - started < 1.5
+    finally:
+        release.set()

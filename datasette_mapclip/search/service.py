@@ -105,9 +105,10 @@ class SearchCollection:
         stored = store.StoredQueryEncoders(self.path, self.model.name) if self.path else None
         return self.resources.encoders.get(self.model, self.config, stored=stored)
 
-    def index(self):
-        """The in-memory index of this model's vectors, or None while it is built (or off)."""
-        return self.resources.indexes.for_model(self.path, self.model, self.config)
+    def index(self, wait_early: bool = False):
+        """The in-memory index of this model's vectors, or None while it is built (or off).
+        ``wait_early``: see ``IndexRegistry.for_model`` (blocks: call it in a thread)."""
+        return self.resources.indexes.for_model(self.path, self.model, self.config, wait_early=wait_early)
 
 
 async def open_collection(name: str, db, path: str | None, config: Settings, resources: SearchResources, *,
@@ -500,7 +501,7 @@ async def run_search(collection: SearchCollection, params: SearchParams) -> dict
                         "(the publisher can read them with: mapclip ocr)")
     place_index = "maps_place" in text_indexes
     plan = search_sql.plan(params, model, place_index=place_index)
-    index = await asyncio.to_thread(collection.index)  # it may read SQLite: never on the event loop
+    index = await asyncio.to_thread(collection.index, True)  # it may read SQLite: never on the event loop
     behind = bool(getattr(index, "behind", False))
     # a map the index does not hold yet (just added) is read from the database
     if fused:
