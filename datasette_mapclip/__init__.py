@@ -88,9 +88,7 @@ def startup(datasette):
             except Exception as error:  # one unreadable collection must not stop the server's start
                 log.warning("mapclip: collection %s is not indexed at start-up: %s", name, error)
                 continue
-            collection.index()
-            if settings_of(collection.config).preload_model:
-                service.preload_model(collection)
+            service.start_up(collection, settings_of(collection.config).preload_model)
 
     return build_indexes
 

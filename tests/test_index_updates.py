@@ -487,3 +487,36 @@ async def test_the_first_search_after_a_restart_waits_for_the_cached_vectors_not
         assert answer["searched_with"] == "sqlite-vec" and time.monotonic() - started < 1.5
     finally:
         release.set()
+
+
+@pytest.mark.asyncio
+async def test_at_a_restart_the_codes_load_after_the_model_while_the_cached_vectors_answer(copy, monkeypatch):
+    """Loading the model and the index's codes side by side slowed the model (which the first text
+    search waits for): after a restart the cached vectors answer exactly until the model is loaded,
+    then the codes load."""
+    from datasette_mapclip.search import service
+
+    first = serve(copy, **LIVE)
+    await first.invoke_startup()
+    await wait_for_index(first)
+    loading, release = threading.Event(), threading.Event()
+    real_encoder = service.SearchCollection.encoder
+
+    def slow_encoder(self):
+        loading.set()
+        assert release.wait(30)
+        return real_encoder(self)
+
+    monkeypatch.setattr(service.SearchCollection, "encoder", slow_encoder)
+    restarted = serve(copy, **LIVE)
+    await restarted.invoke_startup()
+    live, collection = await live_of(restarted)
+    try:
+        assert loading.wait(10)
+        await asyncio.sleep(1.0)  # the codes load in well under a second here
+        assert collection.index() is not None and collection.index().provisional
+        assert live.builds == 0
+    finally:
+        release.set()
+    index = await wait_for_index(restarted)
+    assert not index.provisional and index.scanner is not None

@@ -132,14 +132,28 @@ async def open_collection(name: str, db, path: str | None, config: Settings, res
 
 def preload_model(collection: SearchCollection):
     """Load the collection's model in the model thread now (server start-up), not at the first text
-    search; a model that cannot be loaded is reported when a search needs it."""
+    search; a model that cannot be loaded is reported when a search needs it.  Returns the future."""
     def load():
         try:
             collection.encoder()
         except ModelUnavailable as error:
             log.warning("mapclip: the model of %s could not be loaded at start-up: %s", collection.name, error)
 
-    collection.workers.model.submit(load)
+    return collection.workers.model.submit(load)
+
+
+def start_up(collection: SearchCollection, preload: bool):
+    """A served collection's start: its index built or read back in the background and, with
+    ``preload``, its model loaded meanwhile; the index's codes load after the model when a restart's
+    cached vectors can answer exactly until then (``LiveIndex.defer_codes_until``)."""
+    if preload and collection.path and settings_of(collection.config).index != "off":
+        live = collection.resources.indexes.live_for(collection.path, collection.model, collection.config)
+        live.defer_codes_until(preload_model(collection))
+        collection.index()
+    else:
+        collection.index()
+        if preload:
+            preload_model(collection)
 
 
 def unavailable_if_interrupted(error: Exception, time_limit_ms: int | None) -> SearchUnavailable | None:
