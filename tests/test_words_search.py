@@ -190,3 +190,40 @@ def test_python_and_cli_search_take_rank_hybrid(collection, invoke):
     assert re.search(r"^\s*1\s+\S+\s+2\s.*\[clip #\d+, words #1\]", out, re.M), out
     bad = invoke(["search", collection[0], "Wilmington", "--rank", "best"], expect=2)
     assert "best" in bad.output and "Traceback" not in bad.output
+
+
+# -- checked map by map: the few candidates of an index search, and the words a result shows ----
+
+@pytest.mark.parametrize("read_whole_up_to", [0, 2000])  # every term looked up map by map; rare terms read whole
+def test_the_per_map_check_answers_what_the_whole_collection_filter_does(collection, tmp_path, monkeypatch,
+                                                                         read_whole_up_to):
+    """Candidates are checked map by map (an FTS5 lookup bounded to the map's own word ids), the
+    whole collection by reading every match: both give the same maps, also when a map's words are
+    not one run of ids (written by hand, interleaved with another map's)."""
+    from datasette_mapclip.search import sql as search_sql
+    from datasette_mapclip.search.query import SearchParams
+
+    monkeypatch.setattr(search_sql, "WORDS_READ_WHOLE_UP_TO", read_whole_up_to)
+    path = tmp_path / "interleaved.db"
+    shutil.copy(collection[0], path)
+    store = MapStore(path)
+    conn = store.conn
+    model = conn.execute("SELECT id FROM ocr_models").fetchone()[0]
+    for map_id, text in ((10, "Zeta"), (11, "Eta"), (10, "Theta"), (11, "Iota Cape"), (10, "Kappa")):
+        conn.execute("INSERT INTO map_words (map_id, text, confidence, x, y, w, h, angle, ocr_model) "
+                     "VALUES (?, ?, 0.9, 0.1, 0.1, 0.1, 0.1, 0, ?)", (map_id, text, model))
+    every = "[" + ",".join(str(row[0]) for row in conn.execute("SELECT id FROM maps")) + "]"
+    for words, expected in (("Eta", {11}), ("Iota", {11}), ("Theta", {10}), ("Zeta Kappa", {10}),
+                            ("Eta Theta", set()), ("Cape", {2, 3, 7, 8, 11}), ("Cape Fear", {2, 3, 5, 7}),
+                            ("wilmington", {2}), ("Nowhere", set())):
+        params = SearchParams.from_args({"q": "survey", "words": words})
+        per_row: dict = {"ids": every}
+        whole: dict = {}
+        checked = {row[0] for row in conn.execute(search_sql.passing_ids_sql(params, per_row), per_row)}
+        assert "EXISTS" in search_sql.passing_ids_sql(params, {"ids": every})  # the per-map form ran
+        assert checked == {row[0] for row in conn.execute(search_sql.matching_ids_sql(params, whole), whole)}
+        assert checked == expected, words
+    shown: dict = {}
+    rows = conn.execute(search_sql.matched_words_sql("Eta Cape", [10, 11, 2], shown), shown).fetchall()
+    assert [(row[0], row[1]) for row in rows] == [(2, "Cape Fear"), (11, "Eta"), (11, "Iota Cape")]
+    store.close()

@@ -52,7 +52,7 @@ def filter_conditions(params: SearchParams, sql_params: dict, *, fts_per_row: bo
                           if fts_per_row else "id IN (SELECT rowid FROM maps_fts WHERE maps_fts MATCH :filter)")
         sql_params["filter"] = fts_query(params.filter)
     if params.words:
-        conditions.append(words_condition(params.words, sql_params))
+        conditions.append(words_condition(params.words, sql_params, per_row=fts_per_row))
     return conditions
 
 
@@ -60,22 +60,42 @@ def filter_conditions(params: SearchParams, sql_params: dict, *, fts_per_row: bo
 _WORD_ON_MAP = ("id IN (SELECT map_id FROM map_words WHERE id IN "
                 "(SELECT rowid FROM map_words_fts WHERE map_words_fts MATCH :{name}))")
 
+# The same, checked map by map (a few candidate maps): one FTS5 lookup per map and term, bounded
+# to the rowids of the map's own words.  The ``IN`` form above reads every match of the term, and
+# looks up the map of each: seconds for a word printed on most maps.  A map's words are written in
+# one transaction (``WordStore.write_reading``), so their ids are one run and min..max holds only
+# them; ``map_id`` decides, so words written some other way are still answered right, more slowly.
+# A term with few matches is still cheapest read whole, once (a rare name: ~1 ms, where the
+# lookups cost 25-100 us a map); which way is decided once per statement, by whether the term has
+# more than WORDS_READ_WHOLE_UP_TO matches (a bounded probe of its FTS5 doclist).
+WORDS_READ_WHOLE_UP_TO = 2000
+_WORD_ON_THIS_MAP = (
+    "CASE WHEN (SELECT rowid FROM map_words_fts WHERE map_words_fts MATCH :{name} LIMIT 1 OFFSET {whole}) IS NULL"
+    " THEN " + _WORD_ON_MAP + " ELSE "
+    "EXISTS (SELECT 1 FROM map_words_fts WHERE map_words_fts MATCH :{name}"
+    " AND map_words_fts.rowid BETWEEN (SELECT min(id) FROM map_words WHERE map_id = maps.id)"
+    " AND (SELECT max(id) FROM map_words WHERE map_id = maps.id)"
+    " AND (SELECT map_id FROM map_words WHERE id = map_words_fts.rowid) = maps.id) END")
 
-def words_condition(text: str, sql_params: dict) -> str:
+
+def words_condition(text: str, sql_params: dict, *, per_row: bool = False) -> str:
     """Maps that print every word of ``text`` (each anywhere on the map; case and accents folded),
-    or all of them run together as one word (OCR often drops the space in "Cape Fear")."""
+    or all of them run together as one word (OCR often drops the space in "Cape Fear").
+    ``per_row``: checked map by map (a condition on ``maps``, for a few candidate ids), not by
+    reading every map that prints the words (what a whole-collection filter wants)."""
     terms = words_query_terms(text)
     if not terms:
         raise BadSearch("words: give a word printed on the maps to look for (letters or digits)")
+    on_map = _WORD_ON_THIS_MAP if per_row else _WORD_ON_MAP
     parts = []
     for n, term in enumerate(terms, 1):
         sql_params[f"words_{n}"] = term
-        parts.append(_WORD_ON_MAP.format(name=f"words_{n}"))
+        parts.append(on_map.format(name=f"words_{n}", whole=int(WORDS_READ_WHOLE_UP_TO)))
     condition = " AND ".join(parts)
     joined = joined_term(text)
     if joined:
         sql_params["words_joined"] = joined
-        condition = f"(({condition}) OR {_WORD_ON_MAP.format(name='words_joined')})"
+        condition = f"(({condition}) OR {on_map.format(name='words_joined', whole=int(WORDS_READ_WHOLE_UP_TO))})"
     return condition
 
 
@@ -90,9 +110,15 @@ def matched_words_sql(text: str, map_ids: list[int], sql_params: dict) -> str:
     joined = joined_term(text)
     sql_params["words_any"] = " OR ".join([*terms, *([joined] if joined else [])])
     sql_params["words_maps"] = "[" + ",".join(str(int(i)) for i in map_ids) + "]"
-    return ("SELECT map_id, text, id FROM map_words WHERE map_id IN (SELECT value FROM json_each(:words_maps)) "
-            "AND id IN (SELECT rowid FROM map_words_fts WHERE map_words_fts MATCH :words_any) "
-            "ORDER BY map_id, confidence DESC")
+    # Map by map, each an FTS5 lookup bounded to the map's own word ids (see _WORD_ON_THIS_MAP):
+    # never every match of a word printed on most maps.
+    return ("SELECT w.map_id, w.text, w.id FROM (SELECT DISTINCT value AS map_id FROM json_each(:words_maps)) m\n"
+            "CROSS JOIN map_words_fts f CROSS JOIN map_words w\n"
+            "WHERE f.map_words_fts MATCH :words_any\n"
+            "  AND f.rowid BETWEEN (SELECT min(id) FROM map_words WHERE map_id = m.map_id)"
+            " AND (SELECT max(id) FROM map_words WHERE map_id = m.map_id)\n"
+            "  AND w.id = f.rowid AND w.map_id = m.map_id\n"
+            "ORDER BY w.map_id, w.confidence DESC, w.id")
 
 
 def uses_place_index(place: str) -> bool:
