@@ -81,7 +81,45 @@ CACHE_FORMAT = 2
 CACHE_CHUNK_ROWS = 10_000  # vectors streamed to the cache file per step (20 MB of BLOBs at 512-d)
 
 
-class Int8Scanner:
+class _PartScanner:
+    """Codes split into ``parts`` of consecutive rows, (first row, faiss index), scanned side by
+    side: the calling thread scans the first part, a pool of threads the others."""
+
+    parts: list
+
+    def __init__(self):
+        self._pool = None
+        self._pool_lock = threading.Lock()
+
+    def _scan_pool(self):
+        """Threads for the parts after the first (the calling thread scans the first), one faiss
+        thread each; shut down when this scanner is dropped (a rebuilt base brings its own)."""
+        with self._pool_lock:
+            if self._pool is None:
+                import weakref
+
+                from ..runtime import set_faiss_threads
+
+                self._pool = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=len(self.parts) - 1, thread_name_prefix="mapclip-scan",
+                    initializer=set_faiss_threads, initargs=(1,))
+                weakref.finalize(self, self._pool.shutdown, wait=False)
+            return self._pool
+
+    def _scan_parts(self, scan, count: int) -> np.ndarray:
+        """Rows of the ``count`` best scores over every part; ``scan(part)`` -> (scores, rows)."""
+        if len(self.parts) == 1:
+            return scan(self.parts[0])[1]
+        others = [self._scan_pool().submit(scan, part) for part in self.parts[1:]]
+        found = [scan(self.parts[0])] + [future.result() for future in others]
+        scores = np.concatenate([s for s, _ in found])
+        rows = np.concatenate([r for _, r in found])
+        if len(rows) > count:
+            rows = rows[np.argpartition(-scores, count - 1)[:count]]
+        return rows
+
+
+class Int8Scanner(_PartScanner):
     """Coarse scores of a query against every vector through an int8 copy: faiss's scalar quantizer
     (``QT_8bit_direct_signed``), every vector scaled by one global factor so that inner products
     keep their order.  faiss is the well-kept library for this (SIMD scans, and ``IDSelector``
@@ -96,9 +134,8 @@ class Int8Scanner:
         import faiss
 
         self.faiss = faiss
+        super().__init__()
         self.parts: list[tuple[int, object]] = []  # (first row, faiss index of the rows from there)
-        self._pool = None
-        self._pool_lock = threading.Lock()
         if codes is not None:  # read back from the cache (``load``)
             self.codes, self.scale, self.count = codes, scale, int(codes.ntotal)
             return
@@ -157,22 +194,6 @@ class Int8Scanner:
         self.parts, self.codes = parts, None
         return self
 
-    def _scan_pool(self):
-        """Threads for the parts after the first (the calling thread scans the first), one faiss
-        thread each; shut down when this scanner is dropped (a rebuilt base brings its own)."""
-        with self._pool_lock:
-            if self._pool is None:
-                import concurrent.futures
-                import weakref
-
-                from ..runtime import set_faiss_threads
-
-                self._pool = concurrent.futures.ThreadPoolExecutor(
-                    max_workers=len(self.parts) - 1, thread_name_prefix="mapclip-scan",
-                    initializer=set_faiss_threads, initargs=(1,))
-                weakref.finalize(self, self._pool.shutdown, wait=False)
-            return self._pool
-
     def best_of(self, query: np.ndarray, rows: np.ndarray, count: int) -> np.ndarray:
         """The ``count`` of ``rows`` with the best int8 scores, in no particular order: the fast-scan
         candidates narrowed from the codes in memory, so only the best few float32 rows are read
@@ -211,18 +232,10 @@ class Int8Scanner:
             found = rows[0] >= 0
             return scores[0][found], rows[0][found] + start
 
-        if len(self.parts) == 1:
-            return scan(self.parts[0])[1]
-        others = [self._scan_pool().submit(scan, part) for part in self.parts[1:]]
-        found = [scan(self.parts[0])] + [future.result() for future in others]
-        scores = np.concatenate([s for s, _ in found])
-        rows = np.concatenate([r for _, r in found])
-        if len(rows) > count:
-            rows = rows[np.argpartition(-scores, count - 1)[:count]]
-        return rows
+        return self._scan_parts(scan, count)
 
 
-class FastScanner:
+class FastScanner(_PartScanner):
     """The first stage of an unfiltered search of a large collection: faiss's 4-bit product-quantiser
     fast scan (``IndexPQFastScan``: one 16-entry codebook per pair of dimensions, so dim / 2 bytes a
     vector, a quarter of the int8 codes).  Its lookup tables sit in SIMD registers, so a query reads
@@ -239,9 +252,8 @@ class FastScanner:
     def __init__(self, matrix: np.ndarray | None, shards: int = 1, *, parts=None, block: int = 50_000):
         import faiss
 
+        super().__init__()
         self.faiss = faiss
-        self._pool = None
-        self._pool_lock = threading.Lock()
         if parts is not None:  # read back from the cache (``load``)
             self.parts = parts
             self.count = sum(int(part.ntotal) for _, part in parts)
@@ -301,18 +313,7 @@ class FastScanner:
             found = rows[0] >= 0
             return scores[0][found], rows[0][found] + first
 
-        if len(self.parts) == 1:
-            return scan(self.parts[0])[1]
-        others = [self._scan_pool().submit(scan, part) for part in self.parts[1:]]
-        found = [scan(self.parts[0])] + [future.result() for future in others]
-        scores = np.concatenate([s for s, _ in found])
-        rows = np.concatenate([r for _, r in found])
-        if len(rows) > count:
-            rows = rows[np.argpartition(-scores, count - 1)[:count]]
-        return rows
-
-FastScanner._scan_pool = Int8Scanner._scan_pool  # the same pool of threads, one faiss thread each
-
+        return self._scan_parts(scan, count)
 
 def fast_file_of(scanner_file: Path | None) -> Path | None:
     """Where the fast-scan codes of a cached base go: beside its int8 codes, under the same tag."""
