@@ -29,6 +29,7 @@ def prepare_connection(conn, database, datasette):
             store.load_sqlite_vec(conn)
         except Exception as error:
             log.warning("mapclip: sqlite-vec could not be loaded for database %s: %s", database, error)
+        store.map_file_into_memory(conn, settings_of(plugin_config(datasette, database)).sqlite_mmap_mb)
     # Nothing registered may refer to conn (see sqlite_native): the models are read through a
     # connection of their own, so a connection Datasette drops unclosed is still freed.
     state = state_for(datasette)

@@ -105,6 +105,25 @@ def test_sqlite_vec_goes_only_into_collections(collection):
     assert connection.load_extension.mock_calls == []
 
 
+
+def test_collections_are_read_through_a_memory_map_as_set(collection):
+    """SQLite reads a collection through a memory map (word and full-text lookups on a large file
+    copy no pages); ``sqlite_mmap_mb`` sets how much, 0 turns it off; other databases keep theirs."""
+    db_path, plain = collection
+    mmap_size = "pragma mmap_size"
+    ds = make_datasette([str(db_path), str(plain)])
+    assert prepared(ds, "maps").execute(mmap_size).fetchone()[0] == 16_384 * 1024 * 1024
+    assert prepared(ds, "plain").execute(mmap_size).fetchone()[0] == 0
+    for megabytes in (0, 64):
+        ds = make_datasette([str(db_path)], metadata={"plugins": {"datasette-mapclip": {"sqlite_mmap_mb": megabytes}}})
+        assert prepared(ds, "maps").execute(mmap_size).fetchone()[0] == megabytes * 1024 * 1024
+    from datasette_mapclip.search.local import Collection
+
+    with Collection(db_path, settings={"sqlite_mmap_mb": 32}) as maps:
+        assert maps._run(maps.db.execute_fn(
+            lambda conn: conn.execute(mmap_size).fetchone()[0])) == 32 * 1024 * 1024
+
+
 OVERSIZED = [
     ("select mapclip_similarity(zeroblob(:n), zeroblob(:n))", "mapclip_similarity: argument 1"),
     ("select mapclip_similarity(x'0000803f', zeroblob(:n))", "mapclip_similarity: argument 2"),

@@ -15,7 +15,7 @@ import pytest
 from conftest import load_collection, make_datasette
 from datasette_mapclip.search.local import Collection
 from datasette_mapclip.store import MapStore
-from datasette_mapclip.store.words import MapWord, WordStore
+from datasette_mapclip.store.words import MapWord, WordStore, words_query_terms
 
 HOSTILE = '<script>alert("w")</script>'
 PRINTED = {  # map id -> texts read on it
@@ -222,8 +222,49 @@ def test_the_per_map_check_answers_what_the_whole_collection_filter_does(collect
         checked = {row[0] for row in conn.execute(search_sql.passing_ids_sql(params, per_row), per_row)}
         assert "EXISTS" in search_sql.passing_ids_sql(params, {"ids": every})  # the per-map form ran
         assert checked == {row[0] for row in conn.execute(search_sql.matching_ids_sql(params, whole), whole)}
+        # the whole-collection form driven by the rarest term answers the same
+        counts = search_sql.count_word_matches(conn, words_query_terms(words))
+        driven: dict = {}
+        assert checked == {row[0] for row in conn.execute(
+            search_sql.matching_ids_sql(params, driven, word_counts=counts), driven)}
         assert checked == expected, words
     shown: dict = {}
     rows = conn.execute(search_sql.matched_words_sql("Eta Cape", [10, 11, 2], shown), shown).fetchall()
     assert [(row[0], row[1]) for row in rows] == [(2, "Cape Fear"), (11, "Eta"), (11, "Iota Cape")]
+    store.close()
+
+
+def test_a_filter_of_several_words_reads_only_the_rarest_ones_maps(collection, tmp_path):
+    """"Cape" printed 3,000 times, "Fear" a few: the whole-collection filter "Cape Fear" reads the
+    maps printing "Fear" and checks "Cape" on each, instead of reading every "Cape" first."""
+    from datasette_mapclip.search import sql as search_sql
+    from datasette_mapclip.search.query import SearchParams
+
+    path = tmp_path / "common.db"
+    shutil.copy(collection[0], path)
+    store = MapStore(path)
+    conn = store.conn
+    model = conn.execute("SELECT id FROM ocr_models").fetchone()[0]
+    conn.executemany("INSERT INTO map_words (map_id, text, confidence, x, y, w, h, angle, ocr_model) "
+                     "VALUES (4, 'Cape', 0.9, 0.1, 0.1, 0.1, 0.1, 0, ?)", [(model,)] * 3000)
+    params = SearchParams.from_args({"q": "survey", "words": "Cape Fear"})
+    counts = search_sql.count_word_matches(conn, words_query_terms("Cape Fear"))
+    assert counts == {'"Cape"': 3004, '"Fear"': 3}
+
+    def run(word_counts):
+        steps = [0]
+
+        def count():
+            steps[0] += 1
+        conn.set_progress_handler(count, 100)
+        sql_params: dict = {}
+        found = {row[0] for row in conn.execute(
+            search_sql.matching_ids_sql(params, sql_params, word_counts=word_counts), sql_params)}
+        conn.set_progress_handler(None, 0)
+        return found, steps[0]
+
+    every_term, plain_steps = run(None)
+    rarest, driven_steps = run(counts)
+    assert rarest == every_term == {2, 3, 5, 7}
+    assert driven_steps * 5 < plain_steps, (driven_steps, plain_steps)
     store.close()

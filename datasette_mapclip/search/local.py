@@ -37,9 +37,10 @@ class FileDatabase:
     """A collection file as the search service reads it: one read-only connection with sqlite-vec,
     used from one thread; ``execute`` stops a statement after ``time_limit_ms`` (None: no limit)."""
 
-    def __init__(self, path: str | Path, time_limit_ms: int | None = None):
+    def __init__(self, path: str | Path, time_limit_ms: int | None = None, mmap_mb: int = 0):
         self.path = str(Path(path).resolve())
         self.time_limit_ms = time_limit_ms
+        self.mmap_mb = mmap_mb
         self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mapclip-file")
         self._conn = None
 
@@ -49,6 +50,7 @@ class FileDatabase:
             conn = sqlite3.connect(f"file:{urllib.parse.quote(self.path)}?mode=ro", uri=True, check_same_thread=False)
             conn.row_factory = sqlite3.Row
             store.load_sqlite_vec(conn)
+            store.map_file_into_memory(conn, self.mmap_mb)
             self._conn = conn
         return self._conn
 
@@ -106,7 +108,7 @@ class Collection:
         self.settings = Settings(settings or {}, where="Collection settings")
         self.resources = SearchResources()
         self.resources.set_threads(self.settings.threads)
-        self.db = FileDatabase(path, time_limit_ms)
+        self.db = FileDatabase(path, time_limit_ms, self.settings.sqlite_mmap_mb)
         self._loop = asyncio.new_event_loop()
         self._runner = threading.Thread(target=self._loop.run_forever, name="mapclip-local-search", daemon=True)
         self._runner.start()

@@ -33,6 +33,7 @@ from ..model.images import DEFAULT_MAX_PIXELS, ImageDecodeError, open_query_imag
 from ..settings import Settings, settings_of
 from ..store import vectors
 from ..store.records import display_row
+from ..store.words import words_query_terms
 from . import citations, query_vector
 from . import sql as search_sql
 from .errors import BadSearch, NotFound, SearchUnavailable, UploadError
@@ -268,12 +269,25 @@ async def _filtered_with_index(collection: SearchCollection, index, query: np.nd
     if len(ids) == len(index):
         return ids[keep][:need], scores[keep][:need], "nearest maps filtered"
     sql_params = {}
+    terms = words_query_terms(params.words) if params.words else []
+    counts = await collection.db.execute_fn(lambda conn: _word_counts(conn, terms)) if len(terms) > 1 else None
     allowed = np.fromiter((row[0] for row in await _filter_sql(
-        collection, search_sql.matching_ids_sql(params, sql_params, place_index=place_index), sql_params)), np.int64)
+        collection, search_sql.matching_ids_sql(params, sql_params, place_index=place_index, word_counts=counts),
+        sql_params)), np.int64)
     exact_up_to = settings_of(collection.config).exact_subset_rows
     ids, scores = await _run_in(collection.workers.index, index.search_among, query, need, allowed, exact_up_to)
     way = "filter's maps scored exactly" if index.exact or len(allowed) <= exact_up_to else "filter's maps scanned"
     return ids, scores, way
+
+
+def _word_counts(conn, terms: list[str]) -> dict | None:
+    """How common each ``words`` term is (None when they cannot be counted: the filter's own SQL
+    then says what is wrong)."""
+    try:
+        return search_sql.count_word_matches(conn, terms)
+    except Exception as error:
+        log.info("mapclip: words could not be counted: %s", error)
+        return None
 
 
 async def _filter_sql(collection: SearchCollection, sql: str, sql_params: dict):

@@ -29,12 +29,14 @@ class SearchPlan:
 
 
 def filter_conditions(params: SearchParams, sql_params: dict, *, fts_per_row: bool = False,
-                      place_index: bool = False) -> list[str]:
+                      place_index: bool = False, word_counts: dict | None = None) -> list[str]:
     """The filters as conditions on ``maps`` (parameters added to ``sql_params``).  ``fts_per_row``:
     the full-text condition as a per-row lookup, for checking a few candidate ids (the ``IN`` form
     reads every match first, which is what a whole-collection filter wants).  ``place_index``: the
     file has ``maps_place`` (a trigram index), which finds the maps of a place without reading every
-    row; ``LIKE`` still decides, so the answer is the same with or without it."""
+    row; ``LIKE`` still decides, so the answer is the same with or without it.  ``word_counts``
+    (``count_word_matches``): how common each ``words`` term is, so that a whole-collection filter
+    of several words reads only the rarest one's maps (see ``words_condition``)."""
     conditions = []
     if params.year_min is not None:
         conditions.append("year >= :year_min")
@@ -52,7 +54,7 @@ def filter_conditions(params: SearchParams, sql_params: dict, *, fts_per_row: bo
                           if fts_per_row else "id IN (SELECT rowid FROM maps_fts WHERE maps_fts MATCH :filter)")
         sql_params["filter"] = fts_query(params.filter)
     if params.words:
-        conditions.append(words_condition(params.words, sql_params, per_row=fts_per_row))
+        conditions.append(words_condition(params.words, sql_params, per_row=fts_per_row, counts=word_counts))
     return conditions
 
 
@@ -78,25 +80,42 @@ _WORD_ON_THIS_MAP = (
     " AND (SELECT map_id FROM map_words WHERE id = map_words_fts.rowid) = maps.id) END")
 
 
-def words_condition(text: str, sql_params: dict, *, per_row: bool = False) -> str:
+def words_condition(text: str, sql_params: dict, *, per_row: bool = False, counts: dict | None = None) -> str:
     """Maps that print every word of ``text`` (each anywhere on the map; case and accents folded),
     or all of them run together as one word (OCR often drops the space in "Cape Fear").
     ``per_row``: checked map by map (a condition on ``maps``, for a few candidate ids), not by
-    reading every map that prints the words (what a whole-collection filter wants)."""
+    reading every map that prints the words (what a whole-collection filter wants).  ``counts``
+    (term -> matches, ``count_word_matches``): the whole-collection form reads the maps of the
+    rarest term only and checks the others map by map; reading every map of each term would read
+    every map printing "Cape" to find the few that also print a rare name."""
     terms = words_query_terms(text)
     if not terms:
         raise BadSearch("words: give a word printed on the maps to look for (letters or digits)")
-    on_map = _WORD_ON_THIS_MAP if per_row else _WORD_ON_MAP
+    rarest = min(terms, key=lambda t: counts.get(t, 0)) if counts and len(terms) > 1 and not per_row else None
     parts = []
     for n, term in enumerate(terms, 1):
         sql_params[f"words_{n}"] = term
+        on_map = _WORD_ON_THIS_MAP if per_row or (rarest is not None and term != rarest) else _WORD_ON_MAP
         parts.append(on_map.format(name=f"words_{n}", whole=int(WORDS_READ_WHOLE_UP_TO)))
     condition = " AND ".join(parts)
     joined = joined_term(text)
     if joined:
         sql_params["words_joined"] = joined
+        on_map = _WORD_ON_THIS_MAP if per_row else _WORD_ON_MAP
         condition = f"(({condition}) OR {on_map.format(name='words_joined', whole=int(WORDS_READ_WHOLE_UP_TO))})"
     return condition
+
+
+# How far a term's matches are counted to tell rarer from commoner terms (a bounded read of its
+# FTS5 doclist, ~1 ms; FTS5 keeps no per-term counts): terms past it count as equally common.
+WORDS_COUNTED_UP_TO = 20_000
+
+
+def count_word_matches(conn, terms: list[str], up_to: int = WORDS_COUNTED_UP_TO) -> dict[str, int]:
+    """How many words read on the maps match each FTS5 term, counted up to ``up_to``."""
+    return {term: conn.execute("SELECT count(*) FROM (SELECT 1 FROM map_words_fts WHERE map_words_fts MATCH ?"
+                               " LIMIT ?)", (term, int(up_to))).fetchone()[0]
+            for term in dict.fromkeys(terms)}
 
 
 def words_were_read(conn) -> bool:
@@ -142,10 +161,11 @@ def passing_ids_sql(params: SearchParams, sql_params: dict) -> str:
             + " AND ".join(conditions))
 
 
-def matching_ids_sql(params: SearchParams, sql_params: dict, *, place_index: bool = False) -> str:
+def matching_ids_sql(params: SearchParams, sql_params: dict, *, place_index: bool = False,
+                     word_counts: dict | None = None) -> str:
     """Every id that passes the search's filters."""
     return "SELECT id FROM maps WHERE " + " AND ".join(
-        filter_conditions(params, sql_params, place_index=place_index))
+        filter_conditions(params, sql_params, place_index=place_index, word_counts=word_counts))
 
 
 def fts_query(text: str) -> str:

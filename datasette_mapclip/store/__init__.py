@@ -67,6 +67,7 @@ from .schema import (
     has_place_index,
     is_collection,
     load_sqlite_vec,
+    map_file_into_memory,
     now,
     prepare_schema,
     slug,
