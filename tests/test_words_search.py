@@ -182,6 +182,31 @@ async def test_hybrid_without_words_read_fuses_clip_and_the_catalogue(collection
     assert [r["id"] for r in await run_reported_sql(ds, data)] == ids
 
 
+async def test_hybrid_ranks_printed_words_rarest_word_first(ds):
+    """The printed words' list reads the query's rarest word first: "capefear" is read on one map,
+    "Fear" on three, "Cape" on four; within a word, maps come in the order their words were read."""
+    data = (await ds.client.get("/-/mapclip/search.json", params={"q": "Cape Fear", "rank": "hybrid", "k": 12})).json()
+    words_rank = {r["id"]: r["ranks"]["words"] for r in data["results"] if "words" in r["ranks"]}
+    assert words_rank == {5: 1, 2: 2, 3: 3, 7: 4, 8: 5}
+    assert data["params"]["printed_1"] == '"capefear"' and data["params"]["printed_3"] == '"Cape"'
+    assert [r["id"] for r in await run_reported_sql(ds, data)] == [r["id"] for r in data["results"]]
+
+
+async def test_hybrid_leaves_out_catalogue_words_in_more_than_half_the_records(collection):
+    """bm25 gives a word in most records no weight, and ranking by it would score every record:
+    "map" is in every title here, so "map 7" ranks the catalogue by "7" alone, and "map of" has no
+    catalogue list."""
+    ds = make_datasette([str(collection[1])])
+    data = (await ds.client.get("/-/mapclip/search.json", params={"q": "map 7", "rank": "hybrid", "k": 12})).json()
+    found = [r for r in data["results"] if "catalogue" in r["ranks"]]
+    assert [r["title"] for r in found] == ["Map number 7 of Vermont"] and found[0]["ranks"]["catalogue"] == 1
+    assert data["params"]["catalogue_text"] == '"7"'
+    assert [r["id"] for r in await run_reported_sql(ds, data)] == [r["id"] for r in data["results"]]
+    data = (await ds.client.get("/-/mapclip/search.json", params={"q": "map of", "rank": "hybrid", "k": 12})).json()
+    assert all(set(r["ranks"]) == {"clip"} for r in data["results"]) and "catalogue_text" not in data["params"]
+    assert "more than half the records" in data["searched_with"]
+
+
 def test_python_and_cli_search_take_rank_hybrid(collection, invoke):
     with Collection(collection[0]) as maps:
         first = maps.search("Wilmington", rank="hybrid", k=5)["results"][0]

@@ -18,6 +18,8 @@ class SearchResources:
     workers: Workers = dataclasses.field(default_factory=Workers)
     # (file, vector table, largest id) -> the vectors fused rankings standardise over (service.py)
     fusion_samples: dict = dataclasses.field(default_factory=dict)
+    # (file, its stamp, kind, terms) -> how common a hybrid search's full-text terms are (service.py)
+    full_text_counts: dict = dataclasses.field(default_factory=dict)
 
     def set_threads(self, threads: int):
         """CPU threads for the model and decoding (workers.py); an index's scan threads are its own."""

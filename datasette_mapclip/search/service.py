@@ -22,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
+import time
 from typing import Protocol
 
 import numpy as np
@@ -437,7 +439,7 @@ async def _standardised(collection: SearchCollection, index, params: SearchParam
 
 
 async def _rrf(collection: SearchCollection, index, params: SearchParams, place_index: bool, *,
-               combined: bool, text: str | None, catalogue: bool, words: bool):
+               combined: bool, catalogue_terms: list[str] | None = None, printed_terms: list[str] | None = None):
     """Reciprocal rank fusion of the vector lists (the combined query's, or each term's) and, for
     ``rank=hybrid``, the full-text lists: ranked [(id, (score, ranks))]."""
     depth = search_sql.RRF_DEPTH
@@ -454,19 +456,107 @@ async def _rrf(collection: SearchCollection, index, params: SearchParams, place_
     for name, weight, vector in named:
         ids, _ = await _vector_list(collection, index, vector, params, depth, place_index)
         lists.append((name, weight, ids.tolist()))
-    for name, wanted, piece in (("catalogue", catalogue, search_sql.catalogue_list_sql),
-                                ("words", words, search_sql.words_list_sql)):
-        sql_params: dict = {}
-        sql = piece(text, params, sql_params, place_index=place_index) if wanted and text else None
-        if sql:
-            rows = await _sql(collection, f"SELECT map_id FROM ({sql}) ORDER BY pos", {**sql_params, "depth": depth},
-                              "full-text ranking")
-            lists.append((name, 1.0, [r[0] for r in rows]))
+    sql_params: dict = {}
+    if catalogue_terms and (sql := search_sql.catalogue_list_sql(catalogue_terms, params, sql_params,
+                                                                  place_index=place_index)):
+        rows = await _sql(collection, f"SELECT map_id FROM ({sql}) ORDER BY pos", {**sql_params, "depth": depth},
+                          "full-text ranking")
+        lists.append(("catalogue", 1.0, [r[0] for r in rows]))
+    if printed_terms:
+        lists.append(("words", 1.0, await _words_list(collection, params, printed_terms, depth, place_index)))
+
     def fuse():
         fused = query_vector.rrf_scores(lists, search_sql.RRF_K)
         return sorted(fused.items(), key=lambda item: (-item[1][0], item[0]))
 
     return await _run_in(collection.workers.index, fuse)
+
+
+async def _words_list(collection: SearchCollection, params: SearchParams, terms: list[str], depth: int,
+                      place_index: bool) -> list[int]:
+    """The printed words' list (``search_sql.words_list_sql``): each term's matches read in word
+    order, rarest term first, each map kept where it first appears, until ``depth`` maps; within
+    the server's time limit (a 503 past it)."""
+    sql_params: dict = {}
+    sql = search_sql.words_list_stream_sql(params, sql_params, place_index=place_index)
+    limit = collection.time_limit_ms
+
+    def read(conn) -> list[int]:
+        started = time.monotonic()
+        if limit:
+            conn.set_progress_handler(lambda: int(time.monotonic() > started + limit / 1000), 1000)
+        found: dict[int, None] = {}
+        try:
+            for term in terms:
+                for (map_id,) in conn.execute(sql, {**sql_params, "term": term}):
+                    found.setdefault(map_id)
+                    if len(found) >= depth:
+                        return list(found)
+            return list(found)
+        except Exception as error:
+            if cut_by_time_limit(error, time.monotonic() - started, limit):
+                raise Interrupted(str(error)) from None
+            raise
+        finally:
+            if limit:
+                conn.set_progress_handler(None, 0)
+
+    try:
+        return await collection.db.execute_fn(read)
+    except Exception as error:
+        if cut := unavailable_if_interrupted(error, collection.time_limit_ms):
+            raise cut from None
+        log.warning("mapclip: printed words' ranking failed: %s", error)
+        raise BadSearch(f"the full-text ranking could not run: {error}") from None
+
+
+async def _full_text_terms(collection: SearchCollection, text: str, catalogue: bool, words: bool):
+    """(the catalogue terms ranked by, the printed terms rarest first) of a hybrid search's text.
+    Catalogue terms in more than half the records are left out (``common_catalogue_terms``); the
+    counts are kept while the file stays as it was."""
+    catalogue_terms = search_sql.catalogue_terms(text) if catalogue else []
+    printed = search_sql.printed_terms(text) if words else []
+    counts = collection.resources.full_text_counts
+    stamp = _file_stamp(collection.path)
+
+    def plan(conn):
+        def counted(kind, terms, count) -> dict:
+            """term -> count(conn, [terms not yet known])[term], each term's kept apart."""
+            known = {t: counts.get((collection.path, stamp, kind, t)) for t in terms} if stamp is not None else {}
+            missing = [t for t in terms if known.get(t) is None]
+            if missing:
+                known.update(count(conn, missing))
+                if stamp is not None:
+                    if len(counts) > 4096:
+                        counts.clear()
+                    counts.update({(collection.path, stamp, kind, t): known[t] for t in missing})
+            return {t: known[t] for t in terms}
+
+        common = counted("common", catalogue_terms, search_sql.common_catalogue_terms) if catalogue_terms else {}
+        ordered = search_sql.rarest_first(counted("words", printed, search_sql.count_word_matches)) if printed else []
+        return [t for t in catalogue_terms if not common[t]], ordered
+
+    try:
+        return await collection.db.execute_fn(plan)
+    except Exception as error:
+        log.warning("mapclip: full-text terms could not be counted: %s", error)
+        raise BadSearch(f"the full-text ranking could not run: {error}") from None
+
+
+def _file_stamp(path: str | None):
+    """What changes when the file (or its write-ahead log) is written; None: no file to watch."""
+    if not path:
+        return None
+    try:
+        main = os.stat(path)
+    except OSError:
+        return None
+    try:
+        wal = os.stat(path + "-wal")
+        log_stamp = (wal.st_mtime_ns, wal.st_size)
+    except OSError:
+        log_stamp = None
+    return main.st_mtime_ns, main.st_size, log_stamp
 
 
 async def _fused_search(collection: SearchCollection, params: SearchParams, index, place_index: bool,
@@ -480,17 +570,19 @@ async def _fused_search(collection: SearchCollection, params: SearchParams, inde
                             "give a text (q) to look for")
         catalogue = "maps_fts" in text_indexes
         words = await collection.db.execute_fn(search_sql.words_were_read)
+        catalogue_terms, printed = await _full_text_terms(collection, text, catalogue, words)
         combined = not params.is_fused
         terms = None if combined else _hybrid_terms(params)
-        ranked = await _rrf(collection, index, params, place_index, combined=combined, text=text,
-                            catalogue=catalogue, words=words)
-        shown = search_sql.rrf_plan(params, model, terms, text=text, catalogue=catalogue, words=words,
+        ranked = await _rrf(collection, index, params, place_index, combined=combined,
+                            catalogue_terms=catalogue_terms, printed_terms=printed)
+        shown = search_sql.rrf_plan(params, model, terms, catalogue_terms=catalogue_terms, printed_terms=printed,
                                     place_index=place_index)
-        lists = ["CLIP"] + (["catalogue"] if catalogue else []) + (["printed words"] if words else [])
+        lists = ["CLIP"] + (["catalogue"] if catalogue_terms else []) + (["printed words"] if printed else [])
         way = "hybrid: reciprocal rank fusion of " + ", ".join(lists)
+        if catalogue and not catalogue_terms and search_sql.catalogue_terms(text):
+            way += " (the catalogue's: every word of the text is in more than half the records)"
     elif params.fusion == "rrf":
-        ranked = await _rrf(collection, index, params, place_index, combined=False, text=None, catalogue=False,
-                            words=False)
+        ranked = await _rrf(collection, index, params, place_index, combined=False)
         shown = search_sql.rrf_plan(params, model, params.fused_terms(), place_index=place_index)
         way = "reciprocal rank fusion of the terms"
     else:

@@ -301,9 +301,15 @@ def vector_list_sql(vector_table: str, filters: str) -> str:
             f"WHERE v.embedding MATCH :query_vector AND v.k = :depth{filters}\nORDER BY v.distance")
 
 
-def _within_filters(column: str, params: SearchParams, sql_params: dict, place_index: bool) -> str:
+def _passing_filters(column: str, params: SearchParams, sql_params: dict, place_index: bool) -> str | None:
+    """``column IN (the maps passing the filters)``, or None without filters."""
     conditions = filter_conditions(params, sql_params, place_index=place_index)
-    return f"\n      WHERE {column} IN (SELECT id FROM maps WHERE " + " AND ".join(conditions) + ")" if conditions else ""
+    return f"{column} IN (SELECT id FROM maps WHERE " + " AND ".join(conditions) + ")" if conditions else None
+
+
+def _within_filters(column: str, params: SearchParams, sql_params: dict, place_index: bool) -> str:
+    passing = _passing_filters(column, params, sql_params, place_index)
+    return f"\n      WHERE {passing}" if passing else ""
 
 
 def fts_any(terms: list[str]) -> str:
@@ -311,11 +317,17 @@ def fts_any(terms: list[str]) -> str:
     return " OR ".join(terms)
 
 
-def catalogue_list_sql(text: str, params: SearchParams, sql_params: dict, *, place_index: bool = False) -> str | None:
-    """The catalogue's full-text ranking of ``text`` (FTS5's ``rank``: bm25 over maps_fts), ``:depth``
-    maps, as (list, weight, map_id, pos) rows; None when the text has no word to look for.  (``rank``,
+def catalogue_terms(text: str) -> list[str]:
+    """The quoted FTS5 terms of ``text`` that the catalogue's full-text list looks for."""
+    return [t for t in fts_query(text).split(" ") if t]
+
+
+def catalogue_list_sql(terms: list[str], params: SearchParams, sql_params: dict, *,
+                       place_index: bool = False) -> str | None:
+    """The catalogue's full-text ranking of ``terms`` (FTS5's ``rank``: bm25 over maps_fts, any of
+    them), ``:depth`` maps, as (list, weight, map_id, pos) rows; None without a term.  The service
+    leaves out terms found in more than half the records (``common_catalogue_terms``).  (``rank``,
     a column, where ``bm25()`` cannot be called from inside a subquery.)"""
-    terms = [t for t in fts_query(text).split(" ") if t]
     if not terms:
         return None
     sql_params["catalogue_text"] = fts_any(terms)
@@ -326,21 +338,64 @@ def catalogue_list_sql(text: str, params: SearchParams, sql_params: dict, *, pla
             f"{within}\n  ) WHERE pos <= :depth")
 
 
-def words_list_sql(text: str, params: SearchParams, sql_params: dict, *, place_index: bool = False) -> str | None:
-    """The printed words' full-text ranking of ``text``: each map by its best-matching word read on
-    it (FTS5's ``rank``, bm25 over map_words_fts), ``:depth`` maps, as (list, weight, map_id, pos) rows."""
-    terms = words_query_terms(text)
+def common_catalogue_terms(conn, terms: list[str]) -> dict[str, bool]:
+    """Whether each term is found in more than half the catalogue's records.  bm25 gives such a
+    term no weight (FTS5 clamps its idf to 1e-6), yet ranking by it scores every record it matches:
+    a second for "map" at Library of Congress scale.  Counted by reading at most half the records'
+    entries of each term's doclist."""
+    half = conn.execute("SELECT count(*) FROM maps").fetchone()[0] // 2
+    return {term: conn.execute("SELECT count(*) FROM (SELECT 1 FROM maps_fts WHERE maps_fts MATCH ? LIMIT ?)",
+                               (term, half + 1)).fetchone()[0] > half
+            for term in dict.fromkeys(terms)}
+
+
+def printed_terms(text: str) -> list[str]:
+    """The quoted FTS5 terms of ``text`` the printed words' list looks for: each word, and all of
+    them run together (OCR often drops the space in "Cape Fear")."""
+    joined = joined_term(text)
+    return list(dict.fromkeys([*words_query_terms(text), *([joined] if joined else [])]))
+
+
+def rarest_first(counts: dict[str, int]) -> list[str]:
+    """Terms by how many words read on the maps match them (``count_word_matches``), fewest first;
+    terms counted alike (past the count's bound) in the query's order."""
+    return sorted(counts, key=lambda term: counts[term])  # sorted() is stable: ties keep their order
+
+
+# Word ids are below 2**40 (a trillion words), so ``term's place * 2**40 + word id`` orders by the
+# term first, then by the word.
+_TERM_PLACE = 1 << 40
+
+
+def words_list_sql(terms: list[str], params: SearchParams, sql_params: dict, *,
+                   place_index: bool = False) -> str | None:
+    """The printed words' ranking: ``terms`` in the order given (rarest first, ``rarest_first``),
+    each map by the first of them it prints, then by the first such word read (its id); ``:depth``
+    maps, as (list, weight, map_id, pos) rows.  Every word read is a short label, so bm25 would rank
+    them by the term's rarity all the same, but only after scoring every match: seconds for "river"
+    on a million labels.  This order is read from the rarest term's matches on, and stops at
+    ``:depth`` maps (``service.words_list``)."""
     if not terms:
         return None
-    joined = joined_term(text)
-    sql_params["words_text"] = fts_any([*terms, *([joined] if joined else [])])
-    within = _within_filters("map_id", params, sql_params, place_index)
+    places = []
+    for n, term in enumerate(terms, 1):
+        sql_params[f"printed_{n}"] = term
+        places.append(f"SELECT {n} AS n, :printed_{n} AS term")
+    within = _within_filters("map_words.map_id", params, sql_params, place_index)
     return ("SELECT 'words' AS list, 1.0 AS weight, map_id, pos FROM (\n"
-            "    SELECT map_id, row_number() OVER (ORDER BY min(s), map_id) AS pos FROM (\n"
-            "      SELECT map_words.map_id, f.s FROM (SELECT rowid AS word_id, rank AS s\n"
-            "        FROM map_words_fts WHERE map_words_fts MATCH :words_text) f\n"
-            "      JOIN map_words ON map_words.id = f.word_id)"
-            f"{within}\n    GROUP BY map_id\n  ) WHERE pos <= :depth")
+            f"    SELECT map_id, row_number() OVER (ORDER BY min(t.n * {_TERM_PLACE} + f.rowid)) AS pos\n"
+            "    FROM (" + " UNION ALL ".join(places) + ") t\n"
+            "    JOIN map_words_fts f ON f.map_words_fts MATCH t.term\n"
+            f"    JOIN map_words ON map_words.id = f.rowid{within}\n"
+            "    GROUP BY map_id\n  ) WHERE pos <= :depth")
+
+
+def words_list_stream_sql(params: SearchParams, sql_params: dict, *, place_index: bool = False) -> str:
+    """One term's matches, as the words list reads them: each word's map, in word id order
+    (``:term``; FTS5 returns rowids in order, so nothing is sorted)."""
+    passing = _passing_filters("map_words.map_id", params, sql_params, place_index)
+    return ("SELECT map_words.map_id FROM map_words_fts f JOIN map_words ON map_words.id = f.rowid\n"
+            "WHERE f.map_words_fts MATCH :term" + (f" AND {passing}" if passing else "") + "\nORDER BY f.rowid")
 
 
 @dataclasses.dataclass
@@ -413,12 +468,13 @@ fused AS (
     return FusedPlan(sql, {**sql_params, "sample_size": SAMPLE_SIZE, "depth": depth, **_paging(params)})
 
 
-def rrf_plan(params: SearchParams, model: dict, terms: list[QueryTerm] | None, *, text: str | None = None,
-             catalogue: bool = False, words: bool = False, place_index: bool = False) -> FusedPlan:
+def rrf_plan(params: SearchParams, model: dict, terms: list[QueryTerm] | None, *,
+             catalogue_terms: list[str] | None = None, printed_terms: list[str] | None = None,
+             place_index: bool = False) -> FusedPlan:
     """Reciprocal rank fusion: each list's maps score weight / (``:rrf_k`` + their place in it),
     summed; a map in no list of positive weight is left out.  ``terms``: one vector list each
-    ("term 1", ...), or None for one list of the query's combined vector ("clip"); ``text`` with
-    ``catalogue``/``words``: the full-text lists of ``rank=hybrid``."""
+    ("term 1", ...), or None for one list of the query's combined vector ("clip");
+    ``catalogue_terms`` and ``printed_terms`` (rarest first): the full-text lists of ``rank=hybrid``."""
     table = model.vector_table
     sql_params: dict = {}
     if terms is None:
@@ -433,9 +489,9 @@ def rrf_plan(params: SearchParams, model: dict, terms: list[QueryTerm] | None, *
                   f"'{vector_list_name(n, count)}' AS list, (SELECT weight FROM terms WHERE n = {n}) AS weight, "
                   "v.map_id, row_number() OVER (ORDER BY v.distance) AS pos")
              for n in range(1, count + 1)]
-    if text and catalogue and (piece := catalogue_list_sql(text, params, sql_params, place_index=place_index)):
+    if catalogue_terms and (piece := catalogue_list_sql(catalogue_terms, params, sql_params, place_index=place_index)):
         lists.append(piece)
-    if text and words and (piece := words_list_sql(text, params, sql_params, place_index=place_index)):
+    if printed_terms and (piece := words_list_sql(printed_terms, params, sql_params, place_index=place_index)):
         lists.append(piece)
     joined = "\n  UNION ALL\n  ".join(lists)
     sql = f"""WITH {cte},
