@@ -186,7 +186,8 @@ class EncoderCache:
     @staticmethod
     def _load_stored(model_row: dict, config: dict, stored) -> QueryEncoder:
         try:
-            parts, precisions = stored.parts(lazy=("image",))  # read at the first image query
+            # the image tower is read at the first image query, the text tower beside the tokenizer's parse
+            parts, precisions = stored.parts(lazy=("image", "text"))
             loaded = QueryEncoder(parts, precisions, threads=settings_of(config).threads)
         except QueryEncodersUnavailable as error:
             raise ModelUnavailable(str(error)) from None

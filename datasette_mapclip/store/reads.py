@@ -321,15 +321,28 @@ class StoredQueryEncoders:
         own = conn is None
         conn = self._connect() if own else conn
         try:
-            found = conn.execute("SELECT CAST(data AS BLOB) FROM encoder_files WHERE sha256 = ?", (sha256,)).fetchone()
+            data = _read_encoder_file(conn, sha256)
         finally:
             if own:
                 conn.close()
-        data = bytes(found[0]) if found and isinstance(found[0], bytes) else b""
         if hashlib.sha256(data).hexdigest() != sha256:
             raise StoreError(f"the stored {part} encoder of {self.model_name} is missing or altered "
                              "(its SHA-256 does not match)")
         return data
+
+
+def _read_encoder_file(conn, sha256: str) -> bytes:
+    """An encoder file's bytes (b"" when missing).  Read as an incremental blob where this Python
+    has it (3.11+): a third faster than a query's copy for the 65 MB text tower a server's first
+    search waits for."""
+    found = conn.execute("SELECT rowid, typeof(data) FROM encoder_files WHERE sha256 = ?", (sha256,)).fetchone()
+    if found is None:
+        return b""
+    if found[1] == "blob" and hasattr(conn, "blobopen"):
+        with conn.blobopen("encoder_files", "data", found[0], readonly=True) as blob:
+            return blob.read()
+    value = conn.execute("SELECT CAST(data AS BLOB) FROM encoder_files WHERE rowid = ?", (found[0],)).fetchone()
+    return bytes(value[0]) if value and isinstance(value[0], bytes) else b""
 
 
 @functools.lru_cache(maxsize=64)
