@@ -101,7 +101,7 @@ def rrf_order(ids, matrix, years, terms, depth, year_max=None):
         sims = matrix[keep] @ unit(vector)
         ranked = [int(ids[keep[r]]) for r in np.argsort(-sims, kind="stable")[:depth]]
         for place, map_id in enumerate(ranked, 1):
-            scores[map_id] = scores.get(map_id, 0.0) + weight / (60 + place)
+            scores[map_id] = scores.get(map_id, 0.0) + weight / (10 + place)  # the terms' constant
             if weight > 0:
                 positive.add(map_id)
     return sorted(positive, key=lambda m: (-round(scores[m], 12), m))

@@ -284,7 +284,18 @@ def plan(params: SearchParams, model: dict, *, place_index: bool = False) -> Sea
 # a multiplicative hash by the golden ratio, so a collection loaded kind by kind is sampled evenly).
 SAMPLE_SIZE = 1000
 _SAMPLE_ORDER = "(rowid % 1000003) * 618034 % 1000003, rowid"
-RRF_K = 60  # reciprocal rank fusion's constant (Cormack, Clarke & Buettcher 2009)
+# Reciprocal rank fusion's constant: rank=hybrid keeps Cormack, Clarke & Buettcher's (2009) 60, tuned
+# for fusing many full-text runs.  Fusing a query's own terms (fusion=rrf) uses 10: with 60 a map
+# deep in both lists (place 30 in each) outscores the first of either, so at the slider's middle
+# the maps both terms half-match crowd out each term's best; measured on the demo (every ordered
+# pair of kinds, text + a map of another kind), both kinds had at least 4 of the top 12 in 90% of
+# queries at 60, 99% at 20 and every one at 10 (bench/results/fusion.md).
+RRF_K = 60
+RRF_K_TERMS = 10
+
+
+def rrf_k(params: SearchParams) -> int:
+    return RRF_K if params.rank == "hybrid" else RRF_K_TERMS
 RRF_DEPTH = 1000  # how many maps of each list RRF reads: fixed, so every page ranks the same
 
 
@@ -503,7 +514,7 @@ fused AS (
   FROM lists GROUP BY map_id HAVING max(weight) > 0
 )
 {_fused_select(", fused.ranks")}"""
-    return FusedPlan(sql, {**sql_params, "rrf_k": RRF_K, "depth": RRF_DEPTH, **_paging(params)})
+    return FusedPlan(sql, {**sql_params, "rrf_k": rrf_k(params), "depth": RRF_DEPTH, **_paging(params)})
 
 
 def vector_list_name(n: int, count: int) -> str:
