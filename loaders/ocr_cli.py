@@ -174,6 +174,9 @@ def read_maps(words_store, engine, source, targets, ocr_model_id: int, summary: 
 @click.option("--overlap", type=click.IntRange(min=0), default=DEFAULT_OVERLAP, show_default=True,
               help="Px neighbouring tiles share: a word up to this long cut by a tile edge is read whole "
                    "in the next tile.")
+@click.option("--detect-scale", type=click.FloatRange(0.25, 4), default=OcrSettings.detect_scale, show_default=True,
+              help="How much larger the text detector sees each tile: 1.0 reads about twice as fast and finds fewer "
+                   "names (docs/ocr.md).")
 @click.option("--full-resolution", is_flag=True,
               help="Read IIIF sheets larger than --ocr-size at full resolution instead, tile by tile (one IIIF "
                    "region request per --tile x --tile px tile, at --rate): small lettering on large sheets. "
@@ -199,7 +202,7 @@ def read_maps(words_store, engine, source, targets, ocr_model_id: int, summary: 
                    "running local cluster, else a new local Ray for this run.")
 @click.option("--actors", type=click.IntRange(min=1),
               help="OCR actors (--engine ray). Default: one per node, each using its node's cores (or --threads).")
-def ocr(db_path, ocr_size, limit, timeout, rate, keep_images, tile, overlap, full_resolution, turned, threads,
+def ocr(db_path, ocr_size, limit, timeout, rate, keep_images, tile, overlap, detect_scale, full_resolution, turned, threads,
         workers, max_pixels, quiet, engine, ray_address, actors):
     """Read the words printed on each map of DB_PATH (OCR: RapidOCR's PP-OCRv4 models on ONNX
     Runtime) into the map_words table, with their boxes, searchable through map_words_fts.
@@ -213,7 +216,8 @@ def ocr(db_path, ocr_size, limit, timeout, rate, keep_images, tile, overlap, ful
 
     try:
         settings = OcrSettings(ocr_size=ocr_size, tile=tile, overlap=overlap, rotations=(0, 90) if turned else (0,),
-                               full_resolution=full_resolution, threads=threads or os.cpu_count())
+                               full_resolution=full_resolution, detect_scale=detect_scale,
+                               threads=threads or os.cpu_count())
     except ValueError as error:
         raise click.BadParameter(str(error), param_hint="--overlap")
     ray = ray_options(ray_address, actors, threads) if engine == "ray" else None
