@@ -122,9 +122,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("index_delta_rows", None, _positive_int,
             "maps added since the index's base before it is rebuilt (default: the larger of 20,000 and 5% of the base)"),
     Setting("index_removed_rows", 2_000, _positive_int, "maps deleted since the index's base before it is rebuilt"),
-    Setting("sqlite_mmap_mb", 16_384, _positive_int,
+    Setting("sqlite_mmap_mb", 0, _positive_int,
             "megabytes of a collection file SQLite reads through a memory map (PRAGMA mmap_size; 0: off): "
-            "the printed words' index and the catalogue are read without copying each page"),
+            "word and full-text lookups in a file of gigabytes run about twice as fast, and the pages read "
+            "count in the server's resident memory"),
     Setting("index_check_interval", 0.5, _seconds, "seconds between two checks of the file for new vectors"),
     Setting("index_verify_interval", 2.0, _seconds,
             "seconds between two full reads of the vectors' state after the file changed"),

@@ -107,14 +107,15 @@ def test_sqlite_vec_goes_only_into_collections(collection):
 
 
 def test_collections_are_read_through_a_memory_map_as_set(collection):
-    """SQLite reads a collection through a memory map (word and full-text lookups on a large file
-    copy no pages); ``sqlite_mmap_mb`` sets how much, 0 turns it off; other databases keep theirs."""
+    """``sqlite_mmap_mb`` has SQLite read a collection through a memory map (word and full-text
+    lookups on a large file copy no pages); off by default; other databases keep their own."""
     db_path, plain = collection
     mmap_size = "pragma mmap_size"
-    ds = make_datasette([str(db_path), str(plain)])
-    assert prepared(ds, "maps").execute(mmap_size).fetchone()[0] == 16_384 * 1024 * 1024
+    ds = make_datasette([str(db_path), str(plain)], metadata={"plugins": {"datasette-mapclip": {"sqlite_mmap_mb": 64}}})
+    assert prepared(ds, "maps").execute(mmap_size).fetchone()[0] == 64 * 1024 * 1024
     assert prepared(ds, "plain").execute(mmap_size).fetchone()[0] == 0
-    for megabytes in (0, 64):
+    assert prepared(make_datasette([str(db_path)]), "maps").execute(mmap_size).fetchone()[0] == 0
+    for megabytes in (0, 128):
         ds = make_datasette([str(db_path)], metadata={"plugins": {"datasette-mapclip": {"sqlite_mmap_mb": megabytes}}})
         assert prepared(ds, "maps").execute(mmap_size).fetchone()[0] == megabytes * 1024 * 1024
     from datasette_mapclip.search.local import Collection

@@ -66,6 +66,21 @@ async def test_words_filter_the_search_on_both_paths(ds, words, expected):
                                        for w in words.split()), result
 
 
+@pytest.mark.parametrize("counted_up_to", [0, 20_000])
+async def test_words_printed_on_few_maps_search_the_filters_maps_at_once(collection, monkeypatch, counted_up_to):
+    """A words filter whose rarest word is read fewer than WORDS_COUNTED_UP_TO times searches the
+    maps printing it straight away (checking the nearest maps one by one would cost more and keep
+    few); otherwise the nearest maps are checked first.  Both give the same maps in the same order."""
+    from datasette_mapclip.search import sql as search_sql
+
+    monkeypatch.setattr(search_sql, "WORDS_COUNTED_UP_TO", counted_up_to)
+    ds = make_datasette([str(collection[0])])
+    plain = [r["id"] for r in (await ds.client.get("/-/mapclip/search.json", params={"q": "survey", "k": 12})).json()["results"]]
+    data = (await ds.client.get("/-/mapclip/search.json", params={"q": "survey", "words": "Cape Fear", "k": 3})).json()
+    assert [r["id"] for r in data["results"]] == [m for m in plain if m in {2, 3, 5, 7}][:3]
+    assert ("filter's maps" in data["searched_with"]) == (counted_up_to > 0), data["searched_with"]
+
+
 def folded(text: str) -> str:
     return "".join(c for c in unicodedata.normalize("NFD", text.casefold()) if not unicodedata.combining(c))
 

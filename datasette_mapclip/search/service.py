@@ -261,6 +261,12 @@ async def _filtered_with_index(collection: SearchCollection, index, query: np.nd
     against the filter first (a broad filter keeps enough of them); when too few pass, every map the
     filter selects is searched (``VectorIndex.search_among``).  The filters are the same SQL conditions
     the reported sqlite-vec query applies, so both answer the same maps."""
+    terms = words_query_terms(params.words) if params.words else []
+    counts = await collection.db.execute_fn(lambda conn: _word_counts(conn, terms)) if terms else None
+    if counts and min(counts.values()) < search_sql.WORDS_COUNTED_UP_TO:
+        # Printed on few maps (its rarest word read fewer than WORDS_COUNTED_UP_TO times): reading
+        # the filter's maps costs less than checking candidates map by map, and few would pass.
+        return await _search_filters_maps(collection, index, query, params, need, place_index, counts)
     pool = max(settings_of(collection.config).filter_pool, 4 * need)
     ids, scores = await _run_in(collection.workers.index, index.search, query, pool)
     # The nearest few first: a broad filter passes enough of them, and each check costs (a
@@ -278,11 +284,15 @@ async def _filtered_with_index(collection: SearchCollection, index, query: np.nd
             return ids[keep][:need], scores[keep][:need], "nearest maps filtered"
     if len(ids) == len(index):
         return ids[keep][:need], scores[keep][:need], "nearest maps filtered"
-    sql_params = {}
-    terms = words_query_terms(params.words) if params.words else []
-    counts = await collection.db.execute_fn(lambda conn: _word_counts(conn, terms)) if len(terms) > 1 else None
+    return await _search_filters_maps(collection, index, query, params, need, place_index, counts)
+
+
+async def _search_filters_maps(collection: SearchCollection, index, query: np.ndarray, params: SearchParams,
+                               need: int, place_index: bool, word_counts: dict | None):
+    """Every map the filters select, searched (``VectorIndex.search_among``)."""
+    sql_params: dict = {}
     allowed = np.fromiter((row[0] for row in await _filter_sql(
-        collection, search_sql.matching_ids_sql(params, sql_params, place_index=place_index, word_counts=counts),
+        collection, search_sql.matching_ids_sql(params, sql_params, place_index=place_index, word_counts=word_counts),
         sql_params)), np.int64)
     exact_up_to = settings_of(collection.config).exact_subset_rows
     ids, scores = await _run_in(collection.workers.index, index.search_among, query, need, allowed, exact_up_to)
