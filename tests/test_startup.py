@@ -121,36 +121,3 @@ async def test_a_collection_that_cannot_be_read_at_start_up_leaves_the_others_se
     answer = await ds.client.get("/-/mapclip/search.json?q=roads&k=2&_db=broken")
     assert answer.status_code == 503 and "'broken' cannot be searched" in answer.json()["error"], answer.text
     assert "models table" in answer.json()["error"]
-
-
-@pytest.mark.asyncio
-async def test_the_text_tower_opens_quickly_and_is_fully_optimised_beside_the_searches(collection):
-    """The text session a first search waits for opens with basic graph optimisations only; once
-    loaded, a fully optimised one is built beside it and swapped in, giving the same vectors."""
-    import numpy as np
-    import onnxruntime as ort
-
-    from datasette_mapclip.model.query_encoders import QueryEncoder
-    from datasette_mapclip.store import StoredQueryEncoders, read_models_at
-
-    levels = ort.GraphOptimizationLevel
-    model = read_models_at(str(collection[0]), immutable=False)[0]
-    parts, precisions = StoredQueryEncoders(collection[0], model["name"]).parts()
-    encoder = QueryEncoder(parts, precisions, threads=1)
-    assert encoder.text_session.get_session_options().graph_optimization_level == levels.ORT_ENABLE_BASIC
-    quick = encoder.encode_texts(["roads and rivers"])[0]
-    encoder.optimise_text_tower()
-    assert encoder.text_session.get_session_options().graph_optimization_level == levels.ORT_ENABLE_ALL
-    assert float(quick @ encoder.encode_texts(["roads and rivers"])[0]) > 0.9999
-
-    ds = make_datasette([str(collection[0])])  # a server does it by itself after start-up
-    await ds.invoke_startup()
-    assert await loaded_encoders(ds, wait=20) == 1
-    served = next(iter(state_for(ds).encoders._encoders.values())).encoder
-    for _ in range(400):
-        if served.text_session.get_session_options().graph_optimization_level == levels.ORT_ENABLE_ALL:
-            break
-        await asyncio.sleep(0.05)
-    assert served.text_session.get_session_options().graph_optimization_level == levels.ORT_ENABLE_ALL
-    assert (await ds.client.get("/-/mapclip/search.json?q=roads&k=2")).status_code == 200
-    assert np.isfinite(served.encode_texts(["roads"])).all()

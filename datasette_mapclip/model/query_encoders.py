@@ -13,7 +13,6 @@ from __future__ import annotations
 import concurrent.futures
 import html
 import json
-import logging
 import string
 import threading
 
@@ -21,8 +20,6 @@ import numpy as np
 from PIL import Image
 
 from .clip import ModelUnavailable
-
-log = logging.getLogger(__name__)
 
 PARTS = ("text", "image", "tokenizer", "preprocess")
 RESIZE_MODES = ("shortest", "squash")  # open_clip's resize modes reproduced here
@@ -109,7 +106,6 @@ class QueryEncoder:
             text = parts["text"]() if callable(parts["text"]) else parts["text"]
             self.text_session = _session(text, threads, quick_start=True)
             self.tokenizer = tokenizer.result()
-        self._text_bytes = text  # until ``optimise_text_tower`` has used them
         # The image tower (the larger) is opened at the first image query: a server's first text
         # search does not wait for it.  ``parts["image"]``: its bytes, or a function reading them.
         self._image_bytes, self._image_session, self._threads = parts["image"], None, threads
@@ -119,20 +115,6 @@ class QueryEncoder:
         precisions = precisions or {}
         self.precision = "/".join(f"{part} {precisions.get(part, 'fp32')}" for part in ("text", "image"))
         self.lock = threading.Lock()  # ONNX Runtime sessions are thread-safe; one run at a time keeps cores free
-
-    def optimise_text_tower(self):
-        """Replace the quick-start text session with one built with every graph optimisation (fused
-        attention and layer norms: a short query's encoding is faster), built beside the serving one;
-        a server calls it once the first searches no longer wait for the model.  Safe to call twice."""
-        data, self._text_bytes = self._text_bytes, None
-        if data is None:
-            return
-        try:
-            session = _session(data, self._threads)
-        except Exception as error:  # the quick session keeps serving; say why once
-            log.warning("mapclip: the optimised text session could not be built: %s", error)
-            return
-        self.text_session = session  # one attribute: a query running meanwhile finishes on the old one
 
     def tokenize(self, texts: list[str]) -> np.ndarray:
         """(N, L) token ids, L up to the longest text's end-of-text token (the rest is padding a causal

@@ -23,7 +23,6 @@ import asyncio
 import dataclasses
 import logging
 import os
-import threading
 import time
 from typing import Protocol
 
@@ -139,16 +138,9 @@ def preload_model(collection: SearchCollection):
     search; a model that cannot be loaded is reported when a search needs it.  Returns the future."""
     def load():
         try:
-            loaded = collection.encoder()
+            collection.encoder()
         except ModelUnavailable as error:
             log.warning("mapclip: the model of %s could not be loaded at start-up: %s", collection.name, error)
-            return
-        # The text tower opened quickly (basic graph optimisations) so that the first search waits
-        # less; its fully optimised session is built beside it, not in the model thread, which
-        # keeps answering meanwhile.
-        optimise = getattr(loaded.encoder, "optimise_text_tower", None)
-        if optimise is not None:
-            threading.Thread(target=optimise, name="mapclip-optimise-text", daemon=False).start()
 
     return collection.workers.model.submit(load)
 
@@ -484,7 +476,7 @@ async def _rrf(collection: SearchCollection, index, params: SearchParams, place_
         lists.append(("words", 1.0, await _words_list(collection, params, printed_terms, depth, place_index)))
 
     def fuse():
-        fused = query_vector.rrf_scores(lists, search_sql.rrf_k(params))
+        fused = query_vector.rrf_scores(lists, search_sql.RRF_K)
         return sorted(fused.items(), key=lambda item: (-item[1][0], item[0]))
 
     return await _run_in(collection.workers.index, fuse)
