@@ -82,6 +82,19 @@ def test_the_loaded_file_carries_its_query_encoders(collection):
         assert check["fp32_min_cosine"][tower] >= 0.9999
 
 
+def test_the_query_towers_do_not_busy_wait_between_queries(collection):
+    """ONNX Runtime's threads spin after each run by default, taking the cores the index scan and
+    the server need next: the stored towers run with spinning off."""
+    from datasette_mapclip.model.query_encoders import QueryEncoder
+    from datasette_mapclip.store import StoredQueryEncoders, read_models_at
+
+    model = read_models_at(str(collection[0]), immutable=False)[0]
+    parts, precisions = StoredQueryEncoders(collection[0], model["name"]).parts()
+    encoder = QueryEncoder(parts, precisions, threads=2)
+    for session in (encoder.text_session, encoder.image_session):
+        assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
 async def test_a_server_searches_without_torch_and_without_network(collection, tmp_path):
     from conftest import draw_map
 
