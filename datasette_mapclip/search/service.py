@@ -476,7 +476,7 @@ async def _rrf(collection: SearchCollection, index, params: SearchParams, place_
         lists.append(("words", 1.0, await _words_list(collection, params, printed_terms, depth, place_index)))
 
     def fuse():
-        fused = query_vector.rrf_scores(lists, search_sql.RRF_K)
+        fused = query_vector.rrf_scores(lists, search_sql.rrf_k(params))
         return sorted(fused.items(), key=lambda item: (-item[1][0], item[0]))
 
     return await _run_in(collection.workers.index, fuse)
