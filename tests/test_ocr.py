@@ -5,7 +5,6 @@ run as users run it.  No stand-in recogniser, no network (the loc.gov stand-in i
 from __future__ import annotations
 
 import json
-
 import shutil
 import struct
 import zlib
