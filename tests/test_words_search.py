@@ -220,6 +220,10 @@ async def test_hybrid_leaves_out_catalogue_words_in_more_than_half_the_records(c
     data = (await ds.client.get("/-/mapclip/search.json", params={"q": "map of", "rank": "hybrid", "k": 12})).json()
     assert all(set(r["ranks"]) == {"clip"} for r in data["results"]) and "catalogue_text" not in data["params"]
     assert "more than half the records" in data["searched_with"]
+    # every word is counted first: a text of many words looks for its first 16 different ones
+    many = " ".join(f"w{i}" for i in range(40)) + " 7 w0"
+    data = (await ds.client.get("/-/mapclip/search.json", params={"q": many, "rank": "hybrid", "k": 12})).json()
+    assert data["params"]["catalogue_text"] == " OR ".join(f'"w{i}"' for i in range(16))
 
 
 def test_python_and_cli_search_take_rank_hybrid(collection, invoke):

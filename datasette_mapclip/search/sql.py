@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..store import RESULT_COLUMNS
-from ..store.words import has_words, joined_term, words_query_terms
+from ..store.words import MAX_QUERY_TERMS, has_words, joined_term, words_query_terms
 from . import query_vector
 from .errors import BadSearch
 from .query import VEC0_MAX_K, QueryTerm, SearchParams
@@ -329,8 +329,9 @@ def fts_any(terms: list[str]) -> str:
 
 
 def catalogue_terms(text: str) -> list[str]:
-    """The quoted FTS5 terms of ``text`` that the catalogue's full-text list looks for."""
-    return [t for t in fts_query(text).split(" ") if t]
+    """The quoted FTS5 terms of ``text`` that the catalogue's full-text list looks for: its first
+    ``MAX_QUERY_TERMS`` different ones (each is counted before the search: the work stays bounded)."""
+    return list(dict.fromkeys(t for t in fts_query(text).split(" ") if t))[:MAX_QUERY_TERMS]
 
 
 def catalogue_list_sql(terms: list[str], params: SearchParams, sql_params: dict, *,
