@@ -315,6 +315,7 @@ class FastScanner(_PartScanner):
 
         return self._scan_parts(scan, count)
 
+
 def fast_file_of(scanner_file: Path | None) -> Path | None:
     """Where the fast-scan codes of a cached base go: beside its int8 codes, under the same tag."""
     if scanner_file is None:

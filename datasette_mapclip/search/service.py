@@ -254,7 +254,7 @@ async def _filtered_with_index(collection: SearchCollection, index, query: np.nd
     filter selects is searched (``VectorIndex.search_among``).  The filters are the same SQL conditions
     the reported sqlite-vec query applies, so both answer the same maps."""
     terms = words_query_terms(params.words) if params.words else []
-    counts = await collection.db.execute_fn(lambda conn: _word_counts(conn, terms)) if terms else None
+    counts = await collection.db.execute_fn(lambda conn: _word_counts(collection, conn, terms)) if terms else None
     if counts and min(counts.values()) < search_sql.WORDS_COUNTED_UP_TO:
         # Printed on few maps (its rarest word read fewer than WORDS_COUNTED_UP_TO times): reading
         # the filter's maps costs less than checking candidates map by map, and few would pass.
@@ -292,11 +292,11 @@ async def _search_filters_maps(collection: SearchCollection, index, query: np.nd
     return ids, scores, way
 
 
-def _word_counts(conn, terms: list[str]) -> dict | None:
+def _word_counts(collection: SearchCollection, conn, terms: list[str]) -> dict | None:
     """How common each ``words`` term is (None when they cannot be counted: the filter's own SQL
     then says what is wrong)."""
     try:
-        return search_sql.count_word_matches(conn, terms)
+        return _counted(collection, _file_stamp(collection.path), conn, "words", terms, search_sql.count_word_matches)
     except Exception as error:
         log.info("mapclip: words could not be counted: %s", error)
         return None
@@ -526,24 +526,13 @@ async def _full_text_terms(collection: SearchCollection, text: str, catalogue: b
     counts are kept while the file stays as it was."""
     catalogue_terms = search_sql.catalogue_terms(text) if catalogue else []
     printed = search_sql.printed_terms(text) if words else []
-    counts = collection.resources.full_text_counts
-    stamp = _file_stamp(collection.path)
 
     def plan(conn):
-        def counted(kind, terms, count) -> dict:
-            """term -> count(conn, [terms not yet known])[term], each term's kept apart."""
-            known = {t: counts.get((collection.path, stamp, kind, t)) for t in terms} if stamp is not None else {}
-            missing = [t for t in terms if known.get(t) is None]
-            if missing:
-                known.update(count(conn, missing))
-                if stamp is not None:
-                    if len(counts) > 4096:
-                        counts.clear()
-                    counts.update({(collection.path, stamp, kind, t): known[t] for t in missing})
-            return {t: known[t] for t in terms}
-
-        common = counted("common", catalogue_terms, search_sql.common_catalogue_terms) if catalogue_terms else {}
-        ordered = search_sql.rarest_first(counted("words", printed, search_sql.count_word_matches)) if printed else []
+        stamp = _file_stamp(collection.path)
+        common = (_counted(collection, stamp, conn, "common", catalogue_terms, search_sql.common_catalogue_terms)
+                  if catalogue_terms else {})
+        ordered = (search_sql.rarest_first(_counted(collection, stamp, conn, "words", printed,
+                                                    search_sql.count_word_matches)) if printed else [])
         return [t for t in catalogue_terms if not common[t]], ordered
 
     try:
@@ -551,6 +540,21 @@ async def _full_text_terms(collection: SearchCollection, text: str, catalogue: b
     except Exception as error:
         log.warning("mapclip: full-text terms could not be counted: %s", error)
         raise BadSearch(f"the full-text ranking could not run: {error}") from None
+
+
+def _counted(collection: SearchCollection, stamp, conn, kind: str, terms: list[str], count) -> dict:
+    """term -> ``count(conn, terms)[term]``, each term's kept in ``resources.full_text_counts`` while
+    the file stays as it was (``stamp``, ``_file_stamp``; None: nothing kept)."""
+    counts = collection.resources.full_text_counts
+    known = {t: counts.get((collection.path, stamp, kind, t)) for t in terms} if stamp is not None else {}
+    missing = [t for t in terms if known.get(t) is None]
+    if missing:
+        known.update(count(conn, missing))
+        if stamp is not None:
+            if len(counts) > 4096:
+                counts.clear()
+            counts.update({(collection.path, stamp, kind, t): known[t] for t in missing})
+    return {t: known[t] for t in terms}
 
 
 def _file_stamp(path: str | None):

@@ -292,11 +292,11 @@ _SAMPLE_ORDER = "(rowid % 1000003) * 618034 % 1000003, rowid"
 # queries at 60, 99% at 20 and every one at 10 (bench/results/fusion.md).
 RRF_K = 60
 RRF_K_TERMS = 10
+RRF_DEPTH = 1000  # how many maps of each list RRF reads: fixed, so every page ranks the same
 
 
 def rrf_k(params: SearchParams) -> int:
     return RRF_K if params.rank == "hybrid" else RRF_K_TERMS
-RRF_DEPTH = 1000  # how many maps of each list RRF reads: fixed, so every page ranks the same
 
 
 def sample_sql(vector_table: str) -> str:
@@ -386,7 +386,7 @@ def words_list_sql(terms: list[str], params: SearchParams, sql_params: dict, *,
     maps, as (list, weight, map_id, pos) rows.  Every word read is a short label, so bm25 would rank
     them by the term's rarity all the same, but only after scoring every match: seconds for "river"
     on a million labels.  This order is read from the rarest term's matches on, and stops at
-    ``:depth`` maps (``service.words_list``)."""
+    ``:depth`` maps (``service._words_list``)."""
     if not terms:
         return None
     places = []
