@@ -47,12 +47,15 @@ from search_bench import KINDS, QUERY_WORDS, Server, percentile, write_report  #
 from datasette_mapclip.store import MapStore  # noqa: E402
 from datasette_mapclip.store.schema import SCHEMA, sqlite3_module  # noqa: E402
 from datasette_mapclip.store.words import (  # noqa: E402
+    WORD_ID_BITS,
     WordStore,
     has_words,
     read_map_reading,
     read_map_words,
     read_maps_matching_words,
     read_words_summary,
+    word_id,
+    word_ids_by_map,
 )
 
 WORDS_PER_MAP = 100
@@ -145,6 +148,14 @@ def generate_words(rows: int, vocab: list[str], seed: int = 11, chunk: int = 10_
     yield None, maps_with
 
 
+def word_ids(map_ids: np.ndarray) -> np.ndarray:
+    """``store.words.word_id`` of each label: a map's WORDS_PER_MAP labels come one after another."""
+    places = np.tile(np.arange(WORDS_PER_MAP, dtype=np.int64), len(map_ids) // WORDS_PER_MAP)
+    ids = (map_ids.astype(np.int64) << WORD_ID_BITS) + places
+    assert int(ids[0]) == word_id(int(map_ids[0]), 0) and int(ids[-1]) == word_id(int(map_ids[-1]), WORDS_PER_MAP - 1)
+    return ids
+
+
 def build_words_database(source: Path, target: Path, rows: int, vocab_size: int) -> dict:
     """Copy ``source`` to ``target`` and add WORDS_PER_MAP words to each of its first ``rows`` maps;
     returns the build's timings and each vocabulary word's share of maps."""
@@ -168,13 +179,15 @@ def build_words_database(source: Path, target: Path, rows: int, vocab_size: int)
     # 'rebuild' (the same index the trigger would have made, much faster); the trigger is then
     # restored from the store's own schema text.
     conn.execute("DROP TRIGGER map_words_ai")
+    conn.execute("DROP TRIGGER map_words_id_names_map")  # ids checked once at the end instead
     conn.execute("DROP INDEX map_words_map")  # made again after the insert: faster than kept up row by row
     vocab = vocabulary(vocab_size)
     rng = np.random.default_rng(3)
     t = time.perf_counter()
     maps_with = None
+    assert word_ids_by_map(conn)
     conn.execute("BEGIN")
-    next_id = 1
+    written = 0
     for map_ids, labels in generate_words(rows, vocab):
         if map_ids is None:
             maps_with = labels
@@ -186,11 +199,11 @@ def build_words_database(source: Path, target: Path, rows: int, vocab_size: int)
         conn.executemany(
             "INSERT INTO map_words (id, map_id, text, confidence, x, y, w, h, angle, ocr_model) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            zip(range(next_id, next_id + n), map_ids.tolist(), labels, conf.round(3).tolist(),
+            zip(word_ids(map_ids).tolist(), map_ids.tolist(), labels, conf.round(3).tolist(),
                 boxes[:, 0].round(4).tolist(), boxes[:, 1].round(4).tolist(), boxes[:, 2].round(4).tolist(),
                 boxes[:, 3].round(4).tolist(), angle.round(1).tolist(), [ocr_model.id] * n))
-        next_id += n
-        print(f"  words of {map_ids[-1]:,} / {rows:,} maps ({(next_id - 1) / (time.perf_counter() - t):,.0f} rows/s)",
+        written += n
+        print(f"  words of {map_ids[-1]:,} / {rows:,} maps ({written / (time.perf_counter() - t):,.0f} rows/s)",
               end="\r", flush=True)
     print()
     read_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -228,6 +241,7 @@ def check_words_database(path: Path, rows: int, shares: dict):
         conn = store.conn
         assert has_words(conn)
         assert [tuple(r) for r in conn.execute(words_schema)] == want
+        assert conn.execute(f"SELECT count(*) FROM map_words WHERE id >> {WORD_ID_BITS} != map_id").fetchone()[0] == 0
         summary = read_words_summary(conn)
         assert summary == {"maps_read": rows, "no_text": 0, "words": rows * WORDS_PER_MAP}, summary
         words = read_map_words(conn, rows // 2)

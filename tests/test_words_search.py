@@ -238,12 +238,27 @@ def test_python_and_cli_search_take_rank_hybrid(collection, invoke):
 
 # -- checked map by map: the few candidates of an index search, and the words a result shows ----
 
+def insert_words(conn, model: int, rows):
+    """Words written by hand as the file's word ids require: each map's next id where ids name their
+    map (``store.words.word_id``), the next row number in a file from before that."""
+    from datasette_mapclip.store.words import WORD_ID_BITS, word_ids_by_map
+
+    by_map = word_ids_by_map(conn)
+    for map_id, text in rows:
+        word_id = conn.execute(f"SELECT coalesce(max(id) + 1, ? << {WORD_ID_BITS}) FROM map_words WHERE map_id = ?",
+                               (map_id, map_id)).fetchone()[0] if by_map else None
+        conn.execute("INSERT INTO map_words (id, map_id, text, confidence, x, y, w, h, angle, ocr_model) "
+                     "VALUES (?, ?, ?, 0.9, 0.1, 0.1, 0.1, 0.1, 0, ?)", (word_id, map_id, text, model))
+
+
+@pytest.mark.parametrize("word_ids", ["by-map", "row numbers"])
 @pytest.mark.parametrize("read_whole_up_to", [0, 2000])  # every term looked up map by map; rare terms read whole
 def test_the_per_map_check_answers_what_the_whole_collection_filter_does(collection, tmp_path, monkeypatch,
-                                                                         read_whole_up_to):
+                                                                         read_whole_up_to, word_ids):
     """Candidates are checked map by map (an FTS5 lookup bounded to the map's own word ids), the
-    whole collection by reading every match: both give the same maps, also when a map's words are
-    not one run of ids (written by hand, interleaved with another map's)."""
+    whole collection by reading every match: both give the same maps, where word ids name their map
+    and in a file from before that, also when a map's words are not one run of ids there (written
+    by hand, interleaved with another map's)."""
     from datasette_mapclip.search import sql as search_sql
     from datasette_mapclip.search.query import SearchParams
 
@@ -252,10 +267,10 @@ def test_the_per_map_check_answers_what_the_whole_collection_filter_does(collect
     shutil.copy(collection[0], path)
     store = MapStore(path)
     conn = store.conn
+    if word_ids == "row numbers":
+        conn.execute("DELETE FROM mapclip_meta WHERE key = 'word-ids'")
     model = conn.execute("SELECT id FROM ocr_models").fetchone()[0]
-    for map_id, text in ((10, "Zeta"), (11, "Eta"), (10, "Theta"), (11, "Iota Cape"), (10, "Kappa")):
-        conn.execute("INSERT INTO map_words (map_id, text, confidence, x, y, w, h, angle, ocr_model) "
-                     "VALUES (?, ?, 0.9, 0.1, 0.1, 0.1, 0.1, 0, ?)", (map_id, text, model))
+    insert_words(conn, model, ((10, "Zeta"), (11, "Eta"), (10, "Theta"), (11, "Iota Cape"), (10, "Kappa")))
     every = "[" + ",".join(str(row[0]) for row in conn.execute("SELECT id FROM maps")) + "]"
     for words, expected in (("Eta", {11}), ("Iota", {11}), ("Theta", {10}), ("Zeta Kappa", {10}),
                             ("Eta Theta", set()), ("Cape", {2, 3, 7, 8, 11}), ("Cape Fear", {2, 3, 5, 7}),
@@ -289,8 +304,7 @@ def test_a_filter_of_several_words_reads_only_the_rarest_ones_maps(collection, t
     store = MapStore(path)
     conn = store.conn
     model = conn.execute("SELECT id FROM ocr_models").fetchone()[0]
-    conn.executemany("INSERT INTO map_words (map_id, text, confidence, x, y, w, h, angle, ocr_model) "
-                     "VALUES (4, 'Cape', 0.9, 0.1, 0.1, 0.1, 0.1, 0, ?)", [(model,)] * 3000)
+    insert_words(conn, model, [(4, "Cape")] * 3000)
     params = SearchParams.from_args({"q": "survey", "words": "Cape Fear"})
     counts = search_sql.count_word_matches(conn, words_query_terms("Cape Fear"))
     assert counts == {'"Cape"': 3004, '"Fear"': 3}

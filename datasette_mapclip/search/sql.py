@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..store import RESULT_COLUMNS
-from ..store.words import MAX_QUERY_TERMS, has_words, joined_term, words_query_terms
+from ..store.words import MAX_QUERY_TERMS, has_words, joined_term, map_word_ids_sql, word_map_sql, words_query_terms
 from . import query_vector
 from .errors import BadSearch
 from .query import VEC0_MAX_K, QueryTerm, SearchParams
@@ -58,26 +58,26 @@ def filter_conditions(params: SearchParams, sql_params: dict, *, fts_per_row: bo
     return conditions
 
 
-# A map whose words (map_words, read by OCR) match one FTS5 term somewhere on it.
-_WORD_ON_MAP = ("id IN (SELECT map_id FROM map_words WHERE id IN "
-                "(SELECT rowid FROM map_words_fts WHERE map_words_fts MATCH :{name}))")
+# A map whose words (map_words, read by OCR) match one FTS5 term somewhere on it: the map of each
+# match is its rowid's (``store.words.word_map_sql``), so only the FTS5 doclist is read.
+_WORD_ON_MAP = ("id IN (SELECT " + word_map_sql("map_words_fts.rowid") + " FROM map_words_fts WHERE map_words_fts MATCH :{name})")
 
 # The same, checked map by map (a few candidate maps): one FTS5 lookup per map and term, bounded
-# to the rowids of the map's own words.  The ``IN`` form above reads every match of the term, and
-# looks up the map of each: seconds for a word printed on most maps.  A map's words are written in
-# one transaction (``WordStore.write_reading``), so their ids are one run and min..max holds only
-# them; ``map_id`` decides, so words written some other way are still answered right, more slowly.
-# A term with few matches is still cheapest read whole, once (a rare name: ~1 ms, where the
-# lookups cost 25-100 us a map); which way is decided once per statement, by whether the term has
-# more than WORDS_READ_WHOLE_UP_TO matches (a bounded probe of its FTS5 doclist).
+# to the rowids the map's own words can have (``store.words.map_word_ids_sql``).  The ``IN`` form
+# above reads every match of the term: for a word printed on most maps, millions of doclist
+# entries.  A term with few matches is still cheapest read whole, once (a rare name: ~1 ms,
+# where the lookups cost 25-100 us a map); which way is decided once per statement, by whether
+# the term has more than WORDS_READ_WHOLE_UP_TO matches (a bounded probe of its FTS5 doclist).
+# In files whose word ids are row numbers, ``map_id`` decides, so words written some other way
+# are still answered right.
 WORDS_READ_WHOLE_UP_TO = 2000
+_FIRST_WORD, _LAST_WORD = map_word_ids_sql("maps.id")
 _WORD_ON_THIS_MAP = (
     "CASE WHEN (SELECT rowid FROM map_words_fts WHERE map_words_fts MATCH :{name} LIMIT 1 OFFSET {whole}) IS NULL"
     " THEN " + _WORD_ON_MAP + " ELSE "
     "EXISTS (SELECT 1 FROM map_words_fts WHERE map_words_fts MATCH :{name}"
-    " AND map_words_fts.rowid BETWEEN (SELECT min(id) FROM map_words WHERE map_id = maps.id)"
-    " AND (SELECT max(id) FROM map_words WHERE map_id = maps.id)"
-    " AND (SELECT map_id FROM map_words WHERE id = map_words_fts.rowid) = maps.id) END")
+    " AND map_words_fts.rowid BETWEEN " + _FIRST_WORD + " AND " + _LAST_WORD +
+    " AND " + word_map_sql("map_words_fts.rowid") + " = maps.id) END")
 
 
 def words_condition(text: str, sql_params: dict, *, per_row: bool = False, counts: dict | None = None) -> str:
@@ -131,11 +131,11 @@ def matched_words_sql(text: str, map_ids: list[int], sql_params: dict) -> str:
     sql_params["words_maps"] = "[" + ",".join(str(int(i)) for i in map_ids) + "]"
     # Map by map, each an FTS5 lookup bounded to the map's own word ids (see _WORD_ON_THIS_MAP):
     # never every match of a word printed on most maps.
+    first, last = map_word_ids_sql("m.map_id")
     return ("SELECT w.map_id, w.text, w.id FROM (SELECT DISTINCT value AS map_id FROM json_each(:words_maps)) m\n"
             "CROSS JOIN map_words_fts f CROSS JOIN map_words w\n"
             "WHERE f.map_words_fts MATCH :words_any\n"
-            "  AND f.rowid BETWEEN (SELECT min(id) FROM map_words WHERE map_id = m.map_id)"
-            " AND (SELECT max(id) FROM map_words WHERE map_id = m.map_id)\n"
+            f"  AND f.rowid BETWEEN {first} AND {last}\n"
             "  AND w.id = f.rowid AND w.map_id = m.map_id\n"
             "ORDER BY w.map_id, w.confidence DESC, w.id")
 
@@ -318,9 +318,10 @@ def _passing_filters(column: str, params: SearchParams, sql_params: dict, place_
     return f"{column} IN (SELECT id FROM maps WHERE " + " AND ".join(conditions) + ")" if conditions else None
 
 
-def _within_filters(column: str, params: SearchParams, sql_params: dict, place_index: bool) -> str:
+def _within_filters(column: str, params: SearchParams, sql_params: dict, place_index: bool,
+                    indent: str = "      ") -> str:
     passing = _passing_filters(column, params, sql_params, place_index)
-    return f"\n      WHERE {passing}" if passing else ""
+    return f"\n{indent}WHERE {passing}" if passing else ""
 
 
 def fts_any(terms: list[str]) -> str:
@@ -374,11 +375,6 @@ def rarest_first(counts: dict[str, int]) -> list[str]:
     return sorted(counts, key=lambda term: counts[term])  # sorted() is stable: ties keep their order
 
 
-# Word ids are below 2**40 (a trillion words), so ``term's place * 2**40 + word id`` orders by the
-# term first, then by the word.
-_TERM_PLACE = 1 << 40
-
-
 def words_list_sql(terms: list[str], params: SearchParams, sql_params: dict, *,
                    place_index: bool = False) -> str | None:
     """The printed words' ranking: ``terms`` in the order given (rarest first, ``rarest_first``),
@@ -393,21 +389,28 @@ def words_list_sql(terms: list[str], params: SearchParams, sql_params: dict, *,
     for n, term in enumerate(terms, 1):
         sql_params[f"printed_{n}"] = term
         places.append(f"SELECT {n} AS n, :printed_{n} AS term")
-    within = _within_filters("map_words.map_id", params, sql_params, place_index)
+    within = _within_filters("map_id", params, sql_params, place_index, indent="        ")
+    # Each map's first term, and its first word of that term: min(n) picks the row that word_id
+    # (a bare column) is read from, as SQLite documents for a lone min().
     return ("SELECT 'words' AS list, 1.0 AS weight, map_id, pos FROM (\n"
-            f"    SELECT map_id, row_number() OVER (ORDER BY min(t.n * {_TERM_PLACE} + f.rowid)) AS pos\n"
-            "    FROM (" + " UNION ALL ".join(places) + ") t\n"
-            "    JOIN map_words_fts f ON f.map_words_fts MATCH t.term\n"
-            f"    JOIN map_words ON map_words.id = f.rowid{within}\n"
-            "    GROUP BY map_id\n  ) WHERE pos <= :depth")
+            "  SELECT map_id, row_number() OVER (ORDER BY n, word_id) AS pos FROM (\n"
+            "    SELECT map_id, min(n) AS n, word_id FROM (\n"
+            "      SELECT map_id, n, min(word_id) AS word_id FROM (\n"
+            f"        SELECT t.n, f.rowid AS word_id, {word_map_sql('f.rowid')} AS map_id\n"
+            "        FROM (" + " UNION ALL ".join(places) + ") t\n"
+            f"        JOIN map_words_fts f ON f.map_words_fts MATCH t.term){within}\n"
+            "      GROUP BY map_id, n)\n"
+            "    GROUP BY map_id)\n"
+            "  ) WHERE pos <= :depth")
 
 
 def words_list_stream_sql(params: SearchParams, sql_params: dict, *, place_index: bool = False) -> str:
     """One term's matches, as the words list reads them: each word's map, in word id order
     (``:term``; FTS5 returns rowids in order, so nothing is sorted)."""
-    passing = _passing_filters("map_words.map_id", params, sql_params, place_index)
-    return ("SELECT map_words.map_id FROM map_words_fts f JOIN map_words ON map_words.id = f.rowid\n"
-            "WHERE f.map_words_fts MATCH :term" + (f" AND {passing}" if passing else "") + "\nORDER BY f.rowid")
+    passing = _passing_filters("map_id", params, sql_params, place_index)
+    return (f"SELECT map_id FROM (SELECT f.rowid AS word_id, {word_map_sql('f.rowid')} AS map_id\n"
+            "  FROM map_words_fts f WHERE f.map_words_fts MATCH :term)" + (f"\nWHERE {passing}" if passing else "")
+            + "\nORDER BY word_id")
 
 
 @dataclasses.dataclass

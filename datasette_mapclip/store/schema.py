@@ -197,6 +197,12 @@ END;
 CREATE TRIGGER IF NOT EXISTS map_words_ad AFTER DELETE ON map_words BEGIN
     INSERT INTO map_words_fts(map_words_fts, rowid, text) VALUES ('delete', old.id, old.text);
 END;
+-- Where word ids name their map (words.py), a row whose id does not is refused, not misfiled.
+CREATE TRIGGER IF NOT EXISTS map_words_id_names_map BEFORE INSERT ON map_words
+WHEN (SELECT value FROM mapclip_meta WHERE key = 'word-ids') = 'by-map'
+ AND (new.id < 0 OR new.id >> 20 != new.map_id) BEGIN
+    SELECT RAISE(ABORT, 'map_words.id must be map_id * 1048576 + n (n: the word''s place in its map''s reading)');
+END;
 CREATE TRIGGER IF NOT EXISTS map_words_au AFTER UPDATE OF text ON map_words BEGIN
     INSERT INTO map_words_fts(map_words_fts, rowid, text) VALUES ('delete', old.id, old.text);
     INSERT INTO map_words_fts(rowid, text) VALUES (new.id, new.text);
@@ -365,10 +371,36 @@ def _keep_checkpoint_file_names_only(conn, tables_before: set[str]):
         conn.execute("UPDATE models SET checkpoint_path = ? WHERE id = ?", (recorded_file_name(path), model_id))
 
 
+def _number_words_by_map(conn, tables_before: set[str]):
+    """Word ids that name their map (``words.word_id``: map_id * 2**20 + n), so a words filter reads
+    only the full-text index.  Words already read are renumbered (each map's in their order) and the
+    index rebuilt; a file holding words of a map id outside 0 .. 2**43 - 1, or a map with more than
+    2**20 words, keeps its row numbers (its searches read each word's row, as before)."""
+    from .words import MAP_IDS_WITH_WORDS, WORD_ID_BITS, WORD_IDS_KEY, WORDS_PER_MAP
+
+    out_of_range = conn.execute(
+        "SELECT 1 FROM map_words WHERE map_id < 0 OR map_id >= ? OR id < 0 LIMIT 1", (MAP_IDS_WITH_WORDS,)).fetchone()
+    too_many = conn.execute("SELECT 1 FROM map_words GROUP BY map_id HAVING count(*) > ? LIMIT 1",
+                            (WORDS_PER_MAP,)).fetchone() if not out_of_range else None
+    if out_of_range or too_many:
+        return
+    if conn.execute(f"SELECT 1 FROM map_words WHERE id >> {WORD_ID_BITS} != map_id LIMIT 1").fetchone():
+        conn.execute("CREATE TEMP TABLE word_renumbering (old_id INTEGER PRIMARY KEY, new_id INTEGER NOT NULL)")
+        conn.execute(f"INSERT INTO temp.word_renumbering SELECT id, (map_id << {WORD_ID_BITS})"
+                     " + row_number() OVER (PARTITION BY map_id ORDER BY id) - 1 FROM map_words")
+        # Through negative ids, so that no row takes an id another row still holds.
+        conn.execute("UPDATE map_words SET id = -1 - id")
+        conn.execute("UPDATE map_words SET id = (SELECT new_id FROM temp.word_renumbering WHERE old_id = -1 - map_words.id)")
+        conn.execute("DROP TABLE temp.word_renumbering")
+        conn.execute("INSERT INTO map_words_fts(map_words_fts) VALUES ('rebuild')")
+    conn.execute("INSERT OR REPLACE INTO mapclip_meta(key, value) VALUES (?, 'by-map')", (WORD_IDS_KEY,))
+
+
 MIGRATIONS: tuple[tuple[str, Callable], ...] = (
     ("index-existing-places", _index_existing_places),
     ("load-liveness-columns", _add_load_liveness_columns),
     ("checkpoint-file-names-only", _keep_checkpoint_file_names_only),
+    ("word-ids-by-map", _number_words_by_map),
 )
 MIGRATION_KEY = "migration:"
 
