@@ -32,6 +32,7 @@ import functools
 import os
 import re
 import sqlite3 as stdlib_sqlite3
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -385,6 +386,10 @@ def _number_words_by_map(conn, tables_before: set[str]):
     if out_of_range or too_many:
         return
     if conn.execute(f"SELECT 1 FROM map_words WHERE id >> {WORD_ID_BITS} != map_id LIMIT 1").fetchone():
+        count = conn.execute("SELECT count(*) FROM map_words").fetchone()[0]
+        if count >= 1_000_000:  # ~1 minute for each 5 million words on 2 cores: say why the command waits
+            print(f"mapclip: numbering this file's {count:,} words by their map, once "
+                  f"(about {max(1, round(count / 5e6))} min)...", file=sys.stderr, flush=True)
         conn.execute("CREATE TEMP TABLE word_renumbering (old_id INTEGER PRIMARY KEY, new_id INTEGER NOT NULL)")
         conn.execute(f"INSERT INTO temp.word_renumbering SELECT id, (map_id << {WORD_ID_BITS})"
                      " + row_number() OVER (PARTITION BY map_id ORDER BY id) - 1 FROM map_words")
