@@ -90,7 +90,7 @@ def read_one(read, get) -> Outcome:
 def write_outcome(words_store, target, outcome: Outcome, ocr_model_id: int, summary: OcrSummary, keep=None):
     """One map's outcome into the collection: its words and read mark in one transaction (and its
     downloaded image kept), or its load_errors row.  ``KeepFailed`` when the kept image cannot be written."""
-    from datasette_mapclip.store.words import ocr_error_key
+    from datasette_mapclip.store.words import WordsNotStorable, ocr_error_key
 
     from .ocr import write_kept
 
@@ -105,8 +105,13 @@ def write_outcome(words_store, target, outcome: Outcome, ocr_model_id: int, summ
             raise KeepFailed(f"cannot write a kept image under {keep.root}: {error.strerror or error}") from None
         summary.kept += 1
     summary.from_kept += int(outcome.from_kept)
-    count = words_store.write_reading(target.id, ocr_model_id, outcome.words, size=outcome.size,
-                                      seconds=round(outcome.seconds, 3), error_key=ocr_error_key(target.source_id))
+    try:
+        count = words_store.write_reading(target.id, ocr_model_id, outcome.words, size=outcome.size,
+                                          seconds=round(outcome.seconds, 3), error_key=ocr_error_key(target.source_id))
+    except WordsNotStorable as error:  # nothing was written: the map's row says why, the run goes on
+        words_store.record_failure(target, str(error))
+        summary.failed += 1
+        return
     summary.read += 1
     summary.words += count
     summary.no_text += int(count == 0)

@@ -172,3 +172,24 @@ def test_words_a_file_cannot_number_by_map_are_refused_with_a_reason(collection,
     assert filtered(store.conn, "Annapolis") == {7}
     assert filtered(store.conn, "Wilmington") == {2, 7}
     store.close()
+
+
+def test_mapclip_ocr_records_a_map_it_cannot_number_and_reads_the_rest(collection, tmp_path, invoke):
+    path = tmp_path / "maps.db"
+    shutil.copy(collection, path)
+    conn = connect(path)
+    conn.execute("UPDATE maps SET id = ? WHERE id = 8", (MAP_IDS_WITH_WORDS,))
+    source_id = conn.execute("SELECT source_id FROM maps WHERE id = ?", (MAP_IDS_WITH_WORDS,)).fetchone()[0]
+    conn.commit()
+    conn.close()
+    out = invoke(["ocr", path, "--quiet"])
+    assert "Traceback" not in out.output
+    conn = connect(path)
+    reason = conn.execute("SELECT reason FROM load_errors WHERE stage = 'ocr'").fetchall()
+    assert len(reason) == 1 and "outside" in reason[0][0] and source_id in conn.execute(
+        "SELECT source_id FROM load_errors WHERE stage = 'ocr'").fetchone()[0]
+    read = {row[0] for row in conn.execute("SELECT map_id FROM map_words_read WHERE ocr_model = "
+                                           "(SELECT max(id) FROM ocr_models)")}
+    assert read == set(range(1, 8))  # every other map read by the new OCR model
+    assert conn.execute("SELECT count(*) FROM map_words WHERE map_id = ?", (MAP_IDS_WITH_WORDS,)).fetchone()[0] == 0
+    conn.close()
