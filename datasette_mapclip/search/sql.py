@@ -107,8 +107,12 @@ def words_condition(text: str, sql_params: dict, *, per_row: bool = False, count
 
 
 # How far a term's matches are counted to tell rarer from commoner terms (a bounded read of its
-# FTS5 doclist, ~1 ms; FTS5 keeps no per-term counts): terms past it count as equally common.
-WORDS_COUNTED_UP_TO = 20_000
+# FTS5 doclist, a few ms, cached per file state; FTS5 keeps no per-term counts): terms past it count
+# as equally common.  A words filter whose rarest term is read fewer times searches the filter's maps
+# at once (service._filtered_with_index): since word ids name their map that read is cheap, and a
+# word read 20,000-60,000 times (3-10% of 562,842 maps) rarely put 10 of the 512 nearest maps through,
+# so checking them first was wasted (bench/results/words.md, row b).
+WORDS_COUNTED_UP_TO = 60_000
 
 
 def count_word_matches(conn, terms: list[str], up_to: int = WORDS_COUNTED_UP_TO) -> dict[str, int]:
