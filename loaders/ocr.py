@@ -14,7 +14,11 @@ derivative an earlier ``mapclip ocr --keep-images DIR`` wrote, or the file a loa
 load kept a derivative at least that large).
 
 Tiles: a tile is at most ``tile`` px on a side and neighbours overlap by ``overlap`` px, so a word
-up to ``overlap`` px long that a tile edge cuts lies whole inside the neighbouring tile.  A reading
+up to ``overlap`` px long that a tile edge cuts lies whole inside the neighbouring tile.  The detector
+sees each tile ``detect_scale`` times larger, and its memory grows with what it sees (a 2,048 px tile
+at 1.5 is 3,072 px: 1.2 GiB or more), so tiles are also at most ``detect_max_side / detect_scale`` px of the
+image (1,365 px at the defaults: ``OcrSettings.source_tiles``) and no side the detector gets is over
+``detect_max_side`` (``OcrEngine.detector_input``).  A reading
 that touches a tile's inner edge is kept only when no whole reading overlaps it; two readings of the
 same text (a word inside an overlap, or read in both the upright and the turned pass) are merged,
 the more confident one kept.
@@ -54,13 +58,22 @@ from .ocr_spacing import SPACING_METHOD, decode_with_spaces
 ENGINE = "rapidocr-onnxruntime"
 INSTALL_HINT = "pip install rapidocr-onnxruntime (or: pip install 'datasette-mapclip[load]')"
 DEFAULT_OCR_SIZE = 2048
-DEFAULT_TILE = 2048  # px on a side: a 2,048 px derivative is read as one tile (4.2 Mpx at most)
+# px on a side: a 2,048 px derivative is read as one tile (4.2 Mpx at most) where the detector sees it at
+# its own size (detect_scale 1.0); at 1.5, in tiles of at most 1,365 px (``OcrSettings.source_tiles``)
+DEFAULT_TILE = 2048
 DEFAULT_OVERLAP = 256
 DEFAULT_MIN_CONFIDENCE = 0.5
 # A tile's shape as the detector gets it: its shorter side is scaled up to 736 px (RapidOCR's
 # default), so a thin strip would become a huge input; strips are padded to at most this ratio.
 MAX_TILE_ASPECT = 4.0
 MIN_TILE_SIDE = 32
+# The longest side of what the detector is given (a tile scaled by ``detect_scale``, then by RapidOCR's
+# preprocessing): its peak memory follows it.  Measured on a drawn 2,048 x 1,536 sheet (bench/ocr_bench.py's
+# draw_sheet(1000), 2 threads, max RSS of the process): read as one tile seen at 3,072 x 2,304 px, 1.20-1.26 GiB;
+# as four tiles of 1,153 x 897 px seen at 1,728 x 1,344, 0.68-0.75 GiB, for about a tenth more time a sheet
+# once the engine is warm (3.0-3.2 -> 3.4-3.5 s: the overlaps are read twice; a first sheet is faster, 14 -> 11 s);
+# word recall and precision on 4 such sheets 196 -> 197 of 216 words, 0.903 -> 0.916.
+DEFAULT_DETECT_MAX_SIDE = 2048
 EDGE_MARGIN = 3  # px: a box this close to a tile's inner edge may be cut by it
 SAME_PLACE = 0.5  # two readings whose boxes share this much of the smaller one are one word
 
@@ -105,6 +118,9 @@ class OcrSettings:
     # labels' words (precision 0.82 either way), no change elsewhere.  None: RapidOCR's 0.5 alone.
     weak_box_thresh: float | None = 0.3
     weak_box_confidence: float = 0.9
+    # No side of the detector's input is over this many px: tiles are cut at most this / detect_scale px
+    # (``source_tiles``), and a thin tile that RapidOCR's preprocessing would stretch further is scaled to it.
+    detect_max_side: int = DEFAULT_DETECT_MAX_SIDE
     threads: int | None = field(default=None, compare=False)
 
     def __post_init__(self):
@@ -115,6 +131,16 @@ class OcrSettings:
             raise ValueError(f"rotations are 0 or 0 and 90, not {self.rotations}")
         if not 0.25 <= self.detect_scale <= 4:
             raise ValueError(f"detect_scale is from 0.25 to 4, not {self.detect_scale}")
+        if self.detect_max_side < 256 or self.detect_max_side % 32:
+            raise ValueError(f"detect_max_side is a multiple of 32 px from 256, not {self.detect_max_side}")
+
+    @property
+    def source_tiles(self) -> tuple[int, int]:
+        """(tile, overlap) of the tiles cut from an image: at most ``tile`` px and at most
+        ``detect_max_side / detect_scale`` px (the detector sees them ``detect_scale`` times larger),
+        the overlap kept under half a tile."""
+        tile = min(self.tile, max(2 * MIN_TILE_SIDE, math.floor(self.detect_max_side / self.detect_scale)))
+        return tile, min(self.overlap, tile // 2 - 1)
 
     def recorded(self) -> dict:
         settings = asdict(self)
@@ -284,7 +310,7 @@ class OcrEngine:
         """Readings of an RGB array (height, width, 3) in its pixel coordinates, merged over tiles
         and rotations."""
         height, width = rgb.shape[:2]
-        tiles = tiles_of(width, height, self.settings.tile, self.settings.overlap)
+        tiles = tiles_of(width, height, *self.settings.source_tiles)
         return self.read_tiles((tile, rgb[tile.y:tile.y + tile.height, tile.x:tile.x + tile.width]) for tile in tiles)
 
     def read_tiles(self, tiles) -> list[Reading]:
@@ -348,12 +374,7 @@ class OcrEngine:
 
         det = self.ocr.text_det
         height, width = bgr.shape[:2]
-        scale = self.settings.detect_scale
-        pixels = bgr
-        if scale != 1.0:
-            size = (max(32, round(width * scale)), max(32, round(height * scale)))
-            pixels = cv2_module().resize(bgr, size, interpolation=cv2_module().INTER_CUBIC)
-        tensor = det.get_preprocess(max(pixels.shape[:2]))(pixels)
+        tensor = self.detector_input(bgr)
         if tensor is None:
             return [], []
         strong = det.postprocess_op
@@ -371,6 +392,31 @@ class OcrEngine:
             kept.append((box, float(score)))
         kept.sort(key=lambda item: (float(item[0][0][1]), float(item[0][0][0])))
         return [box for box, _ in kept], [score for _, score in kept]
+
+    def detector_input(self, bgr: np.ndarray) -> np.ndarray | None:
+        """The detector's input tensor (1, 3, h, w) for one image: the image scaled by ``detect_scale``,
+        then RapidOCR's preprocessing (the shorter side up to 736 px, sides rounded to multiples of 32);
+        where that would make a side over ``detect_max_side`` (a thin tile), the image scaled so that its
+        longer side is ``detect_max_side`` instead."""
+        from rapidocr_onnxruntime.ch_ppocr_det.utils import DetPreProcess
+
+        det = self.ocr.text_det
+        cv2 = cv2_module()
+        height, width = bgr.shape[:2]
+        scale = self.settings.detect_scale
+        pixels = bgr
+        if scale != 1.0:
+            size = (max(32, round(width * scale)), max(32, round(height * scale)))
+            pixels = cv2.resize(bgr, size, interpolation=cv2.INTER_CUBIC)
+        tensor = det.get_preprocess(max(pixels.shape[:2]))(pixels)
+        limit = self.settings.detect_max_side
+        if tensor is None or max(tensor.shape[2:]) <= limit:
+            return tensor
+        scale = limit / max(width, height)
+        size = (max(32, min(limit, math.floor(width * scale))), max(32, min(limit, math.floor(height * scale))))
+        pixels = cv2.resize(bgr, size, interpolation=cv2.INTER_CUBIC if scale > 1 else cv2.INTER_AREA)
+        # sides at most ``limit`` (a multiple of 32): only rounded to multiples of 32, never over it
+        return DetPreProcess(limit, "max", det.mean, det.std)(pixels)
 
     def recognise_lines(self, crops: list[np.ndarray]) -> list[tuple[str, float]]:
         """(text, confidence) of each upright line crop: RapidOCR's recogniser run as its own
@@ -519,7 +565,7 @@ class ImageSource:
                             "(--max-pixels); read it without --full-resolution")
         # IIIF Image API 3 names the full size "max"; 2 names it "full"
         full = "max" if "/3/" in str(info.get("@context", "")) else "full"
-        tiles = tiles_of(width, height, self.regions.tile, self.regions.overlap)
+        tiles = tiles_of(width, height, *self.regions.source_tiles)
 
         def pixels(tile: Tile) -> np.ndarray:
             url = f"{service}/{tile.x},{tile.y},{tile.width},{tile.height}/{full}/0/default.jpg"

@@ -175,7 +175,8 @@ def read_maps(words_store, engine, source, targets, ocr_model_id: int, summary: 
                    "a rerun with other settings reads it from there. Images a load kept in the kept_images "
                    "table are read instead of the network when they are at least this size.")
 @click.option("--tile", type=click.IntRange(min=128), default=DEFAULT_TILE, show_default=True,
-              help="Read images larger than this in tiles of at most TILE x TILE px.")
+              help="Read images larger than this in tiles of at most TILE x TILE px (and of at most 2,048 / "
+                   "--detect-scale px, so that the text detector never sees more than 2,048 px a side).")
 @click.option("--overlap", type=click.IntRange(min=0), default=DEFAULT_OVERLAP, show_default=True,
               help="Px neighbouring tiles share: a word up to this long cut by a tile edge is read whole "
                    "in the next tile.")

@@ -497,3 +497,51 @@ def test_the_detector_settings_are_part_of_the_recorded_settings():
     assert OcrSettings(detect_scale=1.0).recorded() != recorded
     with pytest.raises(ValueError):
         OcrSettings(detect_scale=0)
+
+
+# -- the detector's input is bounded (OcrSettings.detect_max_side, source_tiles) -----------------
+
+def detector_inputs(engine) -> list[tuple[int, int]]:
+    """(height, width) of every tensor the engine's detector is run on, from now on."""
+    det = engine.ocr.text_det
+    shapes, infer = [], det.infer
+    det.infer = lambda tensor: shapes.append(tuple(tensor.shape[2:])) or infer(tensor)
+    return shapes
+
+
+def test_tiles_are_cut_so_the_detector_sees_no_side_over_its_bound():
+    """A tile is seen detect_scale times larger: tiles are cut at most detect_max_side / detect_scale px, so
+    the default 2,048 px tile at 1.5 (a 3,072 px input, 1.6 GB) becomes 1,365 px (2,048 px seen)."""
+    from loaders.ocr import OcrEngine, OcrSettings
+
+    assert OcrSettings().source_tiles == (1365, 256)
+    assert OcrSettings(detect_scale=1.0).source_tiles == (2048, 256)
+    assert OcrSettings(tile=1024).source_tiles == (1024, 256)
+    assert OcrSettings(tile=4096, overlap=1000).source_tiles == (1365, 681)  # overlap under half a tile
+    assert OcrSettings().recorded()["detect_max_side"] == 2048
+    with pytest.raises(ValueError):
+        OcrSettings(detect_max_side=1000)
+    # scaled down: a bound of 1,024 px on a 960 x 640 sheet (seen whole at 1.5 it would be 1,440 px)
+    sheet = paper(SHEET)
+    put(sheet, "Hagerstown", (40, 60))
+    put(sheet, "Cumberland", (372, 470))  # across the cut between the two columns of tiles
+    engine = OcrEngine(OcrSettings(threads=1, detect_max_side=1024))
+    shapes = detector_inputs(engine)
+    texts = [word.text for word in engine.read(sheet)]
+    assert len(shapes) == 2 and max(max(shape) for shape in shapes) <= 1024, shapes
+    assert sorted(text.replace(" ", "") for text in texts) == ["Cumberland", "Hagerstown"]  # read: "Cum berland"
+
+
+def test_a_thin_tile_is_not_stretched_past_the_detectors_bound():
+    """RapidOCR scales a tile's shorter side up to 736 px: a strip (padded to 4:1) would reach 2,944 px;
+    it is scaled to the bound instead, and its words are still read."""
+    from loaders.ocr import OcrEngine, OcrSettings
+
+    strip = Image.new("RGB", (1400, 120), (236, 228, 205))
+    put(strip, "Hagerstown", (100, 40))
+    put(strip, "Cumberland", (1000, 40))
+    engine = OcrEngine(OcrSettings(threads=1))
+    shapes = detector_inputs(engine)
+    texts = [word.text for word in engine.read(strip)]
+    assert shapes and max(max(shape) for shape in shapes) <= 2048, shapes
+    assert sorted(texts) == ["Cumberland", "Hagerstown"]
