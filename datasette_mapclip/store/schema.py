@@ -42,6 +42,12 @@ MAPS_TABLE = "maps"  # the table whose Datasette permissions decide who may sear
 # SQLite's result code for a statement cut by sqlite3_interrupt (a server's time limit)
 SQLITE_INTERRUPT = 9
 TEXT_FIELDS = ("title", "date", "place", "subjects", "contributors", "notes", "format")
+# Word ids name their map: map_words.id = map_id * 2**WORD_ID_BITS + n (words.py says why); the
+# mapclip_meta key WORD_IDS_KEY = 'by-map' marks a file whose ids do.
+WORD_ID_BITS = 20
+WORDS_PER_MAP = 1 << WORD_ID_BITS  # pieces of text one map's reading may hold (a 30,000 px sheet: ~10,000)
+MAP_IDS_WITH_WORDS = 1 << (63 - WORD_ID_BITS)  # map ids 0 .. 2**43 - 1 can hold words
+WORD_IDS_KEY = "word-ids"
 
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS mapclip_meta (key TEXT PRIMARY KEY, value TEXT);
@@ -200,9 +206,9 @@ CREATE TRIGGER IF NOT EXISTS map_words_ad AFTER DELETE ON map_words BEGIN
 END;
 -- Where word ids name their map (words.py), a row whose id does not is refused, not misfiled.
 CREATE TRIGGER IF NOT EXISTS map_words_id_names_map BEFORE INSERT ON map_words
-WHEN (SELECT value FROM mapclip_meta WHERE key = 'word-ids') = 'by-map'
- AND (new.id < 0 OR new.id >> 20 != new.map_id) BEGIN
-    SELECT RAISE(ABORT, 'map_words.id must be map_id * 1048576 + n (n: the word''s place in its map''s reading)');
+WHEN (SELECT value FROM mapclip_meta WHERE key = '{WORD_IDS_KEY}') = 'by-map'
+ AND (new.id < 0 OR new.id >> {WORD_ID_BITS} != new.map_id) BEGIN
+    SELECT RAISE(ABORT, 'map_words.id must be map_id * {WORDS_PER_MAP} + n (n: the word''s place in its map''s reading)');
 END;
 CREATE TRIGGER IF NOT EXISTS map_words_au AFTER UPDATE OF text ON map_words BEGIN
     INSERT INTO map_words_fts(map_words_fts, rowid, text) VALUES ('delete', old.id, old.text);
@@ -377,8 +383,6 @@ def _number_words_by_map(conn, tables_before: set[str]):
     only the full-text index.  Words already read are renumbered (each map's in their order) and the
     index rebuilt; a file holding words of a map id outside 0 .. 2**43 - 1, or a map with more than
     2**20 words, keeps its row numbers (its searches read each word's row, as before)."""
-    from .words import MAP_IDS_WITH_WORDS, WORD_ID_BITS, WORD_IDS_KEY, WORDS_PER_MAP
-
     out_of_range = conn.execute(
         "SELECT 1 FROM map_words WHERE map_id < 0 OR map_id >= ? OR id < 0 LIMIT 1", (MAP_IDS_WITH_WORDS,)).fetchone()
     too_many = conn.execute("SELECT 1 FROM map_words GROUP BY map_id HAVING count(*) > ? LIMIT 1",

@@ -35,15 +35,11 @@ from dataclasses import dataclass
 
 from .locations import resolved_location, stored_location
 from .records import LoadNote, displayable, note_key
-from .schema import now
+from .schema import MAP_IDS_WITH_WORDS, WORD_ID_BITS, WORD_IDS_KEY, WORDS_PER_MAP, now
 
 OCR_STAGE = "ocr"  # load_errors.stage of a map OCR could not read
 WORDS_TABLES = ("ocr_models", "map_words", "map_words_fts", "map_words_read")
 
-WORD_ID_BITS = 20
-WORDS_PER_MAP = 1 << WORD_ID_BITS  # pieces of text one map's reading may hold (a 30,000 px sheet: ~10,000)
-MAP_IDS_WITH_WORDS = 1 << (63 - WORD_ID_BITS)  # map ids 0 .. 2**43 - 1 can hold words
-WORD_IDS_KEY = "word-ids"
 # Whether this file's word ids name their map: a constant subquery, evaluated once per statement.
 WORD_IDS_BY_MAP = f"(SELECT value = 'by-map' FROM mapclip_meta WHERE key = '{WORD_IDS_KEY}')"
 
