@@ -7,7 +7,8 @@ from setuptools.command.build_py import build_py
 HERE = os.path.dirname(os.path.abspath(__file__))
 RAY = ["ray>=2.40,<3"]  # tested with 2.60
 LOAD = ["torch", "torchvision", "open_clip_torch>=2.24", "onnx>=1.16", "onnxscript>=0.1",
-        "rapidocr-onnxruntime>=1.4.4,<1.5"]  # `mapclip ocr` (loaders/ocr.py uses its 1.4 pipeline steps)
+        # `mapclip ocr`: RapidOCR 3.10 ships PP-OCRv6 small models in its wheel (loaders/ocr.py runs its steps itself)
+        "rapidocr>=3.10,<3.11"]
 
 
 class BuildWithViewer(build_py):

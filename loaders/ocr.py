@@ -1,5 +1,6 @@
-"""Reading the words printed on a map: RapidOCR (PP-OCRv4 detection, orientation and recognition
-ONNX models, shipped inside the ``rapidocr-onnxruntime`` wheel) over overlapping tiles.
+"""Reading the words printed on a map: RapidOCR (PP-OCRv6 small detection and recognition and the
+PP-OCR orientation ONNX models, shipped inside the ``rapidocr`` wheel, run by ONNX Runtime) over
+overlapping tiles.
 
     map row -> image at a size fit for lettering -> tiles (overlapping, each under a pixel cap)
       -> per tile: detect text boxes (any angle; the detector sees the tile ``detect_scale`` times
@@ -55,8 +56,8 @@ from .fetch import Fetcher, FetchError
 from .kept_images import KeepImages, read_kept
 from .ocr_spacing import SPACING_METHOD, decode_with_spaces
 
-ENGINE = "rapidocr-onnxruntime"
-INSTALL_HINT = "pip install rapidocr-onnxruntime (or: pip install 'datasette-mapclip[load]')"
+ENGINE = "rapidocr"
+INSTALL_HINT = "pip install 'rapidocr>=3.10,<3.11' (or: pip install 'datasette-mapclip[load]')"
 DEFAULT_OCR_SIZE = 2048
 # px on a side: a 2,048 px derivative is read as one tile (4.2 Mpx at most) where the detector sees it at
 # its own size (detect_scale 1.0); at 1.5, in tiles of at most 1,365 px (``OcrSettings.source_tiles``)
@@ -84,11 +85,12 @@ class OcrUnavailable(RuntimeError):
 
 def import_rapidocr():
     try:
-        import rapidocr_onnxruntime
+        import onnxruntime  # noqa: F401  (RapidOCR runs its models with it, and says so only when first used)
+        import rapidocr
     except ImportError as error:
-        raise OcrUnavailable(f"reading words needs the OCR engine ({error.name or 'rapidocr_onnxruntime'} "
+        raise OcrUnavailable(f"reading words needs the OCR engine ({error.name or 'rapidocr'} "
                              f"is not installed): {INSTALL_HINT}") from None
-    return rapidocr_onnxruntime
+    return rapidocr
 
 
 @dataclass(frozen=True)
@@ -103,24 +105,29 @@ class OcrSettings:
     respace: bool = True  # put back a space the recogniser all but read between two words (``ocr_spacing``)
     # IIIF sheets larger than ocr_size read at full resolution, as region tiles (``RegionTiles``)
     full_resolution: bool = False
-    # The detector (``OcrEngine.detect``).  Measured on the demo's 24 lettered sheets (bench/results/demo.md's
-    # truth, 1 thread): PP-OCRv4's detector misses or cuts short many names of 14-22 px at the tile's own
-    # scale; seeing the tile 1.5 times larger lifted horizontal labels of 14 px and over from 0.85 / 0.90 to
-    # 0.89 / 0.92 word recall / precision and rotated or curved ones from 0.72 to 0.74, for 1.7 times the
-    # time (1.25: 0.85; 1.75: 0.89 but slower and less precise; a second pass at 1.0 beside 1.5 added nothing).
+    # The detector (``OcrEngine.detect``) and its boxes.  Measured with PP-OCRv6 on the demo's 24 lettered sheets
+    # and on 24 drawn the same way from another seed (the demo's truth, word recall / precision of horizontal
+    # labels of 14 px and over): the detector misses or cuts short names of 14-22 px at the tile's own scale;
+    # seeing the tile 1.5 times larger reads 0.923 / 0.941 and 0.947 / 0.953 against 0.908 / 0.920 and
+    # 0.926 / 0.938 at 1.0 (1.25: 0.934 and 0.939; the detector's time grows with the square).
     detect_scale: float = 1.5
-    # How far a detected box is grown before its crop is read (RapidOCR's default 1.6 clips first or last
-    # letters: "ape Fear"); with the two settings here, 1.75 lifted the above to 0.897 / 0.927 and rotated or
-    # curved to 0.79 (1.7: 0.891; 1.8: 0.889).  Horizontal names under 14 px went from 0.83 to 0.77 (2 of 35 words).
+    # How far a detected box is grown before its crop is read: RapidOCR's 1.6 clips first or last letters
+    # ("ape Fear"); 1.75 reads the above against 0.921 / 0.935 and 0.939 / 0.949 at 1.6.
     unclip_ratio: float = 1.75
     # Boxes the detector is less sure of (mean text probability from ``weak_box_thresh`` up to RapidOCR's 0.5)
-    # are read too and kept only when read with ``weak_box_confidence`` or more: +5 of 172 rotated or curved
-    # labels' words (precision 0.82 either way), no change elsewhere.  None: RapidOCR's 0.5 alone.
-    weak_box_thresh: float | None = 0.3
+    # read too, kept only when read with ``weak_box_confidence`` or more.  With PP-OCRv4's detector 0.3 found
+    # 5 more of 172 rotated or curved words on the demo; with PP-OCRv6's it finds none and costs precision
+    # (0.948 -> 0.952 and 0.958 -> 0.962 without), so it is off (None: RapidOCR's 0.5 alone).
+    weak_box_thresh: float | None = None
     weak_box_confidence: float = 0.9
     # No side of the detector's input is over this many px: tiles are cut at most this / detect_scale px
     # (``source_tiles``), and a thin tile that RapidOCR's preprocessing would stretch further is scaled to it.
     detect_max_side: int = DEFAULT_DETECT_MAX_SIDE
+    # The orientation model (PP-OCR's mobile v2.0 classifier) now and then turns an upright crop upside down
+    # (a faint "Goldsboro" over hatching read "oJoqsploo"): a crop it turns is also read as cut, and the more
+    # confident of the two readings is kept (one more line read for each crop turned; few are).  On the two
+    # draws above: 2 more words of horizontal labels each, rotated or curved 0.820 -> 0.843 and 0.866 -> 0.895.
+    check_turned: bool = True
     threads: int | None = field(default=None, compare=False)
 
     def __post_init__(self):
@@ -275,16 +282,21 @@ class OcrEngine:
     def __init__(self, settings: OcrSettings | None = None):
         self.settings = settings or OcrSettings()
         module = import_rapidocr()
-        options = {}
+        # RapidOCR's defaults: PP-OCRv6 small detection and recognition, the PP-OCR orientation model, all
+        # three in the wheel's models folder (it would download a missing or damaged one: then it fails here)
+        self.model_dir = Path(module.__file__).resolve().parent / "models"
+        params = {"Global.log_level": "error", "Global.model_root_dir": str(self.model_dir)}
         if self.settings.threads:
-            options["intra_op_num_threads"] = int(self.settings.threads)
-            options["inter_op_num_threads"] = 1
+            params["EngineConfig.onnxruntime.intra_op_num_threads"] = int(self.settings.threads)
+            params["EngineConfig.onnxruntime.inter_op_num_threads"] = 1
         try:
-            self.ocr = module.RapidOCR(**options)
+            ocr = module.RapidOCR(params=params)
+            # the three steps, loaded now (RapidOCR loads them at its first call; this reader calls them itself)
+            self.detector, self.classifier, self.recogniser = (
+                ocr._load_det_model(), ocr._load_cls_model(), ocr._load_rec_model())
         except Exception as error:  # a damaged wheel, a model ONNX Runtime cannot load
             raise OcrUnavailable(f"the OCR models did not load ({type(error).__name__}: {error}); "
                                  f"reinstall them: {INSTALL_HINT}") from None
-        self.model_dir = Path(module.__file__).resolve().parent / "models"
 
     def provenance(self) -> dict:
         """What an ``ocr_models`` row records: engine, version, model files by SHA-256, settings."""
@@ -344,16 +356,24 @@ class OcrEngine:
     def recognise(self, bgr: np.ndarray) -> Iterator[tuple[str, float, np.ndarray, float]]:
         """RapidOCR's detection, orientation and recognition steps on one image (its own ``__call__``
         minus the resizing, which the tiles replace, plus each crop's orientation, which gives the angle)."""
-        ocr = self.ocr
+        from rapidocr.utils.process_img import get_rotate_crop_image
+
         boxes, scores = self.detect(bgr)
         if not boxes:
             return
-        crops = ocr.get_crop_img_list(bgr, boxes)
-        crops, orientations, _ = ocr.text_cls(crops)
-        recognised = self.recognise_lines(crops)
-        cls_thresh = ocr.text_cls.cls_thresh
-        strong = ocr.text_det.postprocess_op.box_thresh
-        for box, score, (label, label_score), (text, confidence) in zip(boxes, scores, orientations, recognised):
+        cut = [get_rotate_crop_image(bgr, box.copy()) for box in boxes]
+        upright = self.classifier(cut)  # (it turns copies: ``cut`` stays as cut)
+        cls_thresh = self.classifier.cls_thresh
+        turned_over = [i for i, (label, label_score) in enumerate(upright.cls_res)
+                       if "180" in str(label) and float(label_score) > cls_thresh]
+        checked = turned_over if self.settings.check_turned else []
+        lines = self.recognise_lines(list(upright.img_list) + [cut[i] for i in checked])
+        recognised, flips = lines[:len(boxes)], [i in turned_over for i in range(len(boxes))]
+        for i, as_cut in zip(checked, lines[len(boxes):]):
+            if as_cut[1] > recognised[i][1]:
+                recognised[i], flips[i] = as_cut, False
+        strong = self.detector.postprocess_op.box_thresh
+        for box, score, flipped, (text, confidence) in zip(boxes, scores, flips, recognised):
             text = " ".join(text.split())
             if confidence < self.settings.min_confidence or not has_text(text):
                 continue
@@ -363,16 +383,15 @@ class OcrEngine:
             crop_width = int(max(np.linalg.norm(quad[0] - quad[1]), np.linalg.norm(quad[2] - quad[3])))
             crop_height = int(max(np.linalg.norm(quad[0] - quad[3]), np.linalg.norm(quad[1] - quad[2])))
             turned = crop_width > 0 and crop_height / crop_width >= 1.5
-            flipped = "180" in str(label) and float(label_score) > cls_thresh
             yield text, confidence, quad, reading_angle(quad, turned, flipped)
 
     def detect(self, bgr: np.ndarray) -> tuple[list[np.ndarray], list[float]]:
         """Text boxes of one image ((4, 2) float32, tl tr br bl, in its pixels) and their detector scores:
-        RapidOCR's ``text_det`` run on the image scaled by ``detect_scale``, its boxes grown by
+        RapidOCR's detector run on the image scaled by ``detect_scale``, its boxes grown by
         ``unclip_ratio`` and kept from ``weak_box_thresh`` (``OcrSettings``), sorted top to bottom."""
-        from rapidocr_onnxruntime.ch_ppocr_det.utils import DBPostProcess
+        from rapidocr.ch_ppocr_det.utils import DBPostProcess
 
-        det = self.ocr.text_det
+        det = self.detector
         height, width = bgr.shape[:2]
         tensor = self.detector_input(bgr)
         if tensor is None:
@@ -382,14 +401,10 @@ class OcrEngine:
         post = DBPostProcess(thresh=strong.thresh, box_thresh=min(strong.box_thresh, weak if weak is not None else 1.0),
                              max_candidates=strong.max_candidates, unclip_ratio=self.settings.unclip_ratio,
                              score_mode=strong.score_mode, use_dilation=strong.dilation_kernel is not None)
-        # boxes come back in the unscaled image's pixels (the post-processing maps the map to ``width, height``)
-        found, scores = post(det.infer(tensor)[0], (height, width))
-        kept = []
-        for box, score in zip(found, scores):
-            box = det.clip_det_res(det.order_points_clockwise(np.asarray(box, dtype=np.float32)), height, width)
-            if int(np.linalg.norm(box[0] - box[1])) <= 3 or int(np.linalg.norm(box[0] - box[3])) <= 3:
-                continue
-            kept.append((box, float(score)))
+        # boxes come back in the unscaled image's pixels (the post-processing maps the map to ``width, height``),
+        # corners ordered tl tr br bl, clipped to the image, those of 3 px or less on a side dropped
+        found, scores = post(det.session(tensor), (height, width))
+        kept = [(np.asarray(box, dtype=np.float32), float(score)) for box, score in zip(found, scores)]
         kept.sort(key=lambda item: (float(item[0][0][1]), float(item[0][0][0])))
         return [box for box, _ in kept], [score for _, score in kept]
 
@@ -398,9 +413,9 @@ class OcrEngine:
         then RapidOCR's preprocessing (the shorter side up to 736 px, sides rounded to multiples of 32);
         where that would make a side over ``detect_max_side`` (a thin tile), the image scaled so that its
         longer side is ``detect_max_side`` instead."""
-        from rapidocr_onnxruntime.ch_ppocr_det.utils import DetPreProcess
+        from rapidocr.ch_ppocr_det.utils import DetPreProcess
 
-        det = self.ocr.text_det
+        det = self.detector
         cv2 = cv2_module()
         height, width = bgr.shape[:2]
         scale = self.settings.detect_scale
@@ -408,7 +423,7 @@ class OcrEngine:
         if scale != 1.0:
             size = (max(32, round(width * scale)), max(32, round(height * scale)))
             pixels = cv2.resize(bgr, size, interpolation=cv2.INTER_CUBIC)
-        tensor = det.get_preprocess(max(pixels.shape[:2]))(pixels)
+        tensor = det.get_preprocess()(pixels)
         limit = self.settings.detect_max_side
         if tensor is None or max(tensor.shape[2:]) <= limit:
             return tensor
@@ -419,11 +434,11 @@ class OcrEngine:
         return DetPreProcess(limit, "max", det.mean, det.std)(pixels)
 
     def recognise_lines(self, crops: list[np.ndarray]) -> list[tuple[str, float]]:
-        """(text, confidence) of each upright line crop: RapidOCR's recogniser run as its own
-        ``text_rec`` runs it (crops sorted by shape, batches padded to the widest), decoded here so
+        """(text, confidence) of each upright line crop: RapidOCR's recogniser run as it
+        runs itself (crops sorted by shape, batches padded to the widest), decoded here so
         that each character's place along the line is known and a space the recogniser all but
         read is put back (``ocr_spacing``, ``OcrSettings.respace``)."""
-        rec = self.ocr.text_rec
+        rec = self.recogniser
         decoder = rec.postprocess_op
         characters = decoder.character
         space = len(characters) - 1 if characters and characters[-1] == " " else None
@@ -434,14 +449,14 @@ class OcrEngine:
             batch = order[start:start + rec.rec_batch_num]
             widest = max([width / height] + [crops[i].shape[1] / float(crops[i].shape[0]) for i in batch])
             pixels = np.stack([rec.resize_norm_img(crops[i], widest) for i in batch]).astype(np.float32)
-            probabilities = rec.session(pixels)[0]
+            probabilities = rec.session(pixels)
             for i, line in zip(batch, probabilities):
                 results[i] = decode_with_spaces(line, characters, space, self.settings.respace)
         return results
 
 
 def cv2_module():
-    import cv2  # OpenCV comes with rapidocr-onnxruntime
+    import cv2  # OpenCV comes with rapidocr
 
     return cv2
 

@@ -184,7 +184,7 @@ class RayOcr:
             if errors:
                 raise RayUnavailable(errors[0])
             if any(d["provenance"] != described[0]["provenance"] for d in described):
-                raise RayUnavailable("the Ray nodes have different OCR models (rapidocr-onnxruntime versions or "
+                raise RayUnavailable("the Ray nodes have different OCR models (rapidocr versions or "
                                      "model files): install the same version on every node")
         except BaseException:
             self.close()

@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from conftest import open_db
 
-pytest.importorskip("rapidocr_onnxruntime")
+pytest.importorskip("rapidocr")
 
 FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf"
 SHEET = (960, 640)
@@ -139,16 +139,19 @@ def test_words_land_in_map_words_where_they_were_drawn(collection):
         assert texts.count(name) == 1, texts
         word = next(w for w in words if w["text"] == name)
         x, y, w, h = truth[name]
-        # the box is normalised to the sheet and lies on the ink (within 2 % of the sheet)
-        for got, drawn in ((word["x"], x), (word["y"], y), (word["w"], w), (word["h"], h)):
-            assert abs(got - drawn) < 0.02, (name, word, truth[name])
+        # the box is normalised to the sheet and lies on the ink: its centre within 2 % of the sheet of the
+        # ink's, each side from the ink's to twice it (the detector grows a box around the letters: seen
+        # in 512 px tiles, "Annapolis" is 33 px of ink across and its box 62)
+        for start, size, ink_start, ink_size in ((word["x"], word["w"], x, w), (word["y"], word["h"], y, h)):
+            assert abs((start + size / 2) - (ink_start + ink_size / 2)) < 0.02, (name, word, truth[name])
+            assert ink_size <= size <= 2 * ink_size, (name, word, truth[name])
         assert word["confidence"] > 0.8
     angles = {word["text"]: word["angle"] for word in words}
     assert abs(angles["Hagerstown"]) < 5
     assert abs(angles["Annapolis"] - 90) < 5  # read bottom to top, as drawn
     provenance = conn.execute("SELECT engine, engine_version, weights, settings FROM ocr_models").fetchall()
-    assert len(provenance) == 1 and provenance[0][0] == "rapidocr-onnxruntime"
-    assert "ch_PP-OCRv4_rec_infer.onnx" in provenance[0][2] and '"tile": 512' in provenance[0][3]
+    assert len(provenance) == 1 and provenance[0][0] == "rapidocr"
+    assert "PP-OCRv6_rec_small.onnx" in provenance[0][2] and '"tile": 512' in provenance[0][3]
     assert "read 2 maps" in output and "2 failed" in output
 
 
@@ -220,7 +223,11 @@ def test_a_rerun_reads_nothing_already_read(collection, tmp_path, monkeypatch, i
     settings = json.loads(conn.execute("SELECT settings FROM ocr_models WHERE id = "
                                        "(SELECT DISTINCT ocr_model FROM map_words_read)").fetchone()[0])
     assert settings["detect_scale"] == 1.0
-    assert sorted(w["text"] for w in words_of(conn, "words.png")) == ["Annapolis", "Cumberland", "Hagerstown"]
+    # the words replaced, once each (at the library's scale in these 449 px tiles the vertical name may lose
+    # its last letter: "Annapoli")
+    texts = sorted(w["text"] for w in words_of(conn, "words.png"))
+    assert len(texts) == 3 and texts[0].startswith("Annapoli") and texts[1:] == ["Cumberland", "Hagerstown"]
+    assert conn.execute("SELECT count(DISTINCT ocr_model) FROM map_words").fetchone()[0] == 1
 
 
 # -- storing -----------------------------------------------------------------------------------
@@ -294,9 +301,9 @@ def test_clear_messages_for_a_missing_file_a_plain_database_and_no_ocr_engine(tm
     out = invoke(["ocr", plain], expect=1)
     assert "is not a mapclip collection" in out.output
     assert "map_words" not in {r[0] for r in sqlite3.connect(plain).execute("select name from sqlite_master")}
-    monkeypatch.setitem(__import__("sys").modules, "rapidocr_onnxruntime", None)  # not installed
+    monkeypatch.setitem(__import__("sys").modules, "rapidocr", None)  # not installed
     out = invoke(["ocr", collection[0]], expect=1)
-    assert "pip install rapidocr-onnxruntime" in out.output and "Traceback" not in out.output
+    assert "pip install 'rapidocr" in out.output and "Traceback" not in out.output
 
 
 def test_iiif_maps_are_read_at_the_ocr_size_and_kept_images_reused(loc_server, tmp_path, invoke, model_args):
@@ -347,14 +354,14 @@ def test_a_load_with_ocr_where_ocr_cannot_run_stops_before_anything_is_made(tmp_
     from loaders import ocr
 
     def unavailable():
-        raise ocr.OcrUnavailable("OCR needs rapidocr-onnxruntime: pip install 'datasette-mapclip[ocr]'")
+        raise ocr.OcrUnavailable("OCR needs rapidocr: pip install 'datasette-mapclip[load]'")
 
     monkeypatch.setattr(ocr, "import_rapidocr", unavailable)
     folder = tmp_path / "maps"
     folder.mkdir()
     paper((480, 360)).save(folder / "blank.png")
     out = invoke(["load", "folder", tmp_path / "maps.db", folder, *model_args, "--ocr"], expect=1)
-    assert "rapidocr-onnxruntime" in out.output and "Traceback" not in out.output
+    assert "OCR needs rapidocr" in out.output and "Traceback" not in out.output
     assert not (tmp_path / "maps.db").exists()
 
 
@@ -415,14 +422,43 @@ def lines_read(names: list[str], *, respace: bool = True, font_file: str = PLAIN
     return [word.text for word in sorted(words, key=lambda word: word.y)]
 
 
+def crossed_names_read(names: list[str], *, respace: bool) -> list[str]:
+    """``names`` drawn one a line in DejaVu Serif 18 px, each over two fills that meet at its first space, with
+    a 4 px boundary line through that space (as a demo map's "Oriskany Sandstone" crosses two strata), read
+    by the real engine; the texts read, top to bottom."""
+    from loaders.ocr import OcrEngine, OcrSettings
+
+    face = ImageFont.truetype("/usr/share/fonts/truetype/dejavu/DejaVuSerif.ttf", 18)
+    sheet = Image.new("RGB", (700, 50 * len(names) + 40), (190, 215, 180))
+    draw = ImageDraw.Draw(sheet)
+    for i, name in enumerate(names):
+        x, y = 30 + (i % 2) * 100, 30 + i * 50
+        gap = x + face.getlength(name.split(" ")[0] + " ") - face.getlength(" ") / 2
+        draw.polygon([(gap + 10, y - 12), (700, y - 12), (700, y + 40), (gap - 10, y + 40)], fill=(215, 225, 150))
+        draw.line([(gap + 10, y - 12), (gap - 10, y + 40)], fill=(70, 50, 60), width=4)
+        draw.text((x, y), name, font=face, fill=(25, 25, 25))
+    words = OcrEngine(OcrSettings(threads=1, respace=respace)).read(sheet)
+    return [word.text for word in sorted(words, key=lambda word: word.y)]
+
+
 def test_names_of_several_words_are_read_with_their_spaces():
-    """Two-word names and a title at 18 px in DejaVu Sans: the recogniser alone runs some of them
-    together ("NewBern", "PoliticalmapofAfrica": measured, 4 of these 5); read with the spaces it all
-    but read put back, each comes out word for word."""
+    """Two-word names and a title at 18 px in DejaVu Sans on plain paper come out word for word.  Where a
+    line crosses the space between two words the recogniser often lets "no character" win over "space"
+    there ("OuterBar"); the spaces it all but read are put back, and no word is split."""
     names = ["Map of the city of Portland", "Political map of Africa", "Outer Bar", "New Bern", "Kitty Hawk"]
     assert lines_read(names) == names
-    # the sheet tests the respacing: without it the recogniser drops spaces here
-    assert sum(text.count(" ") for text in lines_read(names, respace=False)) < sum(name.count(" ") for name in names)
+    crossed = ["Princess Anne", "New Bern", "Outer Bar", "Kitty Hawk", "Bodie Island", "Oriskany Sandstone",
+               "Cape Henry", "Sandy Hook", "Pamlico Sound", "Court House", "Political map of Africa"]
+    respaced, as_read = crossed_names_read(crossed, respace=True), crossed_names_read(crossed, respace=False)
+    # the sheet tests the respacing: more names come out word for word with it (measured: 2 and 0) ...
+    assert sum(text in crossed for text in respaced) > sum(text in crossed for text in as_read)
+    # ... and every word it reads is one or more of the name's words run together, never part of one
+    for text in respaced:
+        name = next(name for name in crossed if name.replace(" ", "") == text.replace(" ", ""))
+        words = name.split()
+        for word in text.split():
+            assert any("".join(words[i:j]) == word for i in range(len(words)) for j in range(i + 1, len(words) + 1)), \
+                (word, name)
 
 
 @pytest.mark.parametrize("font_file", [PLAIN_FONT, "/usr/share/fonts/truetype/dejavu/DejaVuSerif-Italic.ttf"])
@@ -472,10 +508,11 @@ def hard_sheet() -> Image.Image:
     return sheet
 
 
-def test_names_over_hatching_and_faint_names_are_read_with_the_detector_settings():
-    """The detector sees the tile 1.5 times larger and grows its boxes by 1.75 (OcrSettings): every name
-    of this sheet is read letter for letter.  With RapidOCR's own (scale 1, unclip 1.6, no weak boxes)
-    some are missed or misread (measured: "Middletowm", and Currituck not found at 1.6 alone)."""
+def test_names_over_hatching_and_faint_names_are_read_and_a_crop_turned_wrongly_is_read_upright():
+    """Every name of this sheet, faint or over hatching, is read letter for letter.  The orientation model
+    turns the crop of one of them ("Goldsboro" over hatching) upside down, and read that way it comes out
+    "oJoqsploo": a crop it turns is also read as cut, and the more confident reading kept
+    (``OcrSettings.check_turned``)."""
     from loaders.ocr import OcrEngine, OcrSettings
 
     sheet = hard_sheet()
@@ -485,16 +522,18 @@ def test_names_over_hatching_and_faint_names_are_read_with_the_detector_settings
         return {name for name in HARD_NAMES if name.casefold() in read}
 
     assert found(OcrSettings(threads=1)) == set(HARD_NAMES)
-    # the sheet tests the settings: read as before they were chosen, names are lost
-    assert len(found(OcrSettings(threads=1, detect_scale=1.0, unclip_ratio=1.6, weak_box_thresh=None))) < len(HARD_NAMES)
+    # the sheet tests the check: trusting the orientation model, a name is lost
+    assert "Goldsboro" not in found(OcrSettings(threads=1, check_turned=False))
 
 
 def test_the_detector_settings_are_part_of_the_recorded_settings():
     from loaders.ocr import OcrSettings
 
     recorded = OcrSettings().recorded()
-    assert (recorded["detect_scale"], recorded["unclip_ratio"], recorded["weak_box_thresh"]) == (1.5, 1.75, 0.3)
+    assert (recorded["detect_scale"], recorded["unclip_ratio"], recorded["weak_box_thresh"]) == (1.5, 1.75, None)
+    assert recorded["check_turned"] is True
     assert OcrSettings(detect_scale=1.0).recorded() != recorded
+    assert OcrSettings(check_turned=False).recorded() != recorded
     with pytest.raises(ValueError):
         OcrSettings(detect_scale=0)
 
@@ -503,9 +542,9 @@ def test_the_detector_settings_are_part_of_the_recorded_settings():
 
 def detector_inputs(engine) -> list[tuple[int, int]]:
     """(height, width) of every tensor the engine's detector is run on, from now on."""
-    det = engine.ocr.text_det
-    shapes, infer = [], det.infer
-    det.infer = lambda tensor: shapes.append(tuple(tensor.shape[2:])) or infer(tensor)
+    det = engine.detector
+    shapes, infer = [], det.session
+    det.session = lambda tensor: shapes.append(tuple(tensor.shape[2:])) or infer(tensor)
     return shapes
 
 

@@ -20,7 +20,7 @@ from test_ocr import SHEET, TILES, paper, put
 
 from conftest import make_folder, open_db
 
-pytest.importorskip("rapidocr_onnxruntime")
+pytest.importorskip("rapidocr")
 pytest.importorskip("ray")
 
 REPO = Path(__file__).resolve().parent.parent
