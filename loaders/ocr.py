@@ -18,7 +18,7 @@ Tiles: a tile is at most ``tile`` px on a side and neighbours overlap by ``overl
 up to ``overlap`` px long that a tile edge cuts lies whole inside the neighbouring tile.  The detector
 sees each tile ``detect_scale`` times larger, and its memory grows with what it sees (a 2,048 px tile
 at 1.5 is 3,072 px: 1.2 GiB or more), so tiles are also at most ``detect_max_side / detect_scale`` px of the
-image (1,365 px at the defaults: ``OcrSettings.source_tiles``) and no side the detector gets is over
+image (2,048 px at the default 1.0, 1,365 px at 1.5: ``OcrSettings.source_tiles``) and no side the detector gets is over
 ``detect_max_side`` (``OcrEngine.detector_input``).  A reading
 that touches a tile's inner edge is kept only when no whole reading overlaps it; two readings of the
 same text (a word inside an overlap, or read in both the upright and the turned pass) are merged,
@@ -60,7 +60,7 @@ ENGINE = "rapidocr"
 INSTALL_HINT = "pip install 'rapidocr>=3.10,<3.11' (or: pip install 'datasette-mapclip[load]')"
 DEFAULT_OCR_SIZE = 2048
 # px on a side: a 2,048 px derivative is read as one tile (4.2 Mpx at most) where the detector sees it at
-# its own size (detect_scale 1.0); at 1.5, in tiles of at most 1,365 px (``OcrSettings.source_tiles``)
+# its own size (detect_scale 1.0, the default); at 1.5, in tiles of at most 1,365 px (``OcrSettings.source_tiles``)
 DEFAULT_TILE = 2048
 DEFAULT_OVERLAP = 256
 DEFAULT_MIN_CONFIDENCE = 0.5
@@ -70,10 +70,9 @@ MAX_TILE_ASPECT = 4.0
 MIN_TILE_SIDE = 32
 # The longest side of what the detector is given (a tile scaled by ``detect_scale``, then by RapidOCR's
 # preprocessing): its peak memory follows it.  Measured on a drawn 2,048 x 1,536 sheet (bench/ocr_bench.py's
-# draw_sheet(1000), 2 threads, max RSS of the process): read as one tile seen at 3,072 x 2,304 px, 1.20-1.26 GiB;
-# as four tiles of 1,153 x 897 px seen at 1,728 x 1,344, 0.68-0.75 GiB, for about a tenth more time a sheet
-# once the engine is warm (3.0-3.2 -> 3.4-3.5 s: the overlaps are read twice; a first sheet is faster, 14 -> 11 s);
-# word recall and precision on 4 such sheets 196 -> 197 of 216 words, 0.903 -> 0.916.
+# draw_sheet(1000), 2 threads, max RSS of the process, PP-OCRv6): at detect_scale 1.0 one tile seen at its own
+# size, 0.92 GiB; at 1.5 four tiles of 1,153 x 897 px seen at 1,728 x 1,344, 0.76 GiB (seen whole at 1.5,
+# 3,072 x 2,304 px, PP-OCRv4's detector took 1.20-1.26 GiB).
 DEFAULT_DETECT_MAX_SIDE = 2048
 EDGE_MARGIN = 3  # px: a box this close to a tile's inner edge may be cut by it
 SAME_PLACE = 0.5  # two readings whose boxes share this much of the smaller one are one word
@@ -105,14 +104,17 @@ class OcrSettings:
     respace: bool = True  # put back a space the recogniser all but read between two words (``ocr_spacing``)
     # IIIF sheets larger than ocr_size read at full resolution, as region tiles (``RegionTiles``)
     full_resolution: bool = False
-    # The detector (``OcrEngine.detect``) and its boxes.  Measured with PP-OCRv6 on the demo's 24 lettered sheets
-    # and on 24 drawn the same way from another seed (the demo's truth, word recall / precision of horizontal
-    # labels of 14 px and over): the detector misses or cuts short names of 14-22 px at the tile's own scale;
-    # seeing the tile 1.5 times larger reads 0.923 / 0.941 and 0.947 / 0.953 against 0.908 / 0.920 and
-    # 0.926 / 0.938 at 1.0 (1.25: 0.934 and 0.939; the detector's time grows with the square).
-    detect_scale: float = 1.5
+    # The detector (``OcrEngine.detect``) and its boxes.  ``detect_scale``: how much larger the detector sees a
+    # tile.  PP-OCRv4's detector missed or cut short many names of 14-22 px at the tile's own scale and needed
+    # 1.5; PP-OCRv6's does not.  Word recall / precision of horizontal labels of 14 px and over, at 1.0 and at
+    # 1.5: on the demo's 24 lettered sheets 0.927 / 0.952 and 0.929 / 0.952, on 24 drawn the same way from
+    # another seed 0.939 / 0.955 and 0.951 / 0.962, on bench/ocr_bench.py's 8 sheets 0.92 / 0.95 and
+    # 0.92 / 0.94 (rotated, vertical or curved: 0.87, 0.87, 0.95 against 0.84, 0.90, 0.94), for 1.82 s a
+    # 2,048 x 1,536 sheet against 4.99 (1.25: 2.62 s, no better).  At 1.0 a 2,048 px image is one tile.
+    detect_scale: float = 1.0
     # How far a detected box is grown before its crop is read: RapidOCR's 1.6 clips first or last letters
-    # ("ape Fear"); 1.75 reads the above against 0.921 / 0.935 and 0.939 / 0.949 at 1.6.
+    # ("ape Fear"); at detect_scale 1.0, 1.75 reads the above against 0.929 / 0.954, 0.930 / 0.950 and
+    # 0.91 / 0.93 at 1.6.
     unclip_ratio: float = 1.75
     # Boxes the detector is less sure of (mean text probability from ``weak_box_thresh`` up to RapidOCR's 0.5)
     # read too, kept only when read with ``weak_box_confidence`` or more.  With PP-OCRv4's detector 0.3 found

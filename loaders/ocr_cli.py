@@ -181,8 +181,8 @@ def read_maps(words_store, engine, source, targets, ocr_model_id: int, summary: 
               help="Px neighbouring tiles share: a word up to this long cut by a tile edge is read whole "
                    "in the next tile.")
 @click.option("--detect-scale", type=click.FloatRange(0.25, 4), default=OcrSettings.detect_scale, show_default=True,
-              help="How much larger the text detector sees each tile: 1.0 reads about twice as fast and finds fewer "
-                   "names (docs/ocr.md).")
+              help="How much larger the text detector sees each tile: 1.5 takes about 2.7 times as long and reads "
+                   "about as many names (docs/ocr.md).")
 @click.option("--full-resolution", is_flag=True,
               help="Read IIIF sheets larger than --ocr-size at full resolution instead, tile by tile (one IIIF "
                    "region request per --tile x --tile px tile, at --rate): small lettering on large sheets. "
@@ -210,7 +210,7 @@ def read_maps(words_store, engine, source, targets, ocr_model_id: int, summary: 
               help="OCR actors (--engine ray). Default: one per node, each using its node's cores (or --threads).")
 def ocr(db_path, ocr_size, limit, timeout, rate, keep_images, tile, overlap, detect_scale, full_resolution, turned, threads,
         workers, max_pixels, quiet, engine, ray_address, actors):
-    """Read the words printed on each map of DB_PATH (OCR: RapidOCR's PP-OCRv4 models on ONNX
+    """Read the words printed on each map of DB_PATH (OCR: RapidOCR's PP-OCRv6 models on ONNX
     Runtime) into the map_words table, with their boxes, searchable through map_words_fts.
 
     Rerunning skips maps already read with the same settings; other settings read them again and
