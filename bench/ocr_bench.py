@@ -15,9 +15,9 @@ Engines:
   mapclip-no-respace the same without putting back spaces the recogniser dropped (``OcrSettings.respace``)
   mapclip-turned     the same, each tile also read turned by 90 degrees (``--turned``)
   mapclip-tile1024   tiles of 1,024 px (``--tile 1024``)
-  mapclip-scale1.25  the detector sees tiles 1.25 times larger (``--detect-scale 1.25``)
-  mapclip-scale1     ... at their own size (``--detect-scale 1.0``)
-  mapclip-scale1-unclip1.6  ... and its boxes grown as RapidOCR grows them (unclip ratio 1.6)
+  mapclip-scale1.25  the detector sees tiles 1.25 times larger (``--detect-scale 1.25``; default 1.0)
+  mapclip-scale1.5   ... 1.5 times larger (``--detect-scale 1.5``)
+  mapclip-unclip1.6  boxes grown as RapidOCR grows them (unclip ratio 1.6; default 1.75)
   tesseract          Debian's tesseract-ocr 5 (``--psm 11``, sparse text), English data, words of
                      confidence >= 50
 
@@ -344,8 +344,8 @@ ENGINES = {
     "mapclip-turned": lambda threads: mapclip_engine(threads, rotations=(0, 90)),
     "mapclip-tile1024": lambda threads: mapclip_engine(threads, tile=1024),
     "mapclip-scale1.25": lambda threads: mapclip_engine(threads, detect_scale=1.25),
-    "mapclip-scale1": lambda threads: mapclip_engine(threads, detect_scale=1.0),
-    "mapclip-scale1-unclip1.6": lambda threads: mapclip_engine(threads, detect_scale=1.0, unclip_ratio=1.6),
+    "mapclip-scale1.5": lambda threads: mapclip_engine(threads, detect_scale=1.5),
+    "mapclip-unclip1.6": lambda threads: mapclip_engine(threads, unclip_ratio=1.6),
     "tesseract": lambda threads: tesseract_engine(threads),
 }
 

@@ -106,20 +106,19 @@ class OcrSettings:
     full_resolution: bool = False
     # The detector (``OcrEngine.detect``) and its boxes.  ``detect_scale``: how much larger the detector sees a
     # tile.  PP-OCRv4's detector missed or cut short many names of 14-22 px at the tile's own scale and needed
-    # 1.5; PP-OCRv6's does not.  Word recall / precision of horizontal labels of 14 px and over, at 1.0 and at
-    # 1.5: on the demo's 24 lettered sheets 0.927 / 0.952 and 0.929 / 0.952, on 24 drawn the same way from
-    # another seed 0.939 / 0.955 and 0.951 / 0.962, on bench/ocr_bench.py's 8 sheets 0.92 / 0.95 and
-    # 0.92 / 0.94 (rotated, vertical or curved: 0.87, 0.87, 0.95 against 0.84, 0.90, 0.94), for 1.82 s a
-    # 2,048 x 1,536 sheet against 4.99 (1.25: 2.62 s, no better).  At 1.0 a 2,048 px image is one tile.
+    # 1.5; PP-OCRv6's does not.  Word recall / precision of horizontal labels of 14 px and over at 1.0 and at
+    # 1.5 (bench/results/ocr-demo.md, bench/results/ocr.md): on the demo's lettered sheets 0.927 / 0.952 and
+    # 0.929 / 0.952, on a second draw of them 0.939 / 0.955 and 0.951 / 0.962, on the plain drawn sheets
+    # 0.92 / 0.95 and 0.92 / 0.94, for 2.21 s a 2,048 x 1,536 sheet against 4.92 (1.25: 2.99 s, no better).
+    # At 1.0 a 2,048 px image is one tile.
     detect_scale: float = 1.0
     # How far a detected box is grown before its crop is read: RapidOCR's 1.6 clips first or last letters
-    # ("ape Fear"); at detect_scale 1.0, 1.75 reads the above against 0.929 / 0.954, 0.930 / 0.950 and
-    # 0.91 / 0.93 at 1.6.
+    # ("ape Fear"); 1.75 reads the above (at 1.0) against 0.929 / 0.954, 0.930 / 0.950 and 0.91 / 0.93 at 1.6.
     unclip_ratio: float = 1.75
     # Boxes the detector is less sure of (mean text probability from ``weak_box_thresh`` up to RapidOCR's 0.5)
     # read too, kept only when read with ``weak_box_confidence`` or more.  With PP-OCRv4's detector 0.3 found
-    # 5 more of 172 rotated or curved words on the demo; with PP-OCRv6's it finds none and costs precision
-    # (0.948 -> 0.952 and 0.958 -> 0.962 without), so it is off (None: RapidOCR's 0.5 alone).
+    # 5 more of 172 rotated or curved words on the demo; with PP-OCRv6's (at 1.5) it found none and cost
+    # precision (0.948 -> 0.952 and 0.958 -> 0.962 without), so it is off (None: RapidOCR's 0.5 alone).
     weak_box_thresh: float | None = None
     weak_box_confidence: float = 0.9
     # No side of the detector's input is over this many px: tiles are cut at most this / detect_scale px
@@ -127,8 +126,9 @@ class OcrSettings:
     detect_max_side: int = DEFAULT_DETECT_MAX_SIDE
     # The orientation model (PP-OCR's mobile v2.0 classifier) now and then turns an upright crop upside down
     # (a faint "Goldsboro" over hatching read "oJoqsploo"): a crop it turns is also read as cut, and the more
-    # confident of the two readings is kept (one more line read for each crop turned; few are).  On the two
-    # draws above: 2 more words of horizontal labels each, rotated or curved 0.820 -> 0.843 and 0.866 -> 0.895.
+    # confident of the two readings is kept (one more line read for each crop turned; few are).  On the demo's
+    # two draws: horizontal 0.912 / 0.934 -> 0.927 / 0.952 and 0.926 / 0.938 -> 0.939 / 0.955, rotated or
+    # curved 0.837 -> 0.872 and 0.819 -> 0.865 (bench/results/ocr-demo.md).
     check_turned: bool = True
     threads: int | None = field(default=None, compare=False)
 

@@ -1,22 +1,23 @@
 """Where the spaces are in a line the recogniser read: CTC decoding that keeps each character's place.
 
-PP-OCRv4's recogniser (the Chinese and English model RapidOCR ships) reads a crop 48 px high as one
-column of class probabilities every 8 px (a CTC output: a character, the space, or "blank").  Trained
-mostly on Chinese, where lines have no spaces, it often lets "blank" win over "space" between two
-English words ("SandyHook").  The space is still there in its output, only not on top: measured on
-the demo's 24 lettered sheets (2,711 boundaries between two characters of lines read letter for
-letter right), the largest probability of the space class in the columns *between* two characters
-was at least 0.05 at 77 of the 79 word boundaries it dropped and at none of the 2,514 boundaries
-inside a word (the highest there: 0.048).  How far apart the two characters are is a much weaker
-sign on its own (the column gap at a dropped space is 1.5 times the line's median gap or more at
-three in four of them, but so is one gap in nine inside words: wide letters, "m", "W"), so it
-only lowers the bar: where the gap is that wide, a space probability of 0.02 is enough.
+RapidOCR's recognisers (PP-OCRv6's now, PP-OCRv4's before) read a crop 48 px high as one column of class
+probabilities every 8 px (a CTC output: a character, the space, or "blank").  Trained mostly on Chinese,
+where lines have no spaces, they often let "blank" win over "space" between two English words: PP-OCRv4's
+even on plain paper ("SandyHook"), PP-OCRv6's where a line or the edge of a fill crosses the gap
+("OriskanySandstone").  The space is still there in the output, only not on top.  Measured with PP-OCRv4
+on the demo's 24 lettered sheets (2,711 boundaries between two characters of lines read letter for letter
+right), the largest probability of the space class in the columns *between* two characters was at least
+0.05 at 77 of the 79 word boundaries it dropped and at none of the 2,514 boundaries inside a word (the
+highest there: 0.048).  How far apart the two characters are is a much weaker sign on its own (the column
+gap at a dropped space is 1.5 times the line's median gap or more at three in four of them, but so is one
+gap in nine inside words: wide letters, "m", "W"), so it only lowers the bar: where the gap is that wide,
+a space probability of 0.02 is enough.
 
 This is the recogniser's own evidence at that place of that line, not a word list: it works on any
-script the model reads with spaces, and it adds no space where the model gave one no weight.  The
-thresholds were read off the demo's sheets; on bench/ocr_bench.py's own drawn sheets (another
-drawer, other names) it lifted horizontal labels of 14 px and over from 0.83 / 0.89 to 0.91 / 0.93
-word recall / precision.
+script the model reads with spaces, and it adds no space where the model gave one no weight.  With
+PP-OCRv6 and the same thresholds, on bench/ocr_bench.py's drawn sheets it lifts horizontal labels of
+14 px and over from 0.90 / 0.94 to 0.92 / 0.95 word recall / precision (bench/results/ocr.md; higher
+thresholds, 0.1 or 0.2, read fewer of the demo's words).
 """
 
 from __future__ import annotations
