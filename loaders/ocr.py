@@ -78,6 +78,16 @@ EDGE_MARGIN = 3  # px: a box this close to a tile's inner edge may be cut by it
 SAME_PLACE = 0.5  # two readings whose boxes share this much of the smaller one are one word
 
 
+# RapidOCR's steps -> the model files its 3.10 wheel carries (its defaults: PP-OCRv6 small, PP-OCR mobile v2.0)
+MODEL_FILES = {"Det": "PP-OCRv6_det_small.onnx", "Cls": "ch_ppocr_mobile_v2.0_cls_mobile.onnx",
+               "Rec": "PP-OCRv6_rec_small.onnx"}
+
+
+def model_folder(module) -> Path:
+    """Where the installed RapidOCR keeps its models."""
+    return Path(module.__file__).resolve().parent / "models"
+
+
 class OcrUnavailable(RuntimeError):
     """The OCR engine is not installed, or its models do not load; the message says what to do."""
 
@@ -284,10 +294,15 @@ class OcrEngine:
     def __init__(self, settings: OcrSettings | None = None):
         self.settings = settings or OcrSettings()
         module = import_rapidocr()
-        # RapidOCR's defaults: PP-OCRv6 small detection and recognition, the PP-OCR orientation model, all
-        # three in the wheel's models folder (it would download a missing or damaged one: then it fails here)
-        self.model_dir = Path(module.__file__).resolve().parent / "models"
-        params = {"Global.log_level": "error", "Global.model_root_dir": str(self.model_dir)}
+        # The three models RapidOCR 3.10's wheel carries, named so that RapidOCR opens these files and never
+        # tries to download one (it does, for a missing or damaged file it was left to find itself)
+        self.model_dir = model_folder(module)
+        self.model_files = {step: self.model_dir / name for step, name in MODEL_FILES.items()}
+        missing = [str(path) for path in self.model_files.values() if not path.is_file()]
+        if missing:
+            raise OcrUnavailable(f"the OCR models are not installed ({', '.join(missing)}): {INSTALL_HINT}")
+        params = {"Global.log_level": "critical", **{f"{step}.model_path": str(path)
+                                                     for step, path in self.model_files.items()}}
         if self.settings.threads:
             params["EngineConfig.onnxruntime.intra_op_num_threads"] = int(self.settings.threads)
             params["EngineConfig.onnxruntime.inter_op_num_threads"] = 1
@@ -296,8 +311,9 @@ class OcrEngine:
             # the three steps, loaded now (RapidOCR loads them at its first call; this reader calls them itself)
             self.detector, self.classifier, self.recogniser = (
                 ocr._load_det_model(), ocr._load_cls_model(), ocr._load_rec_model())
-        except Exception as error:  # a damaged wheel, a model ONNX Runtime cannot load
-            raise OcrUnavailable(f"the OCR models did not load ({type(error).__name__}: {error}); "
+        except Exception as error:  # a damaged file, a model ONNX Runtime cannot load
+            reason = str(error).strip().splitlines()[-1][:300] if str(error).strip() else ""
+            raise OcrUnavailable(f"the OCR models did not load ({type(error).__name__}: {reason}); "
                                  f"reinstall them: {INSTALL_HINT}") from None
 
     def provenance(self) -> dict:
@@ -306,7 +322,7 @@ class OcrEngine:
             version = importlib.metadata.version(ENGINE)
         except importlib.metadata.PackageNotFoundError:
             version = None
-        weights = {path.name: _file_sha256(str(path)) for path in sorted(self.model_dir.glob("*.onnx"))}
+        weights = {path.name: _file_sha256(str(path)) for path in sorted(self.model_files.values())}
         return {"engine": ENGINE, "engine_version": version, "weights": weights,
                 "settings": self.settings.recorded()}
 

@@ -306,6 +306,41 @@ def test_clear_messages_for_a_missing_file_a_plain_database_and_no_ocr_engine(tm
     assert "pip install 'rapidocr" in out.output and "Traceback" not in out.output
 
 
+def test_damaged_or_missing_ocr_models_are_a_clear_message_and_nothing_is_fetched(tmp_path, collection, invoke,
+                                                                                 monkeypatch):
+    """The models are opened from the installed files by name: a damaged one is a one-line message (RapidOCR,
+    left to find its models, would try to download it again), a missing one too; no map is marked read."""
+    import shutil
+
+    import rapidocr
+    import requests
+
+    from loaders import ocr
+
+    fetched = []
+
+    def no_network(url, *args, **kwargs):
+        fetched.append(url)
+        raise requests.ConnectionError("no network in tests")
+
+    monkeypatch.setattr(requests, "get", no_network)
+    models = tmp_path / "models"
+    shutil.copytree(ocr.model_folder(rapidocr), models)
+    recogniser = models / ocr.MODEL_FILES["Rec"]
+    recogniser.write_bytes(recogniser.read_bytes()[:4096])  # cut short
+    monkeypatch.setattr(ocr, "model_folder", lambda module: models)
+    conn = open_db(collection[0])
+    marks = conn.execute("SELECT count(*) FROM map_words_read").fetchone()[0]
+    out = invoke(["ocr", collection[0], "--tile", "1024"], expect=1)  # other settings: every map to read
+    assert "the OCR models did not load" in out.output and "reinstall" in out.output, out.output
+    assert "Traceback" not in out.output and len(out.output.strip().splitlines()) == 1, out.output
+    recogniser.unlink()
+    out = invoke(["ocr", collection[0], "--tile", "1024"], expect=1)
+    assert "the OCR models are not installed" in out.output and ocr.MODEL_FILES["Rec"] in out.output
+    assert conn.execute("SELECT count(*) FROM map_words_read").fetchone()[0] == marks
+    assert fetched == []
+
+
 def test_iiif_maps_are_read_at_the_ocr_size_and_kept_images_reused(loc_server, tmp_path, invoke, model_args):
     server = loc_server(items=2, per_page=4)
     db_path, keep = tmp_path / "loc.db", tmp_path / "kept"
