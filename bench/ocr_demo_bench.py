@@ -35,43 +35,22 @@ from fine_tune.demo.lettering import GROUPS, NO_LABEL, Tally, read_truth, score_
 from fine_tune.demo.maps import generate_demo_collection  # noqa: E402
 from fine_tune.demo.run import RECIPE  # noqa: E402
 
-
-def mapclip_reader(threads: int, **settings):
-    from loaders.ocr import OcrEngine, OcrSettings
-
-    engine = OcrEngine(OcrSettings(threads=threads, **settings))
-
-    def read(image: Image.Image):
-        width, height = image.size
-        return [(w.text, (w.x * width, w.y * height, (w.x + w.w) * width, (w.y + w.h) * height))
-                for w in engine.read(image)]
-
-    return read
+sys.path.insert(0, str(REPO / "bench"))
+from ocr_bench import mapclip_engine, rapidocr_defaults  # noqa: E402  (the same readers as the plain sheets')
 
 
-def rapidocr_defaults(threads: int):
-    from rapidocr import RapidOCR
-
-    engine = RapidOCR(params={"Global.log_level": "error", "EngineConfig.onnxruntime.intra_op_num_threads": threads,
-                              "EngineConfig.onnxruntime.inter_op_num_threads": 1})
-
-    def read(image: Image.Image):
-        result = engine(np.asarray(image)[:, :, ::-1].copy())  # BGR, as RapidOCR takes arrays
-        boxes = result.boxes if result.boxes is not None else []
-        return [(text, (float(np.asarray(quad)[:, 0].min()), float(np.asarray(quad)[:, 1].min()),
-                        float(np.asarray(quad)[:, 0].max()), float(np.asarray(quad)[:, 1].max())))
-                for quad, text in zip(boxes, result.txts or [])]
-
-    return read
+def as_readings(engine):
+    """bench/ocr_bench.py's engine (image -> ``Read``s) as the demo's scoring takes readings: (text, box)."""
+    return lambda image: [(read.text, tuple(float(v) for v in read.box)) for read in engine(image)]
 
 
 READERS = {
-    "mapclip": lambda threads: mapclip_reader(threads),
-    "mapclip-scale1.5": lambda threads: mapclip_reader(threads, detect_scale=1.5),
-    "mapclip-unclip1.6": lambda threads: mapclip_reader(threads, unclip_ratio=1.6),
-    "mapclip-no-respace": lambda threads: mapclip_reader(threads, respace=False),
-    "mapclip-no-turned-check": lambda threads: mapclip_reader(threads, check_turned=False),
-    "rapidocr-defaults": lambda threads: rapidocr_defaults(threads),
+    "mapclip": lambda threads: as_readings(mapclip_engine(threads)),
+    "mapclip-scale1.5": lambda threads: as_readings(mapclip_engine(threads, detect_scale=1.5)),
+    "mapclip-unclip1.6": lambda threads: as_readings(mapclip_engine(threads, unclip_ratio=1.6)),
+    "mapclip-no-respace": lambda threads: as_readings(mapclip_engine(threads, respace=False)),
+    "mapclip-no-turned-check": lambda threads: as_readings(mapclip_engine(threads, check_turned=False)),
+    "rapidocr-defaults": lambda threads: as_readings(rapidocr_defaults(threads)),
 }
 
 

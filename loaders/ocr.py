@@ -382,11 +382,10 @@ class OcrEngine:
         cut = [get_rotate_crop_image(bgr, box.copy()) for box in boxes]
         upright = self.classifier(cut)  # (it turns copies: ``cut`` stays as cut)
         cls_thresh = self.classifier.cls_thresh
-        turned_over = [i for i, (label, label_score) in enumerate(upright.cls_res)
-                       if "180" in str(label) and float(label_score) > cls_thresh]
-        checked = turned_over if self.settings.check_turned else []
+        flips = ["180" in str(label) and float(label_score) > cls_thresh for label, label_score in upright.cls_res]
+        checked = [i for i, flipped in enumerate(flips) if flipped] if self.settings.check_turned else []
         lines = self.recognise_lines(list(upright.img_list) + [cut[i] for i in checked])
-        recognised, flips = lines[:len(boxes)], [i in turned_over for i in range(len(boxes))]
+        recognised = lines[:len(boxes)]
         for i, as_cut in zip(checked, lines[len(boxes):]):
             if as_cut[1] > recognised[i][1]:
                 recognised[i], flips[i] = as_cut, False

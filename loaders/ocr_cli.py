@@ -181,7 +181,7 @@ def read_maps(words_store, engine, source, targets, ocr_model_id: int, summary: 
               help="Px neighbouring tiles share: a word up to this long cut by a tile edge is read whole "
                    "in the next tile.")
 @click.option("--detect-scale", type=click.FloatRange(0.25, 4), default=OcrSettings.detect_scale, show_default=True,
-              help="How much larger the text detector sees each tile: 1.5 takes about 2.7 times as long and reads "
+              help="How much larger the text detector sees each tile: 1.5 takes about 2.2 times as long and reads "
                    "about as many names (docs/ocr.md).")
 @click.option("--full-resolution", is_flag=True,
               help="Read IIIF sheets larger than --ocr-size at full resolution instead, tile by tile (one IIIF "
